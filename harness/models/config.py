@@ -1,0 +1,99 @@
+"""Structured configuration of the backbone: a LLaMA-style decoder and its Mixture-of-Experts variant.
+
+The dataclass doubles as the Hydra structured-config schema of the ``model`` group, so a bad value
+(zero heads, ``n_heads`` not divisible by ``n_kv_heads``, ``top_k`` above ``n_experts``) is rejected
+with a message naming the field before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of the decoder (names follow the seed's LLaMA table).
+
+    ``vocab_size: None`` means "take it from the tokenizer" (the built-in tasks build their own).
+    ``n_experts: 0`` is the dense model; ``n_experts > 0`` swaps every MLP for a routed MoE layer.
+    """
+
+    name: str = "custom"
+    vocab_size: int | None = None
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    d_ff: int = 344
+    max_seq_len: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # Mixture of Experts (ignored when n_experts == 0)
+    n_experts: int = 0
+    top_k: int = 2
+    gating: str = "softmax"  # "softmax" (softmax over the top-k logits) | "noisy_top_k" (Shazeer)
+    aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+
+        def bad(field: str, why: str) -> None:
+            raise ConfigError(f"model.{field}={getattr(self, field)!r}: {why}")
+
+        for f in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, f) <= 0:
+                bad(f, "must be a positive integer")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            bad("vocab_size", "must be positive (or null to take it from the tokenizer)")
+        if self.n_kv_heads is not None and self.n_kv_heads <= 0:
+            bad("n_kv_heads", "must be a positive integer (or null for multi-head attention)")
+        if self.n_heads % self.kv_heads != 0:
+            bad("n_kv_heads", f"n_heads={self.n_heads} must be divisible by n_kv_heads")
+        if self.d_model % self.n_heads != 0:
+            bad("n_heads", f"d_model={self.d_model} must be divisible by n_heads")
+        if self.head_dim % 2 != 0:
+            bad("n_heads", f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE")
+        if self.norm_eps <= 0:
+            bad("norm_eps", "must be > 0")
+        if self.rope_theta <= 0:
+            bad("rope_theta", "must be > 0")
+        if self.n_experts < 0:
+            bad("n_experts", "must be >= 0 (0 = dense MLP)")
+        if self.is_moe:
+            if not 1 <= self.top_k <= self.n_experts:
+                bad("top_k", f"must be between 1 and n_experts={self.n_experts}")
+            if self.gating not in ("softmax", "noisy_top_k"):
+                bad("gating", "must be 'softmax' or 'noisy_top_k'")
+            if self.aux_loss_coef < 0:
+                bad("aux_loss_coef", "must be >= 0")
+            if self.router_z_loss_coef < 0:
+                bad("router_z_loss_coef", "must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ModelConfig:
+        """Build from a mapping (e.g. an OmegaConf node), ignoring unknown keys such as ``_target_``."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(d).items() if k in names})

@@ -1,0 +1,84 @@
+"""Batched sampling with a KV cache for left-padded prompts of different lengths.
+
+One prefill forward over the prompts, then one single-token forward per new token that reuses the
+cached keys and values. Greedy, or temperature / top-k / top-p (nucleus) sampling; a row stops at
+EOS and is padded afterwards; the loop ends when every row has stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.models.llama import CausalLM
+
+
+@dataclass
+class Generation:
+    """sequences [B, P + N] (prompt then response); response [B, N]; response_mask [B, N] (1 up to
+    and including EOS); logprobs [B, N] of the sampled tokens under softmax(logits / temperature),
+    the distribution sampled from before top-k/top-p filtering (0 where masked)."""
+
+    sequences: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the top-k logits and the smallest set whose probability reaches top_p. [B, V] -> [B, V]."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             greedy: bool = False, generator: torch.Generator | None = None) -> Generation:
+    """Sample continuations of left-padded prompts input_ids [B, P] (attention_mask [B, P])."""
+    if temperature <= 0 and not greedy:
+        raise ValueError("temperature must be > 0 for sampling (use greedy=True for argmax)")
+    was_training = model.training
+    model.eval()
+    b = input_ids.shape[0]
+    mask = attention_mask.long()
+    out = model(input_ids, attention_mask=mask, use_cache=True)
+    past, logits = out.past, out.logits[:, -1]
+    done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    tokens, logps, alive = [], [], []
+    for _ in range(max_new_tokens):
+        scaled = logits.float() / (1.0 if greedy else temperature)
+        logp_all = torch.log_softmax(scaled, dim=-1)
+        if greedy:
+            nxt = scaled.argmax(-1)
+        else:
+            probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+        alive.append(~done)
+        tokens.append(nxt)
+        logps.append(logp_all.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(done, 0.0))
+        done = done | (nxt == eos_token_id)
+        if bool(done.all()):
+            break
+        mask = torch.cat((mask, mask.new_ones(b, 1)), dim=1)
+        out = model(nxt[:, None], attention_mask=mask, past=past, use_cache=True)
+        past, logits = out.past, out.logits[:, -1]
+    model.train(was_training)
+    response = torch.stack(tokens, dim=1)
+    return Generation(
+        sequences=torch.cat((input_ids, response), dim=1),
+        response=response,
+        response_mask=torch.stack(alive, dim=1).long(),
+        logprobs=torch.stack(logps, dim=1),
+    )

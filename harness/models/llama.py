@@ -1,0 +1,257 @@
+"""A LLaMA-style decoder, readable in one sitting (after nanoGPT / litgpt).
+
+Token embedding -> n_layers x [RMSNorm -> attention (RoPE, MHA or GQA) -> residual,
+RMSNorm -> SwiGLU MLP (or MoE) -> residual] -> RMSNorm -> untied output head.
+
+Parameter names follow ``transformers``' ``LlamaForCausalLM`` / ``MixtralForCausalLM`` so that
+export to a Hugging Face checkpoint is a plain state-dict copy (see :mod:`harness.models.hf`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.models.config import ModelConfig
+from harness.models.moe import MoEFeedForward
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    """``y = gamma * x / sqrt(mean(x^2) + eps)`` over the last dim (seed, "Understanding RMSNorm").
+
+    x: [..., D] -> [..., D]; one learnable gain per dimension, no bias; computed in float32.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables for positions [B, T] -> (cos, sin) each [B, T, head_dim].
+
+    Frequencies ``theta^(-2i/d)``, i < d/2, duplicated over both halves (the "rotate half" layout
+    used by LLaMA checkpoints in ``transformers``).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
+                                             dtype=torch.float32) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by angle pos*freq_i: ``x cos + rotate_half(x) sin``.
+
+    x: [B, H, T, hd]; cos, sin: [B, T, hd]. Rotating q and k by their positions makes q.k depend
+    only on the relative position (Su et al. 2021).
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE; ``n_kv_heads < n_heads`` is grouped-query attention.
+
+    x: [B, T, D] -> [B, T, D]. Each group of n_heads/n_kv_heads query heads shares one K/V head.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """mask: [B, 1, T, S] boolean (True = may attend) or None for plain causal attention.
+
+        past: cached (k, v) [B, n_kv, S - T, hd]; returns the output and the updated cache.
+        """
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+            enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class SwiGLU(nn.Module):
+    """``W_down (silu(W_gate x) * W_up x)`` with no biases (LLaMA's MLP). [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``h = x + Attn(RMSNorm(x)); y = h + MLP(RMSNorm(h))``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp: nn.Module = MoEFeedForward(cfg) if cfg.is_moe else SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, mask, past=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        h = x + a
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+
+class Decoder(nn.Module):
+    """Embedding, the stack of decoder layers and the final norm (``LlamaModel``)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+@dataclass
+class CausalLMOutput:
+    """logits [B, T, V] (None when not asked for); hidden [B, T, D] after the final norm;
+    aux_loss: the summed weighted MoE auxiliary loss (0 for dense models); past: the KV cache."""
+
+    logits: torch.Tensor | None
+    hidden: torch.Tensor
+    aux_loss: torch.Tensor
+    past: KVCache | None = None
+    expert_load: list[torch.Tensor] = field(default_factory=list)
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, t: int, s: int,
+                         device: torch.device | None = None) -> torch.Tensor | None:
+    """Boolean [B, 1, T, S] mask combining causality and key padding, or None when plain causal.
+
+    attention_mask: [B, S] (1 = real token) covering the cache and the T new tokens. Query rows
+    that would see no key at all (left-padding positions) may attend to themselves, so softmax
+    never sees an empty row; their outputs are ignored downstream.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        if t == 1 or t == s:
+            return None
+        attention_mask = torch.ones(1, s, dtype=torch.bool, device=device)
+    keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+    q_pos = torch.arange(s - t, s, device=keys.device)[:, None]
+    causal = torch.arange(s, device=keys.device)[None, :] <= q_pos  # [T, S]
+    mask = keys & causal
+    diag = torch.arange(s, device=keys.device)[None, :] == q_pos
+    return mask | diag
+
+
+def positions_from_mask(attention_mask: torch.Tensor | None, b: int, t: int, past_len: int,
+                        device: torch.device) -> torch.Tensor:
+    """Position ids [B, T]: counting real tokens only, so a left-padded row starts at position 0."""
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + t, device=device).expand(b, t)
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, -t:]
+
+
+class CausalLM(nn.Module):
+    """The policy backbone: ``forward`` -> logits (+ hidden states, + MoE auxiliary loss, + cache)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is None: set it (or let the tokenizer set it) first")
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every matrix, ones for the norm gains."""
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, std=self.cfg.init_std)
+
+    @property
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEFeedForward)]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past: KVCache | None = None, use_cache: bool = False,
+                return_logits: bool = True) -> CausalLMOutput:
+        """input_ids: [B, T]; attention_mask: [B, S] with S = cached length + T (1 = real token).
+
+        Training batches are right-padded and need no mask (causality keeps real tokens from seeing
+        the padding after them); generation passes the mask for left-padded prompts.
+        """
+        b, t = input_ids.shape
+        past_len = past[0][0].shape[2] if past else 0
+        mask = build_attention_mask(attention_mask, t, past_len + t, input_ids.device)
+        pos = positions_from_mask(attention_mask, b, t, past_len, input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        new_past: KVCache = []
+        for i, layer in enumerate(self.model.layers):
+            x, kv = layer(x, cos, sin, mask, past[i] if past else None)
+            if use_cache:
+                new_past.append(kv)
+        hidden = self.model.norm(x)
+        moe = self.moe_layers
+        aux = torch.stack([m.aux_loss for m in moe]).sum() if moe else hidden.new_zeros(())
+        return CausalLMOutput(
+            logits=self.lm_head(hidden) if return_logits else None,
+            hidden=hidden,
+            aux_loss=aux,
+            past=new_past if use_cache else None,
+            expert_load=[m.expert_load for m in moe],
+        )
+
+
+class ScalarHead(nn.Module):
+    """A backbone plus a linear scalar head: reward model and PPO critic. [B, T] -> [B, T] scores.
+
+    The reward of a sequence is the score at its last real token (InstructGPT's reward model);
+    the critic reads the score at every token as V(s_t).
+    """
+
+    def __init__(self, backbone: CausalLM) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.score = nn.Linear(backbone.cfg.d_model, 1, bias=True)
+        nn.init.normal_(self.score.weight, std=1.0 / (backbone.cfg.d_model + 1) ** 0.5)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (scores [B, T], MoE auxiliary loss)."""
+        out = self.backbone(input_ids, attention_mask, return_logits=False)
+        return self.score(out.hidden).squeeze(-1), out.aux_loss

@@ -1,0 +1,123 @@
+"""Mixture-of-Experts feed-forward layer: a router over SwiGLU experts.
+
+    y = sum_i G(x)_i E_i(x)                                   (seed, "Mixture of Experts Setup")
+    softmax gating:      G(x) = Softmax(KeepTopK(x W_g, k))
+    noisy top-k gating:  H(x)_i = (x W_g)_i + StandardNormal() * Softplus((x W_noise)_i)
+                         G(x) = Softmax(KeepTopK(H(x), k))    (Shazeer et al. 2017; noise in training only)
+
+``Softmax(KeepTopK(l, k))`` equals the full softmax renormalised over the top k, which is what
+``transformers``' Mixtral computes, so a softmax-gated layer exports to ``MixtralForCausalLM`` as is.
+The expert weights use Mixtral's fused layout: ``gate_up_proj`` [E, 2F, D] (gate rows first) and
+``down_proj`` [E, D, F].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.models.config import ModelConfig
+
+
+def switch_load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor,
+                               n_experts: int) -> torch.Tensor:
+    """Switch Transformer auxiliary loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021, eq. 4).
+
+    Args:
+        router_probs: [N, E] softmax router probabilities per token.
+        expert_index: [N, k] experts each token is dispatched to.
+    Returns:
+        scalar: f_i is the fraction of the N*k dispatches that go to expert i, P_i the mean router
+        probability of expert i. Equals 1 under perfectly uniform routing and grows with imbalance.
+    """
+    dispatch = F.one_hot(expert_index, n_experts).float().sum(dim=1)  # [N, E]
+    f = dispatch.mean(dim=0) / expert_index.shape[-1]
+    p = router_probs.mean(dim=0)
+    return n_experts * torch.sum(f * p)
+
+
+def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss ``mean_n (logsumexp_i l_{n,i})^2`` (ST-MoE, Zoph et al. 2022, eq. 5). [N, E] -> scalar."""
+    return torch.logsumexp(router_logits, dim=-1).pow(2).mean()
+
+
+class TopKRouter(nn.Module):
+    """Token router: logits ``x W_g`` [N, E] (+ Shazeer noise in training), top-k, renormalised gates."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts, self.top_k, self.gating = cfg.n_experts, cfg.top_k, cfg.gating
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        self.noise = nn.Linear(cfg.d_model, cfg.n_experts, bias=False) if cfg.gating == "noisy_top_k" else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [N, D] -> (routing logits [N, E], gates [N, k] summing to 1, expert indices [N, k])."""
+        logits = F.linear(x, self.weight)
+        if self.noise is not None and self.training:
+            logits = logits + torch.randn_like(logits) * F.softplus(self.noise(x))
+        top_logits, index = torch.topk(logits, self.top_k, dim=-1)
+        gates = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)  # Softmax(KeepTopK(H, k))
+        return logits, gates, index
+
+
+class SwiGLUExperts(nn.Module):
+    """E SwiGLU experts ``E_i(x) = W_down,i (silu(W_gate,i x) * W_up,i x)`` in Mixtral's fused layout."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts, self.d_ff = cfg.n_experts, cfg.d_ff
+        self.gate_up_proj = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.d_ff, cfg.d_model))
+        self.down_proj = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_ff))
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Sparse dispatch: x [N, D], gates/index [N, k] -> [N, D]; each expert sees only its tokens."""
+        out = torch.zeros_like(x)
+        flat_expert = index.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        counts = torch.bincount(flat_expert, minlength=self.n_experts).tolist()
+        token_of = order // index.shape[1]
+        gate_of = gates.reshape(-1)[order]
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            tok = token_of[start:start + count]
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e])
+            out.index_add_(0, tok, y * gate_of[start:start + count, None])
+            start += count
+        return out
+
+
+class MoEFeedForward(nn.Module):
+    """Router + experts replacing the dense SwiGLU MLP. [B, T, D] -> [B, T, D].
+
+    After each forward, ``aux_loss`` holds the weighted auxiliary loss of the layer
+    (``aux_loss_coef`` * Switch load balancing + ``router_z_loss_coef`` * z-loss), ``load_balancing``
+    and ``z_loss`` the raw terms, and ``expert_load`` [E] the fraction of dispatches per expert.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gate = TopKRouter(cfg)
+        self.experts = SwiGLUExperts(cfg)
+        self.aux_loss = torch.zeros(())
+        self.load_balancing = torch.zeros(())
+        self.z_loss = torch.zeros(())
+        self.expert_load = torch.zeros(cfg.n_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)
+        logits, gates, index = self.gate(flat)
+        probs = torch.softmax(logits.float(), dim=-1)
+        self.load_balancing = switch_load_balancing_loss(probs, index, self.cfg.n_experts)
+        self.z_loss = router_z_loss(logits.float())
+        self.aux_loss = (self.cfg.aux_loss_coef * self.load_balancing
+                         + self.cfg.router_z_loss_coef * self.z_loss)
+        with torch.no_grad():
+            counts = torch.bincount(index.reshape(-1), minlength=self.cfg.n_experts).float()
+            self.expert_load = counts / counts.sum()
+        return self.experts(flat, gates, index).reshape(b, t, d)
