@@ -1,0 +1,38 @@
+"""``python -m harness.params model=<preset>``: per-component parameter count (Hydra entry point).
+
+Thin: compose the ``params`` config -> build the model on the meta device -> print
+:func:`harness.models.params.format_breakdown`. The last line printed is ``total <N>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import hydra
+from omegaconf import DictConfig
+
+from harness.config import ModelConfig, register_configs, to_dataclass
+from harness.models.params import format_breakdown, meta_model, parameter_breakdown
+
+register_configs()  # the model presets name the `base_model` schema: register before composing
+
+
+def report(cfg: DictConfig) -> str:
+    """The breakdown text for the composed config (``model`` + ``default_vocab_size``)."""
+    model_cfg: ModelConfig = to_dataclass(ModelConfig, cfg.model)
+    note = ""
+    if model_cfg.vocab_size is None:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=int(cfg.default_vocab_size))
+        note = (f"note: model.vocab_size is null (set from the tokenizer at run time); "
+                f"counting with default_vocab_size={model_cfg.vocab_size}\n")
+    model = meta_model(model_cfg)
+    return note + format_breakdown(parameter_breakdown(model), model_cfg)
+
+
+@hydra.main(config_path="../conf", config_name="params", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    print(report(cfg))
+
+
+if __name__ == "__main__":
+    main()
