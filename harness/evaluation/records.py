@@ -1,0 +1,276 @@
+"""Run records: one JSON file per evaluated run ("results are data").
+
+A record is a JSON object::
+
+    {"run_id": str, "status": "ok" | "failed", "error": str | None,
+     "method": str, "model": str, "dataset": str, "seed": int, "group": str | None,
+     "metrics": {name: float}, "cost": {name: float},
+     "cache_keys": {"sft": str, "rm": str | None},
+     "config": {...resolved config...},
+     "harness_version": str, "git_commit": str | None, "created": ISO-8601 time,
+     "history": {"train/reward": [[step, value], ...], "train/kl": [...]}}   # optional
+
+Records live in ``<runs_dir>/<run_id>.json``. They are written atomically (temporary file in the
+same folder, ``fsync``, ``os.replace``), so concurrent writers — a multirun sweep, several
+machines sharing a folder — never leave a half-written or corrupt record; the last writer of a
+``run_id`` wins. The leaderboard (:mod:`harness.evaluation.leaderboard`) is a pure function of the
+records that :func:`load_records` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import re
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RECORD_STATUSES",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "finite",
+    "git_commit",
+    "harness_version",
+    "is_number",
+    "load_records",
+    "new_record",
+    "now_iso",
+    "validate_record",
+    "write_record",
+]
+
+RECORD_STATUSES = ("ok", "failed")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,@-]*$")
+_TMP_SUFFIX = ".tmp"
+
+
+# --------------------------------------------------------------------------- atomic file writes
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; create the parent folder if needed.
+
+    The bytes go to a uniquely named temporary file in the destination folder (so the final rename
+    never crosses file systems), are flushed and ``fsync``-ed, and the file is then moved over
+    ``path`` with :func:`os.replace`: readers see either the old file or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: Path | str, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Best effort: make the rename itself durable (not supported everywhere, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- provenance
+def git_commit(path: Path | str | None = None) -> str | None:
+    """The commit (``git rev-parse HEAD``) of the repository containing ``path`` (default: cwd).
+
+    Returns ``None`` when ``path`` is not inside a git work tree, the repository has no commit
+    yet, or git is not installed.
+    """
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=str(path) if path is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = proc.stdout.strip()
+    if proc.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", sha):
+        return None
+    return sha
+
+
+def harness_version() -> str:
+    """The installed version of the ``harness`` distribution, or ``"0+unknown"``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("harness")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def now_iso() -> str:
+    """The current time as ISO-8601 with a UTC offset, e.g. ``2026-11-24T13:30:12+00:00``."""
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def new_record(
+    *,
+    run_id: str,
+    method: str,
+    model: str,
+    dataset: str,
+    seed: int,
+    status: str = "ok",
+    error: str | None = None,
+    group: str | None = None,
+    metrics: Mapping[str, float] | None = None,
+    cost: Mapping[str, float] | None = None,
+    cache_keys: Mapping[str, str | None] | None = None,
+    config: Mapping[str, Any] | None = None,
+    history: Mapping[str, list[list[float]]] | None = None,
+    repo_path: Path | str | None = None,
+) -> dict[str, Any]:
+    """Build a record with the provenance fields (version, commit, time) filled in.
+
+    ``repo_path`` is where :func:`git_commit` looks (default: the current directory). The result
+    passes :func:`validate_record`; ``history`` is left out when ``None``.
+    """
+    record: dict[str, Any] = {
+        "run_id": run_id,
+        "status": status,
+        "error": error,
+        "method": method,
+        "model": model,
+        "dataset": dataset,
+        "seed": int(seed),
+        "group": group,
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        "cost": {k: float(v) for k, v in (cost or {}).items()},
+        "cache_keys": dict(cache_keys or {"sft": None, "rm": None}),
+        "config": dict(config or {}),
+        "harness_version": harness_version(),
+        "git_commit": git_commit(repo_path),
+        "created": now_iso(),
+    }
+    if history is not None:
+        record["history"] = {k: [list(p) for p in v] for k, v in history.items()}
+    validate_record(record)
+    return record
+
+
+# --------------------------------------------------------------------------- validation
+def validate_record(record: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` when ``record`` cannot be written or aggregated.
+
+    Checked: ``run_id`` is a non-empty string usable as a file name (letters, digits and
+    ``._=+,@-``, not starting with a dot), ``status`` is ``"ok"`` or ``"failed"``, ``method``,
+    ``model`` and ``dataset`` are strings, and ``metrics`` / ``cost`` / ``history`` (when present)
+    are mappings.
+    """
+    if not isinstance(record, Mapping):
+        raise ValueError(f"a record must be a mapping, got {type(record).__name__}")
+    run_id = record.get("run_id")
+    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
+        raise ValueError(
+            f"record run_id must be a file-name-safe string ([A-Za-z0-9._=+,@-], not starting "
+            f"with '.'), got {run_id!r}"
+        )
+    if record.get("status") not in RECORD_STATUSES:
+        raise ValueError(f"record {run_id}: status must be one of {RECORD_STATUSES}, "
+                         f"got {record.get('status')!r}")
+    for key in ("method", "model", "dataset"):
+        if not isinstance(record.get(key), str):
+            raise ValueError(f"record {run_id}: {key!r} must be a string, got {record.get(key)!r}")
+    for key in ("metrics", "cost", "history"):
+        if record.get(key) is not None and not isinstance(record[key], Mapping):
+            raise ValueError(f"record {run_id}: {key!r} must be a mapping")
+
+
+def _json_default(obj: Any) -> Any:
+    """Serialise what ``json`` cannot: paths, sets, numpy/torch scalars, dates; else ``str``."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    if isinstance(obj, _dt.datetime | _dt.date):
+        return obj.isoformat()
+    item = getattr(obj, "item", None)  # numpy / torch scalars
+    if callable(item):
+        with contextlib.suppress(Exception):
+            value = item()
+            if isinstance(value, int | float | bool):
+                return value
+    return str(obj)
+
+
+# --------------------------------------------------------------------------- write / load
+def write_record(record: Mapping[str, Any], runs_dir: Path | str) -> Path:
+    """Validate ``record`` and write it atomically to ``<runs_dir>/<run_id>.json``.
+
+    Creates ``runs_dir`` if needed and overwrites an existing record of the same ``run_id``.
+    Non-finite floats are written as JSON ``NaN`` / ``Infinity`` (which :func:`load_records`
+    reads back); values JSON cannot hold (paths, numpy scalars, ...) are converted. Returns the
+    path written.
+    """
+    validate_record(record)
+    text = json.dumps(record, indent=2, sort_keys=False, default=_json_default, allow_nan=True)
+    return atomic_write_text(Path(runs_dir) / f"{record['run_id']}.json", text + "\n")
+
+
+def load_records(runs_dir: Path | str) -> list[dict[str, Any]]:
+    """All records in ``runs_dir`` (``*.json``), sorted by file name.
+
+    Files that cannot be read, are not valid JSON, or are not valid records are skipped with a
+    ``UserWarning`` naming the file and the reason. Temporary files of in-flight writes (hidden
+    ``.*.tmp`` files) are ignored. A missing folder gives ``[]`` with a warning.
+    """
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        warnings.warn(f"no runs folder at {runs_dir}: no records", UserWarning, stacklevel=2)
+        return []
+    records: list[dict[str, Any]] = []
+    for path in sorted(runs_dir.glob("*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            validate_record(record)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+            warnings.warn(f"skipping unreadable run record {path}: {exc}", UserWarning,
+                          stacklevel=2)
+            continue
+        records.append(record)
+    return records
+
+
+def is_number(value: Any) -> bool:
+    """True for ints and floats (NaN included) but not for bools."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def finite(value: Any) -> bool:
+    """True for a finite int/float (not a bool)."""
+    return is_number(value) and math.isfinite(value)

@@ -1,0 +1,171 @@
+"""Run records: atomic writes under concurrency, tolerant loading, provenance helpers."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+from harness.evaluation.records import (
+    git_commit,
+    harness_version,
+    load_records,
+    new_record,
+    validate_record,
+    write_record,
+)
+
+N_PROCS = 8
+N_PER_PROC = 20
+N_OVERWRITES = 30
+
+
+def _record(run_id: str, writer: int = 0, i: int = 0) -> dict:
+    """A realistic record, padded so a torn write would be noticed."""
+    return {
+        "run_id": run_id,
+        "status": "ok",
+        "error": None,
+        "method": "dpo",
+        "model": "llama_small",
+        "dataset": "toy",
+        "seed": i,
+        "group": "g",
+        "metrics": {"eval/gold_reward": 0.5 + i / 100, "eval/kl": 0.1},
+        "cost": {"cost/wall_s": 12.0},
+        "cache_keys": {"sft": "abc", "rm": None},
+        "config": {"writer": writer, "i": i, "pad": "x" * 20_000},
+        "harness_version": "0.1.0",
+        "git_commit": None,
+        "created": "2026-11-24T00:00:00+00:00",
+        "history": {"train/reward": [[s, s / 10] for s in range(200)]},
+    }
+
+
+def _writer(args: tuple[int, str]) -> int:
+    writer, runs_dir = args
+    for i in range(N_PER_PROC):
+        write_record(_record(f"w{writer}-r{i}", writer, i), Path(runs_dir))
+    for i in range(N_OVERWRITES):  # every process hammers the same run_id
+        write_record(_record("shared", writer, i), Path(runs_dir))
+    return writer
+
+
+def _reader(runs_dir: str, stop: str, report: str) -> None:
+    """Read every record over and over while the writers run; report torn reads."""
+    reads, torn = 0, []
+    while not Path(stop).exists():
+        for path in Path(runs_dir).glob("*.json") if Path(runs_dir).is_dir() else []:
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                continue
+            reads += 1
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as exc:
+                torn.append(f"{path.name}: {exc}")
+    Path(report).write_text(json.dumps({"reads": reads, "torn": torn}))
+
+
+def test_concurrent_writers_lose_and_corrupt_nothing(tmp_path: Path) -> None:
+    runs_dir = tmp_path / "results" / "runs"  # not yet created: write_record creates it
+    ctx = mp.get_context("spawn")
+    stop, report = tmp_path / "stop", tmp_path / "report.json"
+    reader = ctx.Process(target=_reader, args=(str(runs_dir), str(stop), str(report)))
+    reader.start()
+    try:
+        with ctx.Pool(N_PROCS) as pool:
+            done = pool.map(_writer, [(w, str(runs_dir)) for w in range(N_PROCS)])
+    finally:
+        stop.touch()
+        reader.join(timeout=60)
+    assert sorted(done) == list(range(N_PROCS))
+    seen = json.loads(report.read_text())
+    assert seen["reads"] > 0 and seen["torn"] == [], "a reader saw a half-written record"
+
+    files = sorted(p.name for p in runs_dir.iterdir())
+    assert len(files) == N_PROCS * N_PER_PROC + 1, "temporary files left behind or records lost"
+    assert not [f for f in files if f.startswith(".") or f.endswith(".tmp")]
+    for path in runs_dir.iterdir():  # every file parses and is complete
+        rec = json.loads(path.read_text())
+        assert rec["run_id"] == path.stem
+        assert len(rec["config"]["pad"]) == 20_000
+        assert len(rec["history"]["train/reward"]) == 200
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing unreadable
+        records = load_records(runs_dir)
+    assert len(records) == N_PROCS * N_PER_PROC + 1
+    ids = {r["run_id"] for r in records}
+    assert ids == {f"w{w}-r{i}" for w in range(N_PROCS) for i in range(N_PER_PROC)} | {"shared"}
+    shared = next(r for r in records if r["run_id"] == "shared")
+    assert shared["config"]["i"] == N_OVERWRITES - 1  # the last write of some writer won
+
+
+def test_load_records_skips_and_warns_about_bad_files(tmp_path: Path) -> None:
+    write_record(_record("good"), tmp_path)
+    (tmp_path / "truncated.json").write_text('{"run_id": "truncated", "sta')
+    (tmp_path / "not_a_record.json").write_text("[1, 2, 3]")
+    (tmp_path / "bad_status.json").write_text(json.dumps({**_record("bad_status"), "status": "?"}))
+    (tmp_path / ".good.json.abc.tmp").write_text("{")  # an in-flight write: ignored silently
+    (tmp_path / "notes.txt").write_text("not json")
+    with pytest.warns(UserWarning, match="skipping unreadable run record") as caught:
+        records = load_records(tmp_path)
+    assert [r["run_id"] for r in records] == ["good"]
+    assert len(caught) == 3
+    assert any("truncated.json" in str(w.message) for w in caught)
+
+
+def test_load_records_missing_dir_warns_and_returns_empty(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="no runs folder"):
+        assert load_records(tmp_path / "nope") == []
+
+
+def test_write_record_roundtrip_and_overwrite(tmp_path: Path) -> None:
+    rec = _record("run-1")
+    rec["config"]["path"] = Path("/some/where")  # not JSON-native: converted
+    rec["metrics"]["eval/nan_metric"] = float("nan")
+    path = write_record(rec, tmp_path)
+    assert path == tmp_path / "run-1.json"
+    back = load_records(tmp_path)[0]
+    assert back["config"]["path"] == "/some/where"
+    assert back["metrics"]["eval/nan_metric"] != back["metrics"]["eval/nan_metric"]  # NaN
+    write_record({**rec, "status": "failed", "error": "boom"}, tmp_path)
+    (back,) = load_records(tmp_path)
+    assert back["status"] == "failed" and back["error"] == "boom"
+
+
+@pytest.mark.parametrize("bad", [
+    {"run_id": "../escape"}, {"run_id": ""}, {"run_id": ".hidden"}, {"run_id": "a/b"},
+    {"status": "running"}, {"method": None}, {"metrics": [1, 2]},
+])
+def test_validate_record_rejects(bad: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        write_record({**_record("x"), **bad}, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_new_record_fills_provenance() -> None:
+    rec = new_record(run_id="dpo-s0", method="dpo", model="m", dataset="d", seed=0,
+                     metrics={"eval/kl": 1}, history={"train/kl": [(0, 0.0), (1, 0.1)]})
+    validate_record(rec)
+    assert rec["harness_version"] and rec["created"].endswith("+00:00")
+    assert rec["metrics"] == {"eval/kl": 1.0}
+    assert rec["history"]["train/kl"] == [[0, 0.0], [1, 0.1]]
+
+
+def test_git_commit(tmp_path: Path) -> None:
+    assert git_commit(tmp_path) is None  # not a repository
+    assert git_commit(tmp_path / "does-not-exist") is None
+    sha = git_commit(Path(__file__).parent)
+    assert sha is None or re.fullmatch(r"[0-9a-f]{40}", sha)
+
+
+def test_harness_version() -> None:
+    version = harness_version()
+    assert isinstance(version, str) and version
