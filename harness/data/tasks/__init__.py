@@ -1,0 +1,66 @@
+"""Task registry: :func:`build_task` builds a task from the ``dataset`` config group.
+
+Config fields (``name`` picks the task; every task also takes ``seed`` and ``vocab_size``, the
+latter for the tokenizer only). Unknown fields raise ``ConfigError`` naming them.
+
+``arith`` (:class:`~harness.data.tasks.arith.ArithConfig`): ``max_operand`` 99,
+``carry_fraction`` 0.4, ``wrong_fraction`` 0.3 (<= carry_fraction), ``n_train`` 20000,
+``n_pairs`` 4000, ``n_val`` 500, ``n_eval`` 200, ``val_fraction`` 0.1, ``eval_fraction`` 0.1,
+``vocab_size`` 512.
+
+``courier`` (:class:`~harness.data.tasks.courier.CourierConfig`): ``wrong_fraction`` 0.3,
+``mistake_weights`` [1, 1, 1] (wrong item, wrong city, rude), ``n_train`` 8000, ``n_pairs`` 4000,
+``n_val`` 500, ``n_eval`` 200, ``val_fraction`` 0.1, ``vocab_size`` 512.
+
+``preference`` (:class:`~harness.data.tasks.preference.PreferenceConfig`): ``path`` (required),
+``data_files`` None, ``config_name`` None, ``format`` auto (pairs | hh | sft), ``prompt_column``
+prompt, ``chosen_column`` chosen, ``rejected_column`` rejected, ``response_column`` completion,
+``train_split`` train, ``validation_split`` None, ``eval_split`` test, ``val_fraction`` 0.05,
+``n_eval`` 200, ``max_train`` None, ``corpus_size`` 20000, ``hf_cache_dir`` None,
+``vocab_size`` 4096.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from harness.data.errors import ConfigError
+from harness.data.tasks.arith import ArithConfig, ArithTask
+from harness.data.tasks.base import Task, TaskConfig
+from harness.data.tasks.courier import CourierConfig, CourierTask
+from harness.data.tasks.preference import NoGoldRewardError, PreferenceConfig, PreferenceTask
+
+__all__ = ["TASKS", "ArithConfig", "ArithTask", "CourierConfig", "CourierTask",
+           "NoGoldRewardError", "PreferenceConfig", "PreferenceTask", "Task", "TaskConfig",
+           "build_task"]
+
+TASKS: dict[str, type[Task]] = {"arith": ArithTask, "courier": CourierTask,
+                                "preference": PreferenceTask}
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    """A plain dict from a mapping or an OmegaConf ``DictConfig`` (resolved)."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency of the harness
+        DictConfig = ()  # type: ignore[assignment]  # noqa: N806
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"dataset: expected a mapping, got {type(cfg).__name__}")
+    return dict(cfg)
+
+
+def build_task(cfg: Mapping[str, Any], cache_dir: str | Path | None = None) -> Task:
+    """The task named by ``cfg["name"]``, configured by the rest of ``cfg``.
+
+    ``cache_dir`` is the parent folder of the generated datasets' cache (default
+    ``~/.cache/harness/data``); each task config caches under ``<cache_dir>/<name>-<hash>``.
+    """
+    plain = _plain(cfg)
+    name = plain.get("name")
+    if name not in TASKS:
+        raise ConfigError(f"dataset.name={name!r}: must be one of {sorted(TASKS)}")
+    return TASKS[name](plain, cache_dir=cache_dir)

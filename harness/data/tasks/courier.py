@@ -1,0 +1,260 @@
+"""``courier``: the lecture's "Please send this package to Pittsburgh" as an Alpaca-style task.
+
+The lecture's first *problem of SFT*: some mistakes are worse than others. Prompts are Alpaca
+prompts (:func:`harness.data.templates.alpaca_prompt`) whose instruction names an item and a city,
+e.g. "Ask the courier to deliver the parcel to Tokyo."; the ideal response is
+"Please send this parcel to Tokyo.".
+
+**Response grammar** (:func:`parse_response`)::
+
+    <opener> send <determiner> <item> to <city>[.|!]
+
+``opener`` is polite (:data:`POLITE_OPENERS`: "Please", "Kindly") or rude (:data:`RUDE_OPENERS`,
+e.g. the lecture's "***ing"); ``determiner`` is one of "this", "that", "the", "a"; ``item`` and
+``city`` are compared case-insensitively. Surrounding whitespace is ignored.
+
+**Gold reward** (:meth:`CourierTask.reward`), the first rule that applies:
+
+1. the response does not parse, or its opener is not polite (rude or unknown): **-1.0**;
+2. the city is not the requested city: **0.0** (whatever the item);
+3. the item is not the requested item: **0.5**;
+4. otherwise (polite, right item, right city): **1.0**.
+
+So polite and correct (1.0) > wrong item (0.5) > wrong city (0.0) > rude or unparseable (-1.0).
+
+**Demonstrations**: a share ``wrong_fraction`` of the SFT responses is imperfect, spread over the
+categories wrong item / wrong city / rude by ``mistake_weights``; the rest are
+"Please send this <item> to <city>.". Each imperfect response has exactly one flaw (a rude response
+names the right item and city). **Preference pairs**: two responses of different categories for
+the same prompt; chosen is the one with the higher gold reward (strictly).
+
+**Splits**: the distinct prompts (instruction phrasing x item x city) are shuffled and split into
+disjoint eval (``n_eval`` prompts), validation (``val_fraction`` of the rest) and train pools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from harness.data.errors import ConfigError, DataError
+from harness.data.tasks.base import Task, TaskConfig
+from harness.data.templates import alpaca_prompt
+
+ITEMS: tuple[str, ...] = ("package", "parcel", "letter", "box", "envelope", "crate", "bag",
+                          "suitcase")
+CITIES: tuple[str, ...] = ("Pittsburgh", "Tokyo", "Paris", "Lima", "Cairo", "Sydney", "Toronto",
+                           "Berlin", "Nairobi", "Mumbai", "Oslo", "Denver")
+INSTRUCTIONS: tuple[str, ...] = (
+    "Ask the courier to deliver the {item} to {city}.",
+    "Tell the courier to send the {item} to {city}.",
+    "Write a short request to ship the {item} to {city}.",
+    "Request that the courier take the {item} to {city}.",
+    "Have the courier bring the {item} to {city}.",
+    "Ask for the {item} to be sent to {city}.",
+    "Politely ask the courier to send the {item} to {city}.",
+    "Instruct the courier to deliver the {item} to {city}.",
+)
+POLITE_OPENERS: tuple[str, ...] = ("Please", "Kindly")
+RUDE_OPENERS: tuple[str, ...] = ("***ing", "Damn well", "Bloody well")
+DETERMINERS: tuple[str, ...] = ("this", "that", "the", "a")
+#: Categories of responses and their gold rewards (best first).
+CATEGORY_REWARD: dict[str, float] = {"correct": 1.0, "wrong_item": 0.5, "wrong_city": 0.0,
+                                     "rude": -1.0}
+MISTAKES: tuple[str, ...] = ("wrong_item", "wrong_city", "rude")
+
+_RESPONSE_RE = re.compile(
+    r"(?P<opener>.+?) send (?:" + "|".join(DETERMINERS) + r") (?P<item>[A-Za-z]+) "
+    r"to (?P<city>[A-Za-z][A-Za-z .'-]*?)[.!]?")
+
+
+@dataclasses.dataclass
+class CourierConfig(TaskConfig):
+    """Config of :class:`CourierTask` (the ``dataset`` group's ``courier.yaml``).
+
+    Attributes:
+        seed: generates the split of prompts and every sample.
+        wrong_fraction: share of SFT demonstrations that are imperfect.
+        mistake_weights: relative weights of (wrong_item, wrong_city, rude) among them.
+        n_train: SFT demonstrations in the train split.
+        n_pairs: preference pairs in the train split.
+        n_val: SFT demonstrations and preference pairs in the validation split.
+        n_eval: distinct held-out evaluation prompts (at most half of the 768 prompts).
+        val_fraction: share of the non-eval prompts held out for validation.
+        vocab_size: the tokenizer's vocabulary size (not part of the data).
+    """
+
+    name: str = "courier"
+    seed: int = 0
+    wrong_fraction: float = 0.3
+    mistake_weights: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0, 1.0])
+    n_train: int = 8000
+    n_pairs: int = 4000
+    n_val: int = 500
+    n_eval: int = 200
+    val_fraction: float = 0.1
+    vocab_size: int = 512
+
+    def validate(self) -> None:
+        super().validate()
+        p = "dataset"
+        if not 0.0 <= float(self.wrong_fraction) <= 1.0:
+            raise ConfigError(f"{p}.wrong_fraction={self.wrong_fraction}: must be in [0, 1]")
+        w = list(self.mistake_weights)
+        if len(w) != len(MISTAKES) or any(x < 0 for x in w) or sum(w) <= 0:
+            raise ConfigError(f"{p}.mistake_weights={w}: need {len(MISTAKES)} non-negative "
+                              f"weights for {list(MISTAKES)}, not all zero")
+        self.mistake_weights = [float(x) for x in w]
+        for f in ("n_train", "n_pairs", "n_val", "n_eval"):
+            if int(getattr(self, f)) < 1:
+                raise ConfigError(f"{p}.{f}={getattr(self, f)}: must be >= 1")
+        n_prompts = len(INSTRUCTIONS) * len(ITEMS) * len(CITIES)
+        if self.n_eval > n_prompts // 2:
+            raise ConfigError(f"{p}.n_eval={self.n_eval}: at most {n_prompts // 2} "
+                              f"(half of the {n_prompts} distinct prompts)")
+        if not 0.0 < float(self.val_fraction) < 1.0:
+            raise ConfigError(f"{p}.val_fraction={self.val_fraction}: must be in (0, 1)")
+
+
+# ---------------------------------------------------------------------- text
+def make_prompt(template: int, item: str, city: str) -> str:
+    """The Alpaca prompt for instruction phrasing ``template`` with ``item`` and ``city``."""
+    return alpaca_prompt(INSTRUCTIONS[template].format(item=item, city=city))
+
+
+def make_response(item: str, city: str, opener: str = "Please") -> str:
+    """``"<opener> send this <item> to <city>."``."""
+    return f"{opener} send this {item} to {city}."
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedResponse:
+    """The parts of a response in the courier grammar."""
+
+    opener: str
+    item: str
+    city: str
+
+    @property
+    def polite(self) -> bool:
+        return self.opener in POLITE_OPENERS
+
+
+def parse_response(response: str) -> ParsedResponse | None:
+    """Parse ``response`` in the grammar of the module docstring; None if it does not parse."""
+    m = _RESPONSE_RE.fullmatch(response.strip())
+    if m is None:
+        return None
+    return ParsedResponse(m.group("opener").strip(), m.group("item"), m.group("city").strip())
+
+
+def grade(parsed: ParsedResponse | None, item: str, city: str) -> float:
+    """The gold reward of a parsed response for the requested ``item`` and ``city``."""
+    if parsed is None or not parsed.polite:
+        return CATEGORY_REWARD["rude"]
+    if parsed.city.lower() != city.lower():
+        return CATEGORY_REWARD["wrong_city"]
+    if parsed.item.lower() != item.lower():
+        return CATEGORY_REWARD["wrong_item"]
+    return CATEGORY_REWARD["correct"]
+
+
+# ---------------------------------------------------------------------- the task
+class CourierTask(Task):
+    """"Please send this package to Pittsburgh" with graded mistakes (see the module docstring)."""
+
+    name = "courier"
+    config_class = CourierConfig
+    config: CourierConfig
+
+    def __init__(self, config: CourierConfig | Mapping[str, Any],
+                 cache_dir: str | Path | None = None) -> None:
+        super().__init__(config, cache_dir)
+        #: prompt text -> (item, city), for every prompt the task can produce.
+        self.targets: dict[str, tuple[str, str]] = {}
+        keys = []
+        for t in range(len(INSTRUCTIONS)):
+            for item in ITEMS:
+                for city in CITIES:
+                    keys.append((t, item, city))
+                    self.targets[make_prompt(t, item, city)] = (item, city)
+        self._rng("pools").shuffle(keys)
+        n_eval = self.config.n_eval
+        n_val = max(1, round(self.config.val_fraction * (len(keys) - n_eval)))
+        self.pools: dict[str, list[tuple[int, str, str]]] = {
+            "eval": keys[:n_eval], "validation": keys[n_eval:n_eval + n_val],
+            "train": keys[n_eval + n_val:]}
+
+    def _rng(self, purpose: str) -> random.Random:
+        return random.Random(f"courier/{self.config.seed}/{purpose}")
+
+    def _respond(self, category: str, item: str, city: str, rng: random.Random) -> str:
+        """A response of ``category`` for the requested ``item`` and ``city``."""
+        if category == "wrong_item":
+            item = rng.choice([i for i in ITEMS if i != item])
+        elif category == "wrong_city":
+            city = rng.choice([c for c in CITIES if c != city])
+        elif category == "rude":
+            return make_response(item, city, rng.choice(RUDE_OPENERS))
+        return make_response(item, city)
+
+    # -- generators
+    def _build_sft(self, split: str) -> dict[str, list]:
+        c = self.config
+        n = c.n_train if split == "train" else c.n_val
+        rng = self._rng(f"sft/{split}")
+        pool = self.pools[split]
+        cols: dict[str, list] = {"prompt": [], "response": [], "category": []}
+        for _ in range(n):
+            t, item, city = rng.choice(pool)
+            category = "correct"
+            if rng.random() < c.wrong_fraction:
+                category = rng.choices(MISTAKES, weights=c.mistake_weights)[0]
+            cols["prompt"].append(make_prompt(t, item, city))
+            cols["response"].append(self._respond(category, item, city, rng))
+            cols["category"].append(category)
+        return cols
+
+    def _build_pairs(self, split: str) -> dict[str, list]:
+        c = self.config
+        n = c.n_pairs if split == "train" else c.n_val
+        rng = self._rng(f"pairs/{split}")
+        pool = self.pools[split]
+        cats = list(CATEGORY_REWARD)
+        cols: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [],
+                                 "chosen_category": [], "rejected_category": []}
+        for _ in range(n):
+            t, item, city = rng.choice(pool)
+            good, bad = sorted(rng.sample(cats, 2), key=lambda k: -CATEGORY_REWARD[k])
+            cols["prompt"].append(make_prompt(t, item, city))
+            cols["chosen"].append(self._respond(good, item, city, rng))
+            cols["rejected"].append(self._respond(bad, item, city, rng))
+            cols["chosen_category"].append(good)
+            cols["rejected_category"].append(bad)
+        return cols
+
+    def _build_eval(self) -> dict[str, list]:
+        keys = self.pools["eval"]
+        return {"prompt": [make_prompt(t, item, city) for t, item, city in keys],
+                "item": [item for _, item, _ in keys], "city": [city for _, _, city in keys]}
+
+    # -- reward and corpus
+    def reward(self, prompt: str, response: str) -> float:
+        """Graded gold reward (module docstring): 1.0 / 0.5 / 0.0 / -1.0."""
+        target = self.targets.get(prompt)
+        if target is None:
+            raise DataError(f"courier: unknown prompt {prompt[-80:]!r}; the gold reward is "
+                            "defined for this task's own prompts")
+        return grade(parse_response(response), *target)
+
+    def corpus(self) -> list[str]:
+        """Every prompt, and every response form for every item and city."""
+        out = list(self.targets)
+        for item in ITEMS:
+            for city in CITIES:
+                out += [make_response(item, city, o) for o in POLITE_OPENERS + RUDE_OPENERS]
+        return out

@@ -1,0 +1,446 @@
+"""The data layer: tasks (generators, splits, gold rewards), loaders, tokenizer, collators."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from harness.data.collate import (  # noqa: E402
+    IGNORE_INDEX,
+    PairCollator,
+    PromptCollator,
+    SFTCollator,
+    encode_pair,
+    encode_prompt,
+    encode_sft,
+    tokenize_dataset,
+)
+from harness.data.datamodule import AlignmentDataModule  # noqa: E402
+from harness.data.errors import ConfigError, DataError, require_columns  # noqa: E402
+from harness.data.tasks import build_task  # noqa: E402
+from harness.data.tasks.arith import needs_carry, no_carry_sum, parse_prompt  # noqa: E402
+from harness.data.tasks.courier import CATEGORY_REWARD, make_prompt  # noqa: E402
+from harness.data.tasks.preference import NoGoldRewardError, split_hh  # noqa: E402
+from harness.data.templates import alpaca_prompt  # noqa: E402
+from harness.data.tokenizer import build_tokenizer, load_or_build_tokenizer  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SMALL_ARITH = {"name": "arith", "seed": 0, "n_train": 3000, "n_pairs": 600, "n_val": 200,
+               "n_eval": 200}
+SMALL_COURIER = {"name": "courier", "seed": 0, "n_train": 3000, "n_pairs": 600, "n_val": 100,
+                 "n_eval": 100}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture(scope="module")
+def arith(cache):
+    return build_task(SMALL_ARITH, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def courier(cache):
+    return build_task(SMALL_COURIER, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def arith_tok(arith, cache):
+    return load_or_build_tokenizer(arith, {"vocab_size": 512}, cache / "tok", model_max_length=64)
+
+
+@pytest.fixture(scope="module")
+def courier_tok(courier, cache):
+    return load_or_build_tokenizer(courier, None, cache / "tok", model_max_length=128)
+
+
+def preference(tmp_path: Path, file: str | Path, **kw):
+    cfg = {"name": "preference", "path": "json", "data_files": {"train": str(file)},
+           "hf_cache_dir": str(tmp_path / "hf"), **kw}
+    return build_task(cfg, cache_dir=tmp_path)
+
+
+def problem(prompt: str) -> tuple[int, int]:
+    a, b = parse_prompt(prompt)
+    return min(a, b), max(a, b)
+
+
+# ---------------------------------------------------------------------- arith
+def test_no_carry_rule_on_hand_examples():
+    assert no_carry_sum(48, 37) == 75          # 85 without the carry into the tens
+    assert no_carry_sum(95, 17) == 102         # 112: units 2, tens 9+1 written in full
+    assert no_carry_sum(5, 7) == 2             # 12: 05+07, the carry is dropped
+    assert no_carry_sum(50, 60) == 110         # no carry between columns: correct
+    assert no_carry_sum(12, 34) == 46
+    assert no_carry_sum(99, 99) == 188         # 198 - 10
+    assert needs_carry(48, 37) and needs_carry(5, 7) and needs_carry(95, 17)
+    assert not needs_carry(50, 60) and not needs_carry(12, 34) and not needs_carry(0, 0)
+    assert no_carry_sum(458, 367, width=3) == 715  # 3 columns: both carries dropped
+
+
+def test_arith_format_and_gold_reward(arith):
+    row = arith.sft_dataset("train")[0]
+    a, b = parse_prompt(row["prompt"])
+    assert row["prompt"] == f"{a}+{b}=" and row["response"].isdigit()
+    assert arith.reward("37+48=", "85") == 1.0
+    assert arith.reward("37+48=", " 85\n") == 1.0
+    assert arith.reward("37+48=", "75") == 0.0
+    assert arith.reward("37+48=", "85.0") == 0.0
+    assert arith.reward("37+48=", "") == 0.0
+    assert arith.reward("37+48=", "eighty-five") == 0.0
+    assert arith.rewards(["1+1=", "2+2="], ["2", "5"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        arith.rewards(["1+1=", "2+2="], ["2"])
+    assert arith.has_gold_reward
+
+
+def test_arith_fractions(arith):
+    cfg = arith.config
+    sft = arith.sft_dataset("train")
+    n = len(sft)
+    assert n == cfg.n_train
+    assert sum(sft["carry"]) == round(cfg.carry_fraction * n)          # stratified: exact
+    wrong = [not c for c in sft["correct"]]
+    assert abs(sum(wrong) / n - cfg.wrong_fraction) < 0.03
+    for row in sft.select(range(500)):
+        a, b = parse_prompt(row["prompt"])
+        expected = no_carry_sum(a, b) if not row["correct"] else a + b
+        assert int(row["response"]) == expected
+        assert row["carry"] == needs_carry(a, b)
+        assert row["correct"] or row["carry"]  # every wrong demonstration is a carry problem
+    carry_wrong = sum(w for w, c in zip(wrong, sft["carry"], strict=True) if c) / sum(sft["carry"])
+    assert abs(carry_wrong - cfg.wrong_fraction / cfg.carry_fraction) < 0.04
+    ev = arith.eval_dataset()
+    assert len(ev) == cfg.n_eval and len(set(ev["prompt"])) == cfg.n_eval
+    assert sum(ev["carry"]) == round(cfg.carry_fraction * cfg.n_eval)
+    pairs = arith.preference_dataset("train")
+    assert sum(pairs["carry"]) == round(cfg.carry_fraction * len(pairs))
+
+
+def test_arith_splits_are_disjoint_by_problem(arith):
+    sets = {
+        "train": {problem(p) for p in arith.sft_dataset("train")["prompt"]}
+        | {problem(p) for p in arith.preference_dataset("train")["prompt"]},
+        "validation": {problem(p) for p in arith.sft_dataset("validation")["prompt"]}
+        | {problem(p) for p in arith.preference_dataset("validation")["prompt"]},
+        "eval": {problem(p) for p in arith.eval_dataset()["prompt"]},
+    }
+    assert not sets["train"] & sets["validation"]
+    assert not sets["train"] & sets["eval"]
+    assert not sets["validation"] & sets["eval"]
+
+
+def test_arith_pairs_chosen_strictly_better(arith):
+    for split in ("train", "validation"):
+        ds = arith.preference_dataset(split)
+        chosen = arith.rewards(ds["prompt"], ds["chosen"])
+        rejected = arith.rewards(ds["prompt"], ds["rejected"])
+        assert all(c > r for c, r in zip(chosen, rejected, strict=True))
+        for row in ds.select(range(200)):
+            a, b = parse_prompt(row["prompt"])
+            if row["carry"]:
+                assert int(row["rejected"]) == no_carry_sum(a, b)
+
+
+def test_determinism_and_cache(arith, tmp_path):
+    again = build_task(SMALL_ARITH, cache_dir=tmp_path / "other")   # regenerated, not loaded
+    for get in (lambda t: t.sft_dataset("train"), lambda t: t.preference_dataset("validation"),
+                lambda t: t.eval_dataset()):
+        assert get(arith).to_dict() == get(again).to_dict()
+    assert (again.cache_path / "sft-train" / "dataset_info.json").exists()
+    assert again.cache_path.name.startswith("arith-") and again.fingerprint == arith.fingerprint
+    reloaded = build_task(SMALL_ARITH, cache_dir=tmp_path / "other")  # loaded from disk
+    assert reloaded.sft_dataset("train").to_dict() == arith.sft_dataset("train").to_dict()
+    other = build_task({**SMALL_ARITH, "seed": 1}, cache_dir=tmp_path / "other")
+    assert other.fingerprint != arith.fingerprint
+    assert list(other.sft_dataset("train")["prompt"]) != list(arith.sft_dataset("train")["prompt"])
+    assert list(other.eval_dataset()["prompt"]) != list(arith.eval_dataset()["prompt"])
+    # the tokenizer's vocabulary size does not change the data
+    assert build_task({**SMALL_ARITH, "vocab_size": 300}).fingerprint == arith.fingerprint
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match=r"wrong_fraction=0\.5 > dataset\.carry_fraction=0\.4"):
+        build_task({"name": "arith", "wrong_fraction": 0.5, "carry_fraction": 0.4})
+    with pytest.raises(ConfigError, match="unknown field"):
+        build_task({"name": "arith", "n_trian": 5})
+    with pytest.raises(ConfigError, match="dataset.name"):
+        build_task({"name": "nope"})
+    with pytest.raises(ConfigError, match="n_eval"):
+        build_task({"name": "arith", "n_eval": 5000})
+    with pytest.raises(ConfigError, match="mistake_weights"):
+        build_task({"name": "courier", "mistake_weights": [1, 1]})
+
+
+# ---------------------------------------------------------------------- courier
+def test_alpaca_template():
+    assert alpaca_prompt("Do it.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nDo it.\n\n### Response:\n")
+    with_input = alpaca_prompt("Rewrite.", "The team won.")
+    assert with_input.endswith("### Instruction:\nRewrite.\n\n### Input:\nThe team won.\n\n"
+                               "### Response:\n")
+
+
+def test_courier_gold_reward_ordering(courier):
+    prompt = make_prompt(0, "package", "Pittsburgh")
+    assert "Ask the courier to deliver the package to Pittsburgh." in prompt
+    r = {k: courier.reward(prompt, v) for k, v in {
+        "correct": "Please send this package to Pittsburgh.",
+        "wrong_item": "Please send this letter to Pittsburgh.",
+        "wrong_city": "Please send this package to Tokyo.",
+        "rude": "***ing send this package to Pittsburgh.",
+    }.items()}
+    assert r == {"correct": 1.0, "wrong_item": 0.5, "wrong_city": 0.0, "rude": -1.0}
+    assert r["correct"] > r["wrong_item"] > r["wrong_city"] > r["rude"]
+    assert courier.reward(prompt, " Kindly send a package to pittsburgh\n") == 1.0
+    assert courier.reward(prompt, "Please send this letter to Tokyo.") == 0.0  # city dominates
+    assert courier.reward(prompt, "Damn well send this package to Pittsburgh.") == -1.0
+    assert courier.reward(prompt, "Send it.") == -1.0                          # unparseable
+    assert courier.reward(prompt, "") == -1.0
+    with pytest.raises(DataError, match="unknown prompt"):
+        courier.reward("hello", "Please send this package to Pittsburgh.")
+
+
+def test_courier_data(courier):
+    sft = courier.sft_dataset("train")
+    assert abs(sum(c != "correct" for c in sft["category"]) / len(sft) - 0.3) < 0.03
+    assert set(sft["category"]) == set(CATEGORY_REWARD)
+    rewards = courier.rewards(sft["prompt"], sft["response"])
+    assert rewards == [CATEGORY_REWARD[c] for c in sft["category"]]
+    assert all(len(r) < 60 for r in sft["response"])
+    for split in ("train", "validation"):
+        pairs = courier.preference_dataset(split)
+        chosen = courier.rewards(pairs["prompt"], pairs["chosen"])
+        rejected = courier.rewards(pairs["prompt"], pairs["rejected"])
+        assert all(c > r for c, r in zip(chosen, rejected, strict=True))
+    pools = [set(courier.sft_dataset("train")["prompt"]) | set(pairs["prompt"]),
+             set(courier.sft_dataset("validation")["prompt"]), set(courier.eval_dataset()["prompt"])]
+    assert not pools[0] & pools[2] and not pools[1] & pools[2]
+    assert len(pools[2]) == courier.config.n_eval
+
+
+# ---------------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trip_and_digits(arith_tok, courier_tok, courier, tmp_path):
+    tok = courier_tok
+    assert [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id] == [0, 1, 2, 3]
+    texts = courier.corpus()[:50] + ["37+48=85", "  two  spaces\n\nand newlines\n", "é ü ☃ 12"]
+    for text in texts:
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok("37+48=", add_special_tokens=True)["input_ids"] == \
+        tok("37+48=", add_special_tokens=False)["input_ids"]           # no automatic BOS/EOS
+    ids = arith_tok("1234+5678=", add_special_tokens=False)["input_ids"]
+    assert arith_tok.convert_ids_to_tokens(ids) == list("1234+5678=")  # one token per digit
+    digits = tok("Tokyo 2024", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(digits)[-4:] == ["2", "0", "2", "4"]
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded("Please send\n 42", add_special_tokens=False)["input_ids"] == \
+        tok("Please send\n 42", add_special_tokens=False)["input_ids"]
+    assert loaded.padding_side == "right" and loaded.model_max_length == 128
+    assert len(build_tokenizer(["ab ab ab"] * 10, vocab_size=300)) <= 300
+    with pytest.raises(ValueError, match="vocab_size=100"):
+        build_tokenizer(["a"], vocab_size=100)
+
+
+# ---------------------------------------------------------------------- encoding
+def test_encode_sft_masks_prompt(arith_tok):
+    tok = arith_tok
+    p = tok("37+48=", add_special_tokens=False)["input_ids"]
+    r = tok("85", add_special_tokens=False)["input_ids"]
+    enc = encode_sft(tok, "37+48=", "85", max_len=32)
+    assert enc["input_ids"] == [tok.bos_token_id, *p, *r, tok.eos_token_id]
+    assert enc["labels"] == [IGNORE_INDEX] * (1 + len(p)) + [*r, tok.eos_token_id]
+    assert enc["prompt_len"] == 1 + len(p) and not enc["truncated"]
+    assert encode_prompt(tok, "37+48=", 32) == [tok.bos_token_id, *p]
+    assert encode_prompt(tok, "37+48=", 3) == [tok.bos_token_id, *p[-2:]]   # left-truncated
+
+
+def test_overflow_truncate_and_skip(arith_tok):
+    tok = arith_tok
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    # response too long: cut from the right, prompt kept (7 = bos + 6 prompt tokens)
+    enc = encode_sft(tok, "37+48=", "123456", max_len=9, overflow="skip")
+    assert enc["truncated"] and len(enc["input_ids"]) == 9 and enc["prompt_len"] == 7
+    assert tok.decode(enc["input_ids"][7:]) == "12" and eos not in enc["input_ids"]
+    # prompt too long: skip -> None, truncate -> keep the last max_len - 2 prompt tokens
+    assert encode_sft(tok, "1234567890+1=", "5", max_len=6, overflow="skip") is None
+    enc = encode_sft(tok, "1234567890+1=", "5", max_len=6, overflow="truncate")
+    assert enc["input_ids"][0] == bos and tok.decode(enc["input_ids"][1:5]) == "0+1="
+    assert enc["labels"] == [IGNORE_INDEX] * 5 + [tok.convert_tokens_to_ids("5")]
+    assert enc["truncated"] and len(enc["input_ids"]) == 6
+    pair = encode_pair(tok, "1+1=", "2", "3", max_len=16)
+    assert pair["prompt_len"] == 5 and pair["chosen_input_ids"][:5] == pair["rejected_input_ids"][:5]
+    assert pair["chosen_labels"][5:] == [tok.convert_tokens_to_ids("2"), eos]
+    assert encode_pair(tok, "1234567890+1=", "2", "3", max_len=6, overflow="skip") is None
+    # counting over a dataset
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"prompt": ["1+1=", "1234567890+1=", "2+2="],
+                            "response": ["2", "5", "123456789"]})
+    out, stats = tokenize_dataset(ds, tok, "sft", max_len=8, overflow="skip")
+    assert (stats.n_in, stats.n_out, stats.skipped, stats.truncated) == (3, 2, 1, 1)
+    assert list(out["index"]) == [0, 1] and all(len(x) <= 8 for x in out["input_ids"])
+    _, stats = tokenize_dataset(ds, tok, "sft", max_len=8, overflow="truncate")
+    assert (stats.n_out, stats.skipped, stats.truncated) == (3, 0, 2)
+    with pytest.raises(DataError, match="all 1 examples were skipped"):
+        tokenize_dataset(ds.select([1]), tok, "sft", max_len=6, overflow="skip", name="x")
+
+
+def test_collators(arith_tok):
+    tok = arith_tok
+    rows = [encode_sft(tok, "1+1=", "2", 16), encode_sft(tok, "10+20=", "30", 16)]
+    b = SFTCollator(tok.pad_token_id)(rows)
+    assert b["input_ids"].shape == (2, 10)                  # bos + 6 prompt + 2 + eos
+    assert b["input_ids"][0, -3:].tolist() == [tok.pad_token_id] * 3          # right padding
+    assert b["attention_mask"].tolist() == [[1] * 7 + [0] * 3, [1] * 10]
+    assert b["labels"][0, -4:].tolist() == [tok.eos_token_id] + [IGNORE_INDEX] * 3
+    assert b["prompt_len"].tolist() == [5, 7]
+    pairs = [encode_pair(tok, "1+1=", "2", "33", 16), encode_pair(tok, "10+20=", "30", "3", 16)]
+    pb = PairCollator(tok.pad_token_id)(pairs)
+    assert pb["chosen_input_ids"].shape == (2, 10) and pb["rejected_input_ids"].shape == (2, 9)
+    assert pb["rejected_attention_mask"].sum(-1).tolist() == [8, 9]
+    assert pb["prompt_len"].tolist() == [5, 7] and pb["index"].tolist() == [0, 1]
+    prompts = [{"input_ids": encode_prompt(tok, p, 16), "prompt": p} for p in ("1+1=", "10+20=")]
+    qb = PromptCollator(tok.pad_token_id)(prompts)
+    assert qb["input_ids"][0, :2].tolist() == [tok.pad_token_id] * 2           # LEFT padding
+    assert qb["input_ids"][0, 2].item() == tok.bos_token_id
+    assert qb["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1], [1] * 7]
+    assert qb["input_ids"][:, -1].tolist() == [tok.convert_tokens_to_ids("=")] * 2
+    assert qb["prompts"] == ["1+1=", "10+20="]
+
+
+def test_datamodule(arith, arith_tok):
+    def first(kind: str, seed: int = 0):
+        dm = AlignmentDataModule(arith, arith_tok, kind=kind, batch_size=8, max_len=16, seed=seed)
+        dm.setup("fit")
+        return dm, next(iter(dm.train_dataloader()))
+
+    dm, b = first("sft")
+    assert b["input_ids"].shape[0] == 8 and b["labels"].shape == b["input_ids"].shape
+    assert dm.n_train == arith.config.n_train and dm.stats["train"].skipped == 0
+    assert torch.equal(first("sft")[1]["input_ids"], b["input_ids"])           # seeded shuffle
+    assert not torch.equal(first("sft", seed=1)[1]["input_ids"], b["input_ids"])
+    assert len(next(iter(dm.val_dataloader()))["input_ids"]) == 8
+    dm, b = first("pairs")
+    assert {"chosen_input_ids", "rejected_labels", "prompt_len", "index"} <= set(b)
+    assert next(iter(dm.reference_dataloader()))["index"].tolist() == list(range(8))
+    _, b = first("prompts")
+    assert (b["attention_mask"][:, -1] == 1).all() and len(b["prompts"]) == 8
+
+
+# ---------------------------------------------------------------------- preference loader
+def test_fixture_pairs(tmp_path):
+    task = preference(tmp_path, FIXTURES / "pairs.jsonl")
+    assert task.format == "pairs" and not task.has_gold_reward
+    train, val = task.preference_dataset("train"), task.preference_dataset("validation")
+    assert len(train) + len(val) == 10 and len(val) >= 1
+    assert not set(train["prompt"]) & set(val["prompt"])
+    sft = task.sft_dataset("train")
+    assert list(sft["response"]) == list(train["chosen"])
+    assert list(sft["prompt"]) == list(train["prompt"])
+    assert set(task.eval_dataset().column_names) >= {"prompt", "chosen", "rejected"}
+    with pytest.raises(NotImplementedError, match="no gold reward"):
+        task.reward("a", "b")
+    with pytest.raises(NoGoldRewardError):
+        task.rewards(["a"], ["b"])
+    assert task.corpus()
+
+
+def test_fixture_hh(tmp_path):
+    task = preference(tmp_path, FIXTURES / "hh.jsonl", val_fraction=0.2)
+    assert task.format == "hh"
+    rows = [json.loads(line) for line in (FIXTURES / "hh.jsonl").read_text().splitlines()]
+    originals = {r["chosen"] for r in rows}
+    for split in ("train", "validation"):
+        for row in task.preference_dataset(split):
+            assert row["prompt"].endswith("\n\nAssistant:")
+            assert row["prompt"] + row["chosen"] in originals
+            assert "\n\nAssistant:" not in row["chosen"] + row["rejected"]
+    prompts = [*task.preference_dataset("train")["prompt"],
+               *task.preference_dataset("validation")["prompt"]]
+    multi = next(p for p in prompts if "Science fiction" in p)
+    assert multi.count("\n\nAssistant:") == 2
+    assert split_hh("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: b\n\nAssistant: y") is None
+    assert split_hh("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: a\n\nAssistant: y") == (
+        "\n\nHuman: a\n\nAssistant:", " x", " y")
+    bad = tmp_path / "bad_hh.jsonl"
+    lines = (FIXTURES / "hh.jsonl").read_text().splitlines()
+    lines.append(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: x",
+                             "rejected": "\n\nHuman: b\n\nAssistant: y"}))
+    bad.write_text("\n".join(lines) + "\n")
+    task = preference(tmp_path, bad, format="hh")
+    n = len(task.preference_dataset("train")) + len(task.preference_dataset("validation"))
+    assert n == 10 and task.dropped["train"] == 1
+
+
+def test_fixture_sft(tmp_path):
+    task = preference(tmp_path, FIXTURES / "sft.jsonl")
+    assert task.format == "sft"
+    ds = task.sft_dataset("train")
+    assert ds.column_names == ["prompt", "response"] and len(ds) == 9
+    rows = [json.loads(line) for line in (FIXTURES / "sft.jsonl").read_text().splitlines()]
+    assert {r["completion"] for r in rows} >= set(ds["response"])
+    with pytest.raises(DataError, match="has no preference pairs"):
+        task.preference_dataset("train")
+
+
+def test_data_errors(tmp_path, arith):
+    task = preference(tmp_path, FIXTURES / "sft.jsonl", format="pairs")
+    with pytest.raises(DataError, match=r"missing column 'chosen'; columns present: "
+                                        r"\['prompt', 'completion'\]"):
+        task.sft_dataset("train")
+    task = preference(tmp_path, FIXTURES / "pairs.jsonl", prompt_column="question")
+    with pytest.raises(DataError, match="cannot detect the format"):
+        task.sft_dataset("train")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="split 'train' is empty"):
+        preference(tmp_path, empty).sft_dataset("train")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("prompt,chosen,rejected\n")
+    task = build_task({"name": "preference", "path": "csv",
+                       "data_files": {"train": str(header_only)},
+                       "hf_cache_dir": str(tmp_path / "hf")}, cache_dir=tmp_path)
+    with pytest.raises(DataError, match="split 'train' is empty"):
+        task.sft_dataset("train")
+    with pytest.raises(DataError, match="could not load"):
+        preference(tmp_path, tmp_path / "missing.jsonl").sft_dataset("train")
+    with pytest.raises(DataError, match="missing column 'response'; columns present"):
+        require_columns(arith.preference_dataset("train"), ["prompt", "response"], "x")
+    with pytest.raises(DataError, match="unknown split 'test'"):
+        arith.sft_dataset("test")
+    with pytest.raises(DataError, match="missing column 'response'"):
+        tokenize_dataset(arith.preference_dataset("train"), None, "sft", 16)
+
+
+@pytest.mark.parametrize("name", ["arith", "courier", "preference"])
+def test_conf_dataset_yaml_is_accepted(name, tmp_path):
+    """The ``dataset`` group's YAML (as Hydra composes it) builds the task."""
+    from omegaconf import OmegaConf
+
+    yaml = Path(__file__).parents[1] / "conf" / "dataset" / f"{name}.yaml"
+    if not yaml.exists():
+        pytest.skip(f"{yaml} not present")
+    cfg = OmegaConf.create({"seed": 3, "dataset": OmegaConf.load(yaml)})
+    if name == "preference":
+        cfg.dataset.path = "json"
+        cfg.dataset.data_files = {"train": str(FIXTURES / "pairs.jsonl")}
+        cfg.dataset.hf_cache_dir = str(tmp_path / "hf")
+    task = build_task(cfg.dataset, cache_dir=tmp_path)
+    assert task.name == name and task.config.seed == 3
+    if name == "preference":
+        assert task.format == "pairs" and len(task.eval_dataset()) >= 1
+    if name == "arith":
+        assert task.p_wrong_given_carry == pytest.approx(0.75)  # the no-carry answer is the mode
