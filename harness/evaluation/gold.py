@@ -1,0 +1,74 @@
+"""Gold-reward evaluation: greedy responses to held-out prompts, scored by the task's gold reward."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from harness.data.collate import encode_prompt
+from harness.models.generation import generate
+from harness.models.llama import CausalLM
+
+
+@dataclass
+class Completions:
+    """Prompts, decoded responses and their gold rewards, index-aligned."""
+
+    prompts: list[str]
+    responses: list[str]
+    rewards: list[float]
+
+    @property
+    def mean_reward(self) -> float:
+        return sum(self.rewards) / max(1, len(self.rewards))
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists -> (input_ids [B, P], attention_mask [B, P])."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def complete(model: CausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+             batch_size: int, max_len: int, greedy: bool = True, temperature: float = 1.0,
+             generator: torch.Generator | None = None, progress: bool = False) -> list[str]:
+    """Decode responses for ``prompts`` in batches with the KV-cached sampler."""
+    device = next(model.parameters()).device
+    out: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
+        chunk = prompts[start:start + batch_size]
+        rows = [encode_prompt(tokenizer, p, max_len - max_new_tokens) for p in chunk]
+        ids, mask = left_pad(rows, tokenizer.pad_token_id)
+        gen = generate(model, ids.to(device), mask.to(device), max_new_tokens,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       greedy=greedy, temperature=temperature, generator=generator)
+        for resp, m in zip(gen.response.tolist(), gen.response_mask.tolist(), strict=True):
+            toks = [t for t, keep in zip(resp, m, strict=True) if keep and t != tokenizer.eos_token_id]
+            out.append(tokenizer.decode(toks, skip_special_tokens=True))
+    return out
+
+
+def gold_eval(model: CausalLM, tokenizer, task, prompts: Sequence[str], max_new_tokens: int,
+              batch_size: int, max_len: int, progress: bool = True) -> Completions:
+    """Greedy completions of ``prompts`` and their gold rewards (``eval/gold_reward`` = mean)."""
+    responses = complete(model, tokenizer, prompts, max_new_tokens, batch_size, max_len,
+                         greedy=True, progress=progress)
+    return Completions(list(prompts), responses, list(task.rewards(list(prompts), responses)))
+
+
+def win_rate(policy_rewards: Sequence[float], reference_rewards: Sequence[float]) -> float:
+    """Share of prompts where the policy's response beats the reference's; ties count half."""
+    if len(policy_rewards) != len(reference_rewards) or not policy_rewards:
+        raise ValueError("win_rate needs two equally long, non-empty reward lists")
+    score = sum(1.0 if p > r else 0.5 if p == r else 0.0
+                for p, r in zip(policy_rewards, reference_rewards, strict=True))
+    return score / len(policy_rewards)

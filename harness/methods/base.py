@@ -1,0 +1,51 @@
+"""What every method's LightningModule shares: optimiser set-up, MoE and throughput logging."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+from harness.config import OptimConfig
+from harness.methods.losses import check_finite
+from harness.methods.optim import build_optimizer
+from harness.models.llama import CausalLMOutput
+
+
+class AlignmentModule(L.LightningModule):
+    """Base class: subclasses set ``self.trainable`` (modules to optimise) and call the helpers."""
+
+    def __init__(self, optim: OptimConfig, max_steps: int) -> None:
+        super().__init__()
+        self.optim_cfg = optim
+        self.max_steps = max_steps
+        self._t0: float | None = None
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        return build_optimizer(self.trainable_modules(), self.optim_cfg, self.max_steps)
+
+    def log_moe(self, out: CausalLMOutput, prefix: str = "train") -> None:
+        """``<prefix>/moe_aux_loss`` and ``<prefix>/expert_load/<i>`` (mean over layers)."""
+        if not out.expert_load:
+            return
+        self.log(f"{prefix}/moe_aux_loss", out.aux_loss.detach(), on_step=True, on_epoch=False)
+        load = torch.stack(out.expert_load).mean(0)
+        for i, v in enumerate(load.tolist()):
+            self.log(f"{prefix}/expert_load/{i}", v, on_step=True, on_epoch=False)
+
+    def log_throughput(self, n_tokens: int) -> None:
+        """``train/tokens_per_s``: tokens processed per second of wall time between steps."""
+        now = time.perf_counter()
+        if self._t0 is not None:
+            self.log("train/tokens_per_s", n_tokens / max(now - self._t0, 1e-9),
+                     on_step=True, on_epoch=False)
+        self._t0 = now
+
+    def checked(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+        """Stop the run with a message naming ``name`` when it is NaN or infinite."""
+        check_finite(name, loss)
+        return loss

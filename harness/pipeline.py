@@ -1,0 +1,259 @@
+"""One run, top to bottom (after torchtune's recipes):
+
+    validate -> task + tokenizer -> SFT base (cached) -> [reward model (cached)] -> method stage
+             -> evaluation (gold reward, win rate and KL against the SFT reference) -> summary.json
+
+SFT and reward-model stages are cached under keys hashed from exactly the config that decides them
+(:mod:`harness.stages`), so every method of a sweep starts from the same reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import resource
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config import RMConfig, SFTConfig, to_dataclass, validate
+from harness.data.datamodule import AlignmentDataModule
+from harness.data.tasks import build_task
+from harness.data.tokenizer import load_or_build_tokenizer
+from harness.evaluation.drift import sequence_kl
+from harness.evaluation.gold import gold_eval, win_rate
+from harness.models.hf import load_checkpoint, save_checkpoint
+from harness.models.llama import CausalLM, ScalarHead
+from harness.stages import StageCache, StageRecord, stage_key, write_json_atomic
+from harness.tracking.loggers import build_logger, finish
+
+log = logging.getLogger("harness")
+
+
+def peak_mem_mb() -> float:
+    """Peak memory of this process: max RSS on CPU, or the allocator's peak on a GPU (MiB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_trainer(cfg: dict[str, Any], logger, ckpt_dir: Path, run_dir: Path,
+                  max_steps: int = -1, grad_clip: float | None = None,
+                  val_every: int | None = None, limit_train_batches: int | None = None,
+                  ) -> L.Trainer:
+    """A Lightning Trainer from the ``trainer`` group plus the stage's budget."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)]
+    if logger is not None:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    kwargs: dict[str, Any] = {}
+    if val_every is not None:
+        kwargs.update(val_check_interval=val_every, check_val_every_n_epoch=None)
+    if limit_train_batches is not None:
+        kwargs.update(limit_train_batches=limit_train_batches, max_epochs=1,
+                      limit_val_batches=0)
+    return L.Trainer(**cfg["trainer"], max_steps=max_steps, gradient_clip_val=grad_clip or None,
+                     logger=logger if logger is not None else False, callbacks=callbacks,
+                     default_root_dir=str(run_dir), **kwargs)
+
+
+class Run:
+    """The state of one run: config, cache, task, tokenizer, and where things go."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.model_cfg, self.method_cfg = validate(cfg)
+        self.sft_cfg: SFTConfig = (self.method_cfg if self.method_cfg.name == "sft"
+                                   else to_dataclass(SFTConfig, cfg.sft))
+        self.sft_cfg.check("sft")
+        self.rm_cfg: RMConfig = (self.method_cfg if self.method_cfg.name == "rm"
+                                 else to_dataclass(RMConfig, cfg.rm))
+        self.rm_cfg.check("rm")
+        self.cfg: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore
+        self.run_dir = run_dir
+        self.cache = StageCache(Path(to_absolute_path(cfg.cache_dir)))
+        self.force = bool(cfg.force_retrain)
+        self.seed = int(cfg.seed)
+        self.task = build_task(self.cfg["dataset"], cache_dir=self.cache.root / "data")
+        self.tokenizer = load_or_build_tokenizer(self.task, self.cfg["dataset"],
+                                                 self.cache.root / "tokenizers",
+                                                 model_max_length=self.model_cfg.max_seq_len)
+        if self.model_cfg.vocab_size is None:
+            self.model_cfg.vocab_size = len(self.tokenizer)
+
+    # ---------------------------------------------------------------- stages
+    def sft_decides(self) -> dict[str, Any]:
+        return {"model": asdict(self.model_cfg), "dataset": self.cfg["dataset"],
+                "sft": asdict(self.sft_cfg), "seed": self.seed,
+                "precision": self.cfg["trainer"].get("precision"),
+                "devices": self.cfg["trainer"].get("devices")}
+
+    def sft_stage(self) -> tuple[StageRecord, CausalLM, Any]:
+        """Find the SFT base for this (model, dataset, SFT config, seed), or train it."""
+        decides = self.sft_decides()
+        key = stage_key("sft", decides)
+        with self.cache.lock(key):
+            found = None if self.force else self.cache.load(key)
+            if found is not None:
+                log.info("SFT stage: reusing cached base %s (%s)", key, found.path)
+                return found, load_checkpoint(found.checkpoint)[0], None
+            log.info("SFT stage: training %s", key)
+            from harness.methods.sft import SFTModule
+
+            L.seed_everything(self.seed, workers=True)
+            policy = CausalLM(self.model_cfg)
+            c = self.sft_cfg
+            dm = AlignmentDataModule(self.task, self.tokenizer, kind="sft",
+                                     batch_size=c.batch_size, max_len=c.max_len,
+                                     overflow=c.overflow, seed=self.seed)
+            record, logger = self.fit_stage("sft", key, decides, SFTModule(policy, c), dm,
+                                            max_steps=c.max_steps, grad_clip=c.optim.grad_clip,
+                                            val_every=c.val_every)
+            save_checkpoint(policy, record.checkpoint, tokenizer=self.tokenizer,
+                            resolved_config=self.cfg)
+            self.cache.commit(record)
+            return record, policy, logger
+
+    def rm_stage(self, sft: StageRecord, sft_policy: CausalLM) -> tuple[StageRecord, ScalarHead, Any]:
+        """Find or train the Bradley–Terry reward model on top of this SFT base."""
+        decides = {"sft": sft.key, "rm": asdict(self.rm_cfg)}
+        key = stage_key("rm", decides)
+        with self.cache.lock(key):
+            found = None if self.force else self.cache.load(key)
+            if found is not None:
+                log.info("RM stage: reusing cached reward model %s", key)
+                return found, load_reward_model(found.checkpoint), None
+            log.info("RM stage: training %s", key)
+            from harness.methods.reward import RewardModule
+
+            L.seed_everything(self.seed, workers=True)
+            rm = ScalarHead(copy.deepcopy(sft_policy))
+            c = self.rm_cfg
+            dm = AlignmentDataModule(self.task, self.tokenizer, kind="pairs",
+                                     batch_size=c.batch_size, max_len=c.max_len,
+                                     overflow=c.overflow, seed=self.seed)
+            record, logger = self.fit_stage("rm", key, decides, RewardModule(rm, c), dm,
+                                            max_steps=c.max_steps, grad_clip=c.optim.grad_clip,
+                                            val_every=c.val_every)
+            save_reward_model(rm, record.checkpoint, self.tokenizer, self.cfg)
+            self.cache.commit(record)
+            return record, rm, logger
+
+    def fit_stage(self, stage: str, key: str | None, decides: dict, module, data,
+                  **budget) -> tuple[StageRecord, Any]:
+        """Train ``module`` with a logger for ``stage``; returns its record (not yet committed)."""
+        path = self.cache.path(key) if key else self.run_dir / stage
+        logger = build_logger(self.cfg, stage, self.run_dir)
+        trainer = build_trainer(self.cfg, logger, path / "lightning", self.run_dir, **budget)
+        t0 = time.perf_counter()
+        if isinstance(data, L.LightningDataModule):
+            trainer.fit(module, datamodule=data)
+        else:
+            trainer.fit(module, train_dataloaders=data)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics[f"cost/{stage}_train_s"] = time.perf_counter() - t0
+        return StageRecord(key=key or stage, path=path, metrics=metrics, decides=decides), logger
+
+
+def save_reward_model(rm: ScalarHead, out: Path, tokenizer, resolved: dict) -> None:
+    """The backbone as an HF folder plus ``score_head.pt`` for the scalar head."""
+    save_checkpoint(rm.backbone, out, tokenizer=tokenizer, resolved_config=resolved)
+    torch.save(rm.score.state_dict(), out / "score_head.pt")
+
+
+def load_reward_model(path: Path) -> ScalarHead:
+    backbone, _, _ = load_checkpoint(path)
+    rm = ScalarHead(backbone)
+    rm.score.load_state_dict(torch.load(path / "score_head.pt", weights_only=True))
+    return rm
+
+
+def evaluate(run: Run, policy: CausalLM, reference: CausalLM | None,
+             max_len: int) -> tuple[dict[str, float], list[dict]]:
+    """Gold reward on held-out prompts; with a reference also its gold reward, win rate and KL."""
+    e = run.cfg["eval"]
+    prompts = list(run.task.eval_dataset()["prompt"])
+    if e.get("limit"):
+        prompts = prompts[: e["limit"]]
+    args = (prompts, e["max_new_tokens"], e["batch_size"], max_len)
+    res = gold_eval(policy, run.tokenizer, run.task, *args)
+    metrics = {"eval/gold_reward": res.mean_reward, "eval/n_prompts": float(len(prompts))}
+    samples = [{"prompt": p, "response": r, "reward": w} for p, r, w in
+               zip(res.prompts, res.responses, res.rewards, strict=True)][: e["n_samples"]]
+    if reference is not None:
+        ref = gold_eval(reference, run.tokenizer, run.task, *args)
+        metrics["eval/ref_gold_reward"] = ref.mean_reward
+        metrics["eval/win_rate"] = win_rate(res.rewards, ref.rewards)
+        metrics["eval/kl"] = sequence_kl(policy, reference, run.tokenizer, prompts,
+                                         e["max_new_tokens"], e["batch_size"], max_len, run.seed)
+        for s, r in zip(samples, ref.responses, strict=False):
+            s["reference"] = r
+    return metrics, samples
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run the pipeline for ``cfg`` and write ``<run_dir>/summary.json``; returns the summary."""
+    from harness.methods.stage_runners import run_method
+
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir),
+                               "method": cfg.method.name, "model": cfg.model.name,
+                               "dataset": cfg.dataset.name, "seed": cfg.seed,
+                               "config": OmegaConf.to_container(cfg, resolve=True)}
+    if str(cfg.trainer.get("devices", 1)) != "1" and cfg.trainer.get("accelerator") != "gpu":
+        torch.set_num_threads(1)
+    logger = None
+    try:
+        r = Run(cfg, run_dir)
+        sft, sft_policy, logger = r.sft_stage()
+        summary["stages"] = {"sft": sft.to_json()}
+        summary["cache_keys"] = {"sft": sft.key, "rm": None}
+        method = r.method_cfg.name
+        reference = None
+        policy = sft_policy
+        metrics: dict[str, float] = {k: v for k, v in sft.metrics.items()
+                                     if k.startswith(("train/", "val/"))}
+        if method != "sft":
+            if logger is not None:
+                finish(logger)
+            reference = sft_policy
+            outcome = run_method(r, sft, sft_policy)
+            summary["stages"].update(outcome.stages)
+            summary["cache_keys"].update(outcome.cache_keys)
+            policy, logger, metrics = outcome.policy, outcome.logger, outcome.metrics
+            summary["checkpoint"] = str(outcome.checkpoint)
+        else:
+            summary["checkpoint"] = str(sft.checkpoint)
+        if method == "rm":
+            reference = None
+        eval_metrics, samples = (evaluate(r, policy, reference, r.sft_cfg.max_len)
+                                 if policy is not None else ({}, []))
+        metrics.update(eval_metrics)
+        cost = {"cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": peak_mem_mb()}
+        if "train/tokens_per_s" in metrics:
+            cost["cost/tokens_per_s"] = metrics["train/tokens_per_s"]
+        summary.update(status="ok", metrics=metrics, cost=cost, samples=samples)
+        logger = logger or build_logger(r.cfg, method, run_dir)
+        if logger is not None and hasattr(logger, "log_table") and samples:
+            cols = list(samples[0])
+            logger.log_table("eval/samples", columns=cols, data=[[s[c] for c in cols]
+                                                                  for s in samples])
+        finish(logger, {**metrics, **cost, "status": "ok"})
+    except Exception as exc:
+        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                       traceback=traceback.format_exc(),
+                       cost={"cost/wall_s": time.perf_counter() - t0,
+                             "cost/peak_mem_mb": peak_mem_mb()})
+        write_json_atomic(run_dir / "summary.json", summary)
+        if logger is not None:
+            finish(logger, {"status": "failed"})
+        raise
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,95 @@
+"""The stage cache: a stage's output is stored under a key hashed from exactly the config that decides it.
+
+Every method of a sweep therefore starts from the same SFT base (and reward model): the first job
+trains it, the others find it. A file lock serialises jobs that need the same stage at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def stage_key(kind: str, decides: dict[str, Any]) -> str:
+    """``<kind>-<16 hex>``: sha256 of the canonical JSON of the config parts that decide the stage."""
+    blob = json.dumps({"stage": kind, **decides}, sort_keys=True, separators=(",", ":"), default=str)
+    return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+@dataclass
+class StageRecord:
+    """What a finished stage leaves: where its checkpoint is, its metrics, what decided it."""
+
+    key: str
+    path: Path
+    cached: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    decides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "path": str(self.path), "checkpoint": str(self.checkpoint),
+                "cached": self.cached, "metrics": self.metrics}
+
+
+class StageCache:
+    """Folders ``<root>/stages/<key>/`` holding ``checkpoint/`` and ``stage.json`` (written last)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        (self.root / "stages").mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / "stages" / key
+
+    def load(self, key: str) -> StageRecord | None:
+        """The finished stage under ``key``, or None if it was never completed."""
+        meta = self.path(key) / "stage.json"
+        if not meta.is_file():
+            return None
+        data = json.loads(meta.read_text())
+        return StageRecord(key=key, path=self.path(key), cached=True,
+                           metrics=data.get("metrics", {}), decides=data.get("decides", {}))
+
+    def commit(self, record: StageRecord) -> None:
+        """Mark the stage complete by writing ``stage.json`` atomically."""
+        payload = {"key": record.key, "metrics": record.metrics, "decides": record.decides}
+        write_json_atomic(self.path(record.key) / "stage.json", payload)
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Exclusive lock on a stage, so parallel sweep jobs train it once and share it."""
+        lock_path = self.root / "stages" / f"{key}.lock"
+        with open(lock_path, "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON via a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=True, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,74 @@
+"""Experiment loggers built from the ``logger`` config group (W&B offline by default, CSV, none)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"d_model": 128}}`` -> ``{"model.d_model": 128}`` so W&B can filter on any field."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{key}."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def run_identity(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
+    """Name, group, job type and tags of a run, derived from the config alone."""
+    method, model, dataset = cfg["method"]["name"], cfg["model"]["name"], cfg["dataset"]["name"]
+    return {
+        "name": f"{stage}-{model}-{dataset}-s{cfg['seed']}" if stage != method
+        else f"{method}-{model}-{dataset}-s{cfg['seed']}",
+        "group": cfg["logger"].get("group") or cfg.get("experiment"),
+        "job_type": stage,
+        "tags": [f"method:{method}", f"model:{model}", f"dataset:{dataset}", f"stage:{stage}"],
+    }
+
+
+def build_logger(cfg: dict[str, Any], stage: str, save_dir: Path) -> Logger | None:
+    """A Lightning logger for one stage of a run; ``cfg`` is the resolved config as a dict."""
+    lcfg = cfg["logger"]
+    kind = lcfg["kind"]
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "none":
+        return None
+    if kind == "csv":
+        return CSVLogger(save_dir=str(save_dir), name=stage, version="")
+    if kind != "wandb":
+        raise ValueError(f"logger.kind={kind!r}: must be one of wandb, csv, none")
+    ident = run_identity(cfg, stage)
+    offline = bool(lcfg.get("offline", True)) and os.environ.get("WANDB_MODE") != "online"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(
+        project=lcfg.get("project"),
+        entity=lcfg.get("entity"),
+        name=ident["name"],
+        group=ident["group"],
+        job_type=ident["job_type"],
+        tags=ident["tags"],
+        save_dir=str(save_dir),
+        offline=offline,
+        log_model=bool(lcfg.get("log_model", False)) and not offline,
+        config=flatten(cfg),
+    )
+
+
+def finish(logger: Logger | None, summary: dict[str, Any] | None = None) -> None:
+    """Write ``summary`` into the W&B run summary and close the run (WandbLogger does not)."""
+    if not isinstance(logger, WandbLogger):
+        if logger is not None:
+            logger.finalize("success")
+        return
+    run = logger.experiment
+    if summary:
+        for k, v in summary.items():
+            run.summary[k] = v
+    run.finish()
