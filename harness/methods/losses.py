@@ -1,0 +1,495 @@
+"""Every equation of the alignment methods as pure tensor functions (torch only, no state).
+
+The Lightning modules (SFT, reward model, PPO, GRPO, DPO) are thin shells around these functions;
+each one names the equation it implements and the shapes it reads and returns, with
+
+    B = batch, T = sequence length, V = vocabulary, G = group size (completions per prompt).
+
+Conventions shared by all functions:
+
+* ``mask`` is a 0/1 tensor (bool, int or float) of the same shape as the quantity it masks;
+  positions with ``mask == 0`` never contribute, even when the tensor holds NaN/inf there (the
+  functions select with ``torch.where`` instead of multiplying by the mask).
+* Sequences are right-padded: each row of a ``[B, T]`` mask is a run of 1s followed by 0s
+  (rows of different lengths in one batch). The last valid token of a row ends its episode.
+* Scalar losses are 0-dim tensors; ``stats`` dicts hold detached 0-dim tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "NonFiniteError",
+    "adaptive_kl_coef",
+    "aggregate_loss",
+    "bradley_terry_loss",
+    "check_finite",
+    "clipped_value_loss",
+    "dpo_loss",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae_advantages",
+    "group_relative_advantages",
+    "kl_k2",
+    "kl_k3",
+    "kl_log_ratio",
+    "kl_penalized_rewards",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "pairwise_accuracy",
+    "ppo_clipped_surrogate",
+    "sequence_logprobs",
+    "td_residuals",
+    "token_logprobs",
+]
+
+Dim = int | tuple[int, ...] | None
+
+AGGREGATION_MODES: dict[str, str] = {
+    "token": "token", "bnpo": "token", "dapo": "token",
+    "sequence": "sequence", "grpo": "sequence",
+    "dr_grpo": "dr_grpo",
+}
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+class NonFiniteError(ValueError):
+    """A loss, reward or statistic is NaN or infinite (raised by :func:`check_finite`)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Masked reductions
+# --------------------------------------------------------------------------------------------
+
+
+def _valid(mask: Tensor) -> Tensor:
+    """Boolean view of a 0/1 mask."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: Dim = None) -> Tensor:
+    """Masked sum  S = sum_i m_i x_i  (over ``dim``, or all entries when ``dim`` is None).
+
+    x, mask: same shape (e.g. [B, T]). Returns a 0-dim tensor, or x's shape without ``dim``.
+    Entries with m_i = 0 are excluded even if x is NaN/inf there.
+    """
+    m = mask.to(x.dtype)
+    return torch.where(_valid(mask), x * m, 0.0).sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: Dim = None) -> Tensor:
+    """Masked mean  mu = sum_i m_i x_i / sum_i m_i ;  0 where sum_i m_i = 0.
+
+    x, mask: same shape (e.g. [B, T]); mask bool or float. Returns a 0-dim tensor (dim=None) or
+    x's shape without ``dim`` (e.g. [B] for dim=-1). Gradients stay finite for empty masks.
+    """
+    num = masked_sum(x, mask, dim)
+    den = mask.to(x.dtype).sum(dim=dim)
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, num / safe, torch.zeros_like(num))
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Masked variance over all masked entries (as TRL's ``masked_var``).
+
+        var = sum_i m_i (x_i - mu)^2 / sum_i m_i            (unbiased=False, population)
+        var = var * n / (n - 1),  n = sum_i m_i             (unbiased=True, Bessel)
+
+    x, mask: same shape; returns a 0-dim tensor. Returns 0 when n = 0, and (unbiased) when n = 1,
+    instead of raising or returning NaN.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.to(x.dtype).sum()
+        safe = torch.where(n > 1, n - 1, torch.ones_like(n))
+        var = torch.where(n > 1, var * n / safe, torch.zeros_like(var))
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Advantage whitening over the masked entries (TRL's ``masked_whiten``).
+
+        x_hat = (x - mu) / sqrt(var + eps)        mu, var: masked mean and unbiased variance
+        x_hat = x_hat + mu                         when shift_mean is False (scale only)
+
+    x, mask: same shape (e.g. [B, T]); returns x's shape, 0 at masked-out positions (TRL leaves
+    them whitened; here they are zeroed so padding never leaks into sums).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(_valid(mask), out, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities and entropy
+# --------------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, mask: Tensor | None = None,
+                   ignore_index: int = -100) -> Tensor:
+    """Per-token log-likelihood  log pi(y_t | y_<t) = z_t[y_t] - logsumexp_v z_t[v].
+
+    logits: [B, T, V], already aligned with labels [B, T] (position t scores labels[:, t]; the
+    caller does the shift). mask: [B, T] or None. Returns [B, T], 0 where mask == 0 or where
+    labels == ignore_index (-100 labels are clamped to 0 before the gather). Computed with
+    log_softmax + gather in the dtype of ``logits`` (upcast bf16 logits first for precision).
+    """
+    logps = torch.log_softmax(logits, dim=-1)
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & _valid(mask)
+    picked = torch.gather(logps, -1, labels.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, 0.0)
+
+
+def sequence_logprobs(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """Sequence log-likelihood  log pi(y | x) = sum_t m_t log pi(y_t | y_<t, x).
+
+    token_logps, mask: [B, T]. Returns [B].
+    """
+    return masked_sum(token_logps, mask, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the next-token distribution  H_t = -sum_v p_v log p_v,  p = softmax(z_t).
+
+    Computed as log p = z - logsumexp(z) (log_softmax), so large logits do not overflow, and
+    with log p clamped to the dtype's finite minimum so -inf logits (top-k masking) give
+    0 * log 0 = 0 and finite gradients. logits: [B, T, V]. Returns [B, T].
+    """
+    logp = torch.log_softmax(logits, dim=-1)
+    logp = logp.clamp(min=torch.finfo(logp.dtype).min)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Reward model
+# --------------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
+    """Bradley-Terry reward-model loss  L = -mean_i log sigma(r_w,i - r_l,i).
+
+    r_chosen, r_rejected: [B] scalar rewards of the preferred / dispreferred response.
+    Returns a 0-dim tensor (computed with logsigmoid, stable for large margins).
+    """
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def pairwise_accuracy(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
+    """Preference accuracy  acc = mean_i [ 1(r_w,i > r_l,i) + 0.5 * 1(r_w,i = r_l,i) ].
+
+    r_chosen, r_rejected: [B]. Returns a detached 0-dim float tensor; ties count one half.
+    """
+    r_w, r_l = r_chosen.detach(), r_rejected.detach()
+    return ((r_w > r_l).float() + 0.5 * (r_w == r_l).float()).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# KL estimators (per token, samples drawn from pi; Schulman, "Approximating KL divergence")
+# --------------------------------------------------------------------------------------------
+
+
+def kl_log_ratio(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k1 estimator of KL(pi || pi_ref):  k1 = log pi - log pi_ref  (unbiased, can be < 0).
+
+    logp, ref_logp: any matching shape (e.g. [B, T]); returns the same shape, unmasked.
+    """
+    return logp - ref_logp
+
+
+def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k2 estimator  k2 = 0.5 * (log pi - log pi_ref)^2  (biased, >= 0, low variance).
+
+    logp, ref_logp: any matching shape (e.g. [B, T]); returns the same shape, unmasked.
+    """
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k3 estimator (GRPO's KL)  k3 = exp(d) - d - 1,  d = log pi_ref - log pi.
+
+    Unbiased and always >= 0 (exp(d) >= 1 + d), = 0 iff logp == ref_logp; computed as
+    expm1(d) - d for accuracy near 0. logp, ref_logp: any matching shape; returns that shape.
+    """
+    d = ref_logp - logp
+    return torch.expm1(d) - d
+
+
+# --------------------------------------------------------------------------------------------
+# PPO: rewards, TD residuals, GAE, losses
+# --------------------------------------------------------------------------------------------
+
+
+def _next_valid(mask: Tensor) -> Tensor:
+    """Bool [B, T]: whether position t + 1 exists and is valid (False in the last column)."""
+    valid = _valid(mask)
+    return torch.cat((valid[:, 1:], torch.zeros_like(valid[:, :1])), dim=1)
+
+
+def td_residuals(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """TD(0) residuals  delta_t = r_t + gamma * V(s_{t+1}) - V(s_t).
+
+    rewards, values, mask: [B, T], right-padded. V(s_{t+1}) is taken as 0 when t is the last
+    valid token of its row (the episode ends there; values at padded positions are ignored).
+    Returns [B, T], 0 at padded positions.
+    """
+    valid = _valid(mask)
+    next_values = torch.cat((values[:, 1:], torch.zeros_like(values[:, :1])), dim=1)
+    next_values = torch.where(_next_valid(mask), next_values, 0.0)
+    delta = rewards + gamma * next_values - values
+    return torch.where(valid, delta, 0.0)
+
+
+def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
+                   lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised Advantage Estimation (Schulman et al. 2016).
+
+        A_t = sum_{l >= 0} (gamma * lam)^l delta_{t+l}
+            = delta_t + gamma * lam * A_{t+1}       (backwards recursion, A = 0 past the end)
+        R_t = A_t + V(s_t)                           (value targets, "returns")
+
+    with delta from :func:`td_residuals`. The recursion is cut at the last valid token of each
+    row (right padding, rows of different lengths). lam = 0 gives A = delta (TD(0)); lam = 1,
+    gamma = 1 gives reward-to-go minus V. rewards, values, mask: [B, T]. Returns (advantages
+    [B, T], returns [B, T]), both 0 at padded positions and without gradient (inputs detached).
+    """
+    with torch.no_grad():
+        rewards, values = rewards.detach(), values.detach()
+        valid = _valid(mask)
+        delta = td_residuals(rewards, values, mask, gamma)
+        cont = _next_valid(mask).to(delta.dtype)
+        adv = torch.zeros_like(delta)
+        running = torch.zeros_like(delta[:, 0])
+        for t in range(delta.shape[1] - 1, -1, -1):
+            running = delta[:, t] + gamma * lam * cont[:, t] * running
+            adv[:, t] = running
+        adv = torch.where(valid, adv, 0.0)
+        returns = torch.where(valid, adv + values, 0.0)
+    return adv, returns
+
+
+def kl_penalized_rewards(score: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor,
+                         beta: float) -> Tensor:
+    """PPO reward shaping (InstructGPT; "Secrets of RLHF"):
+
+        r_t = -beta * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t))  +  1(t = t_last) * score
+
+    score: [B] sequence reward (reward model / gold); logp, ref_logp, mask: [B, T], right-padded.
+    t_last is each row's last valid token. Returns [B, T], 0 at padded positions; a row with no
+    valid token gets no reward at all.
+    """
+    valid = _valid(mask)
+    rewards = torch.where(valid, -beta * kl_log_ratio(logp, ref_logp), 0.0)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(valid)
+    last = torch.where(valid, positions, -1).max(dim=1).values
+    has_token = last >= 0
+    bonus = torch.where(has_token, score.to(rewards.dtype), 0.0)
+    return rewards.scatter_add(1, last.clamp(min=0).unsqueeze(1), bonus.unsqueeze(1))
+
+
+def aggregate_loss(per_token: Tensor, mask: Tensor, mode: str, max_len: int | None = None
+                   ) -> Tensor:
+    """Reduce a per-token loss [B, T] to a scalar; ``mode`` picks the normalisation:
+
+        "token"    (= "bnpo", "dapo"):  L = sum_{i,t} m_it l_it / sum_{i,t} m_it
+        "sequence" (= "grpo"):          L = 1/B sum_i ( sum_t m_it l_it / sum_t m_it )
+        "dr_grpo":                      L = sum_{i,t} m_it l_it / (B * max_len)
+
+    max_len defaults to T. In "sequence" mode a row without valid tokens contributes 0 (and
+    still counts in B, as TRL's clamp(min=1)). Returns a 0-dim tensor. Unknown mode ->
+    ValueError naming the accepted values.
+    """
+    kind = AGGREGATION_MODES.get(mode)
+    if kind is None:
+        raise ValueError(f"unknown loss aggregation {mode!r}; accepted: "
+                         f"{', '.join(AGGREGATION_MODES)}")
+    if kind == "token":
+        return masked_mean(per_token, mask)
+    if kind == "sequence":
+        return masked_mean(per_token, mask, dim=-1).mean()
+    length = per_token.shape[-1] if max_len is None else max_len
+    return masked_sum(per_token, mask) / (per_token.shape[0] * length)
+
+
+def ppo_clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                          clip_eps: float, clip_eps_high: float | None = None,
+                          aggregation: str = "token", max_len: int | None = None
+                          ) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017), with DAPO's clip-higher.
+
+        c_t = exp(log pi_theta(a_t|s_t) - log pi_old(a_t|s_t))
+        l_t = -min( c_t A_t,  clip(c_t, 1 - eps, 1 + eps_high) A_t ),   eps_high = eps if None
+        L   = aggregate_loss(l, mask, aggregation, max_len)
+
+    logp, old_logp, advantages, mask: [B, T] (GRPO broadcasts its [B] advantages over T).
+    Returns (L 0-dim, stats) with detached 0-dim stats:
+      clip_frac  - fraction of valid tokens where the clipped term is the active (smaller) one:
+                   c_t > 1 + eps_high with A_t > 0, or c_t < 1 - eps with A_t < 0
+                   (those tokens get no gradient);
+      approx_kl  - masked mean of k2 = 0.5 (log pi_theta - log pi_old)^2 (as TRL's PPO);
+      ratio_mean - masked mean of c_t.
+    """
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    loss = aggregate_loss(per_token, mask, aggregation, max_len)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped < unclipped).to(logp.dtype), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask),
+            "ratio_mean": masked_mean(ratio.detach(), mask),
+        }
+    return loss, stats
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                       clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss (PPO2 / TRL):
+
+        V_clip = clip(V, V_old - c, V_old + c)
+        L_V    = 0.5 * masked_mean( max( (V - R)^2, (V_clip - R)^2 ) )
+
+    values, old_values, returns, mask: [B, T]. Returns (L_V 0-dim, {"value_clip_frac": fraction
+    of valid tokens where the clipped error is the larger, i.e. active, term}).
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    err = (values - returns) ** 2
+    err_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((err_clipped > err).to(values.dtype), mask)
+    return loss, {"value_clip_frac": clip_frac}
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """Critic diagnostic  EV = 1 - Var[R - V] / Var[R]  over the valid entries.
+
+    values, returns, mask: [B, T]. Returns a detached 0-dim tensor: 1 = perfect critic,
+    0 = no better than a constant, < 0 = worse. When Var[R] = 0 (nothing to explain) it returns
+    0 rather than NaN/inf. Population variances (the ratio does not depend on the correction).
+    """
+    with torch.no_grad():
+        var_r = masked_var(returns.detach(), mask, unbiased=False)
+        var_res = masked_var((returns - values).detach(), mask, unbiased=False)
+        safe = torch.where(var_r > 0, var_r, torch.ones_like(var_r))
+        return torch.where(var_r > 0, 1.0 - var_res / safe, torch.zeros_like(var_r))
+
+
+def adaptive_kl_coef(current_coef: float, observed_kl: float, target_kl: float, horizon: int,
+                     n_steps: int) -> float:
+    """Adaptive KL controller (Ziegler et al. 2019):
+
+        e      = clip(KL_obs / KL_target - 1, -0.2, 0.2)
+        beta  <- beta * (1 + e * n_steps / horizon)
+
+    All scalars (observed_kl may be a 0-dim tensor); returns the new coefficient as a float.
+    target_kl and horizon must be > 0 (ValueError otherwise).
+    """
+    if target_kl <= 0 or horizon <= 0:
+        raise ValueError(f"adaptive KL needs target_kl > 0 and horizon > 0, got "
+                         f"target_kl={target_kl}, horizon={horizon}")
+    error = min(max(float(observed_kl) / target_kl - 1.0, -0.2), 0.2)
+    return float(current_coef) * (1.0 + error * n_steps / horizon)
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO
+# --------------------------------------------------------------------------------------------
+
+
+def group_relative_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True,
+                              eps: float = 1e-4) -> Tensor:
+    """GRPO group-relative advantages (DeepSeekMath, Shao et al. 2024):
+
+        mu_g      = 1/G sum_j R_j
+        sigma_g^2 = 1/G sum_j (R_j - mu_g)^2          (population std, as the seed lecture)
+        A_j       = (R_j - mu_g) / (sigma_g + eps)    (scale_by_std=True)
+        A_j       = R_j - mu_g                        (scale_by_std=False, Dr. GRPO)
+
+    TRL divides by the unbiased (1/(G-1)) std instead; this follows the lecture's 1/G. rewards:
+    [B] with B = n_prompts * G and the G completions of prompt i at rows i*G .. i*G + G - 1.
+    Returns [B]. ValueError if group_size < 1 or B is not divisible by group_size.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if rewards.ndim != 1 or rewards.shape[0] % group_size != 0:
+        raise ValueError(f"rewards must be [B] with B divisible by group_size={group_size}, "
+                         f"got shape {tuple(rewards.shape)}")
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        sigma = grouped.std(dim=1, correction=0, keepdim=True)
+        centred = centred / (sigma + eps)
+    return centred.reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# DPO
+# --------------------------------------------------------------------------------------------
+
+
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+             ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, beta: float,
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid"
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO (Rafailov et al. 2023) and IPO (Azar et al. 2023) per-pair losses.
+
+        h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
+        sigmoid: L = -(1 - ls) log sigma(beta h) - ls log sigma(-beta h)   (ls > 0: cDPO, TRL)
+        ipo:     L = (h - 1 / (2 beta))^2                                 (label_smoothing unused)
+        rewards: r_w = beta (log pi(y_w|x) - log pi_ref(y_w|x)),  r_l likewise (detached)
+
+    All inputs [B] sequence log-probs (summed by the caller; TRL's IPO averages over tokens).
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]). Unknown loss_type ->
+    ValueError.
+    """
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = (-F.logsigmoid(beta * h) * (1.0 - label_smoothing)
+                  - F.logsigmoid(-beta * h) * label_smoothing)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; accepted: "
+                         f"{', '.join(DPO_LOSS_TYPES)}")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# Guards
+# --------------------------------------------------------------------------------------------
+
+
+def check_finite(name: str, tensor: Tensor | float) -> None:
+    """Raise :class:`NonFiniteError` naming ``name`` if any entry is NaN or +-inf.
+
+    tensor: any shape (or a Python number). Returns None when every entry is finite.
+    """
+    t = torch.as_tensor(tensor).detach()
+    if not t.is_floating_point() and not t.is_complex():
+        return
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return
+    n_nan = int(torch.isnan(t).sum())
+    n_inf = int(torch.isinf(t).sum())
+    shape = tuple(t.shape)
+    value = f" (value {t.item()})" if t.numel() == 1 else ""
+    raise NonFiniteError(f"{name} is not finite: {n_nan} NaN and {n_inf} inf of {t.numel()} "
+                         f"entries, shape {shape}{value}")
+

@@ -1,0 +1,461 @@
+"""Every function of harness.methods.losses against numbers computed by hand (in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from harness.methods.losses import (
+    NonFiniteError,
+    adaptive_kl_coef,
+    aggregate_loss,
+    bradley_terry_loss,
+    check_finite,
+    clipped_value_loss,
+    dpo_loss,
+    entropy_from_logits,
+    explained_variance,
+    gae_advantages,
+    group_relative_advantages,
+    kl_k2,
+    kl_k3,
+    kl_log_ratio,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    pairwise_accuracy,
+    ppo_clipped_surrogate,
+    sequence_logprobs,
+    td_residuals,
+    token_logprobs,
+)
+
+
+def t(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64)
+
+
+# A hand-made [2, 3] batch: row 0 has 3 valid tokens, row 1 has 1 (right padding).
+X = [[1.0, 2.0, 3.0], [4.0, 100.0, -50.0]]
+M = [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+
+
+# ------------------------------------------------------------------------- masked reductions
+
+
+def test_masked_sum_and_mean():
+    x, m = t(X), t(M)
+    # valid entries 1, 2, 3, 4: sum 10, mean 10 / 4 = 2.5
+    assert_close(masked_sum(x, m), t(10.0))
+    assert_close(masked_mean(x, m), t(2.5))
+    # per row: (1 + 2 + 3) / 3 = 2 ; 4 / 1 = 4
+    assert_close(masked_mean(x, m, dim=-1), t([2.0, 4.0]))
+    assert_close(masked_sum(x, m, dim=-1), t([6.0, 4.0]))
+    # bool and int masks give the same
+    assert_close(masked_mean(x, m.bool()), t(2.5))
+    assert_close(masked_mean(x, m.long()), t(2.5))
+
+
+def test_masked_mean_empty_mask_and_garbage():
+    x = t([[1.0, float("inf")], [float("nan"), 2.0]])
+    m = t([[1.0, 0.0], [0.0, 1.0]])
+    # inf / nan sit at masked positions only -> mean (1 + 2) / 2 = 1.5
+    assert_close(masked_mean(x, m), t(1.5))
+    # an all-zero mask gives 0, with a finite (zero) gradient
+    y = t([1.0, 2.0]).requires_grad_()
+    out = masked_mean(y, t([0.0, 0.0]))
+    out.backward()
+    assert out.item() == 0.0
+    assert_close(y.grad, t([0.0, 0.0]))
+    # a row without valid tokens gives 0 for that row
+    assert_close(masked_mean(t([[1.0, 3.0], [5.0, 7.0]]), t([[1, 1], [0, 0]]), dim=1),
+                 t([2.0, 0.0]))
+
+
+def test_masked_var():
+    x, m = t(X), t(M)
+    # valid 1, 2, 3, 4, mean 2.5: squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5
+    # population 5 / 4 = 1.25 ; unbiased 5 / 3
+    assert_close(masked_var(x, m, unbiased=False), t(1.25))
+    assert_close(masked_var(x, m, unbiased=True), t(5.0 / 3.0))
+    # a single valid entry: unbiased variance is undefined -> 0
+    assert masked_var(t([3.0, 9.0]), t([1.0, 0.0])).item() == 0.0
+
+
+def test_masked_whiten():
+    x, m = t(X), t(M)
+    w = masked_whiten(x, m)
+    # (x - 2.5) / sqrt(5/3 + 1e-8): e.g. (1 - 2.5) / 1.290994 = -1.161895
+    std = math.sqrt(5.0 / 3.0 + 1e-8)
+    expected = t([[-1.5 / std, -0.5 / std, 0.5 / std], [1.5 / std, 0.0, 0.0]])
+    assert_close(w, expected)
+    assert w[0, 0].item() == pytest.approx(-1.161895, abs=1e-6)
+    # mean 0 and (unbiased) std 1 over the valid entries; padding stays 0
+    valid = w[m.bool()]
+    assert valid.mean().item() == pytest.approx(0.0, abs=1e-12)
+    assert valid.std().item() == pytest.approx(1.0, abs=1e-6)
+    # shift_mean=False adds the mean 2.5 back at valid positions only
+    w2 = masked_whiten(x, m, shift_mean=False)
+    assert_close(w2, torch.where(m.bool(), expected + 2.5, 0.0))
+
+
+# ------------------------------------------------------------------- log-probs and entropy
+
+
+def test_token_logprobs_against_hand_softmax():
+    # t=0: logits log[1, 2, 3] -> p = [1/6, 1/3, 1/2]; label 2 -> log(1/2)
+    # t=1: logits [0, 0, 0]    -> p = 1/3 each;          label 0 -> log(1/3)
+    # t=2: label -100 (masked)  -> 0
+    logits = t([[[0.0, math.log(2), math.log(3)], [0.0, 0.0, 0.0], [5.0, 1.0, 2.0]]])
+    labels = torch.tensor([[2, 0, -100]])
+    expected = t([[math.log(0.5), math.log(1 / 3), 0.0]])
+    assert_close(token_logprobs(logits, labels), expected)
+    mask = t([[1.0, 1.0, 0.0]])
+    assert_close(token_logprobs(logits, labels, mask), expected)
+    # a mask that also hides t=1 zeroes it
+    assert_close(token_logprobs(logits, labels, t([[1.0, 0.0, 0.0]])),
+                 t([[math.log(0.5), 0.0, 0.0]]))
+    # shift invariance / stability: +1000 on all logits changes nothing, no overflow (float32)
+    big = token_logprobs((logits + 1000.0).float(), labels, mask)
+    assert_close(big, expected.float())
+    # agrees with cross-entropy
+    ce = torch.nn.functional.cross_entropy(logits[0, :2], labels[0, :2], reduction="none")
+    assert_close(token_logprobs(logits, labels)[0, :2], -ce)
+
+
+def test_sequence_logprobs():
+    # row 0: -1 - 2 = -3 (third token masked); row 1: -0.5
+    lp = t([[-1.0, -2.0, -3.0], [-0.5, -9.0, -9.0]])
+    assert_close(sequence_logprobs(lp, t([[1, 1, 0], [1, 0, 0]])), t([-3.0, -0.5]))
+
+
+def test_entropy_from_logits():
+    # uniform over V = 4: H = log 4
+    assert_close(entropy_from_logits(torch.zeros(1, 1, 4, dtype=torch.float64)),
+                 t([[math.log(4)]]))
+    # p = [1/6, 1/3, 1/2]: H = (1/6) log 6 + (1/3) log 3 + (1/2) log 2 = 1.011404
+    h = (1 / 6) * math.log(6) + (1 / 3) * math.log(3) + 0.5 * math.log(2)
+    out = entropy_from_logits(t([[[0.0, math.log(2), math.log(3)]]]))
+    assert_close(out, t([[h]]))
+    assert h == pytest.approx(1.011404, abs=1e-6)
+    # near one-hot [100, 0, 0]: H ~ 2 * 100 e^-100 ~ 0 ; no overflow at 1e4 either (float32)
+    assert entropy_from_logits(t([[[100.0, 0.0, 0.0]]])).item() == pytest.approx(0.0, abs=1e-30)
+    assert entropy_from_logits(torch.tensor([[[1e4, 0.0, 0.0]]])).item() == pytest.approx(0.0)
+    # a -inf logit (top-k masking): [0, 0, -inf] -> H = log 2, finite gradient
+    z = torch.tensor([[[0.0, 0.0, float("-inf")]]], requires_grad=True)
+    hz = entropy_from_logits(z)
+    hz.sum().backward()
+    assert hz.item() == pytest.approx(math.log(2))
+    assert torch.isfinite(z.grad).all()
+
+
+# ---------------------------------------------------------------------------- reward model
+
+
+def test_bradley_terry_loss_and_accuracy():
+    # -log sigma(2) = log(1 + e^-2) = 0.126928 ; -log sigma(0) = log 2 = 0.693147 ; mean 0.410038
+    loss = bradley_terry_loss(t([2.0, 0.0]), t([0.0, 0.0]))
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-2)) + math.log(2)) / 2)
+    assert loss.item() == pytest.approx(0.410038, abs=1e-6)
+    # stable for large margins: -log sigma(-1000) = 1000
+    assert bradley_terry_loss(t([0.0]), t([1000.0])).item() == pytest.approx(1000.0)
+    # win, tie (0.5), loss -> (1 + 0.5 + 0) / 3 = 0.5
+    assert pairwise_accuracy(t([2.0, 0.0, 1.0]), t([0.0, 0.0, 3.0])).item() == pytest.approx(0.5)
+
+
+# -------------------------------------------------------------------------------------- KL
+
+
+def test_kl_estimators():
+    logp, ref = t([-1.0, -2.0]), t([-2.0, -1.0])
+    # k1 = logp - ref = [1, -1]
+    assert_close(kl_log_ratio(logp, ref), t([1.0, -1.0]))
+    # k2 = 0.5 (logp - ref)^2 = [0.5, 0.5]
+    assert_close(kl_k2(logp, ref), t([0.5, 0.5]))
+    # k3 with d = ref - logp = [-1, 1]: e^-1 + 1 - 1 = 0.367879 ; e - 1 - 1 = 0.718282
+    assert_close(kl_k3(logp, ref), t([math.exp(-1), math.e - 2]))
+    # all three are 0 when the policies agree
+    same = t([-0.3, -4.0])
+    for fn in (kl_log_ratio, kl_k2, kl_k3):
+        assert_close(fn(same, same), t([0.0, 0.0]))
+    # k3 >= 0 everywhere, == 0 only where equal
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, generator=g, dtype=torch.float64)
+    b = torch.randn(1000, generator=g, dtype=torch.float64)
+    k3 = kl_k3(a, b)
+    assert (k3 >= 0).all() and (k3 > 0).all()
+    # tiny differences stay accurate (expm1): d = 1e-6 -> d^2 / 2 = 5e-13
+    assert kl_k3(t([0.0]), t([1e-6])).item() == pytest.approx(5e-13, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------- TD and GAE
+
+
+def test_lecture_advantage_example_learn_sleep():
+    # State "The best way to", two one-step episodes (gamma = 1, V(s) = 0.5):
+    #   "learn": r = 0.8 -> A = 0.8 + 0 - 0.5 = 0.3 ; "sleep": r = 0.1 -> A = 0.1 - 0.5 = -0.4
+    rewards, values, mask = t([[0.8], [0.1]]), t([[0.5], [0.5]]), t([[1.0], [1.0]])
+    assert_close(td_residuals(rewards, values, mask, gamma=1.0), t([[0.3], [-0.4]]))
+    adv, ret = gae_advantages(rewards, values, mask, gamma=1.0, lam=0.95)
+    assert_close(adv, t([[0.3], [-0.4]]))
+    assert_close(ret, t([[0.8], [0.1]]))  # returns = A + V = the rewards
+
+
+# Padded batch, T = 3: row 0 has 3 valid tokens, row 1 has 2 (position 2 is padding with
+# garbage reward 9 and value 7 that must not leak in).
+GAE_R = [[1.0, 0.0, 2.0], [0.5, 1.5, 9.0]]
+GAE_V = [[0.5, 1.0, 1.5], [2.0, 1.0, 7.0]]
+GAE_M = [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]
+
+
+def test_td_residuals_padded():
+    # gamma = 0.9
+    # row 0: d2 = 2 + 0 - 1.5 = 0.5 ; d1 = 0 + 0.9*1.5 - 1 = 0.35 ; d0 = 1 + 0.9*1 - 0.5 = 1.4
+    # row 1: d1 = 1.5 + 0 - 1 = 0.5 (V past the end = 0, not 7) ; d0 = 0.5 + 0.9*1 - 2 = -0.6
+    d = td_residuals(t(GAE_R), t(GAE_V), t(GAE_M), gamma=0.9)
+    assert_close(d, t([[1.4, 0.35, 0.5], [-0.6, 0.5, 0.0]]))
+
+
+def test_gae_padded_batch():
+    # gamma = 0.9, lam = 0.8, gamma*lam = 0.72
+    # row 0: A2 = 0.5 ; A1 = 0.35 + 0.72*0.5 = 0.71 ; A0 = 1.4 + 0.72*0.71 = 1.9112
+    #        R = A + V = [2.4112, 1.71, 2.0]
+    # row 1: A1 = 0.5 ; A0 = -0.6 + 0.72*0.5 = -0.24 ; A2 = 0 (pad)
+    #        R = [1.76, 1.5, 0]
+    adv, ret = gae_advantages(t(GAE_R), t(GAE_V), t(GAE_M), gamma=0.9, lam=0.8)
+    assert_close(adv, t([[1.9112, 0.71, 0.5], [-0.24, 0.5, 0.0]]))
+    assert_close(ret, t([[2.4112, 1.71, 2.0], [1.76, 1.5, 0.0]]))
+
+
+def test_gae_limits():
+    r, v, m = t(GAE_R), t(GAE_V), t(GAE_M)
+    # lam = 0: A = delta (TD(0) residuals)
+    adv, _ = gae_advantages(r, v, m, gamma=0.9, lam=0.0)
+    assert_close(adv, td_residuals(r, v, m, 0.9))
+    assert_close(adv, t([[1.4, 0.35, 0.5], [-0.6, 0.5, 0.0]]))
+    # lam = 1, gamma = 1: reward-to-go minus V
+    # row 0: [1+0+2, 0+2, 2] - [0.5, 1, 1.5] = [2.5, 1.0, 0.5]
+    # row 1: [0.5+1.5, 1.5] - [2, 1] = [0.0, 0.5] ; pad 0
+    adv, ret = gae_advantages(r, v, m, gamma=1.0, lam=1.0)
+    assert_close(adv, t([[2.5, 1.0, 0.5], [0.0, 0.5, 0.0]]))
+    assert_close(ret, t([[3.0, 2.0, 2.0], [2.0, 1.5, 0.0]]))
+
+
+def test_gae_has_no_gradient():
+    v = t(GAE_V).requires_grad_()
+    adv, ret = gae_advantages(t(GAE_R), v, t(GAE_M), gamma=0.9, lam=0.8)
+    assert not adv.requires_grad and not ret.requires_grad
+
+
+def test_kl_penalized_rewards_right_padded():
+    # beta = 0.1, scores [10, 20]
+    # row 0 (3 valid): logp - ref = [0.5, -0.5, -1.5] -> -0.1 * = [-0.05, 0.05, 0.15], +10 at t=2
+    # row 1 (2 valid): logp - ref = [1, 1, pad]        -> [-0.1, -0.1 + 20, 0]
+    # row 2 (0 valid): nothing at all
+    logp = t([[-1.0, -2.0, -3.0], [-1.0, -1.0, 5.0], [-1.0, -1.0, -1.0]])
+    ref = t([[-1.5, -1.5, -1.5], [-2.0, -2.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    out = kl_penalized_rewards(t([10.0, 20.0, 30.0]), logp, ref, mask, beta=0.1)
+    assert_close(out, t([[-0.05, 0.05, 10.15], [-0.1, 19.9, 0.0], [0.0, 0.0, 0.0]]))
+
+
+# ------------------------------------------------------------------------------------- PPO
+
+
+def _ppo(ratio: float, adv: float, eps: float = 0.2, eps_high: float | None = None):
+    logp = t([[math.log(ratio * 0.1)]]).requires_grad_()
+    old = t([[math.log(0.1)]])
+    loss, stats = ppo_clipped_surrogate(logp, old, t([[adv]]), t([[1.0]]), eps, eps_high)
+    loss.backward()
+    return loss, stats, logp.grad
+
+
+def test_ppo_clip_lecture_example():
+    # p_old = 0.1, p_new = 0.3 -> ratio c = 3, eps = 0.2
+    # A = 2 > 0: min(3*2, 1.2*2) = 2.4 -> objective 1.2 A, loss -2.4 ; clipped term active,
+    #   so no gradient
+    loss, stats, grad = _ppo(3.0, 2.0)
+    assert loss.item() == pytest.approx(-1.2 * 2.0)
+    assert stats["clip_frac"].item() == 1.0
+    assert stats["ratio_mean"].item() == pytest.approx(3.0)
+    # approx_kl = 0.5 (log 3)^2 = 0.603474
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * math.log(3) ** 2)
+    assert grad.item() == 0.0
+    # A = -2 < 0: min(3*(-2), 1.2*(-2)) = -6 -> unclipped 3A active, loss = -3A = 6
+    #   d loss / d logp = -A * c = 6
+    loss, stats, grad = _ppo(3.0, -2.0)
+    assert loss.item() == pytest.approx(6.0)
+    assert stats["clip_frac"].item() == 0.0
+    assert grad.item() == pytest.approx(6.0)
+
+
+def test_ppo_clip_other_cases():
+    # inside the range: c = 1.1, A = 1 -> loss -1.1, not clipped
+    loss, stats, _ = _ppo(1.1, 1.0)
+    assert loss.item() == pytest.approx(-1.1) and stats["clip_frac"].item() == 0.0
+    # below the range with A < 0: c = 0.5, A = -1: min(-0.5, 0.8*(-1)) = -0.8 -> loss 0.8, clipped
+    loss, stats, grad = _ppo(0.5, -1.0)
+    assert loss.item() == pytest.approx(0.8) and stats["clip_frac"].item() == 1.0
+    assert grad.item() == 0.0
+    # below the range with A > 0: min(0.5, 0.8) = 0.5 -> loss -0.5, not clipped
+    loss, stats, _ = _ppo(0.5, 1.0)
+    assert loss.item() == pytest.approx(-0.5) and stats["clip_frac"].item() == 0.0
+    # DAPO clip-higher: eps_high = 0.28, c = 3, A = 1 -> loss -1.28 ; the low side keeps 0.2
+    loss, _, _ = _ppo(3.0, 1.0, eps_high=0.28)
+    assert loss.item() == pytest.approx(-1.28)
+    loss, _, _ = _ppo(0.5, -1.0, eps_high=0.28)
+    assert loss.item() == pytest.approx(0.8)
+
+
+def test_ppo_batch_token_aggregation_and_padding():
+    # tokens (c=3, A=2) -> -2.4 and (c=3, A=-2) -> 6 ; third token is padding with old_logp = -inf
+    # (ratio inf) that must not produce NaN. token mean (-2.4 + 6) / 2 = 1.8, clip_frac 1/2
+    logp = t([[math.log(0.3), math.log(0.3), 0.0]])
+    old = t([[math.log(0.1), math.log(0.1), float("-inf")]])
+    adv = t([[2.0, -2.0, 0.0]])
+    mask = t([[1.0, 1.0, 0.0]])
+    loss, stats = ppo_clipped_surrogate(logp, old, adv, mask, 0.2)
+    assert loss.item() == pytest.approx(1.8)
+    assert stats["clip_frac"].item() == pytest.approx(0.5)
+    assert stats["ratio_mean"].item() == pytest.approx(3.0)
+    assert all(not v.requires_grad for v in stats.values())
+    # dr_grpo over max_len T = 3: (−2.4 + 6) / (1 * 3) = 1.2
+    loss, _ = ppo_clipped_surrogate(logp, old, adv, mask, 0.2, aggregation="dr_grpo")
+    assert loss.item() == pytest.approx(1.2)
+
+
+def test_aggregate_loss_modes():
+    x, m = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), t(M)
+    # token: (1 + 2 + 3 + 4) / 4 = 2.5
+    for mode in ("token", "bnpo", "dapo"):
+        assert aggregate_loss(x, m, mode).item() == pytest.approx(2.5)
+    # sequence: mean(2, 4) = 3
+    for mode in ("sequence", "grpo"):
+        assert aggregate_loss(x, m, mode).item() == pytest.approx(3.0)
+    # dr_grpo: 10 / (2 * 3) = 1.6667 ; with max_len 5: 10 / (2 * 5) = 1
+    assert aggregate_loss(x, m, "dr_grpo").item() == pytest.approx(10 / 6)
+    assert aggregate_loss(x, m, "dr_grpo", max_len=5).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="token.*dr_grpo"):
+        aggregate_loss(x, m, "mean")
+
+
+def test_clipped_value_loss():
+    # c = 0.2
+    # token 0: V=1, V_old=0.5, R=2 -> V_clip = 0.7; (1-2)^2 = 1, (0.7-2)^2 = 1.69 -> 1.69 (clipped)
+    # token 1: V=2, V_old=1.5, R=1 -> V_clip = 1.7; (2-1)^2 = 1, (1.7-1)^2 = 0.49 -> 1
+    # token 2: padding
+    # loss = 0.5 * (1.69 + 1) / 2 = 0.6725 ; value_clip_frac = 1/2
+    v = t([[1.0, 2.0, 50.0]]).requires_grad_()
+    loss, stats = clipped_value_loss(v, t([[0.5, 1.5, 0.0]]), t([[2.0, 1.0, 0.0]]),
+                                     t([[1.0, 1.0, 0.0]]), 0.2)
+    assert loss.item() == pytest.approx(0.6725)
+    assert stats["value_clip_frac"].item() == pytest.approx(0.5)
+    loss.backward()
+    # token 0: clipped branch active and V outside the clip range -> 0 grad
+    # token 1: d/dV 0.5 * (V - R)^2 / 2 = 0.5 * (2 - 1) = 0.5 ; padding 0
+    assert_close(v.grad, t([[0.0, 0.5, 0.0]]))
+
+
+def test_explained_variance():
+    # R = [1, 2, 3, 4], V = [1, 2, 3, 3]: R - V = [0, 0, 0, 1] -> population var 0.1875
+    # Var[R] = 1.25 -> EV = 1 - 0.1875 / 1.25 = 0.85 ; the padded 5th entry is ignored
+    r = t([[1.0, 2.0, 3.0, 4.0, 100.0]])
+    v = t([[1.0, 2.0, 3.0, 3.0, -100.0]])
+    m = t([[1, 1, 1, 1, 0]])
+    assert explained_variance(v, r, m).item() == pytest.approx(0.85)
+    assert explained_variance(r, r, m).item() == pytest.approx(1.0)
+    # constant returns: Var[R] = 0 -> 0 (documented), not NaN
+    ev = explained_variance(t([[0.0, 1.0]]), t([[2.0, 2.0]]), t([[1, 1]]))
+    assert ev.item() == 0.0
+
+
+def test_adaptive_kl_coef():
+    # coef 0.2, target 4, horizon 10000, n_steps 64
+    # KL 6:   6/4 - 1 = 0.5 -> clip 0.2   -> 0.2 * (1 + 0.2 * 64/1e4) = 0.200256
+    # KL 3:   3/4 - 1 = -0.25 -> -0.2     -> 0.2 * (1 - 0.00128)     = 0.199744
+    # KL 4.4: 0.1 (inside)                -> 0.2 * (1 + 0.1 * 0.0064) = 0.200128
+    assert adaptive_kl_coef(0.2, 6.0, 4.0, 10000, 64) == pytest.approx(0.200256)
+    assert adaptive_kl_coef(0.2, 3.0, 4.0, 10000, 64) == pytest.approx(0.199744)
+    assert adaptive_kl_coef(0.2, torch.tensor(4.4), 4.0, 10000, 64) == pytest.approx(0.200128)
+    assert adaptive_kl_coef(0.2, 4.0, 4.0, 10000, 64) == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        adaptive_kl_coef(0.2, 1.0, 0.0, 10000, 64)
+
+
+# ------------------------------------------------------------------------------------ GRPO
+
+
+def test_group_relative_advantages():
+    # G = 3, 2 prompts. group 0 = [1, 2, 3]: mu 2, sigma^2 = (1 + 0 + 1)/3 = 2/3
+    #   A = [-1, 0, 1] / (0.816497 + 1e-4) = [-1.224595, 0, 1.224595]
+    # group 1 = [0, 0, 6]: mu 2, sigma^2 = (4 + 4 + 16)/3 = 8 -> sigma 2.828427
+    #   A = [-2, -2, 4] / 2.828527
+    r = t([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
+    s0, s1 = math.sqrt(2 / 3) + 1e-4, math.sqrt(8) + 1e-4
+    expected = t([-1 / s0, 0.0, 1 / s0, -2 / s1, -2 / s1, 4 / s1])
+    out = group_relative_advantages(r, 3)
+    assert_close(out, expected)
+    assert out[2].item() == pytest.approx(1.224595, abs=1e-6)
+    # Dr. GRPO: R - mu
+    assert_close(group_relative_advantages(r, 3, scale_by_std=False),
+                 t([-1.0, 0.0, 1.0, -2.0, -2.0, 4.0]))
+    # identical rewards in a group -> 0 advantages, not NaN
+    assert_close(group_relative_advantages(t([1.0, 1.0, 1.0]), 3), t([0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="divisible"):
+        group_relative_advantages(t([1.0, 2.0, 3.0, 4.0, 5.0]), 3)
+
+
+# ------------------------------------------------------------------------------------- DPO
+
+
+def test_dpo_losses_by_hand():
+    # pair 0: pi_w = -1, pi_l = -2, ref_w = ref_l = -1.5 -> h = 0.5 - (-0.5) = 1, beta h = 0.1
+    # pair 1: pi_w = -3, pi_l = -1, ref = -2, -2          -> h = -1 - 1 = -2, beta h = -0.2
+    pc, pr, rc, rr, beta = t([-1.0, -3.0]), t([-2.0, -1.0]), t([-1.5, -2.0]), t([-1.5, -2.0]), 0.1
+    # sigmoid: -log sigma(0.1) = log(1 + e^-0.1) = 0.644397 ; -log sigma(-0.2) = log(1 + e^0.2)
+    #          = 0.798139
+    losses, r_w, r_l = dpo_loss(pc, pr, rc, rr, beta)
+    assert_close(losses, t([math.log1p(math.exp(-0.1)), math.log1p(math.exp(0.2))]))
+    assert losses[0].item() == pytest.approx(0.644397, abs=1e-6)
+    assert losses[1].item() == pytest.approx(0.798139, abs=1e-6)
+    # rewards = beta (pi - ref): chosen [0.05, -0.1], rejected [-0.05, 0.1]
+    assert_close(r_w, t([0.05, -0.1]))
+    assert_close(r_l, t([-0.05, 0.1]))
+    # label smoothing 0.1: 0.9 * 0.644397 + 0.1 * log(1 + e^0.1) = 0.579957 + 0.074440 = 0.654397
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta, label_smoothing=0.1)
+    assert losses[0].item() == pytest.approx(0.654397, abs=1e-6)
+    assert losses[0].item() == pytest.approx(
+        0.9 * math.log1p(math.exp(-0.1)) + 0.1 * math.log1p(math.exp(0.1)))
+    # IPO: (h - 1/(2 beta))^2 = (1 - 5)^2 = 16 ; (-2 - 5)^2 = 49
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta, loss_type="ipo")
+    assert_close(losses, t([16.0, 49.0]))
+    with pytest.raises(ValueError, match="sigmoid"):
+        dpo_loss(pc, pr, rc, rr, beta, loss_type="hinge")
+
+
+def test_dpo_gradient_and_detached_rewards():
+    # d/dpi_w of -log sigma(beta h) = -beta (1 - sigma(beta h)) ; at beta h = 0.1:
+    #   -0.1 * (1 - 0.524979) = -0.047502
+    pc = t([-1.0]).requires_grad_()
+    losses, r_w, _ = dpo_loss(pc, t([-2.0]), t([-1.5]), t([-1.5]), 0.1)
+    losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.1 * (1 - 1 / (1 + math.exp(-0.1))))
+    assert not r_w.requires_grad
+
+
+# ---------------------------------------------------------------------------------- guards
+
+
+def test_check_finite():
+    check_finite("train/loss", t([1.0, 2.0]))
+    check_finite("train/loss", 3.0)
+    check_finite("ids", torch.tensor([1, 2]))
+    with pytest.raises(NonFiniteError, match="train/loss"):
+        check_finite("train/loss", t([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="train/reward"):
+        check_finite("train/reward", t(float("inf")))
