@@ -37,6 +37,24 @@ from harness.tracking.loggers import build_logger, finish
 log = logging.getLogger("harness")
 
 
+class _DropNoise(logging.Filter):
+    """Hide Lightning's advertising tips from the run's console and log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Route Lightning's messages through Hydra's handlers once (no duplicated console lines)."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        lg.propagate = True
+    for h in logging.getLogger().handlers:
+        h.addFilter(_DropNoise())
+
+
 def peak_mem_mb() -> float:
     """Peak memory of this process: max RSS on CPU, or the allocator's peak on a GPU (MiB)."""
     if torch.cuda.is_available():
@@ -207,6 +225,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                "method": cfg.method.name, "model": cfg.model.name,
                                "dataset": cfg.dataset.name, "seed": cfg.seed,
                                "config": OmegaConf.to_container(cfg, resolve=True)}
+    quiet_lightning()
     if str(cfg.trainer.get("devices", 1)) != "1" and cfg.trainer.get("accelerator") != "gpu":
         torch.set_num_threads(1)
     logger = None

@@ -11,7 +11,8 @@ def print_summary(summary: dict[str, Any]) -> None:
           f" | seed {summary['seed']} -> {summary['status']}")
     for name, stage in summary.get("stages", {}).items():
         how = "reused from cache" if stage.get("cached") else "trained"
-        print(f"  stage {name:<5} {stage['key']} ({how}) -> {stage['checkpoint']}")
+        key = stage.get("key") or "this run"
+        print(f"  stage {name:<5} {key} ({how}) -> {stage['checkpoint']}")
     for k, v in {**summary.get("metrics", {}), **summary.get("cost", {})}.items():
         if k.startswith(("eval/", "cost/")):
             print(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")

@@ -1,0 +1,94 @@
+"""DPO (Rafailov et al. 2023), as in the seed: a classification loss on preference pairs.
+
+    L_DPO = -log sigma( beta [log pi(y_w|x)/pi_ref(y_w|x) - log pi(y_l|x)/pi_ref(y_l|x)] )
+
+The reference log-probabilities of every pair are computed once before training
+(:func:`reference_logps`) and looked up by example index; the reference model is not run again.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from harness.config import DPOConfig
+from harness.methods.base import AlignmentModule
+from harness.methods.losses import dpo_loss, sequence_logprobs, token_logprobs
+from harness.models.llama import CausalLM
+
+
+def pair_logps(model: CausalLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Summed response log-probs of chosen and rejected [B] each, in one forward over 2B rows.
+
+    batch: ``chosen_input_ids`` / ``chosen_labels`` and ``rejected_*`` [B, T*] (labels -100 on
+    prompt and padding). Returns (chosen [B], rejected [B], MoE aux loss).
+    """
+    c_ids, r_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
+    c_lab, r_lab = batch["chosen_labels"], batch["rejected_labels"]
+    t = max(c_ids.shape[1], r_ids.shape[1])
+
+    def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, t - x.shape[1]), value=value)
+
+    ids = torch.cat((pad(c_ids, 0), pad(r_ids, 0)))
+    labels = torch.cat((pad(c_lab, -100), pad(r_lab, -100)))[:, 1:]
+    out = model(ids)
+    mask = (labels != -100).float()
+    seq = sequence_logprobs(token_logprobs(out.logits[:, :-1].float(), labels, mask), mask)
+    b = c_ids.shape[0]
+    return seq[:b], seq[b:], out.aux_loss
+
+
+@torch.no_grad()
+def reference_logps(reference: CausalLM, loader, n_examples: int) -> torch.Tensor:
+    """Reference log-probs of every pair once: [n_examples, 2] (chosen, rejected), by ``index``."""
+    reference.eval()
+    table = torch.full((n_examples, 2), float("nan"))
+    for batch in tqdm(loader, desc="DPO reference log-probs", leave=False):
+        c, r, _ = pair_logps(reference, batch)
+        table[batch["index"], 0] = c.float().cpu()
+        table[batch["index"], 1] = r.float().cpu()
+    if torch.isnan(table).any():
+        raise RuntimeError("DPO reference cache: some pairs were not scored")
+    return table
+
+
+class DPOModule(AlignmentModule):
+    """Thin Lightning shell around :func:`harness.methods.losses.dpo_loss`."""
+
+    def __init__(self, policy: CausalLM, ref_table: torch.Tensor, cfg: DPOConfig) -> None:
+        super().__init__(cfg.optim, cfg.max_steps)
+        self.policy = policy
+        self.register_buffer("ref_table", ref_table, persistent=False)
+        self.cfg = cfg
+
+    def trainable_modules(self):
+        return [self.policy]
+
+    def _losses(self, batch):
+        pc, pr, aux = pair_logps(self.policy, batch)
+        ref = self.ref_table[batch["index"]]
+        losses, rc, rr = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], self.cfg.beta,
+                                  self.cfg.label_smoothing, self.cfg.loss_type)
+        return losses.mean(), rc, rr, aux
+
+    def training_step(self, batch, batch_idx):
+        loss, rc, rr, aux = self._losses(batch)
+        total = self.checked("train/loss", loss + aux)
+        b = rc.shape[0]
+        self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False, batch_size=b)
+        self.log_dict({"train/rewards_chosen": rc.mean(), "train/rewards_rejected": rr.mean(),
+                       "train/rewards_acc": (rc > rr).float().mean(),
+                       "train/rewards_margin": (rc - rr).mean()},
+                      on_step=True, on_epoch=False, batch_size=b)
+        if aux.requires_grad:
+            self.log("train/moe_aux_loss", aux.detach(), on_step=True, on_epoch=False, batch_size=b)
+        self.log_throughput(int(batch["chosen_attention_mask"].sum()
+                                + batch["rejected_attention_mask"].sum()))
+        return total
+
+    def validation_step(self, batch, batch_idx):
+        loss, rc, rr, _ = self._losses(batch)
+        b = rc.shape[0]
+        self.log_dict({"val/loss": loss, "val/rewards_acc": (rc > rr).float().mean()},
+                      on_step=False, on_epoch=True, batch_size=b)

@@ -1,0 +1,72 @@
+"""GRPO (DeepSeekMath, Shao et al. 2024): group-relative advantages, no critic.
+
+For each prompt, G responses are sampled; each response's advantage is
+``A_j = (R_j - mu) / (sigma + eps)`` over its group (or ``R_j - mu`` for Dr. GRPO). The loss is the
+clipped surrogate over the response tokens plus ``beta * k3`` KL to the frozen reference:
+
+    L = agg_t[ -min(c_t A, clip(c_t, 1 - eps, 1 + eps_high) A) + beta * KL_k3(pi || pi_ref)_t ]
+
+with the aggregation ``agg`` chosen by ``loss_type`` (grpo: per sequence, then over the batch;
+bnpo/dapo: over all tokens; dr_grpo: over B x max_new_tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from harness.config import GRPOConfig
+from harness.methods.losses import (
+    aggregate_loss,
+    check_finite,
+    group_relative_advantages,
+    kl_k3,
+    masked_mean,
+    ppo_clipped_surrogate,
+)
+from harness.methods.rl_base import OnPolicyModule
+from harness.methods.rollout import make_rollout, minibatches, response_logprobs
+from harness.models.llama import CausalLM
+
+
+class GRPOModule(OnPolicyModule):
+    """Thin Lightning shell: rollout -> group advantages -> clipped updates with a k3 KL penalty."""
+
+    def __init__(self, policy: CausalLM, reference: CausalLM, tokenizer, cfg: GRPOConfig,
+                 score_fn: Callable) -> None:
+        steps = cfg.n_iterations * cfg.num_inner_iterations * max(
+            1, -(-cfg.rollout.prompts_per_batch * cfg.group_size // cfg.minibatch_size))
+        super().__init__(policy, reference, tokenizer, cfg.optim, steps, cfg.rollout)
+        self.cfg = cfg
+        self.score_fn = score_fn
+
+    def training_step(self, batch, batch_idx):
+        cfg = self.cfg
+        self.policy.eval()  # deterministic routing: a sampled MoE route would make ratios random
+        prompts = [p for p in batch for _ in range(cfg.group_size)]
+        ro = make_rollout(self.policy, self.reference, self.tokenizer, prompts, cfg.rollout,
+                          cfg.max_len, self.score_fn, self.generator)
+        check_finite("train/reward", ro.scores)
+        adv = group_relative_advantages(ro.scores, cfg.group_size, scale_by_std=cfg.scale_rewards)
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        stats_acc: dict[str, list[torch.Tensor]] = {}
+        for _ in range(cfg.num_inner_iterations):
+            for idx in minibatches(len(ro), cfg.minibatch_size, self.generator):
+                mask = ro.mask[idx]
+                logp, ent, aux = response_logprobs(
+                    self.policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len,
+                    cfg.rollout.temperature, with_entropy=True)
+                a = adv[idx, None].expand_as(logp)
+                pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], a, mask, cfg.clip_eps,
+                                                  cfg.epsilon_high, aggregation=cfg.loss_type,
+                                                  max_len=cfg.rollout.max_new_tokens)
+                kl = aggregate_loss(kl_k3(logp, ro.ref_logp[idx]), mask, cfg.loss_type,
+                                    max_len=cfg.rollout.max_new_tokens)
+                loss = self.checked("train/loss", pg + cfg.beta * kl + aux)
+                self.step(opt, sched, loss)
+                stats.update(loss=loss.detach(), kl_k3=kl.detach(), pg_loss=pg.detach(),
+                             entropy=masked_mean(ent.detach(), mask), moe_aux_loss=aux.detach())
+                for k, v in stats.items():
+                    stats_acc.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))
+        self.log_rollout(ro, adv, stats_acc, batch_idx)

@@ -1,0 +1,136 @@
+"""How each alignment method's stage is set up from the shared SFT base (and reward model).
+
+``run_method`` is called by the pipeline for every method but SFT; it returns the trained policy
+(or None for the reward model), the stage's logger and metrics, and the stages and cache keys used.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from harness.data.datamodule import AlignmentDataModule
+from harness.methods.reward import sequence_reward
+from harness.models.hf import save_checkpoint
+from harness.models.llama import CausalLM, ScalarHead
+from harness.stages import StageRecord
+
+
+@dataclass
+class Outcome:
+    policy: CausalLM | None
+    logger: Any
+    metrics: dict[str, float]
+    checkpoint: Path
+    stages: dict[str, dict] = field(default_factory=dict)
+    cache_keys: dict[str, str] = field(default_factory=dict)
+
+
+def gold_scorer(task) -> Callable:
+    """Sequence reward = the task's gold (verifiable) reward of the decoded response."""
+    def score(prompts, responses, input_ids, attention_mask, prompt_len):
+        return torch.tensor(task.rewards(prompts, responses), dtype=torch.float32)
+    return score
+
+
+def rm_scorer(rm: ScalarHead) -> Callable:
+    """Sequence reward = the learned reward model's score at the last real token."""
+    rm.eval()
+
+    def score(prompts, responses, input_ids, attention_mask, prompt_len):
+        last = prompt_len + attention_mask[:, prompt_len:].sum(-1).long() - 1
+        return sequence_reward(rm, input_ids, attention_mask, last)[0]
+    return score
+
+
+def prompt_loader(task, batch_size: int, n_batches: int, seed: int) -> DataLoader:
+    """``n_batches`` batches of training prompts (strings), drawn with replacement."""
+    prompts = sorted(set(task.sft_dataset("train")["prompt"]))
+    sampler = RandomSampler(prompts, replacement=True, num_samples=batch_size * n_batches,
+                            generator=torch.Generator().manual_seed(seed))
+    return DataLoader(prompts, batch_size=batch_size, sampler=sampler, collate_fn=list)
+
+
+def stage_metrics(record: StageRecord) -> dict[str, float]:
+    return {k: v for k, v in record.metrics.items() if k.startswith(("train/", "val/", "cost/"))}
+
+
+def run_method(run, sft: StageRecord, sft_policy: CausalLM) -> Outcome:
+    """Set up and train the method named by ``run.method_cfg`` from the SFT base."""
+    name = run.method_cfg.name
+    if name == "rm":
+        rm_rec, _, logger = run.rm_stage(sft, sft_policy)
+        metrics = stage_metrics(rm_rec)
+        if "val/accuracy" in metrics:
+            metrics["eval/rm_accuracy"] = metrics["val/accuracy"]
+        return Outcome(None, logger, metrics, rm_rec.checkpoint, {"rm": rm_rec.to_json()},
+                       {"rm": rm_rec.key})
+    runner = {"ppo": _ppo, "grpo": _grpo, "dpo": _dpo}[name]
+    return runner(run, sft, sft_policy)
+
+
+def _finish_policy_stage(run, stage: str, module, data, policy: CausalLM, extra_stages: dict,
+                         cache_keys: dict, **budget) -> Outcome:
+    record, logger = run.fit_stage(stage, None, {}, module, data, **budget)
+    ckpt = run.run_dir / "checkpoint"
+    save_checkpoint(policy, ckpt, tokenizer=run.tokenizer, resolved_config=run.cfg)
+    stages = {**extra_stages, stage: {"key": None, "path": str(run.run_dir), "cached": False,
+                                      "checkpoint": str(ckpt), "metrics": record.metrics}}
+    return Outcome(policy, logger, stage_metrics(record), ckpt, stages, cache_keys)
+
+
+def _ppo(run, sft: StageRecord, sft_policy: CausalLM) -> Outcome:
+    from harness.methods.ppo import PPOModule
+
+    cfg = run.method_cfg
+    rm_rec, rm, _ = run.rm_stage(sft, sft_policy)
+    L.seed_everything(run.seed, workers=True)
+    critic = (copy.deepcopy(rm) if cfg.critic_init == "rm"
+              else ScalarHead(copy.deepcopy(sft_policy)))
+    policy = copy.deepcopy(sft_policy)
+    module = PPOModule(policy, sft_policy, critic, run.tokenizer, cfg, rm_scorer(rm))
+    data = prompt_loader(run.task, cfg.rollout.prompts_per_batch, cfg.n_iterations, run.seed)
+    return _finish_policy_stage(run, "ppo", module, data, policy, {"rm": rm_rec.to_json()},
+                                {"rm": rm_rec.key}, limit_train_batches=cfg.n_iterations)
+
+
+def _grpo(run, sft: StageRecord, sft_policy: CausalLM) -> Outcome:
+    from harness.methods.grpo import GRPOModule
+
+    cfg = run.method_cfg
+    stages, keys = {}, {}
+    if cfg.reward_source == "rm":
+        rm_rec, rm, _ = run.rm_stage(sft, sft_policy)
+        score = rm_scorer(rm)
+        stages, keys = {"rm": rm_rec.to_json()}, {"rm": rm_rec.key}
+    else:
+        score = gold_scorer(run.task)
+    L.seed_everything(run.seed, workers=True)
+    policy = copy.deepcopy(sft_policy)
+    module = GRPOModule(policy, sft_policy, run.tokenizer, cfg, score)
+    data = prompt_loader(run.task, cfg.rollout.prompts_per_batch, cfg.n_iterations, run.seed)
+    return _finish_policy_stage(run, "grpo", module, data, policy, stages, keys,
+                                limit_train_batches=cfg.n_iterations)
+
+
+def _dpo(run, sft: StageRecord, sft_policy: CausalLM) -> Outcome:
+    from harness.methods.dpo import DPOModule, reference_logps
+
+    cfg = run.method_cfg
+    L.seed_everything(run.seed, workers=True)
+    dm = AlignmentDataModule(run.task, run.tokenizer, kind="pairs", batch_size=cfg.batch_size,
+                             max_len=cfg.max_len, overflow=cfg.overflow, seed=run.seed)
+    dm.setup("fit")
+    table = reference_logps(sft_policy, dm.reference_dataloader(), dm.n_train)
+    policy = copy.deepcopy(sft_policy)
+    module = DPOModule(policy, table, cfg)
+    return _finish_policy_stage(run, "dpo", module, dm, policy, {}, {},
+                                max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
+                                val_every=cfg.val_every)

@@ -1,0 +1,89 @@
+"""The real entry point, ``python -m harness``, with tiny overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from harness.tracking.wandb_offline import find_runs, read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def harness(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cfg_job_composes_and_help_lists_groups():
+    out = harness("model=moe_small", "method=sft", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "name: moe_small" in out.stdout and "n_experts: 4" in out.stdout
+    helped = harness("--help")
+    for group in ("model:", "method:", "dataset:", "trainer:", "logger:"):
+        assert group in helped.stdout
+
+
+def test_unknown_option_lists_the_choices():
+    out = harness("method=foo")
+    assert out.returncode != 0
+    assert "Could not find 'method/foo'" in out.stderr and "sft" in out.stderr
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("model.n_heads=0", "model.n_heads"),
+    ("model.n_kv_heads=3", "model.n_kv_heads"),
+    ("model=moe_small model.top_k=9", "model.top_k"),
+    ("method.optim.lr=-1", "method.optim.lr"),
+])
+def test_bad_values_fail_before_any_work_naming_the_field(override, field, tmp_path):
+    out = harness(*override.split(), f"hydra.run.dir={tmp_path}/run", f"cache_dir={tmp_path}/c",
+                  "logger=none")
+    assert out.returncode != 0
+    assert field in out.stderr
+    assert not (tmp_path / "c" / "stages").exists() or not any((tmp_path / "c" / "stages").iterdir())
+
+
+@pytest.mark.slow
+def test_sft_run_writes_summary_checkpoint_and_offline_wandb_then_reuses_cache(tmp_path):
+    common = ["model=llama_tiny", "method.max_steps=40", "method.val_every=20", "eval.limit=20",
+              f"cache_dir={tmp_path}/cache"]
+    out = harness(*common, f"hydra.run.dir={tmp_path}/run1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{tmp_path}/run1" in out.stdout  # prints where the run went
+    summary = json.loads((tmp_path / "run1" / "summary.json").read_text())
+    assert summary["status"] == "ok"
+    assert summary["config"]["model"]["name"] == "llama_tiny"
+    assert summary["stages"]["sft"]["cached"] is False
+    assert 0.0 <= summary["metrics"]["eval/gold_reward"] <= 1.0
+    assert summary["cost"]["cost/wall_s"] > 0 and summary["cost"]["cost/peak_mem_mb"] > 0
+    ckpt = Path(summary["checkpoint"])
+    assert (ckpt / "config.json").is_file() and (ckpt / "harness_config.yaml").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert AutoTokenizer.from_pretrained(ckpt).eos_token == "<eos>"
+
+    runs = find_runs(tmp_path / "run1" / "wandb")
+    assert len(runs) == 1
+    run = read_run(runs[0])
+    assert run.job_type == "sft" and "method:sft" in run.tags
+    assert run.config["model.name"] == "llama_tiny"
+    losses = run.metric("train/loss")
+    assert len(losses) >= 2 and all(v == v for _, v in losses)
+    assert run.summary["eval/gold_reward"] == pytest.approx(summary["metrics"]["eval/gold_reward"])
+
+    again = harness(*common, f"hydra.run.dir={tmp_path}/run2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    assert second["stages"]["sft"]["cached"] is True
+    assert second["cache_keys"]["sft"] == summary["cache_keys"]["sft"]
+    assert "reused from cache" in again.stdout
+    assert second["metrics"]["eval/gold_reward"] == summary["metrics"]["eval/gold_reward"]
