@@ -107,6 +107,11 @@ class AlignmentDataModule(L.LightningDataModule):
         """Validation batches in order."""
         return self._loader("validation", shuffle=False)
 
-    def reference_dataloader(self) -> DataLoader:
-        """Train batches in order, without shuffling (e.g. DPO's reference log-probs by index)."""
-        return self._loader("train", shuffle=False)
+    def reference_dataloader(self, split: str = "train") -> DataLoader:
+        """Batches of ``split`` in order, without shuffling (e.g. DPO's reference log-probs by index)."""
+        return self._loader(split, shuffle=False)
+
+    def n_examples(self, split: str) -> int:
+        """Examples in the tokenized ``split``."""
+        self.setup()
+        return len(self.datasets[split])

@@ -56,18 +56,21 @@ def reference_logps(reference: CausalLM, loader, n_examples: int) -> torch.Tenso
 class DPOModule(AlignmentModule):
     """Thin Lightning shell around :func:`harness.methods.losses.dpo_loss`."""
 
-    def __init__(self, policy: CausalLM, ref_table: torch.Tensor, cfg: DPOConfig) -> None:
+    def __init__(self, policy: CausalLM, ref_table: torch.Tensor, cfg: DPOConfig,
+                 val_ref_table: torch.Tensor | None = None) -> None:
+        """ref_table / val_ref_table: [n, 2] reference log-probs of the train / validation pairs."""
         super().__init__(cfg.optim, cfg.max_steps)
         self.policy = policy
         self.register_buffer("ref_table", ref_table, persistent=False)
+        self.register_buffer("val_ref_table", val_ref_table, persistent=False)
         self.cfg = cfg
 
     def trainable_modules(self):
         return [self.policy]
 
-    def _losses(self, batch):
+    def _losses(self, batch, table: torch.Tensor | None = None):
         pc, pr, aux = pair_logps(self.policy, batch)
-        ref = self.ref_table[batch["index"]]
+        ref = (self.ref_table if table is None else table)[batch["index"]]
         losses, rc, rr = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], self.cfg.beta,
                                   self.cfg.label_smoothing, self.cfg.loss_type)
         return losses.mean(), rc, rr, aux
@@ -88,7 +91,9 @@ class DPOModule(AlignmentModule):
         return total
 
     def validation_step(self, batch, batch_idx):
-        loss, rc, rr, _ = self._losses(batch)
+        if self.val_ref_table is None:
+            return
+        loss, rc, rr, _ = self._losses(batch, self.val_ref_table)
         b = rc.shape[0]
         self.log_dict({"val/loss": loss, "val/rewards_acc": (rc > rr).float().mean()},
                       on_step=False, on_epoch=True, batch_size=b)

@@ -128,9 +128,11 @@ def _dpo(run, sft: StageRecord, sft_policy: CausalLM) -> Outcome:
     dm = AlignmentDataModule(run.task, run.tokenizer, kind="pairs", batch_size=cfg.batch_size,
                              max_len=cfg.max_len, overflow=cfg.overflow, seed=run.seed)
     dm.setup("fit")
-    table = reference_logps(sft_policy, dm.reference_dataloader(), dm.n_train)
+    table = reference_logps(sft_policy, dm.reference_dataloader("train"), dm.n_train)
+    val_table = reference_logps(sft_policy, dm.reference_dataloader("validation"),
+                                dm.n_examples("validation"))
     policy = copy.deepcopy(sft_policy)
-    module = DPOModule(policy, table, cfg)
+    module = DPOModule(policy, table, cfg, val_table)
     return _finish_policy_stage(run, "dpo", module, dm, policy, {}, {},
                                 max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
                                 val_every=cfg.val_every)

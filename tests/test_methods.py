@@ -1,0 +1,157 @@
+"""Stages and methods: cache keys, the DPO reference cache, NaN guards, and short end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from harness.config import GRPOConfig, RolloutConfig, register_configs
+from harness.data.datamodule import AlignmentDataModule
+from harness.data.tasks import build_task
+from harness.data.tokenizer import build_tokenizer
+from harness.methods.dpo import DPOModule, pair_logps, reference_logps
+from harness.methods.grpo import GRPOModule
+from harness.methods.losses import NonFiniteError
+from harness.models.config import ModelConfig
+from harness.models.llama import CausalLM
+from harness.pipeline import run
+from harness.stages import stage_key
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+TINY_SFT = ["model=llama_tiny", "sft.max_steps=30", "sft.val_every=15", "rm.max_steps=10",
+            "rm.val_every=5", "eval.limit=16", "logger=none", "dataset.n_train=2000",
+            "dataset.n_pairs=400", "trainer.enable_progress_bar=false"]
+
+
+def composed(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("data")
+    task = build_task({"name": "arith", "seed": 0, "n_train": 200, "n_pairs": 64, "n_eval": 16},
+                      cache_dir=cache)
+    tok = build_tokenizer(task.corpus(), vocab_size=300)
+    return task, tok
+
+
+def tiny_model(tok) -> CausalLM:
+    torch.manual_seed(0)
+    return CausalLM(ModelConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                d_ff=64, max_seq_len=64))
+
+
+def test_stage_key_is_canonical_and_sensitive():
+    a = stage_key("sft", {"model": {"d": 1, "e": 2}, "seed": 0})
+    assert a == stage_key("sft", {"seed": 0, "model": {"e": 2, "d": 1}})  # order-free
+    assert a != stage_key("sft", {"model": {"d": 1, "e": 2}, "seed": 1})
+    assert a != stage_key("rm", {"model": {"d": 1, "e": 2}, "seed": 0})
+    assert a.startswith("sft-") and len(a) == 4 + 16
+
+
+def test_sft_key_ignores_the_method_and_logger(tmp_path):
+    from harness.pipeline import Run
+
+    keys = set()
+    for method, logger in (("sft", "none"), ("dpo", "csv"), ("grpo", "none")):
+        cfg = composed([f"method={method}", f"logger={logger}", "model=llama_tiny",
+                        f"cache_dir={tmp_path}", "dataset.n_train=200", "dataset.n_pairs=50"])
+        keys.add(stage_key("sft", Run(cfg, tmp_path).sft_decides()))
+    assert len(keys) == 1
+    cfg = composed(["model=llama_tiny", f"cache_dir={tmp_path}", "sft.max_steps=7",
+                    "method=dpo", "dataset.n_train=200", "dataset.n_pairs=50"])
+    assert stage_key("sft", Run(cfg, tmp_path).sft_decides()) not in keys
+
+
+def test_dpo_reference_table_is_computed_once_and_matches(tiny_task):
+    task, tok = tiny_task
+    ref = tiny_model(tok).eval()
+    dm = AlignmentDataModule(task, tok, kind="pairs", batch_size=16, max_len=32, seed=0)
+    dm.setup("fit")
+    table = reference_logps(ref, dm.reference_dataloader(), dm.n_train)
+    assert table.shape == (dm.n_train, 2) and torch.isfinite(table).all()
+    batch = next(iter(dm.train_dataloader()))
+    c, r, _ = pair_logps(ref, batch)
+    torch.testing.assert_close(table[batch["index"], 0], c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(table[batch["index"], 1], r, atol=1e-5, rtol=1e-5)
+    # the module holds no reference network: only the table (and the policy's parameters)
+    module = DPOModule(tiny_model(tok), table, __import__("harness.config").config.DPOConfig())
+    assert sum(p.numel() for p in module.parameters()) == sum(
+        p.numel() for p in module.policy.parameters())
+    loss, rc, rr, _ = module._losses(batch)
+    # policy == reference at the start: rewards 0, loss log 2
+    assert float(loss) == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-4)
+    assert torch.allclose(rc, torch.zeros_like(rc), atol=1e-4)
+
+
+def test_grpo_stops_on_non_finite_reward(tiny_task):
+    task, tok = tiny_task
+    policy, ref = tiny_model(tok), tiny_model(tok)
+    cfg = GRPOConfig(group_size=2, rollout=RolloutConfig(prompts_per_batch=2, max_new_tokens=3))
+
+    def nan_scores(prompts, responses, *_):
+        return torch.full((len(prompts),), float("nan"))
+
+    module = GRPOModule(policy, ref, tok, cfg, nan_scores)
+    with pytest.raises(NonFiniteError, match="train/reward"):
+        module.training_step(["1+2=", "3+4="], 0)
+
+
+def test_failed_run_writes_a_failed_summary(tmp_path, monkeypatch):
+    from harness.data.tasks.arith import ArithTask
+
+    monkeypatch.setattr(ArithTask, "rewards", lambda self, p, r: [float("nan")] * len(p))
+    cfg = composed([*TINY_SFT, "method=grpo", "method.n_iterations=2", f"cache_dir={tmp_path}/c"])
+    with pytest.raises(NonFiniteError):
+        run(cfg, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "train/reward" in summary["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rm", "dpo", "grpo", "ppo"])
+def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "shared-cache"
+    budget = {"rm": [], "dpo": ["method.max_steps=6", "method.val_every=3"],
+              "grpo": ["method.n_iterations=3", "method.group_size=4"],
+              "ppo": ["method.n_iterations=3", "method.rollout.prompts_per_batch=8",
+                      "method.minibatch_size=4"]}[method]
+    out = tmp_path_factory.mktemp(method)
+    cfg = composed([*TINY_SFT, f"method={method}", *budget, f"cache_dir={cache}"])
+    summary = run(cfg, out)
+    assert summary["status"] == "ok"
+    stored = json.loads((out / "summary.json").read_text())
+    assert stored["cache_keys"]["sft"] == summary["cache_keys"]["sft"]
+    if method == "rm":
+        assert 0.0 <= summary["metrics"]["eval/rm_accuracy"] <= 1.0
+        return
+    m = summary["metrics"]
+    for key in ("eval/gold_reward", "eval/ref_gold_reward", "eval/win_rate", "eval/kl"):
+        assert key in m and m[key] == m[key]
+    assert Path(summary["checkpoint"], "model.safetensors").is_file()
+    if method in ("grpo", "ppo"):
+        assert "train/reward" in m and "train/clip_frac" in m
+    if method == "ppo":
+        assert summary["cache_keys"]["rm"] and "train/value_loss" in m and "train/entropy" in m
+    if method == "dpo":
+        assert "train/rewards_acc" in m
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics_and_sft_reused(tmp_path):
+    summaries = []
+    for i in range(2):
+        cfg = composed([*TINY_SFT, "method=grpo", "method.n_iterations=2", "method.group_size=4",
+                        f"cache_dir={tmp_path}/c"])
+        summaries.append(run(cfg, tmp_path / f"run{i}"))
+    a, b = summaries
+    assert a["stages"]["sft"]["cached"] is False and b["stages"]["sft"]["cached"] is True
+    for key in ("eval/gold_reward", "eval/kl", "eval/win_rate", "train/reward"):
+        assert a["metrics"][key] == pytest.approx(b["metrics"][key], abs=1e-6)
