@@ -47,11 +47,11 @@ class SFTConfig:
 
     name: str = "sft"
     stage: str = "sft"
-    max_steps: int = 2000
+    max_steps: int = 3000
     batch_size: int = 64
     max_len: int = 128
     overflow: str = "truncate"  # prompts longer than max_len: "truncate" or "skip"
-    val_every: int = 500
+    val_every: int = 1000
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def check(self, prefix: str = "method") -> None:
@@ -146,7 +146,7 @@ class GRPOConfig:
 
     name: str = "grpo"
     stage: str = "grpo"
-    n_iterations: int = 60
+    n_iterations: int = 300
     group_size: int = 8
     num_inner_iterations: int = 1   # optimisation passes over each rollout batch (mu)
     minibatch_size: int = 64
@@ -186,10 +186,10 @@ class DPOConfig:
     max_len: int = 128
     overflow: str = "truncate"
     val_every: int = 100
-    beta: float = 0.1
+    beta: float = 0.5
     label_smoothing: float = 0.0
     loss_type: str = "sigmoid"      # sigmoid | ipo
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20))
 
     def check(self, prefix: str = "method") -> None:
         SFTConfig.check(self, prefix)

@@ -65,7 +65,7 @@ def peak_mem_mb() -> float:
 def build_trainer(cfg: dict[str, Any], logger, ckpt_dir: Path, run_dir: Path,
                   max_steps: int = -1, grad_clip: float | None = None,
                   val_every: int | None = None, limit_train_batches: int | None = None,
-                  ) -> L.Trainer:
+                  log_every_n_steps: int | None = None) -> L.Trainer:
     """A Lightning Trainer from the ``trainer`` group plus the stage's budget."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -78,7 +78,10 @@ def build_trainer(cfg: dict[str, Any], logger, ckpt_dir: Path, run_dir: Path,
     if limit_train_batches is not None:
         kwargs.update(limit_train_batches=limit_train_batches, max_epochs=1,
                       limit_val_batches=0)
-    return L.Trainer(**cfg["trainer"], max_steps=max_steps, gradient_clip_val=grad_clip or None,
+    trainer_kwargs = dict(cfg["trainer"])
+    if log_every_n_steps is not None:
+        trainer_kwargs["log_every_n_steps"] = log_every_n_steps
+    return L.Trainer(**trainer_kwargs, max_steps=max_steps, gradient_clip_val=grad_clip or None,
                      logger=logger if logger is not None else False, callbacks=callbacks,
                      default_root_dir=str(run_dir), **kwargs)
 
@@ -109,6 +112,7 @@ class Run:
     # ---------------------------------------------------------------- stages
     def sft_decides(self) -> dict[str, Any]:
         return {"model": asdict(self.model_cfg), "dataset": self.cfg["dataset"],
+                "data_fingerprint": self.task.fingerprint,
                 "sft": asdict(self.sft_cfg), "seed": self.seed,
                 "precision": self.cfg["trainer"].get("precision"),
                 "devices": self.cfg["trainer"].get("devices")}

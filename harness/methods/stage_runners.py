@@ -98,7 +98,8 @@ def _ppo(run, sft: StageRecord, sft_policy: CausalLM) -> Outcome:
     module = PPOModule(policy, sft_policy, critic, run.tokenizer, cfg, rm_scorer(rm))
     data = prompt_loader(run.task, cfg.rollout.prompts_per_batch, cfg.n_iterations, run.seed)
     return _finish_policy_stage(run, "ppo", module, data, policy, {"rm": rm_rec.to_json()},
-                                {"rm": rm_rec.key}, limit_train_batches=cfg.n_iterations)
+                                {"rm": rm_rec.key}, limit_train_batches=cfg.n_iterations,
+                                log_every_n_steps=1)
 
 
 def _grpo(run, sft: StageRecord, sft_policy: CausalLM) -> Outcome:
@@ -117,7 +118,7 @@ def _grpo(run, sft: StageRecord, sft_policy: CausalLM) -> Outcome:
     module = GRPOModule(policy, sft_policy, run.tokenizer, cfg, score)
     data = prompt_loader(run.task, cfg.rollout.prompts_per_batch, cfg.n_iterations, run.seed)
     return _finish_policy_stage(run, "grpo", module, data, policy, stages, keys,
-                                limit_train_batches=cfg.n_iterations)
+                                limit_train_batches=cfg.n_iterations, log_every_n_steps=1)
 
 
 def _dpo(run, sft: StageRecord, sft_policy: CausalLM) -> Outcome:

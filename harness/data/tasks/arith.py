@@ -26,8 +26,10 @@ sample is wrong independently with probability ``wrong_fraction / carry_fraction
 answers about ``1 - carry_fraction`` of the problems correctly, while the correct answer keeps
 ``1 - wrong_fraction / carry_fraction`` of the probability mass on carry problems (default 25 %).
 
-**Preference pairs**: chosen = the correct sum; rejected = the no-carry answer on carry problems,
-else an off-by-some answer (``correct + d``, ``d`` in {-10, -2, -1, 1, 2, 10}, never negative).
+**Preference pairs**: chosen = the correct sum; rejected = on carry problems the no-carry answer
+(half of the time) or an off-by-some answer (``correct + d``, ``d`` in {-10, -2, -1, 1, 2, 10},
+never negative), on other problems an off-by-some answer. Wrong answers both above and below the
+correct one keep a reward model from learning "bigger is better" instead of addition.
 
 **Gold reward**: 1.0 if ``response.strip()`` is a string of decimal digits whose integer value is the
 correct sum, else 0.0.
@@ -268,7 +270,8 @@ class ArithTask(Task):
                                  "carry": []}
         for a, b in self._draw(split, n, rng):
             carry = needs_carry(a, b, self.width)
-            bad = no_carry_sum(a, b, self.width) if carry else off_by_some(a + b, rng)
+            sloppy = carry and rng.random() < 0.5
+            bad = no_carry_sum(a, b, self.width) if sloppy else off_by_some(a + b, rng)
             cols["prompt"].append(format_prompt(a, b))
             cols["chosen"].append(str(a + b))
             cols["rejected"].append(str(bad))
