@@ -69,15 +69,17 @@ class RMConfig:
 
     name: str = "rm"
     stage: str = "rm"
-    max_steps: int = 600
-    batch_size: int = 32
+    max_steps: int = 1000
+    batch_size: int = 64
     max_len: int = 128
     overflow: str = "truncate"
-    val_every: int = 200
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50))
+    val_every: int = 250
+    pooling: str = "last"           # last (score at the last response token) | mean (over the response)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=50))
 
     def check(self, prefix: str = "method") -> None:
         SFTConfig.check(self, prefix)  # same fields, same rules
+        _choice(self, prefix, "pooling", ("last", "mean"))
 
 
 @dataclass

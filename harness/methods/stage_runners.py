@@ -40,13 +40,15 @@ def gold_scorer(task) -> Callable:
     return score
 
 
-def rm_scorer(rm: ScalarHead) -> Callable:
-    """Sequence reward = the learned reward model's score at the last real token."""
+def rm_scorer(rm: ScalarHead, pooling: str) -> Callable:
+    """Sequence reward = the learned reward model's score pooled over the sampled response."""
     rm.eval()
 
     def score(prompts, responses, input_ids, attention_mask, prompt_len):
-        last = prompt_len + attention_mask[:, prompt_len:].sum(-1).long() - 1
-        return sequence_reward(rm, input_ids, attention_mask, last)[0]
+        rm.to(input_ids.device)  # not a submodule of the Lightning module: follow the policy
+        response_mask = attention_mask.clone()
+        response_mask[:, :prompt_len] = 0
+        return sequence_reward(rm, input_ids, attention_mask, response_mask, pooling)[0]
     return score
 
 
@@ -95,7 +97,7 @@ def _ppo(run, sft: StageRecord, sft_policy: CausalLM) -> Outcome:
     critic = (copy.deepcopy(rm) if cfg.critic_init == "rm"
               else ScalarHead(copy.deepcopy(sft_policy)))
     policy = copy.deepcopy(sft_policy)
-    module = PPOModule(policy, sft_policy, critic, run.tokenizer, cfg, rm_scorer(rm))
+    module = PPOModule(policy, sft_policy, critic, run.tokenizer, cfg, rm_scorer(rm, run.rm_cfg.pooling))
     data = prompt_loader(run.task, cfg.rollout.prompts_per_batch, cfg.n_iterations, run.seed)
     return _finish_policy_stage(run, "ppo", module, data, policy, {"rm": rm_rec.to_json()},
                                 {"rm": rm_rec.key}, limit_train_batches=cfg.n_iterations,
@@ -109,7 +111,7 @@ def _grpo(run, sft: StageRecord, sft_policy: CausalLM) -> Outcome:
     stages, keys = {}, {}
     if cfg.reward_source == "rm":
         rm_rec, rm, _ = run.rm_stage(sft, sft_policy)
-        score = rm_scorer(rm)
+        score = rm_scorer(rm, run.rm_cfg.pooling)
         stages, keys = {"rm": rm_rec.to_json()}, {"rm": rm_rec.key}
     else:
         score = gold_scorer(run.task)

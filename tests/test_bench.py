@@ -1,0 +1,75 @@
+"""``python -m harness.bench`` at tiny settings: the sampler comparison, one step timing, the state."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness import bench
+from harness.models.llama import CausalLM, ScalarHead
+
+TINY = ["--models", "llama_tiny", "--threads", "1", "--batch", "4", "--prompt-len", "4", "--new-tokens", "4",
+        "--iters", "1", "--warmup", "1", "--device", "cpu"]
+
+
+def test_sampler_and_step_timing_print_positive_figures(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    result = bench.main([*TINY, "--sections", "sampler", "steps", "--methods", "grpo",
+                         "--cache-dir", str(tmp_path / "cache"), "--json", str(out)])
+    assert result is not None
+    (s,) = result["sampler"]
+    assert s["model"] == "llama_tiny" and s["batch"] == 4 and s["new_tokens"] == 4
+    for k in ("ours_tok_s", "hf_tok_s", "speedup", "ours_s", "hf_s"):
+        assert s[k] > 0, k
+    assert 0.0 <= s["agree"] <= 1.0
+    (g,) = result["steps"]
+    assert g["method"] == "grpo" and g["sequences"] == 4  # 1 prompt x group of 4
+    assert g["s_per_batch"] > 0 and g["opt_steps_per_batch"] >= 1 and g["s_per_opt_step"] > 0
+    text = capsys.readouterr().out
+    assert "1. Sampler throughput" in text and "2. Seconds per optimisation step" in text
+    assert "llama_tiny" in text and "grpo" in text
+    assert json.loads(out.read_text())["steps"][0]["method"] == "grpo"
+
+
+def test_grpo_layout_keeps_the_sequence_count():
+    assert bench.grpo_layout(64, 8) == (8, 8)
+    assert bench.grpo_layout(4, 8) == (1, 4)
+    assert bench.grpo_layout(12, 8) == (2, 6)
+    with pytest.raises(ValueError):
+        bench.grpo_layout(1, 8)
+
+
+def test_state_memory_of_grpo_is_half_of_ppo():
+    cfg = bench.model_config("llama_tiny", 300)
+    torch.manual_seed(0)
+    policy, reference = CausalLM(cfg), CausalLM(cfg)
+    critic, rm = ScalarHead(CausalLM(cfg)), ScalarHead(CausalLM(cfg))
+    ppo = bench.state_memory({"policy": policy, "reference": reference, "critic": critic,
+                              "reward_model": rm}, [policy, critic])
+    grpo = bench.state_memory({"policy": policy, "reference": reference}, [policy])
+    p = sum(t.numel() * 4 for t in policy.parameters())
+    assert grpo["param_bytes"] == 2 * p and grpo["grad_bytes"] == p and grpo["adamw_bytes"] == 2 * p
+    assert ppo["n_networks"] == 4 and ppo["networks"] == "policy+ref+critic+RM"
+    assert 0.49 < grpo["state_bytes"] / ppo["state_bytes"] <= 0.5
+
+
+def test_table_formats_missing_values_and_notes():
+    text = bench.format_table("T", [{"a": "x", "b": 1.5}, {"a": "yy"}],
+                              [("a", "A", ""), ("b", "B", ".2f")], ["a note"])
+    lines = text.splitlines()
+    assert lines[0] == "T" and "1.50" in text and lines[-1] == "  a note"
+    assert any(line.startswith("yy") and line.endswith("-") for line in lines)
+
+
+@pytest.mark.slow
+def test_memory_section_runs_children(tmp_path):
+    result = bench.main([*TINY, "--sections", "memory", "--mem-iters", "1",
+                         "--cache-dir", str(tmp_path)])
+    assert result is not None
+    rows = {r["method"]: r for r in result["memory"]}
+    assert rows["ppo"]["state_bytes"] > rows["grpo"]["state_bytes"] > 0
+    assert rows["ppo"]["peak_bytes"] > 0 and rows["ppo"]["from_tensors_after_training"]
+    (ratio,) = result["memory_ratios"]
+    assert 0.4 < ratio["state_ratio"] < 0.6
