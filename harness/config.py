@@ -108,7 +108,7 @@ class PPOConfig:
 
     name: str = "ppo"
     stage: str = "ppo"
-    n_iterations: int = 60          # rollout batches
+    n_iterations: int = 200         # rollout batches
     ppo_epochs: int = 2             # optimisation passes over each rollout batch
     minibatch_size: int = 32
     max_len: int = 128
@@ -118,14 +118,14 @@ class PPOConfig:
     ent_coef: float = 0.01
     gamma: float = 1.0
     lam: float = 0.95
-    kl_coef: float = 0.05
+    kl_coef: float = 0.2
     adaptive_kl: bool = False
     target_kl: float = 6.0
     kl_horizon: int = 10000
     whiten_advantages: bool = True
     critic_init: str = "rm"         # "rm" | "sft"
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=5))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5))
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5))
 
     def check(self, prefix: str = "method") -> None:
