@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import resource
 import time
 import traceback
@@ -32,7 +33,7 @@ from harness.evaluation.gold import gold_eval, win_rate
 from harness.models.hf import load_checkpoint, save_checkpoint
 from harness.models.llama import CausalLM, ScalarHead
 from harness.stages import StageCache, StageRecord, stage_key, write_json_atomic
-from harness.tracking.loggers import build_logger, finish
+from harness.tracking.loggers import build_logger, finish, log_model_artifact
 
 log = logging.getLogger("harness")
 
@@ -69,7 +70,8 @@ def build_trainer(cfg: dict[str, Any], logger, ckpt_dir: Path, run_dir: Path,
     """A Lightning Trainer from the ``trainer`` group plus the stage's budget."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)]
+    callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0),
+                       HistoryRecorder()]
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     kwargs: dict[str, Any] = {}
@@ -86,6 +88,21 @@ def build_trainer(cfg: dict[str, Any], logger, ckpt_dir: Path, run_dir: Path,
                      default_root_dir=str(run_dir), **kwargs)
 
 
+class HistoryRecorder(L.Callback):
+    """Keeps the training curves the leaderboard plots (``[[step, value], ...]`` per metric)."""
+
+    KEYS = ("train/loss", "train/reward", "train/kl", "train/rewards_margin")
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[list[float]]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for key in self.KEYS:
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                self.history.setdefault(key, []).append([float(batch_idx), float(value)])
+
+
 class Run:
     """The state of one run: config, cache, task, tokenizer, and where things go."""
 
@@ -99,6 +116,7 @@ class Run:
         self.rm_cfg.check("rm")
         self.cfg: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore
         self.run_dir = run_dir
+        self.history: dict[str, list[list[float]]] = {}
         self.cache = StageCache(Path(to_absolute_path(cfg.cache_dir)))
         self.force = bool(cfg.force_retrain)
         self.seed = int(cfg.seed)
@@ -181,6 +199,7 @@ class Run:
             trainer.fit(module, train_dataloaders=data)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics[f"cost/{stage}_train_s"] = time.perf_counter() - t0
+        self.history.update(next(c for c in trainer.callbacks if isinstance(c, HistoryRecorder)).history)
         return StageRecord(key=key or stage, path=path, metrics=metrics, decides=decides), logger
 
 
@@ -218,6 +237,51 @@ def evaluate(run: Run, policy: CausalLM, reference: CausalLM | None,
         for s, r in zip(samples, ref.responses, strict=False):
             s["reference"] = r
     return metrics, samples
+
+
+def lm_eval_stage(run: Run, checkpoint: Path) -> tuple[dict[str, float], str]:
+    """lm-evaluation-harness on the HF checkpoint; returns metrics and the equivalent CLI command."""
+    from harness.evaluation.lm_eval_runner import lm_eval_command, run_lm_eval
+    from harness.evaluation.tasks.export import export_task_data
+
+    e = run.cfg["eval"]["lm_eval"]
+    include = None
+    if not e.get("include_defaults"):
+        include = export_task_data(run.task, run.run_dir / "lm_eval_tasks", limit=e.get("limit"),
+                                   tokenizer=run.tokenizer,
+                                   max_gen_toks=run.cfg["eval"]["max_new_tokens"])
+    kwargs = dict(limit=e.get("limit"), batch_size=e.get("batch_size", 16),
+                  num_fewshot=e.get("num_fewshot"), add_bos_token=e.get("add_bos_token"))
+    metrics = run_lm_eval(checkpoint, include, list(e["tasks"]),
+                          include_defaults=e.get("include_defaults"),
+                          output_path=run.run_dir / "lm_eval_results.json", **kwargs)
+    return metrics, lm_eval_command(checkpoint, include, list(e["tasks"]), **kwargs)
+
+
+def record_for(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The results record of a finished or failed run (see :mod:`harness.evaluation.records`)."""
+    from harness.evaluation.records import new_record
+
+    cfg = summary.get("config", {})
+    run_id = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run_dir.parent.name}_{run_dir.name}")
+    return new_record(run_id=run_id, method=summary["method"], model=summary["model"],
+                      dataset=summary["dataset"], seed=int(summary["seed"]),
+                      status=summary["status"], error=summary.get("error"),
+                      group=cfg.get("experiment"), metrics=summary.get("metrics", {}),
+                      cost=summary.get("cost", {}), cache_keys=summary.get("cache_keys", {}),
+                      config=cfg, history=summary.get("history"))
+
+
+def write_outputs(summary: dict[str, Any], run_dir: Path) -> None:
+    """``summary.json`` in the run directory and one record in ``<results_dir>/runs/``."""
+    from harness.evaluation.records import write_record
+
+    write_json_atomic(run_dir / "summary.json", summary)
+    results = summary.get("config", {}).get("results_dir")
+    if results:
+        path = write_record(record_for(summary, run_dir), Path(to_absolute_path(results)) / "runs")
+        summary["record"] = str(path)
+        write_json_atomic(run_dir / "summary.json", summary)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -259,6 +323,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         eval_metrics, samples = (evaluate(r, policy, reference, r.sft_cfg.max_len)
                                  if policy is not None else ({}, []))
         metrics.update(eval_metrics)
+        if policy is not None and r.cfg["eval"].get("lm_eval", {}).get("enabled"):
+            lm_metrics, summary["lm_eval_command"] = lm_eval_stage(r, Path(summary["checkpoint"]))
+            metrics.update(lm_metrics)
+        summary["history"] = r.history
         cost = {"cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": peak_mem_mb()}
         if "train/tokens_per_s" in metrics:
             cost["cost/tokens_per_s"] = metrics["train/tokens_per_s"]
@@ -268,15 +336,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             cols = list(samples[0])
             logger.log_table("eval/samples", columns=cols, data=[[s[c] for c in cols]
                                                                   for s in samples])
+        if r.cfg["logger"].get("log_model"):
+            log_model_artifact(logger, Path(summary["checkpoint"]), f"{method}-{r.cfg['model']['name']}")
         finish(logger, {**metrics, **cost, "status": "ok"})
     except Exception as exc:
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                        traceback=traceback.format_exc(),
                        cost={"cost/wall_s": time.perf_counter() - t0,
                              "cost/peak_mem_mb": peak_mem_mb()})
-        write_json_atomic(run_dir / "summary.json", summary)
+        write_outputs(summary, run_dir)
         if logger is not None:
             finish(logger, {"status": "failed"})
         raise
-    write_json_atomic(run_dir / "summary.json", summary)
+    write_outputs(summary, run_dir)
     return summary

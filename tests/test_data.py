@@ -147,10 +147,16 @@ def test_arith_pairs_chosen_strictly_better(arith):
         chosen = arith.rewards(ds["prompt"], ds["chosen"])
         rejected = arith.rewards(ds["prompt"], ds["rejected"])
         assert all(c > r for c, r in zip(chosen, rejected, strict=True))
+        kinds = set()
         for row in ds.select(range(200)):
             a, b = parse_prompt(row["prompt"])
-            if row["carry"]:
-                assert int(row["rejected"]) == no_carry_sum(a, b)
+            wrong = int(row["rejected"])
+            if row["carry"] and wrong == no_carry_sum(a, b):
+                kinds.add("no-carry")
+            else:  # off by some, above or below the correct sum
+                assert wrong - (a + b) in (-10, -2, -1, 1, 2, 10)
+                kinds.add("above" if wrong > a + b else "below")
+        assert kinds == {"no-carry", "above", "below"}
 
 
 def test_determinism_and_cache(arith, tmp_path):

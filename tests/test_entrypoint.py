@@ -55,7 +55,7 @@ def test_bad_values_fail_before_any_work_naming_the_field(override, field, tmp_p
 @pytest.mark.slow
 def test_sft_run_writes_summary_checkpoint_and_offline_wandb_then_reuses_cache(tmp_path):
     common = ["model=llama_tiny", "method.max_steps=40", "method.val_every=20", "eval.limit=20",
-              f"cache_dir={tmp_path}/cache"]
+              f"cache_dir={tmp_path}/cache", f"results_dir={tmp_path}/results"]
     out = harness(*common, f"hydra.run.dir={tmp_path}/run1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{tmp_path}/run1" in out.stdout  # prints where the run went
@@ -65,6 +65,16 @@ def test_sft_run_writes_summary_checkpoint_and_offline_wandb_then_reuses_cache(t
     assert summary["stages"]["sft"]["cached"] is False
     assert 0.0 <= summary["metrics"]["eval/gold_reward"] <= 1.0
     assert summary["cost"]["cost/wall_s"] > 0 and summary["cost"]["cost/peak_mem_mb"] > 0
+    # lm-eval scored the checkpoint: its gold task equals the harness's own gold reward
+    m = summary["metrics"]
+    assert m["eval/harness_arith_gold/gold_reward"] == pytest.approx(m["eval/gold_reward"])
+    assert 0.0 <= m["eval/harness_arith_pref/acc"] <= 1.0
+    assert m["eval/harness_arith_ppl/byte_perplexity"] > 1.0
+    assert summary["lm_eval_command"].startswith("lm_eval --model hf")
+    # one results record, matching the summary
+    record = json.loads(Path(summary["record"]).read_text())
+    assert record["status"] == "ok" and record["metrics"] == summary["metrics"]
+    assert record["cache_keys"]["sft"] == summary["cache_keys"]["sft"]
     ckpt = Path(summary["checkpoint"])
     assert (ckpt / "config.json").is_file() and (ckpt / "harness_config.yaml").is_file()
     hf = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -74,7 +84,8 @@ def test_sft_run_writes_summary_checkpoint_and_offline_wandb_then_reuses_cache(t
     runs = find_runs(tmp_path / "run1" / "wandb")
     assert len(runs) == 1
     run = read_run(runs[0])
-    assert run.job_type == "sft" and "method:sft" in run.tags
+    assert run.job_type == "sft" and "method:sft" in run.tags and run.group == "default"
+    assert "eval/samples" in run.tables
     assert run.config["model.name"] == "llama_tiny"
     losses = run.metric("train/loss")
     assert len(losses) >= 2 and all(v == v for _, v in losses)
@@ -87,3 +98,21 @@ def test_sft_run_writes_summary_checkpoint_and_offline_wandb_then_reuses_cache(t
     assert second["cache_keys"]["sft"] == summary["cache_keys"]["sft"]
     assert "reused from cache" in again.stdout
     assert second["metrics"]["eval/gold_reward"] == summary["metrics"]["eval/gold_reward"]
+
+
+@pytest.mark.slow
+def test_multirun_sweep_shares_the_sft_base_and_rebuilds_the_leaderboard(tmp_path):
+    out = harness("-m", "model=llama_tiny", "method=sft,dpo", "sft.max_steps=20", "sft.val_every=10",
+                  "method.max_steps=4", "method.val_every=2", "eval.limit=8", "eval.lm_eval.enabled=false",
+                  "logger=none", "dataset.n_train=500", "dataset.n_pairs=100", "experiment=tiny_sweep",
+                  f"cache_dir={tmp_path}/cache", f"results_dir={tmp_path}/results",
+                  f"hydra.sweep.dir={tmp_path}/sweep", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    assert len(summaries) == 2
+    keys = {json.loads(p.read_text())["cache_keys"]["sft"] for p in summaries}
+    assert len(keys) == 1  # both jobs start from the same SFT base
+    board = (tmp_path / "results" / "leaderboard.md").read_text()
+    assert "dpo" in board and "sft" in board and "python -m harness" in board
+    assert (tmp_path / "results" / "reward_kl.png").is_file()
+    assert len(list((tmp_path / "results" / "runs").glob("*.json"))) == 2

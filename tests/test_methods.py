@@ -24,7 +24,7 @@ from harness.stages import stage_key
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY_SFT = ["model=llama_tiny", "sft.max_steps=30", "sft.val_every=15", "rm.max_steps=10",
             "rm.val_every=5", "eval.limit=16", "logger=none", "dataset.n_train=2000",
-            "dataset.n_pairs=400", "trainer.enable_progress_bar=false"]
+            "dataset.n_pairs=400", "trainer.enable_progress_bar=false", "eval.lm_eval.enabled=false"]
 
 
 def composed(overrides: list[str]):

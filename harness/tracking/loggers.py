@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,20 @@ def build_logger(cfg: dict[str, Any], stage: str, save_dir: Path) -> Logger | No
         tags=ident["tags"],
         save_dir=str(save_dir),
         offline=offline,
-        log_model=bool(lcfg.get("log_model", False)) and not offline,
+        log_model=False,  # checkpoints are logged as artifacts by the pipeline (offline too)
         config=flatten(cfg),
     )
+
+
+def log_model_artifact(logger: Logger | None, checkpoint: Path, name: str) -> None:
+    """Log a checkpoint folder as a W&B model artifact (``logger.log_model=true``; works offline)."""
+    if not isinstance(logger, WandbLogger):
+        return
+    import wandb
+
+    artifact = wandb.Artifact(name=re.sub(r"[^A-Za-z0-9_.-]", "-", name), type="model")
+    artifact.add_dir(str(checkpoint))
+    logger.experiment.log_artifact(artifact)
 
 
 def finish(logger: Logger | None, summary: dict[str, Any] | None = None) -> None:

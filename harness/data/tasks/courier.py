@@ -25,7 +25,10 @@ So polite and correct (1.0) > wrong item (0.5) > wrong city (0.0) > rude or unpa
 **Demonstrations**: a share ``wrong_fraction`` of the SFT responses is imperfect, spread over the
 categories wrong item / wrong city / rude by ``mistake_weights``; the rest are
 "Please send this <item> to <city>.". Each imperfect response has exactly one flaw (a rude response
-names the right item and city). **Preference pairs**: two responses of different categories for
+names the right item and city). The sloppiness is *systematic*, so that a model trained on it
+reproduces it under greedy decoding: the demonstrator errs only on the bossy phrasings
+(:data:`BOSSY`, "Tell / Have / Instruct the courier ...", 3 of the 8 phrasings), with probability
+``wrong_fraction / (3/8)`` there, and answers every other phrasing correctly. **Preference pairs**: two responses of different categories for
 the same prompt; chosen is the one with the higher gold reward (strictly).
 
 **Splits**: the distinct prompts (instruction phrasing x item x city) are shuffled and split into
@@ -91,7 +94,7 @@ class CourierConfig(TaskConfig):
     name: str = "courier"
     seed: int = 0
     wrong_fraction: float = 0.3
-    mistake_weights: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0, 1.0])
+    mistake_weights: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0, 6.0])
     n_train: int = 8000
     n_pairs: int = 4000
     n_val: int = 500
@@ -102,8 +105,9 @@ class CourierConfig(TaskConfig):
     def validate(self) -> None:
         super().validate()
         p = "dataset"
-        if not 0.0 <= float(self.wrong_fraction) <= 1.0:
-            raise ConfigError(f"{p}.wrong_fraction={self.wrong_fraction}: must be in [0, 1]")
+        if not 0.0 <= float(self.wrong_fraction) <= 3 / 8:
+            raise ConfigError(f"{p}.wrong_fraction={self.wrong_fraction}: must be in [0, 0.375] "
+                              "(all mistakes fall on the 3 bossy phrasings of 8)")
         w = list(self.mistake_weights)
         if len(w) != len(MISTAKES) or any(x < 0 for x in w) or sum(w) <= 0:
             raise ConfigError(f"{p}.mistake_weights={w}: need {len(MISTAKES)} non-negative "
@@ -163,6 +167,10 @@ def grade(parsed: ParsedResponse | None, item: str, city: str) -> float:
     return CATEGORY_REWARD["correct"]
 
 
+#: Indices of the bossy instruction phrasings, the only ones the sloppy demonstrator gets wrong.
+BOSSY: tuple[int, ...] = (1, 4, 7)
+
+
 # ---------------------------------------------------------------------- the task
 class CourierTask(Task):
     """"Please send this package to Pittsburgh" with graded mistakes (see the module docstring)."""
@@ -212,7 +220,8 @@ class CourierTask(Task):
         for _ in range(n):
             t, item, city = rng.choice(pool)
             category = "correct"
-            if rng.random() < c.wrong_fraction:
+            p_wrong = min(1.0, c.wrong_fraction * len(INSTRUCTIONS) / len(BOSSY))
+            if t in BOSSY and rng.random() < p_wrong:
                 category = rng.choices(MISTAKES, weights=c.mistake_weights)[0]
             cols["prompt"].append(make_prompt(t, item, city))
             cols["response"].append(self._respond(category, item, city, rng))

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# DPO's beta traces its reward-KL frontier (arith / llama_small).
+# Extra Hydra overrides are passed through, e.g.: bash sweeps/beta_dpo.sh seed=0
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec python -m harness -m +sweep=beta_dpo "$@"
