@@ -102,7 +102,7 @@ def test_sft_run_writes_summary_checkpoint_and_offline_wandb_then_reuses_cache(t
 
 @pytest.mark.slow
 def test_multirun_sweep_shares_the_sft_base_and_rebuilds_the_leaderboard(tmp_path):
-    out = harness("-m", "model=llama_tiny", "method=sft,dpo", "sft.max_steps=20", "sft.val_every=10",
+    out = harness("-m", "model=llama_tiny", "method=rm,dpo", "sft.max_steps=20", "sft.val_every=10",
                   "method.max_steps=4", "method.val_every=2", "eval.limit=8", "eval.lm_eval.enabled=false",
                   "logger=none", "dataset.n_train=500", "dataset.n_pairs=100", "experiment=tiny_sweep",
                   f"cache_dir={tmp_path}/cache", f"results_dir={tmp_path}/results",
@@ -113,6 +113,6 @@ def test_multirun_sweep_shares_the_sft_base_and_rebuilds_the_leaderboard(tmp_pat
     keys = {json.loads(p.read_text())["cache_keys"]["sft"] for p in summaries}
     assert len(keys) == 1  # both jobs start from the same SFT base
     board = (tmp_path / "results" / "leaderboard.md").read_text()
-    assert "dpo" in board and "sft" in board and "python -m harness" in board
+    assert "dpo" in board and "rm" in board and "python -m harness" in board
     assert (tmp_path / "results" / "reward_kl.png").is_file()
     assert len(list((tmp_path / "results" / "runs").glob("*.json"))) == 2

@@ -28,7 +28,8 @@ categories wrong item / wrong city / rude by ``mistake_weights``; the rest are
 names the right item and city). The sloppiness is *systematic*, so that a model trained on it
 reproduces it under greedy decoding: the demonstrator errs only on the bossy phrasings
 (:data:`BOSSY`, "Tell / Have / Instruct the courier ...", 3 of the 8 phrasings), with probability
-``wrong_fraction / (3/8)`` there, and answers every other phrasing correctly. **Preference pairs**: two responses of different categories for
+``wrong_fraction / (3/8)`` there, and answers every other phrasing correctly.
+**Preference pairs**: two responses of different categories for
 the same prompt; chosen is the one with the higher gold reward (strictly).
 
 **Splits**: the distinct prompts (instruction phrasing x item x city) are shuffled and split into
