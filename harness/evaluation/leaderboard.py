@@ -550,6 +550,14 @@ def reproduce_command(records: Sequence[Mapping[str, Any]]) -> str | None:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory when it lies inside it (portable headers)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
 def build_leaderboard(runs_dir: Path | str, out_dir: Path | str,
                       command: str | None = None) -> dict[str, Path]:
     """Read the records in ``runs_dir`` and write, atomically, into ``out_dir``:
@@ -561,7 +569,7 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str,
     multirun command is derived from the records. An empty or missing ``runs_dir`` is not an
     error: all files are written with an empty table and a note.
     """
-    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    runs_dir, out_dir = _shown(Path(runs_dir)), _shown(Path(out_dir))
     records = load_records(runs_dir)
     rows = build_table(records)
 
