@@ -137,54 +137,58 @@ class Run:
 
     def sft_stage(self) -> tuple[StageRecord, CausalLM, Any]:
         """Find the SFT base for this (model, dataset, SFT config, seed), or train it."""
-        decides = self.sft_decides()
-        key = stage_key("sft", decides)
-        with self.cache.lock(key):
-            found = None if self.force else self.cache.load(key)
-            if found is not None:
-                log.info("SFT stage: reusing cached base %s (%s)", key, found.path)
-                return found, load_checkpoint(found.checkpoint)[0], None
-            log.info("SFT stage: training %s", key)
+
+        def train(key: str, decides: dict) -> tuple[StageRecord, CausalLM, Any]:
             from harness.methods.sft import SFTModule
 
-            L.seed_everything(self.seed, workers=True)
             policy = CausalLM(self.model_cfg)
-            c = self.sft_cfg
-            dm = AlignmentDataModule(self.task, self.tokenizer, kind="sft",
-                                     batch_size=c.batch_size, max_len=c.max_len,
-                                     overflow=c.overflow, seed=self.seed)
-            record, logger = self.fit_stage("sft", key, decides, SFTModule(policy, c), dm,
-                                            max_steps=c.max_steps, grad_clip=c.optim.grad_clip,
-                                            val_every=c.val_every)
+            record, logger = self.fit_cached(key, decides, SFTModule(policy, self.sft_cfg), "sft",
+                                             self.sft_cfg)
             save_checkpoint(policy, record.checkpoint, tokenizer=self.tokenizer,
                             resolved_config=self.cfg)
-            self.cache.commit(record)
             return record, policy, logger
+
+        return self.cached_stage("sft", self.sft_decides(),
+                                 lambda path: load_checkpoint(path)[0], train)
 
     def rm_stage(self, sft: StageRecord, sft_policy: CausalLM) -> tuple[StageRecord, ScalarHead, Any]:
         """Find or train the Bradley–Terry reward model on top of this SFT base."""
-        decides = {"sft": sft.key, "rm": asdict(self.rm_cfg)}
-        key = stage_key("rm", decides)
+
+        def train(key: str, decides: dict) -> tuple[StageRecord, ScalarHead, Any]:
+            from harness.methods.reward import RewardModule
+
+            rm = ScalarHead(copy.deepcopy(sft_policy))
+            record, logger = self.fit_cached(key, decides, RewardModule(rm, self.rm_cfg), "pairs",
+                                             self.rm_cfg)
+            save_reward_model(rm, record.checkpoint, self.tokenizer, self.cfg)
+            return record, rm, logger
+
+        return self.cached_stage("rm", {"sft": sft.key, "rm": asdict(self.rm_cfg)},
+                                 load_reward_model, train)
+
+    def cached_stage(self, kind: str, decides: dict, load, train) -> tuple[StageRecord, Any, Any]:
+        """The stage under ``stage_key(kind, decides)``: loaded if cached, else trained and committed.
+
+        A lock per key makes parallel sweep jobs train a stage once and share it.
+        """
+        key = stage_key(kind, decides)
         with self.cache.lock(key):
             found = None if self.force else self.cache.load(key)
             if found is not None:
-                log.info("RM stage: reusing cached reward model %s", key)
-                return found, load_reward_model(found.checkpoint), None
-            log.info("RM stage: training %s", key)
-            from harness.methods.reward import RewardModule
-
+                log.info("%s stage: reusing cached %s (%s)", kind.upper(), key, found.path)
+                return found, load(found.checkpoint), None
+            log.info("%s stage: training %s", kind.upper(), key)
             L.seed_everything(self.seed, workers=True)
-            rm = ScalarHead(copy.deepcopy(sft_policy))
-            c = self.rm_cfg
-            dm = AlignmentDataModule(self.task, self.tokenizer, kind="pairs",
-                                     batch_size=c.batch_size, max_len=c.max_len,
-                                     overflow=c.overflow, seed=self.seed)
-            record, logger = self.fit_stage("rm", key, decides, RewardModule(rm, c), dm,
-                                            max_steps=c.max_steps, grad_clip=c.optim.grad_clip,
-                                            val_every=c.val_every)
-            save_reward_model(rm, record.checkpoint, self.tokenizer, self.cfg)
+            record, model, logger = train(key, decides)
             self.cache.commit(record)
-            return record, rm, logger
+            return record, model, logger
+
+    def fit_cached(self, key: str, decides: dict, module, kind: str, c) -> tuple[StageRecord, Any]:
+        """Fit a cached stage's module on the task's ``kind`` data with its config's budget."""
+        dm = AlignmentDataModule(self.task, self.tokenizer, kind=kind, batch_size=c.batch_size,
+                                 max_len=c.max_len, overflow=c.overflow, seed=self.seed)
+        return self.fit_stage(c.stage, key, decides, module, dm, max_steps=c.max_steps,
+                              grad_clip=c.optim.grad_clip, val_every=c.val_every)
 
     def fit_stage(self, stage: str, key: str | None, decides: dict, module, data,
                   **budget) -> tuple[StageRecord, Any]:

@@ -67,6 +67,5 @@ class GRPOModule(OnPolicyModule):
                 self.step(opt, sched, loss)
                 stats.update(loss=loss.detach(), kl_k3=kl.detach(), pg_loss=pg.detach(),
                              entropy=masked_mean(ent.detach(), mask), moe_aux_loss=aux.detach())
-                for k, v in stats.items():
-                    stats_acc.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))
+                self.accumulate(stats_acc, stats)
         self.log_rollout(ro, adv, stats_acc, batch_idx)

@@ -107,8 +107,7 @@ class PPOModule(OnPolicyModule):
                 stats.update(vstats)
                 stats.update(loss=loss.detach(), pg_loss=pg.detach(), value_loss=vf.detach(),
                              entropy=entropy.detach(), moe_aux_loss=(aux_p + aux_c).detach())
-                for k, v in stats.items():
-                    stats_acc.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))
+                self.accumulate(stats_acc, stats)
         observed_kl = float((kl_log_ratio(ro.old_logp, ro.ref_logp) * ro.mask).sum(-1).mean())
         stats_acc["explained_var"] = [explained_variance(old_values, returns, ro.mask)]
         stats_acc["kl_coef"] = [torch.tensor(self.kl_coef)]

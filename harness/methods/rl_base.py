@@ -54,6 +54,12 @@ class OnPolicyModule(AlignmentModule):
         opt.step()
         sched.step()
 
+    @staticmethod
+    def accumulate(acc: dict[str, list[torch.Tensor]], stats: dict) -> None:
+        """Collect one minibatch's statistics; ``log_rollout`` logs their mean per rollout batch."""
+        for k, v in stats.items():
+            acc.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))
+
     def log_rollout(self, ro: Rollout, adv: torch.Tensor, stats: dict[str, list[torch.Tensor]],
                     iteration: int) -> None:
         """Log the DESIGN.md metric names for one rollout batch and the update made from it."""
