@@ -70,12 +70,14 @@ class SwiGLUExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.d_ff, cfg.d_model))
         self.down_proj = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_ff))
 
-    def forward(self, x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Sparse dispatch: x [N, D], gates/index [N, k] -> [N, D]; each expert sees only its tokens."""
+    def forward(self, x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor,
+                counts: list[int]) -> torch.Tensor:
+        """Sparse dispatch: x [N, D], gates/index [N, k], counts[e] = dispatches to expert e -> [N, D].
+
+        Each expert sees only its tokens.
+        """
         out = torch.zeros_like(x)
-        flat_expert = index.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        counts = torch.bincount(flat_expert, minlength=self.n_experts).tolist()
+        order = torch.argsort(index.reshape(-1), stable=True)
         token_of = order // index.shape[1]
         gate_of = gates.reshape(-1)[order]
         start = 0
@@ -118,6 +120,6 @@ class MoEFeedForward(nn.Module):
         self.aux_loss = (self.cfg.aux_loss_coef * self.load_balancing
                          + self.cfg.router_z_loss_coef * self.z_loss)
         with torch.no_grad():
-            counts = torch.bincount(index.reshape(-1), minlength=self.cfg.n_experts).float()
-            self.expert_load = counts / counts.sum()
-        return self.experts(flat, gates, index).reshape(b, t, d)
+            counts = torch.bincount(index.reshape(-1), minlength=self.cfg.n_experts)
+            self.expert_load = counts.float() / counts.sum()
+        return self.experts(flat, gates, index, counts.tolist()).reshape(b, t, d)
