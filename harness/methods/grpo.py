@@ -56,7 +56,7 @@ class GRPOModule(OnPolicyModule):
                 mask = ro.mask[idx]
                 logp, ent, aux = response_logprobs(
                     self.policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len,
-                    cfg.rollout.temperature, with_entropy=True)
+                    cfg.rollout.temperature, with_entropy=True, entropy_grad=False)
                 a = adv[idx, None].expand_as(logp)
                 pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], a, mask, cfg.clip_eps,
                                                   cfg.epsilon_high, aggregation=cfg.loss_type,
@@ -66,6 +66,6 @@ class GRPOModule(OnPolicyModule):
                 loss = self.checked("train/loss", pg + cfg.beta * kl + aux)
                 self.step(opt, sched, loss)
                 stats.update(loss=loss.detach(), kl_k3=kl.detach(), pg_loss=pg.detach(),
-                             entropy=masked_mean(ent.detach(), mask), moe_aux_loss=aux.detach())
+                             entropy=masked_mean(ent, mask), moe_aux_loss=aux.detach())
                 self.accumulate(stats_acc, stats)
         self.log_rollout(ro, adv, stats_acc, batch_idx)

@@ -52,18 +52,23 @@ class Rollout:
 
 def response_logprobs(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       prompt_len: int, temperature: float = 1.0, with_entropy: bool = False,
+                      entropy_grad: bool = True,
                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """log pi(a_t | s_t) of the response tokens under ``softmax(logits / temperature)``.
 
     Returns (logp [B, N], entropy [B, N] or None, MoE auxiliary loss). Position P - 1 + t of the
-    full sequence predicts response token t.
+    full sequence predicts response token t. ``entropy_grad=False`` computes the entropy without
+    autograd (for logging only, as in GRPO; PPO's entropy bonus needs the gradient).
     """
     out = model(input_ids, attention_mask=attention_mask)
     logits = out.logits[:, prompt_len - 1:-1].float() / temperature
     response = input_ids[:, prompt_len:]
     mask = attention_mask[:, prompt_len:]
     logp = token_logprobs(logits, response, mask)
-    ent = entropy_from_logits(logits) if with_entropy else None
+    ent = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent = entropy_from_logits(logits if entropy_grad else logits.detach())
     return logp, ent, out.aux_loss
 
 
