@@ -229,12 +229,15 @@ def evaluate(run: Run, policy: CausalLM, reference: CausalLM | None,
         prompts = prompts[: e["limit"]]
     args = (prompts, e["max_new_tokens"], e["batch_size"], max_len)
     res = gold_eval(policy, run.tokenizer, run.task, *args)
-    metrics = {"eval/gold_reward": res.mean_reward, "eval/n_prompts": float(len(prompts))}
+    best = run.task.gold_max
+    metrics = {"eval/gold_reward": res.mean_reward, "eval/gold_accuracy": res.accuracy(best),
+               "eval/n_prompts": float(len(prompts))}
     samples = [{"prompt": p, "response": r, "reward": w} for p, r, w in
                zip(res.prompts, res.responses, res.rewards, strict=True)][: e["n_samples"]]
     if reference is not None:
         ref = gold_eval(reference, run.tokenizer, run.task, *args)
         metrics["eval/ref_gold_reward"] = ref.mean_reward
+        metrics["eval/ref_gold_accuracy"] = ref.accuracy(best)
         metrics["eval/win_rate"] = win_rate(res.rewards, ref.rewards)
         metrics["eval/kl"] = sequence_kl(policy, reference, run.tokenizer, prompts,
                                          e["max_new_tokens"], e["batch_size"], max_len, run.seed)

@@ -172,8 +172,9 @@ def test_determinism_and_cache(arith, tmp_path):
     assert other.fingerprint != arith.fingerprint
     assert list(other.sft_dataset("train")["prompt"]) != list(arith.sft_dataset("train")["prompt"])
     assert list(other.eval_dataset()["prompt"]) != list(arith.eval_dataset()["prompt"])
-    # the tokenizer's vocabulary size does not change the data
+    # neither the tokenizer's vocabulary size nor the task's SFT budget changes the data
     assert build_task({**SMALL_ARITH, "vocab_size": 300}).fingerprint == arith.fingerprint
+    assert build_task({**SMALL_ARITH, "sft_max_steps": 10}).fingerprint == arith.fingerprint
 
 
 def test_config_validation():
@@ -187,6 +188,8 @@ def test_config_validation():
         build_task({"name": "arith", "n_eval": 5000})
     with pytest.raises(ConfigError, match="mistake_weights"):
         build_task({"name": "courier", "mistake_weights": [1, 1]})
+    with pytest.raises(ConfigError, match="dataset.sft_max_steps=0"):
+        build_task({"name": "arith", "sft_max_steps": 0})
 
 
 # ---------------------------------------------------------------------- courier

@@ -56,6 +56,14 @@ def test_stage_key_is_canonical_and_sensitive():
     assert a.startswith("sft-") and len(a) == 4 + 16
 
 
+def test_the_dataset_sets_the_sft_budget_and_an_override_wins():
+    assert composed(["dataset=arith"]).sft.max_steps == 3000
+    assert composed(["dataset=courier"]).sft.max_steps == 1000        # its sft_max_steps
+    assert composed(["dataset=courier", "method=sft"]).method.max_steps == 1000
+    assert composed(["dataset=courier", "sft.max_steps=7"]).sft.max_steps == 7
+    assert composed(["dataset=preference"]).sft.max_steps == 3000     # no budget of its own
+
+
 def test_sft_key_ignores_the_method_and_logger(tmp_path):
     from harness.pipeline import Run
 
@@ -135,6 +143,8 @@ def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
     m = summary["metrics"]
     for key in ("eval/gold_reward", "eval/ref_gold_reward", "eval/win_rate", "eval/kl"):
         assert key in m and m[key] == m[key]
+    # arith's gold reward is 0/1, so its accuracy (share at the task's best reward) is its mean
+    assert m["eval/gold_accuracy"] == pytest.approx(m["eval/gold_reward"])
     assert Path(summary["checkpoint"], "model.safetensors").is_file()
     if method in ("grpo", "ppo"):
         assert "train/reward" in m and "train/clip_frac" in m

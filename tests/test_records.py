@@ -169,3 +169,15 @@ def test_git_commit(tmp_path: Path) -> None:
 def test_harness_version() -> None:
     version = harness_version()
     assert isinstance(version, str) and version
+
+
+def test_win_rate_and_gold_accuracy_by_hand():
+    from harness.evaluation.gold import Completions, win_rate
+
+    # courier-style graded rewards: wins 1.0>0.5 and 0.0>-1.0, tie 0.5=0.5 (half), loss -1.0<1.0
+    assert win_rate([1.0, 0.0, 0.5, -1.0], [0.5, -1.0, 0.5, 1.0]) == pytest.approx(2.5 / 4)
+    done = Completions(["a"] * 4, ["r"] * 4, [1.0, 0.5, 1.0, -1.0])
+    assert done.mean_reward == pytest.approx(0.375)
+    assert done.accuracy(1.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="equally long"):
+        win_rate([1.0], [1.0, 0.0])

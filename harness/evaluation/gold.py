@@ -25,6 +25,10 @@ class Completions:
     def mean_reward(self) -> float:
         return sum(self.rewards) / max(1, len(self.rewards))
 
+    def accuracy(self, best: float) -> float:
+        """Share of responses whose gold reward reaches ``best`` (the task's ``gold_max``)."""
+        return sum(r >= best for r in self.rewards) / max(1, len(self.rewards))
+
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists -> (input_ids [B, P], attention_mask [B, P])."""

@@ -47,15 +47,19 @@ DATA_VERSION = 2
 
 @dataclasses.dataclass
 class TaskConfig:
-    """Fields shared by every task config. ``vocab_size`` is the tokenizer's, not part of the data
-    fingerprint; every other field generates data and enters the fingerprint."""
+    """Fields shared by every task config. ``vocab_size`` (the tokenizer's) and ``sft_max_steps``
+    are not part of the data fingerprint; every other field generates data and enters it."""
 
     name: str = ""
     seed: int = 0
     vocab_size: int = 512
+    #: The SFT budget (optimiser steps) this task needs; ``conf/method/sft.yaml`` reads it as
+    #: ``max_steps: ${oc.select:dataset.sft_max_steps,3000}``, so long-prompt tasks can train for
+    #: fewer steps. None: the SFT config's own default.
+    sft_max_steps: int | None = None
 
     #: Fields that do not change the data (left out of the fingerprint).
-    NON_DATA_FIELDS: ClassVar[tuple[str, ...]] = ("vocab_size",)
+    NON_DATA_FIELDS: ClassVar[tuple[str, ...]] = ("vocab_size", "sft_max_steps")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> Self:
@@ -74,6 +78,9 @@ class TaskConfig:
         if self.vocab_size is not None and int(self.vocab_size) < 260:
             raise ConfigError(f"dataset.vocab_size={self.vocab_size}: must be >= 260 "
                               "(256 bytes + 4 special tokens)")
+        if self.sft_max_steps is not None and int(self.sft_max_steps) <= 0:
+            raise ConfigError(f"dataset.sft_max_steps={self.sft_max_steps}: must be a positive "
+                              "number of steps (or null for the SFT config's default)")
 
     def data_fields(self) -> dict[str, Any]:
         """The fields that generate the data (the fingerprint's input)."""
@@ -96,6 +103,8 @@ class Task(ABC):
     config_class: ClassVar[type[TaskConfig]] = TaskConfig
     #: Whether :meth:`reward` exists (a verifiable gold reward); eval falls back otherwise.
     has_gold_reward: ClassVar[bool] = True
+    #: The best gold reward a response can get: ``eval/gold_accuracy`` is the share that gets it.
+    gold_max: ClassVar[float] = 1.0
     #: Whether generated datasets are cached with ``save_to_disk`` (loaders rely on HF's cache).
     disk_cache: ClassVar[bool] = True
 

@@ -92,7 +92,7 @@ class PreferenceConfig(TaskConfig):
     hf_cache_dir: str | None = None
     vocab_size: int = 4096
 
-    NON_DATA_FIELDS = ("vocab_size", "hf_cache_dir")
+    NON_DATA_FIELDS = (*TaskConfig.NON_DATA_FIELDS, "hf_cache_dir")
 
     def data_fields(self) -> dict[str, Any]:
         """The config fields plus (size, mtime) of local ``data_files``, so that editing a local
