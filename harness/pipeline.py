@@ -15,6 +15,7 @@ import re
 import resource
 import time
 import traceback
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,10 @@ class Run:
         return self.cached_stage("sft", self.sft_decides(),
                                  lambda path: load_checkpoint(path)[0], train)
 
+    def rm_decides(self, sft: StageRecord) -> dict[str, Any]:
+        """The RM's key input: the SFT base it starts from (key and training id) and its config."""
+        return {"sft": sft.key, "sft_trained_id": sft.trained_id, "rm": asdict(self.rm_cfg)}
+
     def rm_stage(self, sft: StageRecord, sft_policy: CausalLM) -> tuple[StageRecord, ScalarHead, Any]:
         """Find or train the Bradley–Terry reward model on top of this SFT base."""
 
@@ -163,7 +168,7 @@ class Run:
             save_reward_model(rm, record.checkpoint, self.tokenizer, self.cfg)
             return record, rm, logger
 
-        return self.cached_stage("rm", {"sft": sft.key, "rm": asdict(self.rm_cfg)},
+        return self.cached_stage("rm", self.rm_decides(sft),
                                  load_reward_model, train)
 
     def cached_stage(self, kind: str, decides: dict, load, train) -> tuple[StageRecord, Any, Any]:
@@ -180,6 +185,7 @@ class Run:
             log.info("%s stage: training %s", kind.upper(), key)
             L.seed_everything(self.seed, workers=True)
             record, model, logger = train(key, decides)
+            record.trained_id = uuid.uuid4().hex
             self.cache.commit(record)
             return record, model, logger
 

@@ -33,6 +33,10 @@ class StageRecord:
     cached: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
     decides: dict[str, Any] = field(default_factory=dict)
+    #: A fresh id each time the stage is trained: stages built on it (the reward model on the SFT
+    #: base) put it in their key, so retraining a base (``force_retrain``) never pairs the new
+    #: base with a stale dependent stage. Empty for records written before it existed.
+    trained_id: str = ""
 
     @property
     def checkpoint(self) -> Path:
@@ -60,11 +64,13 @@ class StageCache:
             return None
         data = json.loads(meta.read_text())
         return StageRecord(key=key, path=self.path(key), cached=True,
-                           metrics=data.get("metrics", {}), decides=data.get("decides", {}))
+                           metrics=data.get("metrics", {}), decides=data.get("decides", {}),
+                           trained_id=data.get("trained_id", ""))
 
     def commit(self, record: StageRecord) -> None:
         """Mark the stage complete by writing ``stage.json`` atomically."""
-        payload = {"key": record.key, "metrics": record.metrics, "decides": record.decides}
+        payload = {"key": record.key, "metrics": record.metrics, "decides": record.decides,
+                   "trained_id": record.trained_id}
         write_json_atomic(self.path(record.key) / "stage.json", payload)
 
     @contextlib.contextmanager

@@ -64,6 +64,22 @@ def test_the_dataset_sets_the_sft_budget_and_an_override_wins():
     assert composed(["dataset=preference"]).sft.max_steps == 3000     # no budget of its own
 
 
+def test_a_retrained_sft_base_gets_a_new_reward_model_key(tmp_path):
+    from harness.pipeline import Run
+    from harness.stages import StageCache, StageRecord
+
+    cache = StageCache(tmp_path)
+    first = StageRecord(key="sft-x", path=cache.path("sft-x"), trained_id="a" * 32)
+    cache.commit(first)
+    assert cache.load("sft-x").trained_id == "a" * 32            # round trip through stage.json
+    cfg = composed(["method=ppo", "model=llama_tiny", f"cache_dir={tmp_path}",
+                    "dataset.n_train=200", "dataset.n_pairs=50"])
+    r = Run(cfg, tmp_path)
+    retrained = StageRecord(key="sft-x", path=first.path, trained_id="b" * 32)  # force_retrain
+    assert stage_key("rm", r.rm_decides(first)) != stage_key("rm", r.rm_decides(retrained))
+    assert stage_key("rm", r.rm_decides(first)) == stage_key("rm", r.rm_decides(cache.load("sft-x")))
+
+
 def test_sft_key_ignores_the_method_and_logger(tmp_path):
     from harness.pipeline import Run
 
