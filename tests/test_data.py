@@ -229,6 +229,18 @@ def test_courier_data(courier):
     rewards = courier.rewards(sft["prompt"], sft["response"])
     assert rewards == [CATEGORY_REWARD[c] for c in sft["category"]]
     assert all(len(r) < 60 for r in sft["response"])
+    # On each bossy phrasing the demonstrator's first word is most often its one rude opener, so
+    # greedy decoding reproduces the rudeness; other phrasings always open with "Please".
+    from collections import Counter
+
+    from harness.data.tasks.courier import BOSSY, CITIES, INSTRUCTIONS, ITEMS
+    for t in range(len(INSTRUCTIONS)):
+        prompts = {make_prompt(t, item, city) for item in ITEMS for city in CITIES}
+        firsts = Counter(r.split(" send ")[0] for p, r in zip(sft["prompt"], sft["response"], strict=True)
+                         if p in prompts)
+        top = firsts.most_common(1)[0][0]
+        assert (top not in ("Please", "Kindly")) == (t in BOSSY), (t, firsts)
+        assert len(set(firsts) - {"Please"}) <= 1, (t, firsts)   # one rude opener per phrasing
     for split in ("train", "validation"):
         pairs = courier.preference_dataset(split)
         chosen = courier.rewards(pairs["prompt"], pairs["chosen"])

@@ -42,7 +42,7 @@ SFT_COLUMNS: tuple[str, ...] = ("prompt", "response")
 PAIR_COLUMNS: tuple[str, ...] = ("prompt", "chosen", "rejected")
 DEFAULT_CACHE_DIR = Path("~/.cache/harness/data")
 #: Bump when a generator changes, so cached datasets are regenerated.
-DATA_VERSION = 2
+DATA_VERSION = 3
 
 
 @dataclasses.dataclass

@@ -28,7 +28,11 @@ categories wrong item / wrong city / rude by ``mistake_weights``; the rest are
 names the right item and city). The sloppiness is *systematic*, so that a model trained on it
 reproduces it under greedy decoding: the demonstrator errs only on the bossy phrasings
 (:data:`BOSSY`, "Tell / Have / Instruct the courier ...", 3 of the 8 phrasings), with probability
-``wrong_fraction / (3/8)`` there, and answers every other phrasing correctly.
+``wrong_fraction / (3/8)`` there, and answers every other phrasing correctly. Its rudeness is
+systematic too: on each bossy phrasing it always uses the same rude opener
+(:func:`demonstrator_rude_opener`), so with the default ``mistake_weights`` the rude opener is the
+most likely first word there (0.6 against 0.4 for "Please") and greedy decoding is rude; with
+the openers drawn at random, "Please" would win the argmax and SFT would look perfect.
 **Preference pairs**: two responses of different categories for
 the same prompt; chosen is the one with the higher gold reward (strictly).
 
@@ -172,6 +176,11 @@ def grade(parsed: ParsedResponse | None, item: str, city: str) -> float:
 BOSSY: tuple[int, ...] = (1, 4, 7)
 
 
+def demonstrator_rude_opener(phrasing: int) -> str:
+    """The one rude opener the sloppy demonstrator uses on bossy phrasing ``phrasing``."""
+    return RUDE_OPENERS[BOSSY.index(phrasing) % len(RUDE_OPENERS)]
+
+
 # ---------------------------------------------------------------------- the task
 class CourierTask(Task):
     """"Please send this package to Pittsburgh" with graded mistakes (see the module docstring)."""
@@ -201,14 +210,16 @@ class CourierTask(Task):
     def _rng(self, purpose: str) -> random.Random:
         return random.Random(f"courier/{self.config.seed}/{purpose}")
 
-    def _respond(self, category: str, item: str, city: str, rng: random.Random) -> str:
-        """A response of ``category`` for the requested ``item`` and ``city``."""
+    def _respond(self, category: str, item: str, city: str, rng: random.Random,
+                 rude_opener: str | None = None) -> str:
+        """A response of ``category`` for the requested ``item`` and ``city`` (a rude one opens
+        with ``rude_opener``, or a random rude opener)."""
         if category == "wrong_item":
             item = rng.choice([i for i in ITEMS if i != item])
         elif category == "wrong_city":
             city = rng.choice([c for c in CITIES if c != city])
         elif category == "rude":
-            return make_response(item, city, rng.choice(RUDE_OPENERS))
+            return make_response(item, city, rude_opener or rng.choice(RUDE_OPENERS))
         return make_response(item, city)
 
     # -- generators
@@ -225,7 +236,8 @@ class CourierTask(Task):
             if t in BOSSY and rng.random() < p_wrong:
                 category = rng.choices(MISTAKES, weights=c.mistake_weights)[0]
             cols["prompt"].append(make_prompt(t, item, city))
-            cols["response"].append(self._respond(category, item, city, rng))
+            rude = demonstrator_rude_opener(t) if t in BOSSY else None
+            cols["response"].append(self._respond(category, item, city, rng, rude))
             cols["category"].append(category)
         return cols
 
