@@ -33,22 +33,13 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def fusable(groups: list[dict]) -> bool:
-    """Whether PyTorch's fused AdamW kernel applies: floating-point parameters on CPU or CUDA.
-
-    On 2 CPU cores the fused step of a small model takes about a third of the per-tensor loop's
-    time (``_single_tensor_adam``, the CPU default), several percent of an SFT step.
-    """
-    params = [p for g in groups for p in g["params"]]
-    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
-                                for p in params)
-
-
 def build_optimizer(modules: Iterable[nn.Module], cfg: OptimConfig, max_steps: int) -> dict:
     """Lightning ``configure_optimizers`` dict: AdamW + per-step warm-up/cosine scheduler."""
-    groups = param_groups(modules, cfg.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            fused=True if fusable(groups) else None)
+    # PyTorch's default (per-tensor) AdamW. The fused kernel is ~3x faster per step on CPU, but
+    # its different rounding moved arith's SFT (a task with a phase transition) from held-out
+    # gold 0.615 to 0.53 at the default seed, so it is not switched on silently.
+    opt = torch.optim.AdamW(param_groups(modules, cfg.weight_decay), lr=cfg.lr,
+                            betas=(cfg.beta1, cfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, cfg.warmup_steps, max_steps, cfg.min_lr_ratio))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
