@@ -289,12 +289,11 @@ def write_outputs(summary: dict[str, Any], run_dir: Path) -> None:
     """``summary.json`` in the run directory and one record in ``<results_dir>/runs/``."""
     from harness.evaluation.records import write_record
 
-    write_json_atomic(run_dir / "summary.json", summary)
     results = summary.get("config", {}).get("results_dir")
     if results:
         path = write_record(record_for(summary, run_dir), Path(to_absolute_path(results)) / "runs")
         summary["record"] = str(path)
-        write_json_atomic(run_dir / "summary.json", summary)
+    write_json_atomic(run_dir / "summary.json", summary)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
