@@ -262,3 +262,25 @@ def validate(cfg: DictConfig) -> tuple[ModelConfig, Any]:
     method = to_dataclass(schema, cfg.method)
     method.check("method")
     return model, method
+
+
+def differing_fields(used: Any, ignored: Any, prefix: tuple[str, str]) -> list[str]:
+    """``"<ignored>.f=x (<used>.f=y)"`` for each leaf field where two config sections differ.
+
+    With ``method=sft`` (or ``method=rm``) the stage runs from the ``method`` section, and the
+    ``sft`` (``rm``) section - composed from the same file - is not read; an override written
+    there would be silently lost, so the pipeline warns with these strings.
+    """
+    a = OmegaConf.to_container(used, resolve=True) if isinstance(used, DictConfig) else used
+    b = OmegaConf.to_container(ignored, resolve=True) if isinstance(ignored, DictConfig) else ignored
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y), key=str):
+                walk(x.get(k), y.get(k), f"{path}.{k}" if path else str(k))
+        elif x != y:
+            out.append(f"{prefix[1]}.{path}={y} ({prefix[0]}.{path}={x})")
+
+    walk(a, b, "")
+    return out

@@ -25,7 +25,7 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import RMConfig, SFTConfig, to_dataclass, validate
+from harness.config import RMConfig, SFTConfig, differing_fields, to_dataclass, validate
 from harness.data.datamodule import AlignmentDataModule
 from harness.data.tasks import build_task
 from harness.data.tokenizer import load_or_build_tokenizer
@@ -115,6 +115,13 @@ class Run:
         self.rm_cfg: RMConfig = (self.method_cfg if self.method_cfg.name == "rm"
                                  else to_dataclass(RMConfig, cfg.rm))
         self.rm_cfg.check("rm")
+        stage = self.method_cfg.name
+        if stage in ("sft", "rm") and stage in cfg:
+            lost = differing_fields(cfg.method, cfg[stage], ("method", stage))
+            if lost:
+                log.warning("method=%s trains the %s stage from the `method` section; these "
+                            "overrides of `%s` are not used: %s (set method.* instead)",
+                            stage, stage.upper(), stage, "; ".join(lost))
         self.cfg: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore
         self.run_dir = run_dir
         self.history: dict[str, list[list[float]]] = {}

@@ -91,12 +91,14 @@ def test_sft_run_writes_summary_checkpoint_and_offline_wandb_then_reuses_cache(t
     assert len(losses) >= 2 and all(v == v for _, v in losses)
     assert run.summary["eval/gold_reward"] == pytest.approx(summary["metrics"]["eval/gold_reward"])
 
-    again = harness(*common, f"hydra.run.dir={tmp_path}/run2")
+    # sft.* is not read when method=sft: the override is reported, and the cached stage reused
+    again = harness(*common, "sft.max_steps=7", f"hydra.run.dir={tmp_path}/run2")
     assert again.returncode == 0, again.stderr[-3000:]
     second = json.loads((tmp_path / "run2" / "summary.json").read_text())
     assert second["stages"]["sft"]["cached"] is True
     assert second["cache_keys"]["sft"] == summary["cache_keys"]["sft"]
     assert "reused from cache" in again.stdout
+    assert "sft.max_steps=7 (method.max_steps=40)" in again.stdout + again.stderr
     assert second["metrics"]["eval/gold_reward"] == summary["metrics"]["eval/gold_reward"]
 
 
