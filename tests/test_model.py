@@ -207,6 +207,10 @@ def test_moe_model_reports_aux_loss_and_load_per_layer():
     assert float(out.aux_loss.detach()) > 0
     out.aux_loss.backward()
     assert model.model.layers[0].mlp.gate.weight.grad is not None
+    with torch.no_grad():  # sampling: loads still reported, no loss terms computed
+        frozen = model(torch.randint(4, 40, (2, 7)))
+    assert float(frozen.aux_loss) == 0.0 and len(frozen.expert_load) == 2
+    assert float(frozen.expert_load[0].sum()) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(("kw", "field"), [

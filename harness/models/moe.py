@@ -98,6 +98,8 @@ class MoEFeedForward(nn.Module):
     After each forward, ``aux_loss`` holds the weighted auxiliary loss of the layer
     (``aux_loss_coef`` * Switch load balancing + ``router_z_loss_coef`` * z-loss), ``load_balancing``
     and ``z_loss`` the raw terms, and ``expert_load`` [E] the fraction of dispatches per expert.
+    Under ``torch.no_grad`` / ``inference_mode`` (sampling, reference log-probs) the three loss
+    terms are not computed and read 0; ``expert_load`` always is.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -114,11 +116,14 @@ class MoEFeedForward(nn.Module):
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         logits, gates, index = self.gate(flat)
-        probs = torch.softmax(logits.float(), dim=-1)
-        self.load_balancing = switch_load_balancing_loss(probs, index, self.cfg.n_experts)
-        self.z_loss = router_z_loss(logits.float())
-        self.aux_loss = (self.cfg.aux_loss_coef * self.load_balancing
-                         + self.cfg.router_z_loss_coef * self.z_loss)
+        if torch.is_grad_enabled():
+            probs = torch.softmax(logits.float(), dim=-1)
+            self.load_balancing = switch_load_balancing_loss(probs, index, self.cfg.n_experts)
+            self.z_loss = router_z_loss(logits.float())
+            self.aux_loss = (self.cfg.aux_loss_coef * self.load_balancing
+                             + self.cfg.router_z_loss_coef * self.z_loss)
+        else:  # sampling, reference log-probs: nothing to back-propagate, so skip the extra ops
+            self.aux_loss = self.load_balancing = self.z_loss = flat.new_zeros(())
         with torch.no_grad():
             counts = torch.bincount(index.reshape(-1), minlength=self.cfg.n_experts)
             self.expert_load = counts.float() / counts.sum()
