@@ -1,9 +1,10 @@
 """Bradley–Terry reward model (seed): ``J_RM = -E log sigma(r(x, y_w) - r(x, y_l))``.
 
 The reward model is a copy of the SFT model with a scalar head. The reward of a sequence is the
-head's output at its last real token (``pooling: last``, InstructGPT) or the mean of the head's
-outputs over the response tokens (``pooling: mean``), which learns faster on tasks such as ``arith``
-where judging the response needs every response position (see the README's notes on PPO).
+head's output at its last real token (``pooling: last``, InstructGPT, the default) or the mean of
+the head's outputs over the response tokens (``pooling: mean``). On ``arith``, PPO against a
+mean-pooled reward model lowered the gold reward (0.615 -> 0.41 on llama_small), so ``last`` stays
+the default.
 """
 
 from __future__ import annotations
