@@ -1,8 +1,10 @@
 """Batched sampling with a KV cache for left-padded prompts of different lengths.
 
 One prefill forward over the prompts, then one single-token forward per new token that reuses the
-cached keys and values. Greedy, or temperature / top-k / top-p (nucleus) sampling; a row stops at
-EOS and is padded afterwards; the loop ends when every row has stopped.
+cached keys and values (a :class:`~harness.models.llama.KVCache` preallocated for prompt + new
+tokens, written in place: no per-step copy of the cache). Greedy, or temperature / top-k / top-p
+(nucleus) sampling; a row stops at EOS and is padded afterwards; the loop ends when every row has
+stopped.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
     model.eval()
     b = input_ids.shape[0]
     mask = attention_mask.long()
-    out = model(input_ids, attention_mask=mask, use_cache=True)
+    cache = model.new_cache(b, input_ids.shape[1] + max_new_tokens, device=input_ids.device)
+    out = model(input_ids, attention_mask=mask, past=cache, use_cache=True)
     past, logits = out.past, out.logits[:, -1]
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     tokens, logps, alive = [], [], []

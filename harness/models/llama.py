@@ -18,7 +18,46 @@ from torch import nn
 from harness.models.config import ModelConfig
 from harness.models.moe import MoEFeedForward
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+class KVCache:
+    """Keys and values of every layer in preallocated buffers [B, n_kv, capacity, hd].
+
+    Decoding writes each step's keys/values into the next free slot instead of concatenating a
+    new, one-longer tensor per layer and step (which copies the whole cache every step).
+    ``length`` is the number of cached positions; the buffers double when a write would overflow
+    them. The cache is updated in place by the forward pass that receives it, so one cache
+    follows one continuation.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | None = None) -> None:
+        shape = (batch, n_kv_heads, max(1, capacity), head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def _grow(self, needed: int) -> None:
+        cap = max(needed, 2 * self.capacity)
+        for buffers in (self.k, self.v):
+            for i, old in enumerate(buffers):
+                new = old.new_empty(*old.shape[:2], cap, old.shape[3])
+                new[:, :, :self.length] = old[:, :, :self.length]
+                buffers[i] = new
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, n_kv, T, hd] after the cached positions of ``layer``; return the layer's
+        keys and values so far [B, n_kv, length + T, hd] (views of the buffers)."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            self._grow(end)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class RMSNorm(nn.Module):
@@ -69,34 +108,32 @@ class Attention(nn.Module):
     x: [B, T, D] -> [B, T, D]. Each group of n_heads/n_kv_heads query heads shares one K/V head.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.layer_idx = layer_idx
         self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None,
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         """mask: [B, 1, T, S] boolean (True = may attend) or None for plain causal attention.
 
-        past: cached (k, v) [B, n_kv, S - T, hd]; returns the output and the updated cache.
+        cache: holds the S - T earlier positions; this step's keys and values are added to it.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past is not None:
-            k = torch.cat((past[0], k), dim=2)
-            v = torch.cat((past[1], v), dim=2)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
             enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1)), (k, v)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class SwiGLU(nn.Module):
@@ -115,17 +152,16 @@ class SwiGLU(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``h = x + Attn(RMSNorm(x)); y = h + MLP(RMSNorm(h))``."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp: nn.Module = MoEFeedForward(cfg) if cfg.is_moe else SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, mask, past=None):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
-        h = x + a
-        return h + self.mlp(self.post_attention_layernorm(h)), kv
+    def forward(self, x, cos, sin, mask, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Decoder(nn.Module):
@@ -134,7 +170,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
 
@@ -205,6 +241,13 @@ class CausalLM(nn.Module):
     def moe_layers(self) -> list[MoEFeedForward]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEFeedForward)]
 
+    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` rows and ``capacity`` positions."""
+        w = self.lm_head.weight
+        return KVCache(self.cfg.n_layers, batch, self.cfg.kv_heads, self.cfg.head_dim, capacity,
+                       dtype or w.dtype, device or w.device)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past: KVCache | None = None, use_cache: bool = False,
                 return_logits: bool = True) -> CausalLMOutput:
@@ -212,18 +255,22 @@ class CausalLM(nn.Module):
 
         Training batches are right-padded and need no mask (causality keeps real tokens from seeing
         the padding after them); generation passes the mask for left-padded prompts.
+        ``past`` (a :class:`KVCache`, updated in place) holds the earlier positions; with
+        ``use_cache`` and no ``past`` a cache sized for these T positions is started. The output's
+        ``past`` is that cache.
         """
         b, t = input_ids.shape
-        past_len = past[0][0].shape[2] if past else 0
+        if use_cache and past is None:
+            past = self.new_cache(b, t, device=input_ids.device)
+        past_len = past.length if past is not None else 0
         mask = build_attention_mask(attention_mask, t, past_len + t, input_ids.device)
         pos = positions_from_mask(attention_mask, b, t, past_len, input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        new_past: KVCache = []
-        for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, cos, sin, mask, past[i] if past else None)
-            if use_cache:
-                new_past.append(kv)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, past)
+        if past is not None:
+            past.length = past_len + t
         hidden = self.model.norm(x)
         moe = self.moe_layers
         aux = torch.stack([m.aux_loss for m in moe]).sum() if moe else hidden.new_zeros(())
@@ -231,7 +278,7 @@ class CausalLM(nn.Module):
             logits=self.lm_head(hidden) if return_logits else None,
             hidden=hidden,
             aux_loss=aux,
-            past=new_past if use_cache else None,
+            past=past,
             expert_load=[m.expert_load for m in moe],
         )
 
