@@ -224,3 +224,20 @@ def test_moe_model_reports_aux_loss_and_load_per_layer():
 def test_config_validation_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=f"model.{field}"):
         tiny(**kw)
+
+
+def test_kv_cache_follows_the_dtype_of_the_keys():
+    """bf16-mixed training samples rollouts under autocast; a bf16 model caches bf16 keys."""
+    torch.manual_seed(0)
+    model = CausalLM(tiny()).eval()
+    ids = torch.randint(4, 40, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gen = generate(model, ids, torch.ones_like(ids), 4, eos_token_id=-1, pad_token_id=0,
+                       greedy=True)
+    assert gen.response.shape == (2, 4)
+    half = model.to(torch.bfloat16)
+    out = half(ids, use_cache=True)
+    assert out.past.k[0].dtype == torch.bfloat16 and out.past.length == 5
+    nxt = half(ids[:, :1], attention_mask=torch.ones(2, 6, dtype=torch.long), past=out.past,
+               use_cache=True)
+    assert nxt.past.length == 6 and nxt.logits.dtype == torch.bfloat16

@@ -54,7 +54,7 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
     model.eval()
     b = input_ids.shape[0]
     mask = attention_mask.long()
-    cache = model.new_cache(b, input_ids.shape[1] + max_new_tokens, device=input_ids.device)
+    cache = model.new_cache(input_ids.shape[1] + max_new_tokens)
     out = model(input_ids, attention_mask=mask, past=cache, use_cache=True)
     past, logits = out.past, out.logits[:, -1]
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)

@@ -24,40 +24,42 @@ class KVCache:
 
     Decoding writes each step's keys/values into the next free slot instead of concatenating a
     new, one-longer tensor per layer and step (which copies the whole cache every step).
-    ``length`` is the number of cached positions; the buffers double when a write would overflow
-    them. The cache is updated in place by the forward pass that receives it, so one cache
-    follows one continuation.
+    ``length`` is the number of cached positions. A layer's buffer is allocated at its first
+    write, in the dtype and device of the keys written (so autocast's bf16 keys get a bf16
+    cache), and doubles when a write would overflow it. The cache is updated in place by the
+    forward pass that receives it, so one cache follows one continuation.
     """
 
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | None = None) -> None:
-        shape = (batch, n_kv_heads, max(1, capacity), head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+    def __init__(self, n_layers: int, capacity: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.capacity = max(1, capacity)
         self.length = 0
 
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[2]
-
-    def _grow(self, needed: int) -> None:
-        cap = max(needed, 2 * self.capacity)
-        for buffers in (self.k, self.v):
-            for i, old in enumerate(buffers):
-                new = old.new_empty(*old.shape[:2], cap, old.shape[3])
-                new[:, :, :self.length] = old[:, :, :self.length]
-                buffers[i] = new
+    def _reserve(self, layer: int, like: torch.Tensor, end: int) -> None:
+        """Make ``layer``'s buffers hold ``end`` positions in ``like``'s dtype, keeping the cache."""
+        old_k, old_v = self.k[layer], self.v[layer]
+        if old_k is not None and old_k.dtype == like.dtype and end <= old_k.shape[2]:
+            return
+        cap = max(end, self.capacity if old_k is None else 2 * old_k.shape[2])
+        shape = (like.shape[0], like.shape[1], cap, like.shape[3])
+        new_k, new_v = like.new_empty(shape), like.new_empty(shape)
+        if old_k is not None and old_v is not None:
+            new_k[:, :, :self.length] = old_k[:, :, :self.length]
+            new_v[:, :, :self.length] = old_v[:, :, :self.length]
+        self.k[layer], self.v[layer] = new_k, new_v
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, hd] after the cached positions of ``layer``; return the layer's
         keys and values so far [B, n_kv, length + T, hd] (views of the buffers)."""
         end = self.length + k.shape[2]
-        if end > self.capacity:
-            self._grow(end)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self._reserve(layer, k, end)
+        buf_k, buf_v = self.k[layer], self.v[layer]
+        assert buf_k is not None and buf_v is not None
+        buf_k[:, :, self.length:end] = k
+        buf_v[:, :, self.length:end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
 
 
 class RMSNorm(nn.Module):
@@ -241,12 +243,9 @@ class CausalLM(nn.Module):
     def moe_layers(self) -> list[MoEFeedForward]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEFeedForward)]
 
-    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None,
-                  device: torch.device | None = None) -> KVCache:
-        """An empty :class:`KVCache` for ``batch`` rows and ``capacity`` positions."""
-        w = self.lm_head.weight
-        return KVCache(self.cfg.n_layers, batch, self.cfg.kv_heads, self.cfg.head_dim, capacity,
-                       dtype or w.dtype, device or w.device)
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty :class:`KVCache` sized for ``capacity`` positions (it grows past them)."""
+        return KVCache(self.cfg.n_layers, capacity)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past: KVCache | None = None, use_cache: bool = False,
@@ -261,7 +260,7 @@ class CausalLM(nn.Module):
         """
         b, t = input_ids.shape
         if use_cache and past is None:
-            past = self.new_cache(b, t, device=input_ids.device)
+            past = self.new_cache(t)
         past_len = past.length if past is not None else 0
         mask = build_attention_mask(attention_mask, t, past_len + t, input_ids.device)
         pos = positions_from_mask(attention_mask, b, t, past_len, input_ids.device)
