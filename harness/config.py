@@ -264,15 +264,14 @@ def validate(cfg: DictConfig) -> tuple[ModelConfig, Any]:
     return model, method
 
 
-def differing_fields(used: Any, ignored: Any, prefix: tuple[str, str]) -> list[str]:
-    """``"<ignored>.f=x (<used>.f=y)"`` for each leaf field where two config sections differ.
+def differing_fields(used: dict, ignored: dict, prefix: tuple[str, str]) -> list[str]:
+    """``"<ignored>.f=x (<used>.f=y)"`` for each leaf field where two resolved config sections
+    (plain dicts) differ.
 
     With ``method=sft`` (or ``method=rm``) the stage runs from the ``method`` section, and the
     ``sft`` (``rm``) section - composed from the same file - is not read; an override written
     there would be silently lost, so the pipeline warns with these strings.
     """
-    a = OmegaConf.to_container(used, resolve=True) if isinstance(used, DictConfig) else used
-    b = OmegaConf.to_container(ignored, resolve=True) if isinstance(ignored, DictConfig) else ignored
     out: list[str] = []
 
     def walk(x: Any, y: Any, path: str) -> None:
@@ -282,5 +281,5 @@ def differing_fields(used: Any, ignored: Any, prefix: tuple[str, str]) -> list[s
         elif x != y:
             out.append(f"{prefix[1]}.{path}={y} ({prefix[0]}.{path}={x})")
 
-    walk(a, b, "")
+    walk(used, ignored, "")
     return out

@@ -115,14 +115,14 @@ class Run:
         self.rm_cfg: RMConfig = (self.method_cfg if self.method_cfg.name == "rm"
                                  else to_dataclass(RMConfig, cfg.rm))
         self.rm_cfg.check("rm")
+        self.cfg: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore
         stage = self.method_cfg.name
-        if stage in ("sft", "rm") and stage in cfg:
-            lost = differing_fields(cfg.method, cfg[stage], ("method", stage))
+        if stage in ("sft", "rm") and stage in self.cfg:
+            lost = differing_fields(self.cfg["method"], self.cfg[stage], ("method", stage))
             if lost:
                 log.warning("method=%s trains the %s stage from the `method` section; these "
                             "overrides of `%s` are not used: %s (set method.* instead)",
                             stage, stage.upper(), stage, "; ".join(lost))
-        self.cfg: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore
         self.run_dir = run_dir
         self.history: dict[str, list[list[float]]] = {}
         self.cache = StageCache(Path(to_absolute_path(cfg.cache_dir)))

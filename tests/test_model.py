@@ -234,7 +234,9 @@ def test_kv_cache_follows_the_dtype_of_the_keys():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         gen = generate(model, ids, torch.ones_like(ids), 4, eos_token_id=-1, pad_token_id=0,
                        greedy=True)
+        mixed = model(ids, use_cache=True).past  # rotated keys float32, values bf16: kept so
     assert gen.response.shape == (2, 4)
+    assert mixed.k[0].dtype == torch.float32 and mixed.v[0].dtype == torch.bfloat16
     half = model.to(torch.bfloat16)
     out = half(ids, use_cache=True)
     assert out.past.k[0].dtype == torch.bfloat16 and out.past.length == 5

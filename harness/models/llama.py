@@ -24,9 +24,9 @@ class KVCache:
 
     Decoding writes each step's keys/values into the next free slot instead of concatenating a
     new, one-longer tensor per layer and step (which copies the whole cache every step).
-    ``length`` is the number of cached positions. A layer's buffer is allocated at its first
-    write, in the dtype and device of the keys written (so autocast's bf16 keys get a bf16
-    cache), and doubles when a write would overflow it. The cache is updated in place by the
+    ``length`` is the number of cached positions. A layer's buffers are allocated at its first
+    write, in the dtype and device of the keys / values written (under autocast the rotated keys
+    are float32 and the values bf16), and double when a write would overflow them. The cache is updated in place by the
     forward pass that receives it, so one cache follows one continuation.
     """
 
@@ -36,27 +36,28 @@ class KVCache:
         self.capacity = max(1, capacity)
         self.length = 0
 
-    def _reserve(self, layer: int, like: torch.Tensor, end: int) -> None:
-        """Make ``layer``'s buffers hold ``end`` positions in ``like``'s dtype, keeping the cache."""
+    def _reserve(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                 end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s buffers, (re)allocated like ``k`` and ``v`` to hold ``end`` positions."""
         old_k, old_v = self.k[layer], self.v[layer]
-        if old_k is not None and old_k.dtype == like.dtype and end <= old_k.shape[2]:
-            return
+        if (old_k is not None and old_v is not None and end <= old_k.shape[2]
+                and old_k.dtype == k.dtype and old_v.dtype == v.dtype):
+            return old_k, old_v
         cap = max(end, self.capacity if old_k is None else 2 * old_k.shape[2])
-        shape = (like.shape[0], like.shape[1], cap, like.shape[3])
-        new_k, new_v = like.new_empty(shape), like.new_empty(shape)
+        new_k = k.new_empty(*k.shape[:2], cap, k.shape[3])
+        new_v = v.new_empty(*v.shape[:2], cap, v.shape[3])
         if old_k is not None and old_v is not None:
             new_k[:, :, :self.length] = old_k[:, :, :self.length]
             new_v[:, :, :self.length] = old_v[:, :, :self.length]
         self.k[layer], self.v[layer] = new_k, new_v
+        return new_k, new_v
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, hd] after the cached positions of ``layer``; return the layer's
         keys and values so far [B, n_kv, length + T, hd] (views of the buffers)."""
         end = self.length + k.shape[2]
-        self._reserve(layer, k, end)
-        buf_k, buf_v = self.k[layer], self.v[layer]
-        assert buf_k is not None and buf_v is not None
+        buf_k, buf_v = self._reserve(layer, k, v, end)
         buf_k[:, :, self.length:end] = k
         buf_v[:, :, self.length:end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
