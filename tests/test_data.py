@@ -21,6 +21,7 @@ from harness.data.collate import (  # noqa: E402
     SFTCollator,
     encode_pair,
     encode_prompt,
+    encode_prompts,
     encode_sft,
     tokenize_dataset,
 )
@@ -340,6 +341,12 @@ def test_collators(arith_tok):
     assert qb["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1], [1] * 7]
     assert qb["input_ids"][:, -1].tolist() == [tok.convert_tokens_to_ids("=")] * 2
     assert qb["prompts"] == ["1+1=", "10+20="]
+    # the generation path (sampler, gold evaluation, drift) pads the same way as the collator
+    ids, mask = encode_prompts(tok, ["1+1=", "10+20="], 16)
+    assert torch.equal(ids, qb["input_ids"]) and torch.equal(mask, qb["attention_mask"])
+    ids, mask = encode_prompts(tok, ["10+20="], 4)                             # left-truncated
+    assert ids.tolist() == [[tok.bos_token_id, *tok("20=", add_special_tokens=False)["input_ids"]]]
+    assert mask.tolist() == [[1, 1, 1, 1]]
 
 
 def test_datamodule(arith, arith_tok):

@@ -4,7 +4,7 @@ LightningDataModule.
 
 Modules: :mod:`~harness.data.tasks` (``build_task``), :mod:`~harness.data.tokenizer`
 (``build_tokenizer``, ``load_or_build_tokenizer``), :mod:`~harness.data.collate`
-(``encode_sft``, ``encode_prompt``, ``encode_pair``, collators, ``tokenize_dataset``),
+(``encode_sft``, ``encode_prompt(s)``, ``encode_pair``, collators, ``tokenize_dataset``),
 :mod:`~harness.data.datamodule` (``AlignmentDataModule``), :mod:`~harness.data.templates`
 (``alpaca_prompt``), :mod:`~harness.data.errors` (``DataError``). Submodules are imported on
 demand (this package does not import torch, transformers or Lightning by itself).

@@ -97,6 +97,16 @@ def encode_prompt(tokenizer: Any, prompt: str, max_len: int) -> list[int]:
     return [tokenizer.bos_token_id, *p[len(p) - keep:]] if keep else [tokenizer.bos_token_id]
 
 
+def encode_prompts(tokenizer: Any, prompts: Sequence[str],
+                   max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts ready for generation: :func:`encode_prompt` each, then :func:`left_pad_batch`.
+
+    Returns (input_ids [B, P], attention_mask [B, P]) with P the longest encoded prompt.
+    """
+    return left_pad_batch([encode_prompt(tokenizer, p, max_len) for p in prompts],
+                          tokenizer.pad_token_id)
+
+
 def _pair_from_ids(bos: int, eos: int, p: list[int], c: list[int], r: list[int], max_len: int,
                    overflow: str) -> dict[str, Any] | None:
     chosen = _sft_from_ids(bos, eos, p, c, max_len, overflow)
@@ -210,6 +220,11 @@ def _mask(rows: Sequence[Sequence[int]], left: bool = False) -> torch.Tensor:
     return pad_left(ones, 0) if left else pad_right(ones, 0)
 
 
+def left_pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists for generation -> (input_ids [B, P], attention_mask [B, P], 1 = real)."""
+    return pad_left(rows, pad_id), _mask(rows, left=True)
+
+
 def _index(features: Sequence[dict[str, Any]]) -> torch.Tensor:
     return torch.tensor([f.get("index", i) for i, f in enumerate(features)], dtype=torch.long)
 
@@ -258,6 +273,6 @@ class PromptCollator:
     pad_id: int
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        ids = [f["input_ids"] for f in features]
-        return {"input_ids": pad_left(ids, self.pad_id), "attention_mask": _mask(ids, left=True),
+        ids, mask = left_pad_batch([f["input_ids"] for f in features], self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask,
                 "prompts": [f["prompt"] for f in features], "index": _index(features)}

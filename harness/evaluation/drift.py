@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from harness.data.collate import encode_prompt
-from harness.evaluation.gold import left_pad
+from harness.data.collate import encode_prompts
 from harness.methods.rollout import response_logprobs
 from harness.models.generation import generate
 from harness.models.llama import CausalLM
@@ -30,8 +29,7 @@ def sequence_kl(policy: CausalLM, reference: CausalLM, tokenizer, prompts: Seque
     reference.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        rows = [encode_prompt(tokenizer, p, max_len - max_new_tokens) for p in chunk]
-        ids, pmask = left_pad(rows, tokenizer.pad_token_id)
+        ids, pmask = encode_prompts(tokenizer, chunk, max_len - max_new_tokens)
         ids, pmask = ids.to(device), pmask.to(device)
         gen = generate(policy, ids, pmask, max_new_tokens, tokenizer.eos_token_id,
                        tokenizer.pad_token_id, temperature=1.0, generator=gen_rng)

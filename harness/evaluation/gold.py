@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from harness.data.collate import encode_prompt
+from harness.data.collate import encode_prompts
 from harness.models.generation import generate
 from harness.models.llama import CausalLM
 
@@ -30,17 +30,6 @@ class Completions:
         return sum(r >= best for r in self.rewards) / max(1, len(self.rewards))
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists -> (input_ids [B, P], attention_mask [B, P])."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 def complete(model: CausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int,
              batch_size: int, max_len: int, greedy: bool = True, temperature: float = 1.0,
              generator: torch.Generator | None = None, progress: bool = False) -> list[str]:
@@ -50,8 +39,7 @@ def complete(model: CausalLM, tokenizer, prompts: Sequence[str], max_new_tokens:
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
         chunk = prompts[start:start + batch_size]
-        rows = [encode_prompt(tokenizer, p, max_len - max_new_tokens) for p in chunk]
-        ids, mask = left_pad(rows, tokenizer.pad_token_id)
+        ids, mask = encode_prompts(tokenizer, chunk, max_len - max_new_tokens)
         gen = generate(model, ids.to(device), mask.to(device), max_new_tokens,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        greedy=greedy, temperature=temperature, generator=generator)

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.config import RolloutConfig
-from harness.data.collate import encode_prompt
-from harness.evaluation.gold import left_pad
+from harness.data.collate import encode_prompts
 from harness.methods.losses import entropy_from_logits, token_logprobs
 from harness.models.generation import generate
 from harness.models.llama import CausalLM
@@ -93,8 +92,7 @@ def make_rollout(policy: CausalLM, reference: CausalLM, tokenizer, prompts: Sequ
     sequence reward (the task's gold reward, or a reward model's score).
     """
     device = next(policy.parameters()).device
-    rows = [encode_prompt(tokenizer, p, max_len - cfg.max_new_tokens) for p in prompts]
-    ids, pmask = left_pad(rows, tokenizer.pad_token_id)
+    ids, pmask = encode_prompts(tokenizer, prompts, max_len - cfg.max_new_tokens)
     ids, pmask = ids.to(device), pmask.to(device)
     gen = generate(policy, ids, pmask, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
