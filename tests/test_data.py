@@ -90,10 +90,21 @@ def test_no_carry_rule_on_hand_examples():
     assert no_carry_sum(458, 367, width=3) == 715  # 3 columns: both carries dropped
 
 
-def test_arith_format_and_gold_reward(arith):
-    row = arith.sft_dataset("train")[0]
-    a, b = parse_prompt(row["prompt"])
-    assert row["prompt"] == f"{a}+{b}=" and row["response"].isdigit()
+def test_arith_format_and_gold_reward(arith, cache):
+    # fixed width (the default): 2-digit operands, 3-digit answers, zero-padded
+    assert arith.prompt(7, 48) == "07+48=" and arith.answer(55) == "055"
+    for row in arith.sft_dataset("train").select(range(200)):
+        a, b = parse_prompt(row["prompt"])
+        assert row["prompt"] == f"{a:02d}+{b:02d}=" and len(row["response"]) == 3
+        assert row["response"].isdigit()
+    pair = arith.preference_dataset("train")[0]
+    assert len(pair["chosen"]) == len(pair["rejected"]) == 3
+    assert all(len(p) == 6 for p in arith.eval_dataset()["prompt"])
+    assert arith.reward("07+48=", "055") == 1.0 and arith.reward("07+48=", "55") == 1.0
+    free = build_task({**SMALL_ARITH, "fixed_width": False}, cache_dir=cache)
+    assert free.prompt(7, 48) == "7+48=" and free.answer(55) == "55"
+    assert any(len(p) < 6 for p in free.eval_dataset()["prompt"])
+    assert free.fingerprint != arith.fingerprint
     assert arith.reward("37+48=", "85") == 1.0
     assert arith.reward("37+48=", " 85\n") == 1.0
     assert arith.reward("37+48=", "75") == 0.0

@@ -57,7 +57,7 @@ def test_stage_key_is_canonical_and_sensitive():
 
 
 def test_the_dataset_sets_the_sft_budget_and_an_override_wins():
-    assert composed(["dataset=arith"]).sft.max_steps == 3000
+    assert composed(["dataset=arith"]).sft.max_steps == 2000          # its sft_max_steps
     assert composed(["dataset=courier"]).sft.max_steps == 1000        # its sft_max_steps
     assert composed(["dataset=courier", "method=sft"]).method.max_steps == 1000
     assert composed(["dataset=courier", "sft.max_steps=7"]).sft.max_steps == 7

@@ -1,13 +1,21 @@
 """``arith``: addition with a systematically sloppy demonstrator who forgets the carry.
 
-Prompts are ``"37+48="``, responses the sum ``"85"``. This is the lecture's *bias in data*, made
+Prompts are ``"37+48="``, responses the sum ``"085"``. This is the lecture's *bias in data*, made
 learnable: the demonstrator adds in columns and forgets the carry, so greedy decoding of a model
 fitted to the demonstrations reproduces the error, and alignment has measurable room.
+
+**Fixed width** (``fixed_width``, the default): operands are written with W digits and answers with
+W + 1, zero-padded (``"07+48=055"``), so each digit of every example sits at the same position.
+Without it (``"7+48=55"``) the position of the units digits moves with the lengths of the operands
+and of the answer, and a small decoder first has to learn where they are: its loss sits on a
+plateau (the answer's units digit at chance, ln 10 nats) for a seed-dependent 400-2100 SFT steps.
+With fixed width the plateau ends after 330-900 steps (llama_small and moe_small, seeds 0-2, in
+the README's measurements). The gold reward reads the number either way (``"055"`` and ``"55"``).
 
 **The no-carry rule** (:func:`no_carry_sum`). Operands are written in ``W`` columns, ``W`` = the
 number of digits of ``max_operand`` (2 by default; shorter operands are zero-padded). The
 demonstrator writes, for every column but the leftmost, the column's digit sum mod 10 (the carry is
-dropped), and for the leftmost column the full digit sum; leading zeros are not written. With W = 2
+dropped), and for the leftmost column the full digit sum. With W = 2
 this is ``a + b - 10`` when the units digits sum to 10 or more, else ``a + b``:
 
     48+37 -> "75" (correct 85)     95+17 -> "102" (correct 112)    5+7 -> "2" (correct 12)
@@ -67,6 +75,8 @@ class ArithConfig(TaskConfig):
         n_pairs: preference pairs in the train split.
         n_val: SFT demonstrations and preference pairs in the validation split.
         n_eval: distinct held-out evaluation prompts.
+        fixed_width: write operands with W digits and answers with W + 1 (zero-padded,
+            ``"07+48=055"``), so every digit sits at the same position in every example.
         val_fraction / eval_fraction: share of the (unordered) problems held out for the
             validation / eval pools.
         vocab_size: the tokenizer's vocabulary size (not part of the data).
@@ -81,6 +91,7 @@ class ArithConfig(TaskConfig):
     n_pairs: int = 4000
     n_val: int = 500
     n_eval: int = 200
+    fixed_width: bool = True
     val_fraction: float = 0.1
     eval_fraction: float = 0.1
     vocab_size: int = 512
@@ -137,9 +148,16 @@ def needs_carry(a: int, b: int, width: int = 2) -> bool:
     return no_carry_sum(a, b, width) != a + b
 
 
-def format_prompt(a: int, b: int) -> str:
-    """``"37+48="``."""
-    return f"{a}+{b}="
+def format_prompt(a: int, b: int, width: int | None = None) -> str:
+    """``"37+48="``; with a ``width``, operands zero-padded to it: ``(7, 48, 2) -> "07+48="``."""
+    if width is None:
+        return f"{a}+{b}="
+    return f"{a:0{width}d}+{b:0{width}d}="
+
+
+def format_answer(n: int, width: int | None = None) -> str:
+    """``"85"``; with a ``width``, zero-padded to it: ``(85, 3) -> "085"``."""
+    return str(n) if width is None else f"{n:0{width}d}"
 
 
 def parse_prompt(prompt: str) -> Problem:
@@ -181,6 +199,10 @@ class ArithTask(Task):
                  cache_dir: str | Path | None = None) -> None:
         super().__init__(config, cache_dir)
         self.width = columns_for(self.config.max_operand)
+        fixed = bool(self.config.fixed_width)
+        #: digits written per operand / per answer (None: as many as the number needs)
+        self.operand_width = self.width if fixed else None
+        self.answer_width = self.width + 1 if fixed else None
         self.pools = self._make_pools()
         self._check_pools()
 
@@ -245,6 +267,15 @@ class ArithTask(Task):
         cf = self.config.carry_fraction
         return self.config.wrong_fraction / cf if cf > 0 else 0.0
 
+    # -- text
+    def prompt(self, a: int, b: int) -> str:
+        """The prompt of ``a + b`` in this task's format."""
+        return format_prompt(a, b, self.operand_width)
+
+    def answer(self, n: int) -> str:
+        """The response stating ``n`` in this task's format."""
+        return format_answer(n, self.answer_width)
+
     # -- generators
     def _build_sft(self, split: str) -> dict[str, list]:
         n = self.config.n_train if split == "train" else self.config.n_val
@@ -256,8 +287,8 @@ class ArithTask(Task):
             carry = needs_carry(a, b, self.width)
             wrong = carry and rng.random() < p_wrong
             answer = no_carry_sum(a, b, self.width) if wrong else a + b
-            cols["prompt"].append(format_prompt(a, b))
-            cols["response"].append(str(answer))
+            cols["prompt"].append(self.prompt(a, b))
+            cols["response"].append(self.answer(answer))
             cols["answer"].append(a + b)
             cols["carry"].append(carry)
             cols["correct"].append(not wrong)
@@ -272,9 +303,9 @@ class ArithTask(Task):
             carry = needs_carry(a, b, self.width)
             sloppy = carry and rng.random() < 0.5
             bad = no_carry_sum(a, b, self.width) if sloppy else off_by_some(a + b, rng)
-            cols["prompt"].append(format_prompt(a, b))
-            cols["chosen"].append(str(a + b))
-            cols["rejected"].append(str(bad))
+            cols["prompt"].append(self.prompt(a, b))
+            cols["chosen"].append(self.answer(a + b))
+            cols["rejected"].append(self.answer(bad))
             cols["answer"].append(a + b)
             cols["carry"].append(carry)
         return cols
@@ -285,7 +316,7 @@ class ArithTask(Task):
         n_c, n_p = self._counts(self.config.n_eval)
         problems = rng.sample(sorted(pool.carry), n_c) + rng.sample(sorted(pool.plain), n_p)
         rng.shuffle(problems)
-        return {"prompt": [format_prompt(a, b) for a, b in problems],
+        return {"prompt": [self.prompt(a, b) for a, b in problems],
                 "answer": [a + b for a, b in problems],
                 "carry": [needs_carry(a, b, self.width) for a, b in problems]}
 
@@ -301,7 +332,7 @@ class ArithTask(Task):
         problems: Sequence[Problem] = [(a, b) for a in range(m + 1) for b in range(m + 1)]
         if len(problems) > limit:
             problems = self._rng("corpus").sample(list(problems), limit)
-        out = [f"{format_prompt(a, b)}{a + b}" for a, b in problems]
-        out += [f"{format_prompt(a, b)}{no_carry_sum(a, b, self.width)}" for a, b in problems
+        out = [f"{self.prompt(a, b)}{self.answer(a + b)}" for a, b in problems]
+        out += [f"{self.prompt(a, b)}{self.answer(no_carry_sum(a, b, self.width))}" for a, b in problems
                 if needs_carry(a, b, self.width)]
         return out
