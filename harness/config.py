@@ -118,7 +118,7 @@ class PPOConfig:
     ent_coef: float = 0.01
     gamma: float = 1.0
     lam: float = 0.95
-    kl_coef: float = 0.2
+    kl_coef: float = 0.5
     adaptive_kl: bool = False
     target_kl: float = 6.0
     kl_horizon: int = 10000

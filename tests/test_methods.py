@@ -181,3 +181,30 @@ def test_same_seed_same_metrics_and_sft_reused(tmp_path):
     assert a["stages"]["sft"]["cached"] is False and b["stages"]["sft"]["cached"] is True
     for key in ("eval/gold_reward", "eval/kl", "eval/win_rate", "train/reward"):
         assert a["metrics"][key] == pytest.approx(b["metrics"][key], abs=1e-6)
+
+
+def test_plateau_end_tracks_the_moving_average_of_the_nll():
+    from harness.sft_plateau import PlateauEnd
+
+    probe = PlateauEnd(threshold=0.5, min_steps=3, decay=0.5)
+    assert not probe.update(1.0, 1)                   # ema 1.0
+    assert not probe.update(0.0, 2)                   # ema 0.5, below min_steps anyway
+    assert probe.update(0.2, 3)                       # ema 0.35 < 0.5 at step 3: ends here
+    assert probe.step == 3 and probe.ema == pytest.approx(0.35)
+    assert probe.update(5.0, 4) and probe.step == 3   # the first crossing is kept
+    with pytest.raises(ValueError, match="decay=1.0"):
+        PlateauEnd(0.5, 0, 1.0)
+
+
+def test_sft_plateau_entry_point_runs_the_sft_stage(tmp_path, capsys):
+    from harness.sft_plateau import main
+
+    common = [f"cache_dir={tmp_path}", "model=llama_tiny", "dataset.n_train=256",
+              "dataset.n_pairs=64", "dataset.n_eval=16", "method.max_steps=12",
+              "method.batch_size=16", "method.optim.warmup_steps=2"]
+    # a threshold any loss is below: the plateau "ends" at the first step allowed
+    assert main(["--threshold", "100", "--min-steps", "5", *common]) == 5
+    assert capsys.readouterr().out.strip().endswith("plateau_end 5")
+    # a threshold no loss reaches: the budget (12 steps) runs out
+    assert main(["--threshold", "0", *common]) is None
+    assert capsys.readouterr().out.strip().endswith("plateau_end none")
