@@ -4,8 +4,9 @@ On ``arith`` the SFT loss first sits on a plateau (the answer's units digit at c
 drops; the step of the drop varies with the seed and the data format, and it decides how many
 SFT steps a task needs. This trains the SFT stage of the composed config exactly as a run does
 (the real :class:`~harness.methods.sft.SFTModule`, its AdamW and warm-up/cosine schedule, gradient
-clipping, a Lightning ``Trainer`` from the ``trainer`` group) with no logger and no checkpoint, and stops at the
-first step after ``--min-steps`` where the exponential moving average of the training NLL,
+clipping, a Lightning ``Trainer`` from the ``trainer`` group) with no logger and no checkpoint,
+and stops at the first step after ``--min-steps`` where the exponential moving average of the
+training NLL,
 
     ema_t = decay * ema_{t-1} + (1 - decay) * nll_t,
 
