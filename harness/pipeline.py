@@ -196,10 +196,14 @@ class Run:
             self.cache.commit(record)
             return record, model, logger
 
+    def datamodule(self, kind: str, c) -> AlignmentDataModule:
+        """The task's ``kind`` data batched as the stage config ``c`` says, shuffled by the seed."""
+        return AlignmentDataModule(self.task, self.tokenizer, kind=kind, batch_size=c.batch_size,
+                                   max_len=c.max_len, overflow=c.overflow, seed=self.seed)
+
     def fit_cached(self, key: str, decides: dict, module, kind: str, c) -> tuple[StageRecord, Any]:
         """Fit a cached stage's module on the task's ``kind`` data with its config's budget."""
-        dm = AlignmentDataModule(self.task, self.tokenizer, kind=kind, batch_size=c.batch_size,
-                                 max_len=c.max_len, overflow=c.overflow, seed=self.seed)
+        dm = self.datamodule(kind, c)
         return self.fit_stage(c.stage, key, decides, module, dm, max_steps=c.max_steps,
                               grad_clip=c.optim.grad_clip, val_every=c.val_every)
 

@@ -64,7 +64,6 @@ class PlateauEnd(L.Callback):
 def plateau_end(overrides: Sequence[str], threshold: float = 0.4, min_steps: int = 200,
                 decay: float = 0.95) -> int | None:
     """Train the SFT stage of ``overrides`` until its plateau ends; the step, or None."""
-    from harness.data.datamodule import AlignmentDataModule
     from harness.methods.sft import SFTModule
     from harness.models.llama import CausalLM
     from harness.pipeline import Run, quiet_lightning
@@ -75,16 +74,14 @@ def plateau_end(overrides: Sequence[str], threshold: float = 0.4, min_steps: int
     run = Run(cfg, Path(cfg.cache_dir) / "sft_plateau")
     c = run.sft_cfg
     quiet_lightning()
-    L.seed_everything(run.seed, verbose=False)
+    L.seed_everything(run.seed, workers=True, verbose=False)  # as the pipeline seeds a stage
     module = SFTModule(CausalLM(run.model_cfg), c)
-    data = AlignmentDataModule(run.task, run.tokenizer, kind="sft", batch_size=c.batch_size,
-                               max_len=c.max_len, overflow=c.overflow, seed=run.seed)
     probe = PlateauEnd(threshold, min_steps, decay)
     trainer_kwargs = {**run.cfg["trainer"], "enable_model_summary": False}
     trainer = L.Trainer(**trainer_kwargs, max_steps=c.max_steps, logger=False,
                         enable_checkpointing=False, gradient_clip_val=c.optim.grad_clip or None,
                         limit_val_batches=0, callbacks=[probe])
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=run.datamodule("sft", c))
     return probe.step
 
 

@@ -2,7 +2,7 @@
 
 The key test runs lm-eval (``simple_evaluate`` on the saved HF checkpoint) on the three task kinds
 of ``arith`` and ``courier`` and recomputes every number with the harness's own model and code:
-greedy decoding with ``harness.models.generation.generate`` (and the pipeline's ``gold_eval``)
+greedy decoding with ``harness.evaluation.gold.complete`` (the gold evaluation's KV-cached sampler)
 scored by ``task.reward`` (gold reward), log-probabilities of chosen vs rejected (preference
 accuracy) and of the held-out texts (perplexities). The whole module takes ~15 s on 2 cores.
 """
@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from harness.data.tokenizer import build_tokenizer  # noqa: E402
+from harness.evaluation.gold import complete  # noqa: E402
 from harness.evaluation.lm_eval_runner import (  # noqa: E402
     flatten_results,
     lm_eval_command,
@@ -32,7 +33,6 @@ from harness.evaluation.lm_eval_runner import (  # noqa: E402
 )
 from harness.evaluation.tasks import export_task_data, gold_process_results, task_names  # noqa: E402
 from harness.models.config import ModelConfig  # noqa: E402
-from harness.models.generation import generate  # noqa: E402
 from harness.models.hf import save_checkpoint  # noqa: E402
 from harness.models.llama import CausalLM  # noqa: E402
 
@@ -146,21 +146,8 @@ def trained(request, export, tmp_path_factory):
 
 # ---------------------------------------------------------------------------------- harness side
 def _harness_greedy(model: CausalLM, tok, prompts: list[str]) -> list[str]:
-    """Greedy responses as the harness decodes them: [bos] + prompt, left-padded, stop at EOS."""
-    rows = [[tok.bos_token_id, *tok.encode(p, add_special_tokens=False)] for p in prompts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    gen = generate(model, ids, mask, MAX_NEW, eos_token_id=tok.eos_token_id,
-                   pad_token_id=tok.pad_token_id, greedy=True)
-    out = []
-    for resp, keep in zip(gen.response.tolist(), gen.response_mask.tolist(), strict=True):
-        toks = [t for t, k in zip(resp, keep, strict=True) if k and t != tok.eos_token_id]
-        out.append(tok.decode(toks, skip_special_tokens=True))
-    return out
+    """Greedy responses as the harness decodes them (its gold evaluation's own function)."""
+    return complete(model, tok, prompts, MAX_NEW, batch_size=len(prompts), max_len=MAX_LEN)
 
 
 @torch.no_grad()

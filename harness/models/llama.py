@@ -26,8 +26,8 @@ class KVCache:
     new, one-longer tensor per layer and step (which copies the whole cache every step).
     ``length`` is the number of cached positions. A layer's buffers are allocated at its first
     write, in the dtype and device of the keys / values written (under autocast the rotated keys
-    are float32 and the values bf16), and double when a write would overflow them. The cache is updated in place by the
-    forward pass that receives it, so one cache follows one continuation.
+    are float32 and the values bf16), and double when a write would overflow them. The cache is
+    updated in place by the forward pass that receives it, so one cache follows one continuation.
     """
 
     def __init__(self, n_layers: int, capacity: int) -> None:
