@@ -1,0 +1,245 @@
+"""The leaderboard's figures (matplotlib, Agg, no pyplot state): a pure function of run records.
+
+* :func:`plot_reward_kl` — the reward–KL frontier: per (model, dataset) a panel; per method a
+  curve over its KL-coefficient values (β), each point the mean over seeds of ``eval/gold_reward``
+  against ``eval/kl`` with Student-t 95 % error bars; the SFT reference as a dashed line.
+* :func:`plot_training_curves` — per (model, dataset) a row of three panels: held-out gold reward
+  (history ``eval/gold_reward``) against trained tokens, sequence-level ``train/kl``, and the
+  reward model's scores (``train/reward`` of runs whose ``reward_source`` is ``"rm"``) on an axis
+  of their own — never on one axis with gold rewards.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.evaluation.records import atomic_write_bytes, finite
+from harness.evaluation.stats import distinct_seeds, kl_coefficient, learning_rate, summarize
+
+__all__ = ["EMA_ALPHA", "ema", "history_points", "plot_reward_kl", "plot_training_curves"]
+
+EMA_ALPHA = 0.3
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def _new_figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> tuple[Any, list[list[Any]]]:
+    """A pyplot-free Agg figure (no global backend state: safe in libraries and threads)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [list(r) for r in axes]
+
+
+def _save(fig: Any, path: Path | str) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _style(methods: Iterable[str]) -> dict[str, tuple[Any, str]]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {m: (cmap(i % 10), _MARKERS[i % len(_MARKERS)]) for i, m in enumerate(sorted(set(methods)))}
+
+
+def _note(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#666", wrap=True)
+
+
+def _panels(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    """The ok records by (model, dataset), sorted."""
+    out: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for rec in records:
+        if rec.get("status") == "ok":
+            out[(str(rec.get("model")), str(rec.get("dataset")))].append(rec)
+    return dict(sorted(out.items()))
+
+
+def _fmt(x: float | None) -> str:
+    return "?" if x is None else f"{x:g}"
+
+
+# --------------------------------------------------------------------------- reward–KL
+def plot_reward_kl(records: Iterable[Mapping[str, Any]], path: Path | str) -> Path:
+    """The reward–KL frontier, one panel per (model, dataset) (points of different models or
+    datasets are never joined).
+
+    In a panel, one curve per method (per method and learning rate when the records hold several
+    learning rates of it): at each KL coefficient β (``config.method.kl_coef`` or ``beta``) the
+    point (mean eval/kl, mean eval/gold_reward) over distinct seeds, with Student-t 95 % error bars
+    on both, the points sorted by KL and joined, each labelled with its β. Records of every group
+    are used (tuning sweeps supply the β grid). The SFT reference (mean ``eval/ref_gold_reward``)
+    is a dashed horizontal line, the task's ceiling (``eval/gold_max``) a dotted one. With no
+    usable record the figure says so.
+    """
+    panels = {}
+    for key, recs in _panels(records).items():
+        usable = [r for r in recs if finite((r.get("metrics") or {}).get("eval/kl"))
+                  and finite((r.get("metrics") or {}).get("eval/gold_reward"))]
+        if usable:
+            panels[key] = (usable, recs)
+    n = max(1, len(panels))
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig, axes = _new_figure(4.6 * ncols + 0.4, 3.8 * nrows, nrows, ncols)
+    flat = [ax for row in axes for ax in row]
+    if not panels:
+        flat[0].set_title("Reward–KL frontier")
+        _note(flat[0], "no ok runs with eval/kl and eval/gold_reward")
+        return _save(fig, path)
+    style = _style(str(r.get("method")) for usable, _ in panels.values() for r in usable)
+    for ax, ((model, dataset), (usable, recs)) in zip(flat, panels.items(), strict=False):
+        ax.set_title(f"{model} · {dataset}", fontsize="medium")
+        ax.set_xlabel("KL(policy ‖ SFT) per sequence, nats  [eval/kl]")
+        ax.set_ylabel("held-out gold reward  [eval/gold_reward]")
+        by_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+        for r in usable:
+            by_method[str(r.get("method"))].append(r)
+        for method, mrecs in sorted(by_method.items()):
+            color, marker = style[method]
+            lrs = sorted({learning_rate(r) for r in mrecs}, key=lambda x: (x is None, x or 0.0))
+            for lr in lrs:
+                curve = _frontier_points([r for r in mrecs if learning_rate(r) == lr])
+                label = method if len(lrs) == 1 else f"{method} lr={_fmt(lr)}"
+                xs, ys = [p["kl"] for p in curve], [p["gold"] for p in curve]
+                ax.errorbar(xs, ys, xerr=[p["kl_err"] for p in curve], yerr=[p["gold_err"] for p in curve],
+                            color=color, marker=marker, markersize=5, linewidth=1.4, capsize=2,
+                            elinewidth=0.8, label=label, linestyle="-" if len(lrs) == 1 else "--")
+                for p in curve:
+                    ax.annotate(f"β={_fmt(p['beta'])}" + (f" (n={p['n']})" if p["n"] < 2 else ""),
+                                (p["kl"], p["gold"]), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7, color=color)
+        refs = [float(r["metrics"]["eval/ref_gold_reward"]) for r in distinct_seeds(
+            [r for r in recs if finite((r.get("metrics") or {}).get("eval/ref_gold_reward"))])[0]]
+        if refs:
+            ax.axhline(sum(refs) / len(refs), color="grey", linestyle="--", linewidth=1,
+                       label=f"SFT reference ({len(refs)} seeds)")
+        caps = [float(r["metrics"]["eval/gold_max"]) for r in recs
+                if finite((r.get("metrics") or {}).get("eval/gold_max"))]
+        if caps:
+            ax.axhline(max(caps), color="black", linestyle=":", linewidth=0.8, label="ceiling (eval/gold_max)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="x-small")
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    return _save(fig, path)
+
+
+def _frontier_points(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per β: mean gold and KL over distinct seeds with their CI half-widths, sorted by KL."""
+    by_beta: dict[float | None, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_beta[kl_coefficient(r)].append(r)
+    points = []
+    for beta, recs in by_beta.items():
+        kept = distinct_seeds(recs)[0]
+        gold = summarize([float(r["metrics"]["eval/gold_reward"]) for r in kept])
+        kl = summarize([float(r["metrics"]["eval/kl"]) for r in kept])
+        points.append({"beta": beta, "n": gold["n"], "gold": gold["mean"], "kl": kl["mean"],
+                       "gold_err": gold["half"] or 0.0, "kl_err": kl["half"] or 0.0})
+    return sorted(points, key=lambda p: (p["kl"], p["gold"]))
+
+
+# --------------------------------------------------------------------------- training curves
+def history_points(rec: Mapping[str, Any], key: str) -> list[tuple[float, ...]]:
+    """A history key's points as tuples of floats — ``(step, value)`` or, for
+    ``eval/gold_reward``, ``(step, value, trained_tokens, wall_s)`` — malformed ones dropped,
+    sorted by step."""
+    out = []
+    for point in (rec.get("history") or {}).get(key) or []:
+        if isinstance(point, list | tuple) and len(point) >= 2 and all(finite(x) for x in point):
+            out.append(tuple(float(x) for x in point))
+    return sorted(out)
+
+
+def ema(values: Sequence[float], alpha: float = EMA_ALPHA) -> list[float]:
+    """Exponential moving average s_0 = x_0, s_t = α·x_t + (1 − α)·s_{t−1}."""
+    out: list[float] = []
+    for v in values:
+        out.append(v if not out else alpha * v + (1 - alpha) * out[-1])
+    return out
+
+
+def _mean_curve(runs: Sequence[Sequence[tuple[float, ...]]], use_tokens: bool) -> tuple[list[float], list[float]]:
+    """Mean over seeds at each step; x is the step or the mean trained tokens at that step."""
+    per_step: dict[float, list[tuple[float, ...]]] = defaultdict(list)
+    for series in runs:
+        for point in series:
+            per_step[point[0]].append(point)
+    xs, ys = [], []
+    for step in sorted(per_step):
+        pts = per_step[step]
+        xs.append(sum(p[2] for p in pts) / len(pts) if use_tokens else step)
+        ys.append(sum(p[1] for p in pts) / len(pts))
+    return xs, ys
+
+
+_PANELS = (
+    ("eval/gold_reward", "held-out gold reward (history eval/gold_reward)", None),
+    ("train/kl", "KL to the SFT reference per sequence (train/kl)", None),
+    ("train/reward", "reward-model score (train/reward, reward_source = rm)", "rm"),
+)
+
+
+def plot_training_curves(records: Iterable[Mapping[str, Any]], path: Path | str) -> Path:
+    """Per (model, dataset) a row of three panels, one colour per method, the mean over distinct
+    seeds drawn faint and its EMA (α = 0.3, :func:`ema`) solid:
+
+    1. held-out gold reward (history ``eval/gold_reward``, measured every K steps on a fixed
+       prompt subset) against trained tokens (against steps when a record lacks the token count);
+    2. sequence-level ``train/kl`` against steps;
+    3. the reward model's scores, ``train/reward`` of the records whose ``reward_source`` is
+       ``"rm"`` (a different scale from gold rewards, so a panel of its own).
+
+    A method with several KL coefficients in a panel gets one curve per β. Panels without history
+    say so instead of failing.
+    """
+    panels = _panels(records)
+    nrows = max(1, len(panels))
+    fig, axes = _new_figure(15, 3.6 * nrows, nrows, 3)
+    if not panels:
+        for ax, (key, title, _) in zip(axes[0], _PANELS, strict=True):
+            ax.set_title(title, fontsize="small")
+            _note(ax, f"no {key} history in the run records")
+        return _save(fig, path)
+    style = _style(str(r.get("method")) for recs in panels.values() for r in recs)
+    for row_axes, ((model, dataset), recs) in zip(axes, panels.items(), strict=True):
+        by_series: dict[tuple[str, float | None], list[Mapping[str, Any]]] = defaultdict(list)
+        for r in recs:
+            by_series[(str(r.get("method")), kl_coefficient(r))].append(r)
+        betas_per_method: dict[str, int] = defaultdict(int)
+        for method, _ in by_series:
+            betas_per_method[method] += 1
+        for ax, (key, title, source) in zip(row_axes, _PANELS, strict=True):
+            ax.set_title(f"{model} · {dataset}: {title}", fontsize="small")
+            curves = {}
+            for (method, beta), srecs in sorted(by_series.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0.0)):
+                kept = [r for r in distinct_seeds(srecs)[0]
+                        if source is None or r.get("reward_source") == source]
+                runs = [s for s in (history_points(r, key) for r in kept) if s]
+                if runs:
+                    label = method if betas_per_method[method] == 1 else f"{method} β={_fmt(beta)}"
+                    curves[(method, label)] = runs
+            use_tokens = key == "eval/gold_reward" and bool(curves) and all(
+                len(p) >= 3 for runs in curves.values() for s in runs for p in s)
+            ax.set_xlabel("trained tokens" if use_tokens else "step")
+            if not curves:
+                _note(ax, f"no {key} history" + (f" with reward_source={source}" if source else ""))
+                continue
+            for (method, label), runs in curves.items():
+                color, _ = style[method]
+                xs, ys = _mean_curve(runs, use_tokens)
+                ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+                ax.plot(xs, ema(ys), color=color, linewidth=1.8, label=f"{label} ({len(runs)} seeds)")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="best", fontsize="x-small")
+    return _save(fig, path)
