@@ -1,4 +1,5 @@
-"""The leaderboard on hand-made records: aggregation, Average, failures, renderers, CLI."""
+"""The leaderboard on hand-made records: aggregation over distinct seeds, intervals, paired tests,
+warnings, labels and footer, failures, renderers, HTML width, CLI, the W&B table."""
 
 from __future__ import annotations
 
@@ -9,21 +10,30 @@ import random
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
+from harness.evaluation import leaderboard as lb
 from harness.evaluation.leaderboard import (
     average_score,
     build_leaderboard,
     build_table,
     columns,
+    comparison_warnings,
+    footer_lines,
+    format_cell,
     is_task_metric,
     is_task_score,
+    paired_comparisons,
     plot_reward_kl,
     plot_training_curves,
     render_html,
     render_markdown,
+    screenshot,
+    select_group,
+    shown_columns,
     write_csv,
 )
 from harness.evaluation.records import write_record
@@ -34,19 +44,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def rec(method: str, seed: int, metrics: dict, *, model: str = "llama_small",
         status: str = "ok", error: str | None = None, cost: dict | None = None,
-        history: dict | None = None) -> dict:
-    """A hand-made run record."""
+        history: dict | None = None, group: str = "test", created: str = "2026-11-24T00:00:00+00:00",
+        suffix: str = "", **extra) -> dict:
+    """A hand-made run record (``extra``: platform, per_prompt, reward_source, config, ...)."""
     r = {
-        "run_id": f"{method}-{model}-toy-s{seed}",
+        "run_id": f"{method}-{model}-toy-s{seed}{suffix}",
         "status": status, "error": error,
-        "method": method, "model": model, "dataset": "toy", "seed": seed, "group": "test",
+        "method": method, "model": model, "dataset": "toy", "seed": seed, "group": group,
         "metrics": metrics, "cost": cost or {},
         "cache_keys": {"sft": "sft123", "rm": None}, "config": {"seed": seed},
         "harness_version": "0.1.0", "git_commit": "a" * 40,
-        "created": "2026-11-24T00:00:00+00:00",
+        "created": created,
     }
     if history is not None:
         r["history"] = history
+    r.update(extra)
     return r
 
 
@@ -89,6 +101,15 @@ def _row(rows: list[dict], method: str, model: str = "llama_small") -> dict:
     return row
 
 
+CPU = {"torch": "2.13.0+cpu", "device": "cpu", "cpu_capability": "AVX512", "threads": 2, "gpu": None,
+       "python": "3.11.7", "machine": "x86_64", "processor": "x", "peak_mem_method": "rss_rise", "env": {}}
+GPU = {**CPU, "torch": "2.13.0", "device": "cuda", "gpu": "NVIDIA H200", "peak_mem_method": "cuda_max_allocated"}
+
+
+def _per_prompt(gold: list[float], sha: str = "h") -> dict:
+    return {"split": "test", "prompts_sha256": sha, "gold_reward": gold, "ref_gold_reward": [0.0] * len(gold)}
+
+
 # --------------------------------------------------------------------------- table
 def test_task_metric_names() -> None:
     assert is_task_metric("eval/arith/acc")
@@ -112,14 +133,45 @@ def test_aggregation_over_seeds(records: list[dict]) -> None:
     assert gold["mean"] == pytest.approx(0.6)
     assert gold["std"] == pytest.approx(math.sqrt(0.02))  # 0.1414..., ddof=1
     assert gold["n"] == 2
+    # two seeds: t(0.975, 1) = 12.706, half = 12.706 · 0.1414 / √2 = 1.2706
+    assert gold["half"] == pytest.approx(1.27062, rel=1e-4)
+    assert (gold["ci_lo"], gold["ci_hi"]) == (pytest.approx(0.6 - 1.27062, rel=1e-4),
+                                              pytest.approx(0.6 + 1.27062, rel=1e-4))
     assert row["metrics"]["eval/kl"]["mean"] == pytest.approx(2.0)
     assert row["metrics"]["eval/kl"]["std"] == pytest.approx(math.sqrt(2.0))
     assert row["metrics"]["cost/wall_s"]["mean"] == pytest.approx(110.0)  # prefixes unified
     assert row["metrics"]["cost/peak_mem_mb"]["mean"] == pytest.approx(1100.0)
-    assert row["n_seeds"] == 2 and row["seeds"] == [0, 1]
-    # a single seed has no std
+    assert row["n_seeds"] == 2 and row["seeds"] == [0, 1] and row["n_duplicates"] == 0
+    # a single seed has no std and no interval
     ppo = _row(build_table(records), "ppo")
-    assert ppo["metrics"]["eval/gold_reward"] == {"mean": 0.9, "std": None, "n": 1}
+    assert ppo["metrics"]["eval/gold_reward"] == {"mean": 0.9, "std": None, "n": 1, "ci_lo": None,
+                                                  "ci_hi": None, "half": None}
+
+
+def test_t_interval_of_three_seeds() -> None:
+    rows = build_table([rec("dpo", s, {"eval/gold_reward": g}) for s, g in enumerate((0.5, 0.7, 0.9))])
+    cell = rows[0]["metrics"]["eval/gold_reward"]
+    half = 4.303 * 0.2 / math.sqrt(3)  # t(0.975, 2) · s / √n = 0.4969
+    assert cell["half"] == pytest.approx(half, rel=1e-3)
+    assert format_cell(cell, 3) == "0.70 ± 0.50"
+
+
+def test_distinct_seeds_latest_record_wins() -> None:
+    old = rec("dpo", 0, {"eval/gold_reward": 0.1}, created="2026-11-20T00:00:00+00:00", suffix="-old")
+    new = rec("dpo", 0, {"eval/gold_reward": 0.5}, created="2026-11-24T00:00:00+00:00")
+    other = rec("dpo", 1, {"eval/gold_reward": 0.7})
+    (row,) = build_table([new, old, other])
+    assert row["n_seeds"] == 2 and row["seeds"] == [0, 1]
+    assert row["n_duplicates"] == 1 and row["duplicates"] == ["dpo-llama_small-toy-s0-old"]
+    assert row["metrics"]["eval/gold_reward"]["mean"] == pytest.approx(0.6)  # (0.5 + 0.7) / 2, not 0.1
+    assert row["metrics"]["eval/gold_reward"]["n"] == 2
+    md = render_markdown([row])
+    assert "‡1 dup" in md
+    assert any("duplicate" in w and "dpo-llama_small-toy-s0-old" in w for w in comparison_warnings([row]))
+    # a failed rerun of a seed is the latest record: the seed counts as failed
+    rerun = rec("dpo", 1, {}, status="failed", error="boom", created="2026-11-25T00:00:00+00:00", suffix="-b")
+    (row,) = build_table([new, other, rerun])
+    assert row["n_seeds"] == 1 and row["n_failed"] == 1 and row["n_duplicates"] == 1
 
 
 def test_average_over_task_scores_by_hand(records: list[dict]) -> None:
@@ -131,12 +183,11 @@ def test_average_over_task_scores_by_hand(records: list[dict]) -> None:
     assert avg["std"] == pytest.approx(math.sqrt(0.02))
     assert _row(rows, "ppo")["metrics"]["Average"]["mean"] == pytest.approx(0.3)
     assert _row(rows, "dpo", "moe_small")["metrics"]["Average"]["mean"] is None
-    # task metrics are columns, perplexities included; stderr is not
+    # the CSV's columns: full keys; perplexities and stderr are not among them
     cols = columns(rows)
-    assert cols[:4] == ["Average", "eval/gold_reward", "eval/win_rate", "eval/kl"]
-    assert cols[-3:] == ["cost/wall_s", "cost/peak_mem_mb", "cost/tokens_per_s"]
-    assert set(cols[4:-3]) == {"eval/arith/acc", "eval/boolq/acc",
-                               "eval/wikitext/bits_per_byte", "eval/wikitext/word_perplexity"}
+    assert cols[:5] == ["eval/gold_reward", "eval/gold_gain", "eval/ref_gold_reward", "eval/win_rate", "eval/kl"]
+    assert {"eval/arith/acc", "eval/boolq/acc", "cost/method_wall_s", "Average"} <= set(cols)
+    assert not [c for c in cols if "perplexity" in c or "stderr" in c]
 
 
 def test_failed_runs_counted_shown_and_excluded(records: list[dict]) -> None:
@@ -151,12 +202,12 @@ def test_failed_runs_counted_shown_and_excluded(records: list[dict]) -> None:
     assert grpo["metrics"]["eval/gold_reward"]["mean"] is None
 
 
-def test_sorting(records: list[dict]) -> None:
+def test_sorting_by_gold_within_dataset_and_model(records: list[dict]) -> None:
     rows = build_table(records)
     order = [(r["method"], r["model"]) for r in rows]
-    assert order == [("dpo", "llama_small"), ("ppo", "llama_small"),  # by Average desc
-                     ("dpo", "moe_small"),  # no Average: after those with one
-                     ("grpo", "llama_small")]  # all failed: last
+    assert order == [("ppo", "llama_small"), ("dpo", "llama_small"),  # gold 0.9 > 0.6
+                     ("grpo", "llama_small"),  # all failed: last within its model
+                     ("dpo", "moe_small")]  # another model: after, never mixed in
 
 
 def test_table_is_a_pure_function_of_the_records(records: list[dict]) -> None:
@@ -166,6 +217,151 @@ def test_table_is_a_pure_function_of_the_records(records: list[dict]) -> None:
     assert build_table([]) == []
 
 
+def test_setting_columns_and_group_selection() -> None:
+    cfg_ppo = {"method": {"kl_coef": 0.5, "optim": {"lr": 1e-4}}}
+    cfg_dpo = {"method": {"beta": 0.1, "optim": {"lr": 5e-6}}}
+    recs = [rec("ppo", 0, {"eval/gold_reward": 0.8}, group="compare", config=cfg_ppo),
+            rec("dpo", 0, {"eval/gold_reward": 0.7}, group="compare", config=cfg_dpo),
+            rec("dpo", 0, {"eval/gold_reward": 0.2}, group="tune", suffix="-t",
+                config={"method": {"beta": 0.5, "optim": {"lr": 5e-6}}})]
+    chosen, group = select_group(recs)
+    assert group == "compare" and len(chosen) == 2
+    assert select_group(recs, "tune")[0] == [recs[2]]
+    assert select_group([recs[2]]) == ([recs[2]], None)  # no compare group: all records
+    rows = build_table(chosen)
+    assert _row(rows, "ppo")["beta"] == [0.5] and _row(rows, "ppo")["lr"] == [1e-4]
+    assert _row(rows, "dpo")["beta"] == [0.1]
+    line = next(x for x in render_markdown(rows).splitlines() if x.startswith("| ppo"))
+    assert "| 0.5 | 0.0001 |" in line
+
+
+# --------------------------------------------------------------------------- labels, footer, rounding
+def _full_record(seed: int = 0, **metrics: float) -> dict:
+    m = {"eval/gold_reward": 0.7, "eval/ref_gold_reward": 0.6, "eval/win_rate": 0.55, "eval/kl": 3.0,
+         "eval/gold_max": 1.0, "eval/harness_toy_gold/gold_reward": 0.7, "eval/harness_toy_pref/acc": 0.9,
+         "eval/harness_toy_ppl/word_perplexity": 2.1e28, "eval/harness_toy_ppl/byte_perplexity": 1400.0,
+         "eval/harness_toy_ppl/bits_per_byte": 10.45, "eval/harness_toy_ppl/bits_per_byte_stderr": 0.1}
+    m.update(metrics)
+    return rec("ppo", seed, m, cost={"cost/method_wall_s": 60.0, "cost/method_peak_mem_mb": 800.0})
+
+
+def test_labels_and_footer() -> None:
+    rows = build_table([_full_record(s, **{"eval/gold_reward": g}) for s, g in enumerate((0.6, 0.7, 0.8))])
+    cols = shown_columns(rows)
+    labels = [c.label for c in cols]
+    assert labels == ["Gold ↑", "Δ vs SFT", "SFT ref", "Win rate", "KL", "Pref acc", "bits/byte", "time", "memory"]
+    resolved = [c.resolve(rows[0]) for c in cols]
+    assert resolved.count("eval/gold_reward") == 1  # no duplicate gold column
+    assert "eval/harness_toy_gold/gold_reward" not in resolved
+    assert not [k for k in resolved if k and "perplexity" in k]
+    assert "eval/harness_toy_pref/acc" in resolved and "eval/harness_toy_ppl/bits_per_byte" in resolved
+    footer = "\n".join(footer_lines(cols, rows))
+    for col in cols:
+        assert f"{col.label}: {col.key}" in footer  # every shown column: its label, key, definition
+        assert col.definition in footer
+    assert "eval/harness_toy_pref/acc" in footer and "Student-t" in footer and "ddof=1" in footer
+    assert "two-level paired bootstrap" in footer and "nats per sequence" in footer
+    md = render_markdown(rows)
+    header = next(x for x in md.splitlines() if x.startswith("| method"))
+    assert "perplexity" not in header and header.count("Gold") == 1
+    assert "2.1e+28" not in md and "21026" not in md
+    # Δ vs SFT is computed per seed: 0.0, 0.1, 0.2 → mean 0.1
+    assert rows[0]["metrics"]["eval/gold_gain"]["mean"] == pytest.approx(0.1)
+
+
+def test_rounding_follows_the_interval() -> None:
+    assert format_cell({"mean": 0.51234, "half": 0.03456, "n": 3}, 3) == "0.512 ± 0.035"
+    assert format_cell({"mean": 65.63, "half": 7.84, "n": 3}, 3) == "65.6 ± 7.8"
+    assert format_cell({"mean": 1234.5, "half": 123.0, "n": 3}, 3) == "1230 ± 120"
+    assert format_cell({"mean": 0.9, "half": None, "n": 1}, 1) == "0.900"
+    assert format_cell({"mean": 0.9, "half": None, "n": 1}, 3) == "0.900 (n=1)"
+    assert format_cell(None, 3) == "—" and format_cell({"mean": None}, 3) == "—"
+
+
+# --------------------------------------------------------------------------- paired comparisons
+def test_paired_comparisons() -> None:
+    gold_a, gold_b = [1.0] * 20, [0.0] * 20
+    recs = [rec(m, s, {"eval/gold_reward": g[0]}, per_prompt=_per_prompt(g))
+            for s in range(3) for m, g in (("ppo", gold_a), ("dpo", gold_b), ("grpo", gold_b))]
+    pairs = paired_comparisons(recs, n_boot=1000)
+    assert [(c["a"], c["b"]) for c in pairs] == [("ppo", "dpo"), ("ppo", "grpo"), ("dpo", "grpo")]
+    better = pairs[0]
+    assert better["mean_diff"] == 1.0 and (better["ci_lo"], better["ci_hi"]) == (1.0, 1.0)
+    assert better["p"] == pytest.approx(2 / 1001) and better["significant"]
+    assert (better["n_seeds"], better["n_prompts"], better["seeds"]) == (3, 20, [0, 1, 2])
+    same = pairs[2]
+    assert same["mean_diff"] == 0.0 and same["p"] == 1.0 and not same["significant"]
+    md = render_markdown(build_table(recs), paired=pairs)
+    assert "## Paired differences" in md and "| ppo − dpo | +1.000 | [+1.000, +1.000] | 0.002 ✓" in md
+    assert "<tr class=\"sig\">" in render_html(build_table(recs), {}, paired=pairs)
+
+
+def test_paired_comparisons_check_the_prompts() -> None:
+    recs = [rec("ppo", 0, {"eval/gold_reward": 1.0}, per_prompt=_per_prompt([1.0, 1.0], sha="x")),
+            rec("dpo", 0, {"eval/gold_reward": 0.0}, per_prompt=_per_prompt([0.0, 0.0], sha="y")),
+            rec("ppo", 1, {"eval/gold_reward": 1.0}, per_prompt=_per_prompt([1.0, 0.0])),
+            rec("dpo", 1, {"eval/gold_reward": 0.0}, per_prompt=_per_prompt([0.0, 0.0])),
+            rec("grpo", 0, {"eval/gold_reward": 0.5})]  # an older record: no per_prompt
+    pairs = {(c["a"], c["b"]): c for c in paired_comparisons(recs, n_boot=200)}
+    ppo_dpo = pairs[("ppo", "dpo")]
+    assert ppo_dpo["seeds"] == [1] and ppo_dpo["n_prompts"] == 2
+    assert "different held-out prompts" in ppo_dpo["skipped"]
+    assert pairs[("ppo", "grpo")]["mean_diff"] is None
+    assert "no per-prompt gold rewards" in pairs[("ppo", "grpo")]["skipped"]
+    # different groups are never paired
+    other = [rec("dpo", 0, {"eval/gold_reward": 0.0}, per_prompt=_per_prompt([0.0, 0.0]), group="tune")]
+    assert paired_comparisons([recs[2], *other], n_boot=10) == []
+
+
+# --------------------------------------------------------------------------- warnings
+def test_warning_few_seeds(records: list[dict]) -> None:
+    warns = comparison_warnings(build_table(records))
+    assert any(w.startswith("dpo · llama_small · toy: 2 seeds") for w in warns)
+    three = build_table([rec("dpo", s, {"eval/gold_reward": 0.5}) for s in range(3)])
+    assert not [w for w in comparison_warnings(three) if "fewer than" in w]
+
+
+def test_warning_ceiling() -> None:
+    def rows(golds: tuple[float, ...], top: float | None = 1.0) -> list[dict]:
+        extra = {} if top is None else {"eval/gold_max": top}
+        return build_table([rec("dpo", s, {"eval/gold_reward": g, **extra}) for s, g in enumerate(golds)])
+
+    assert any("ceiling" in w and "mean 0.990" in w for w in comparison_warnings(rows((0.99, 0.99, 0.99))))
+    # mean 0.9 but the interval 0.9 ± 4.303·0.1/√3 = [0.65, 1.15] reaches the ceiling
+    assert any("ceiling" in w and "upper 95% bound" in w for w in comparison_warnings(rows((0.8, 1.0, 0.9))))
+    assert not [w for w in comparison_warnings(rows((0.50, 0.51, 0.52))) if "ceiling" in w]
+    assert not [w for w in comparison_warnings(rows((0.99, 0.99, 0.99), top=None)) if "ceiling" in w]
+
+
+def test_warning_sft_reference_spread() -> None:
+    def rows(refs: tuple[float, ...], gain: float) -> list[dict]:
+        return build_table([rec(m, s, {"eval/gold_reward": r + gain + (0.05 if m == "ppo" else 0),
+                                       "eval/ref_gold_reward": r})
+                            for m in ("dpo", "ppo") for s, r in enumerate(refs)])
+
+    # references 0.5..0.7 (spread 0.2) against a smallest gain of 0.1 (dpo)
+    warns = [w for w in comparison_warnings(rows((0.5, 0.6, 0.7), 0.1)) if "SFT reference" in w]
+    assert len(warns) == 1 and "0.200" in warns[0] and "0.100, dpo" in warns[0]
+    assert not [w for w in comparison_warnings(rows((0.6, 0.6, 0.61), 0.1)) if "SFT reference" in w]
+
+
+def test_warning_platforms_and_header(tmp_path: Path) -> None:
+    recs = [rec("dpo", s, {"eval/gold_reward": 0.5}, platform=CPU if s else GPU) for s in range(3)]
+    warns = comparison_warnings(build_table(recs), recs)
+    (warn,) = [w for w in warns if "platforms" in w]
+    assert "torch 2.13.0+cpu, cpu AVX512" in warn and "torch 2.13.0, cuda NVIDIA H200" in warn
+    assert "dpo · llama_small · toy" in warn  # the row mixes them
+    same = [rec("dpo", s, {"eval/gold_reward": 0.5}, platform=CPU) for s in range(3)]
+    assert not [w for w in comparison_warnings(build_table(same), same) if "platforms" in w]
+    # records without a platform: no warning, the header says it is not recorded
+    assert not [w for w in comparison_warnings(build_table(recs[:0]), []) if "platforms" in w]
+    for r in recs:
+        write_record(r, tmp_path / "runs")
+    md = build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False)["markdown"].read_text()
+    assert "Platforms: torch 2.13.0+cpu, cpu AVX512; torch 2.13.0, cuda NVIDIA H200." in md
+    assert "⚠ the rows come from 2 platforms" in md
+
+
 # --------------------------------------------------------------------------- renderers
 def test_markdown(records: list[dict]) -> None:
     cmd = "python -m harness -m method=ppo,grpo,dpo seed=0,1"
@@ -173,13 +369,13 @@ def test_markdown(records: list[dict]) -> None:
     assert md.startswith("# ")
     assert cmd in md
     dpo_line = next(line for line in md.splitlines() if line.startswith("| dpo | llama_small"))
-    assert "0.600 ± 0.141" in dpo_line  # gold reward
-    assert "0.700 ± 0.141" in dpo_line  # Average
+    assert "0.6 ± 1.3" in dpo_line  # gold reward: 0.6 ± 12.706·0.1414/√2
     assert "2 (+1 failed)" in dpo_line
     grpo_line = next(line for line in md.splitlines() if line.startswith("| grpo"))
     assert "failed" in grpo_line and "CUDA out of memory" in grpo_line
-    assert "0.900 |" in md  # single seed: bare mean
+    assert "| 0.900 |" in md  # single seed: bare mean
     assert "NaN loss at step 7" in md  # failed runs listed
+    assert "**Warnings**" in md
 
 
 def test_csv_columns(records: list[dict], tmp_path: Path) -> None:
@@ -189,19 +385,21 @@ def test_csv_columns(records: list[dict], tmp_path: Path) -> None:
         reader = csv.DictReader(fh)
         header = reader.fieldnames
         data = list(reader)
-    assert header[:6] == ["method", "model", "dataset", "status", "n_seeds", "n_failed"]
-    for col in ("Average", "eval/gold_reward", "eval/win_rate", "eval/kl", "eval/arith/acc",
-                "cost/wall_s", "cost/peak_mem_mb", "cost/tokens_per_s"):
-        assert f"{col}_mean" in header and f"{col}_std" in header
+    assert header[:7] == ["method", "model", "dataset", "status", "n_seeds", "n_failed", "n_duplicates"]
+    for col in ("eval/gold_reward", "eval/win_rate", "eval/kl", "eval/arith/acc", "cost/method_wall_s",
+                "Average"):
+        for stat in ("mean", "std", "ci_lo", "ci_hi", "n"):
+            assert f"{col}_{stat}" in header
     assert header[-1] == "error"
     assert len(data) == 4
-    dpo = data[0]
+    dpo = next(d for d in data if d["method"] == "dpo" and d["model"] == "llama_small")
     assert float(dpo["eval/gold_reward_mean"]) == pytest.approx(0.6)
     assert float(dpo["eval/gold_reward_std"]) == pytest.approx(0.141421356)
-    assert float(dpo["Average_mean"]) == pytest.approx(0.7)
-    ppo = data[1]
-    assert ppo["eval/gold_reward_std"] == ""  # one seed
-    grpo = data[-1]
+    assert float(dpo["eval/gold_reward_ci_hi"]) == pytest.approx(0.6 + 1.270620, rel=1e-6)  # full precision
+    assert dpo["eval/gold_reward_n"] == "2"
+    ppo = next(d for d in data if d["method"] == "ppo")
+    assert ppo["eval/gold_reward_std"] == "" and ppo["eval/gold_reward_ci_lo"] == ""  # one seed
+    grpo = next(d for d in data if d["method"] == "grpo")
     assert grpo["status"] == "failed" and grpo["error"] == "CUDA out of memory"
     assert grpo["eval/gold_reward_mean"] == ""
 
@@ -224,8 +422,23 @@ def test_html_self_contained(records: list[dict], tmp_path: Path) -> None:
     b64 = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page).group(1)
     assert base64.b64decode(b64).startswith(PNG_MAGIC)
     assert "<code>python -m harness -m seed=0,1</code>" in page
-    assert "0.600 ± 0.141" in page and 'class="failed"' in page
+    assert "0.6 ± 1.3" in page and 'class="failed"' in page
     assert "CUDA out of memory" in page
+    assert 'title="eval/gold_reward: mean gold' in page  # the key and definition as a tooltip
+
+
+def test_html_fits_1400_pixels(records: list[dict], tmp_path: Path) -> None:
+    png = plot_training_curves(records, tmp_path / "tc.png")
+    page = render_html(build_table(records), {"curves": png})
+    css = re.search(r"<style>(.*?)</style>", page, re.S).group(1)
+    assert re.search(r"body\{[^}]*max-width:1400px", css)
+    assert re.search(r"img\{[^}]*max-width:100%", css)
+    assert re.search(r"\.box\{[^}]*max-width:100%", css) and re.search(r"table\{[^}]*max-width:100%", css)
+    # every table sits in a max-width box; nothing is given a fixed width over 1400 px
+    assert page.count("<table") == page.count('<div class="box"><table')
+    assert all(int(w) <= 1400 for w in re.findall(r"width\s*:\s*(\d+)px", page))
+    assert all(int(w) <= 1400 for w in re.findall(r'width="(\d+)"', page))
+    assert "white-space:nowrap" not in re.search(r"th\{[^}]*\}", css).group(0)  # headers wrap
 
 
 def test_plots(records: list[dict], tmp_path: Path) -> None:
@@ -240,19 +453,44 @@ def test_plots(records: list[dict], tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_plots_with_beta_grid_and_new_history(tmp_path: Path) -> None:
+    recs = []
+    for model in ("llama_small", "moe_small"):
+        for beta in (0.05, 0.1, 0.5):
+            for s in range(2):
+                hist = {"eval/gold_reward": [[k, 0.5 + 0.01 * k, 100.0 * k, 0.1 * k] for k in range(0, 50, 10)],
+                        "train/kl": [[k, 0.1 * k] for k in range(50)],
+                        "train/reward": [[k, 2.0 + 0.1 * k] for k in range(50)]}
+                recs.append(rec("ppo", s, {"eval/gold_reward": 0.6 + beta, "eval/kl": 1 / beta,
+                                           "eval/ref_gold_reward": 0.5, "eval/gold_max": 1.0},
+                                model=model, history=hist, reward_source="rm", suffix=f"-b{beta}",
+                                config={"method": {"kl_coef": beta, "optim": {"lr": 1e-4}}}))
+    for fn in (plot_reward_kl, plot_training_curves):
+        assert fn(recs, tmp_path / f"{fn.__name__}.png").read_bytes().startswith(PNG_MAGIC)
+    from harness.evaluation.plots import _frontier_points, ema
+
+    points = _frontier_points([r for r in recs if r["model"] == "moe_small"])
+    assert [p["beta"] for p in points] == [0.5, 0.1, 0.05]  # sorted by KL: 2, 10, 20
+    assert all(p["n"] == 2 for p in points)
+    assert ema([1.0, 0.0, 0.0], alpha=0.5) == [1.0, 0.5, 0.25]
+
+
 # --------------------------------------------------------------------------- end to end
 def test_build_leaderboard(records: list[dict], tmp_path: Path) -> None:
     runs = tmp_path / "results" / "runs"
     for r in records:
         write_record(r, runs)
-    paths = build_leaderboard(runs, tmp_path / "results", command="python -m harness -m x=1")
+    paths = build_leaderboard(runs, tmp_path / "results", command="python -m harness -m x=1",
+                              screenshot=False, note="β and lr tuned on the validation split")
     assert {p.name for p in paths.values()} == {
-        "leaderboard.md", "leaderboard.csv", "leaderboard.html", "reward_kl.png",
+        "leaderboard.md", "leaderboard.csv", "leaderboard_paired.csv", "leaderboard.html", "reward_kl.png",
         "training_curves.png"}
     assert all(p.is_file() and p.parent == tmp_path / "results" for p in paths.values())
     md = paths["markdown"].read_text()
     assert "`python -m harness -m x=1`" in md and "python -m harness.leaderboard" in md
     assert "](reward_kl.png)" in md
+    assert "β and lr tuned on the validation split" in md
+    assert "Platform: — (not recorded)." in md
     _assert_self_contained(paths["html"].read_text())
     assert not [p for p in (tmp_path / "results").iterdir() if p.name.startswith(".")]
 
@@ -260,14 +498,25 @@ def test_build_leaderboard(records: list[dict], tmp_path: Path) -> None:
 def test_build_leaderboard_default_command(records: list[dict], tmp_path: Path) -> None:
     for r in records:
         write_record(r, tmp_path / "runs")
-    md = build_leaderboard(tmp_path / "runs", tmp_path / "out")["markdown"].read_text()
+    md = build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False)["markdown"].read_text()
     assert ("python -m harness -m method=dpo,grpo,ppo model=llama_small,moe_small dataset=toy "
             "seed=0,1,2") in md
 
 
+def test_build_leaderboard_uses_the_compare_group(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_record(rec("dpo", 0, {"eval/gold_reward": 0.7}, group="compare"), runs)
+    write_record(rec("dpo", 0, {"eval/gold_reward": 0.1}, group="tune", suffix="-t"), runs)
+    md = build_leaderboard(runs, tmp_path / "out", screenshot=False)["markdown"].read_text()
+    assert "| 0.700 |" in md and "| 0.100 |" not in md
+    assert "group `compare`" in md and "`tune` 1" in md
+    md = build_leaderboard(runs, tmp_path / "out2", group="tune", screenshot=False)["markdown"].read_text()
+    assert "| 0.100 |" in md and "--group tune" in md
+
+
 def test_empty_runs_dir_writes_empty_leaderboard(tmp_path: Path) -> None:
     (tmp_path / "runs").mkdir()
-    paths = build_leaderboard(tmp_path / "runs", tmp_path / "out")
+    paths = build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False)
     assert "No run records found" in paths["markdown"].read_text()
     header = paths["csv"].read_text().splitlines()
     assert len(header) == 1 and header[0].startswith("method,model,dataset,status")
@@ -275,12 +524,27 @@ def test_empty_runs_dir_writes_empty_leaderboard(tmp_path: Path) -> None:
     assert paths["reward_kl"].read_bytes().startswith(PNG_MAGIC)
 
 
+def test_screenshot(records: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    page = tmp_path / "lb.html"
+    page.write_text(render_html(build_table(records), {}))
+    with monkeypatch.context() as m:
+        m.setattr(lb.shutil, "which", lambda name: None)
+        assert screenshot(page, tmp_path / "none.png") is None
+    if lb.shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed")
+    shot = screenshot(page, tmp_path / "lb.png", height=600)
+    assert shot is not None and shot.read_bytes().startswith(PNG_MAGIC)
+    width = int.from_bytes(shot.read_bytes()[16:20], "big")
+    assert width == 1400
+
+
 def test_cli(records: list[dict], tmp_path: Path) -> None:
     runs, out = tmp_path / "runs", tmp_path / "out"
     for r in records:
         write_record(r, runs)
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.leaderboard", "--runs", str(runs), "--out", str(out)],
+        [sys.executable, "-m", "harness.leaderboard", "--runs", str(runs), "--out", str(out),
+         "--no-screenshot", "--n-boot", "200", "--note", "a note"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -289,11 +553,45 @@ def test_cli(records: list[dict], tmp_path: Path) -> None:
                  "training_curves.png"):
         assert (out / name).is_file(), name
     assert "| dpo | llama_small |" in (out / "leaderboard.md").read_text()
+    assert "a note" in (out / "leaderboard.md").read_text()
 
     empty = subprocess.run(
         [sys.executable, "-m", "harness.leaderboard", "--runs", str(tmp_path / "none"),
-         "--out", str(tmp_path / "out2")],
+         "--out", str(tmp_path / "out2"), "--no-screenshot"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
     assert empty.returncode == 0 and "no run records" in empty.stderr
     assert (tmp_path / "out2" / "leaderboard.md").is_file()
+
+
+def test_wandb_table(records: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from omegaconf import OmegaConf
+
+    from harness.tracking.callbacks import log_leaderboard_table
+
+    logged: dict = {}
+
+    class Table:
+        def __init__(self, columns: list, data: list) -> None:
+            self.columns, self.data = columns, data
+
+    class Run:
+        def log(self, payload: dict) -> None:
+            logged.update(payload)
+
+        def finish(self) -> None:
+            logged["finished"] = True
+
+    fake = types.SimpleNamespace(Table=Table, init=lambda **kwargs: Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = OmegaConf.create({"logger": {"kind": "wandb", "project": "p", "offline": True},
+                            "experiment": "x", "results_dir": str(tmp_path)})
+    log_leaderboard_table(cfg, records)
+    table = logged["leaderboard"]
+    assert table.columns[:5] == ["method", "model", "dataset", "status", "seeds"]
+    assert {"eval/gold_reward", "eval/gold_reward ci_lo", "eval/gold_reward ci_hi"} <= set(table.columns)
+    assert len(table.data) == 4 and all(len(r) == len(table.columns) for r in table.data)
+    dpo = next(r for r in table.data if r[0] == "dpo" and r[1] == "llama_small")
+    i = table.columns.index("eval/gold_reward")
+    assert dpo[4] == 2 and dpo[i] == pytest.approx(0.6) and dpo[i + 2] == pytest.approx(0.6 + 1.27062, rel=1e-4)
+    assert logged["finished"]
