@@ -32,17 +32,29 @@ class LeaderboardCallback(Callback):
 
 
 def log_leaderboard_table(config: DictConfig, records: list[dict]) -> None:
-    """The leaderboard rows as a ``wandb.Table`` in a run of its own (job_type ``leaderboard``)."""
+    """The leaderboard rows as a ``wandb.Table`` in a run of its own (job_type ``leaderboard``).
+
+    The rows are those of the leaderboard's main table (the ``compare`` group when the records
+    have one, else all; see :func:`harness.evaluation.leaderboard.select_group`). Columns: method,
+    model, dataset, status, seeds (distinct ok seeds), then per metric key of
+    :func:`harness.evaluation.leaderboard.columns` its mean over seeds and the bounds of its
+    Student-t 95 % interval (``<key> ci_lo``, ``<key> ci_hi``; empty for a single seed).
+    """
     import wandb
 
-    from harness.evaluation.leaderboard import build_table, columns
+    from harness.evaluation.leaderboard import build_table, columns, select_group
 
-    rows = build_table(records)
+    rows = build_table(select_group(records)[0])
     cols = columns(rows)
+    header = ["method", "model", "dataset", "status", "seeds"]
+    for c in cols:
+        header += [c, f"{c} ci_lo", f"{c} ci_hi"]
     data = []
     for row in rows:
-        cells = [row["method"], row["model"], row["dataset"], row.get("status", "ok")]
-        cells += [(row["metrics"].get(c) or {}).get("mean") for c in cols]
+        cells = [row["method"], row["model"], row["dataset"], row.get("status", "ok"), row.get("n_seeds", 0)]
+        for c in cols:
+            cell = row["metrics"].get(c) or {}
+            cells += [cell.get("mean"), cell.get("ci_lo"), cell.get("ci_hi")]
         data.append(cells)
     mode = "offline" if config.logger.get("offline", True) and os.environ.get("WANDB_MODE") != "online" \
         else "online"
@@ -50,6 +62,5 @@ def log_leaderboard_table(config: DictConfig, records: list[dict]) -> None:
                      group=config.logger.get("group") or config.get("experiment"),
                      job_type="leaderboard", name=f"leaderboard-{config.get('experiment')}",
                      mode=mode, dir=to_absolute_path(config.get("results_dir") or "results"))
-    run.log({"leaderboard": wandb.Table(columns=["method", "model", "dataset", "status", *cols],
-                                        data=data)})
+    run.log({"leaderboard": wandb.Table(columns=header, data=data)})
     run.finish()
