@@ -235,6 +235,25 @@ def test_setting_columns_and_group_selection() -> None:
     assert "| 0.5 | 0.0001 |" in line
 
 
+def test_runs_at_different_settings_are_different_rows() -> None:
+    def cfg(beta: float) -> dict:
+        return {"method": {"beta": beta, "optim": {"lr": 5e-6}}}
+
+    recs = [rec("dpo", s, {"eval/gold_reward": 0.5 + beta}, group="tune", suffix=f"-b{beta}", config=cfg(beta),
+                per_prompt=_per_prompt([0.5 + beta] * 4)) for beta in (0.1, 0.3) for s in range(3)]
+    recs.append(rec("dpo", 3, {}, status="failed", error="boom", group="tune"))  # no setting: its own row
+    rows = build_table(recs)
+    assert [(r["setting"], r["n_seeds"], r["n_duplicates"]) for r in rows] == [
+        ("β=0.3, lr=5e-06", 3, 0), ("β=0.1, lr=5e-06", 3, 0), ("setting not recorded", 0, 0)]
+    assert rows[0]["metrics"]["eval/gold_reward"]["mean"] == pytest.approx(0.8)
+    (pair,) = paired_comparisons(recs[:6], n_boot=100)
+    assert (pair["a"], pair["b"]) == ("dpo (β=0.3, lr=5e-06)", "dpo (β=0.1, lr=5e-06)")
+    assert pair["mean_diff"] == pytest.approx(0.2)
+    # one setting (and a failed run without one): one row, as keyed by (method, model, dataset)
+    one = build_table([*recs[:3], recs[-1]])
+    assert len(one) == 1 and one[0]["setting"] == "" and one[0]["n_failed"] == 1
+
+
 # --------------------------------------------------------------------------- labels, footer, rounding
 def _full_record(seed: int = 0, **metrics: float) -> dict:
     m = {"eval/gold_reward": 0.7, "eval/ref_gold_reward": 0.6, "eval/win_rate": 0.55, "eval/kl": 3.0,
@@ -316,7 +335,9 @@ def test_paired_comparisons_check_the_prompts() -> None:
 # --------------------------------------------------------------------------- warnings
 def test_warning_few_seeds(records: list[dict]) -> None:
     warns = comparison_warnings(build_table(records))
-    assert any(w.startswith("dpo · llama_small · toy: 2 seeds") for w in warns)
+    (few,) = [w for w in warns if w.startswith("fewer than 3 seeds")]
+    assert "dpo · llama_small · toy (2)" in few and "ppo · llama_small · toy (1)" in few
+    assert "grpo" not in few  # all failed: listed as failed, not as few seeds
     three = build_table([rec("dpo", s, {"eval/gold_reward": 0.5}) for s in range(3)])
     assert not [w for w in comparison_warnings(three) if "fewer than" in w]
 
@@ -467,12 +488,14 @@ def test_plots_with_beta_grid_and_new_history(tmp_path: Path) -> None:
                                 config={"method": {"kl_coef": beta, "optim": {"lr": 1e-4}}}))
     for fn in (plot_reward_kl, plot_training_curves):
         assert fn(recs, tmp_path / f"{fn.__name__}.png").read_bytes().startswith(PNG_MAGIC)
-    from harness.evaluation.plots import _frontier_points, ema
+    from harness.evaluation.plots import _frontier_points, _split, ema, ema_alpha
 
     points = _frontier_points([r for r in recs if r["model"] == "moe_small"])
     assert [p["beta"] for p in points] == [0.5, 0.1, 0.05]  # sorted by KL: 2, 10, 20
     assert all(p["n"] == 2 for p in points)
+    assert _split(recs[0]) == "split not recorded" and _split({"per_prompt": {"split": "validation"}}) == "validation"
     assert ema([1.0, 0.0, 0.0], alpha=0.5) == [1.0, 0.5, 0.25]
+    assert (ema_alpha(10), ema_alpha(200), ema_alpha(2)) == (0.5, 0.1, 0.6)
 
 
 # --------------------------------------------------------------------------- end to end

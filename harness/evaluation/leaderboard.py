@@ -13,6 +13,8 @@ Conventions
 
 * The main table uses the records of one group (``group=``; default ``"compare"`` when any record
   has it, else all records). The reward–KL plot uses every group (tuning sweeps supply its β grid).
+* A row is a (method, model, dataset); a method that ran several settings (β, lr) in the chosen
+  group gets a row per setting — runs at different settings are never averaged together.
 * One sample per seed: repeated records of a seed are one sample, the latest by ``created``
   (whatever its status); the others are counted in ``n_duplicates`` and flagged.
 * Cells are ``mean ± h`` with h the half-width of the Student-t 95 % interval over seeds,
@@ -80,7 +82,9 @@ __all__ = [
     "render_markdown",
     "run_metrics",
     "screenshot",
+    "row_groups",
     "select_group",
+    "setting_label",
     "shown_columns",
     "write_csv",
     "write_paired_csv",
@@ -236,12 +240,48 @@ def select_group(records: Sequence[Mapping[str, Any]], group: str | None = None
     return [r for r in records if r.get("group") == group], group
 
 
+def _setting_of(record: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    return kl_coefficient(record), learning_rate(record)
+
+
+def setting_label(setting: tuple[float | None, float | None] | None) -> str:
+    """``"β=0.1, lr=5e-06"`` for a (KL coefficient, learning rate) setting; ``""`` for ``None``."""
+    if setting is None:
+        return ""
+    beta, lr = setting
+    return ", ".join(p for p in (f"β={beta:g}" if beta is not None else "",
+                                 f"lr={lr:g}" if lr is not None else "") if p) or "setting not recorded"
+
+
+def row_groups(records: Iterable[Mapping[str, Any]]) -> dict[tuple, list[Mapping[str, Any]]]:
+    """The records by row: ``(method, model, dataset, setting)`` with ``setting`` ``None`` when
+    the records of a (method, model, dataset) ran one setting (the usual case: the comparison
+    sweep runs each method at one β and lr), else the (β, lr) they ran — runs at different
+    settings are different rows, never one mean nor "duplicates" of a seed. A record without a
+    setting (e.g. an early failure) joins the only setting when there is one."""
+    by_key: dict[tuple[str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for rec in records:
+        by_key[tuple(str(rec.get(k, "?")) for k in _KEY_COLUMNS)].append(rec)  # type: ignore[index]
+    out: dict[tuple, list[Mapping[str, Any]]] = {}
+    for (method, model, dataset), recs in by_key.items():
+        settings = {_setting_of(r) for r in recs} - {(None, None)}
+        if len(settings) <= 1:
+            out[(method, model, dataset, None)] = recs
+            continue
+        for r in recs:
+            out.setdefault((method, model, dataset, _setting_of(r)), []).append(r)
+    return out
+
+
 def build_table(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Aggregate run records into leaderboard rows, one per (method, model, dataset), sorted.
+    """Aggregate run records into leaderboard rows, one per (method, model, dataset), sorted —
+    one per (method, model, dataset, β, lr) where a method ran several settings (see
+    :func:`row_groups`).
 
     Each row::
 
         {"method", "model", "dataset",
+         "setting": str,                       # "" or "β=…, lr=…" when the method ran several
          "status": "ok" | "failed",            # "failed" when no seed's latest run succeeded
          "error": str | None,                  # the distinct errors of its failed runs, "; "-joined
          "n_seeds": int, "n_failed": int,      # distinct ok seeds / failed seeds
@@ -255,12 +295,8 @@ def build_table(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ``metrics`` (see :func:`harness.evaluation.stats.summarize`) holds every metric of the ok
     seeds, and always the headline and cost columns (``mean`` ``None`` when no run reported them).
     """
-    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
-    for rec in records:
-        groups[tuple(str(rec.get(k, "?")) for k in _KEY_COLUMNS)].append(rec)  # type: ignore[index]
-
     rows = []
-    for (method, model, dataset), recs in groups.items():
+    for (method, model, dataset, setting), recs in row_groups(records).items():
         kept, dropped = distinct_seeds(recs)
         ok = [r for r in kept if r.get("status") == "ok"]
         failed = [r for r in kept if r.get("status") != "ok"]
@@ -272,6 +308,7 @@ def build_table(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "method": method,
             "model": model,
             "dataset": dataset,
+            "setting": setting_label(setting),
             "status": "ok" if ok else "failed",
             "error": "; ".join(errors) if errors else None,
             "n_seeds": len(ok),
@@ -302,7 +339,7 @@ def _mean(row: Mapping[str, Any], name: str) -> float | None:
 def _sort_key(row: Mapping[str, Any]) -> tuple:
     gold = _mean(row, "eval/gold_reward")
     return (row["dataset"], row["model"], row["status"] == "failed", gold is None,
-            -(gold or 0.0), row["method"])
+            -(gold or 0.0), row["method"], row.get("setting", ""))
 
 
 # --------------------------------------------------------------------------- paired comparisons
@@ -310,7 +347,9 @@ def paired_comparisons(records: Iterable[Mapping[str, Any]], n_boot: int = 10_00
                        ) -> list[dict[str, Any]]:
     """Every pair of methods on the same (model, dataset, group), compared prompt by prompt.
 
-    Per pair (A, B), A the one with the higher mean gold: the seeds both ran (ok, one record per
+    A method that ran several settings in a group enters once per setting, named e.g.
+    ``"dpo (β=0.1, lr=5e-06)"`` (see :func:`row_groups`). Per pair (A, B), A the one with the
+    higher mean gold: the seeds both ran (ok, one record per
     seed as in :func:`build_table`) whose ``per_prompt`` has the same ``prompts_sha256`` and
     length; d[s, i] = gold_A[s, i] − gold_B[s, i] goes to
     :func:`harness.evaluation.stats.paired_bootstrap` (``n_boot`` replicates, numpy seed
@@ -319,9 +358,12 @@ def paired_comparisons(records: Iterable[Mapping[str, Any]], n_boot: int = 10_00
     ``skipped`` says why a pair could not be compared (then the numbers are ``None``).
     """
     cells: dict[tuple[str, str, str], dict[str, dict[Any, Mapping[str, Any]]]] = defaultdict(dict)
-    by_row: dict[tuple[str, str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    by_group: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in records:
-        by_row[(str(r.get("model")), str(r.get("dataset")), str(r.get("group")), str(r.get("method")))].append(r)
+        by_group[str(r.get("group"))].append(r)
+    by_row = {(model, dataset, group, f"{method} ({setting_label(setting)})" if setting else method): recs
+              for group, grecs in by_group.items()
+              for (method, model, dataset, setting), recs in row_groups(grecs).items()}
     for (model, dataset, group, method), recs in by_row.items():
         ok = [r for r in distinct_seeds(recs)[0] if r.get("status") == "ok"]
         if ok:
@@ -383,7 +425,8 @@ def _compare(model: str, dataset: str, group: str, a: str, b: str, ra: Mapping[A
 
 # --------------------------------------------------------------------------- warnings
 def _row_name(row: Mapping[str, Any]) -> str:
-    return f"{row['method']} · {row['model']} · {row['dataset']}"
+    name = f"{row['method']} · {row['model']} · {row['dataset']}"
+    return name + (f" ({row['setting']})" if row.get("setting") else "")
 
 
 def table_platforms(records: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -408,10 +451,10 @@ def comparison_warnings(rows: Sequence[Mapping[str, Any]], records: Iterable[Map
     """
     out = []
     ok_rows = [r for r in rows if r["status"] == "ok"]
-    for row in ok_rows:
-        if row["n_seeds"] < MIN_SEEDS:
-            out.append(f"{_row_name(row)}: {row['n_seeds']} seed{'s' if row['n_seeds'] != 1 else ''} "
-                       f"(fewer than {MIN_SEEDS}): its interval is wide or missing and its comparisons weak.")
+    few = [f"{_row_name(row)} ({row['n_seeds']})" for row in ok_rows if row["n_seeds"] < MIN_SEEDS]
+    if few:
+        out.append(f"fewer than {MIN_SEEDS} seeds (intervals wide or missing, comparisons weak): "
+                   + ", ".join(few) + ".")
     for row in ok_rows:
         gold, top = _mean(row, "eval/gold_reward"), _mean(row, "eval/gold_max")
         if gold is None or top is None:

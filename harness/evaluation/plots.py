@@ -21,9 +21,15 @@ from typing import Any
 from harness.evaluation.records import atomic_write_bytes, finite
 from harness.evaluation.stats import distinct_seeds, kl_coefficient, learning_rate, summarize
 
-__all__ = ["EMA_ALPHA", "ema", "history_points", "plot_reward_kl", "plot_training_curves"]
+__all__ = ["EMA_ALPHA", "ema", "ema_alpha", "history_points", "plot_reward_kl", "plot_training_curves"]
 
 EMA_ALPHA = 0.3
+
+
+def ema_alpha(n: int) -> float:
+    """The smoothing of a curve of ``n`` points: α = clip(5/n, 0.1, 0.6), so a 200-step curve is
+    averaged over ~20 steps and a 10-point held-out curve barely lags."""
+    return min(0.6, max(0.1, 5.0 / max(n, 1)))
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
@@ -74,11 +80,13 @@ def plot_reward_kl(records: Iterable[Mapping[str, Any]], path: Path | str) -> Pa
     datasets are never joined).
 
     In a panel, one curve per method (per method and learning rate when the records hold several
-    learning rates of it): at each KL coefficient β (``config.method.kl_coef`` or ``beta``) the
+    learning rates of it, and per held-out split: points measured on the validation split — the
+    tuning sweep's — are drawn hollow on a dashed line and never joined to test-split points): at
+    each KL coefficient β (``config.method.kl_coef`` or ``beta``) the
     point (mean eval/kl, mean eval/gold_reward) over distinct seeds, with Student-t 95 % error bars
     on both, the points sorted by KL and joined, each labelled with its β. Records of every group
     are used (tuning sweeps supply the β grid). The SFT reference (mean ``eval/ref_gold_reward``)
-    is a dashed horizontal line, the task's ceiling (``eval/gold_max``) a dotted one. With no
+    is a dashed horizontal line per split, the task's ceiling (``eval/gold_max``) a dotted one. With no
     usable record the figure says so.
     """
     panels = {}
@@ -90,7 +98,7 @@ def plot_reward_kl(records: Iterable[Mapping[str, Any]], path: Path | str) -> Pa
     n = max(1, len(panels))
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
-    fig, axes = _new_figure(4.6 * ncols + 0.4, 3.8 * nrows, nrows, ncols)
+    fig, axes = _new_figure(4.6 * ncols + 0.4, 4.6 * nrows, nrows, ncols)
     flat = [ax for row in axes for ax in row]
     if not panels:
         flat[0].set_title("Reward–KL frontier")
@@ -104,34 +112,56 @@ def plot_reward_kl(records: Iterable[Mapping[str, Any]], path: Path | str) -> Pa
         by_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
         for r in usable:
             by_method[str(r.get("method"))].append(r)
+        several_splits = len({_split(r) for r in usable}) > 1
         for method, mrecs in sorted(by_method.items()):
             color, marker = style[method]
             lrs = sorted({learning_rate(r) for r in mrecs}, key=lambda x: (x is None, x or 0.0))
+            splits = sorted({_split(r) for r in mrecs}, key=_split_order)
             for lr in lrs:
-                curve = _frontier_points([r for r in mrecs if learning_rate(r) == lr])
-                label = method if len(lrs) == 1 else f"{method} lr={_fmt(lr)}"
-                xs, ys = [p["kl"] for p in curve], [p["gold"] for p in curve]
-                ax.errorbar(xs, ys, xerr=[p["kl_err"] for p in curve], yerr=[p["gold_err"] for p in curve],
-                            color=color, marker=marker, markersize=5, linewidth=1.4, capsize=2,
-                            elinewidth=0.8, label=label, linestyle="-" if len(lrs) == 1 else "--")
-                for p in curve:
-                    ax.annotate(f"β={_fmt(p['beta'])}" + (f" (n={p['n']})" if p["n"] < 2 else ""),
-                                (p["kl"], p["gold"]), textcoords="offset points", xytext=(4, 4),
-                                fontsize=7, color=color)
-        refs = [float(r["metrics"]["eval/ref_gold_reward"]) for r in distinct_seeds(
-            [r for r in recs if finite((r.get("metrics") or {}).get("eval/ref_gold_reward"))])[0]]
-        if refs:
-            ax.axhline(sum(refs) / len(refs), color="grey", linestyle="--", linewidth=1,
-                       label=f"SFT reference ({len(refs)} seeds)")
+                for split in splits:
+                    curve = _frontier_points([r for r in mrecs if learning_rate(r) == lr and _split(r) == split])
+                    if not curve:
+                        continue
+                    label = method if len(lrs) == 1 else f"{method} lr={_fmt(lr)}"
+                    label += f" ({split})" if several_splits else ""
+                    held_out = split != "validation"
+                    xs, ys = [p["kl"] for p in curve], [p["gold"] for p in curve]
+                    ax.errorbar(xs, ys, xerr=[p["kl_err"] for p in curve], yerr=[p["gold_err"] for p in curve],
+                                color=color, marker=marker, markersize=5, linewidth=1.4, capsize=2,
+                                elinewidth=0.8, label=label, linestyle="-" if held_out else "--",
+                                markerfacecolor=color if held_out else "white")
+                    for p in curve:
+                        ax.annotate(f"β={_fmt(p['beta'])}" + (f" (n={p['n']})" if p["n"] < 2 else ""),
+                                    (p["kl"], p["gold"]), textcoords="offset points", xytext=(4, 4),
+                                    fontsize=7, color=color)
+        for split in sorted({_split(r) for r in recs}, key=_split_order):
+            refs = [float(r["metrics"]["eval/ref_gold_reward"]) for r in distinct_seeds(
+                [r for r in recs if _split(r) == split
+                 and finite((r.get("metrics") or {}).get("eval/ref_gold_reward"))])[0]]
+            if refs:
+                ax.axhline(sum(refs) / len(refs), color="grey", linewidth=1,
+                           linestyle="--" if split != "validation" else (0, (1, 3)),
+                           label=f"SFT reference{f' ({split})' if several_splits else ''}, {len(refs)} seeds")
         caps = [float(r["metrics"]["eval/gold_max"]) for r in recs
                 if finite((r.get("metrics") or {}).get("eval/gold_max"))]
         if caps:
             ax.axhline(max(caps), color="black", linestyle=":", linewidth=0.8, label="ceiling (eval/gold_max)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize="x-small")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize="x-small", frameon=False)
     for ax in flat[len(panels):]:
         ax.set_visible(False)
     return _save(fig, path)
+
+
+def _split(record: Mapping[str, Any]) -> str:
+    """The held-out split a record's gold reward was measured on (``per_prompt.split``)."""
+    per_prompt = record.get("per_prompt")
+    split = per_prompt.get("split") if isinstance(per_prompt, Mapping) else None
+    return str(split) if split else "split not recorded"
+
+
+def _split_order(split: str) -> tuple[int, str]:
+    return ({"test": 0, "validation": 1}.get(split, 2), split)
 
 
 def _frontier_points(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -192,7 +222,7 @@ _PANELS = (
 
 def plot_training_curves(records: Iterable[Mapping[str, Any]], path: Path | str) -> Path:
     """Per (model, dataset) a row of three panels, one colour per method, the mean over distinct
-    seeds drawn faint and its EMA (α = 0.3, :func:`ema`) solid:
+    seeds drawn faint and its EMA (:func:`ema`, α = :func:`ema_alpha` of the curve's length) solid:
 
     1. held-out gold reward (history ``eval/gold_reward``, measured every K steps on a fixed
        prompt subset) against trained tokens (against steps when a record lacks the token count);
@@ -239,7 +269,8 @@ def plot_training_curves(records: Iterable[Mapping[str, Any]], path: Path | str)
                 color, _ = style[method]
                 xs, ys = _mean_curve(runs, use_tokens)
                 ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
-                ax.plot(xs, ema(ys), color=color, linewidth=1.8, label=f"{label} ({len(runs)} seeds)")
+                ax.plot(xs, ema(ys, ema_alpha(len(ys))), color=color, linewidth=1.8,
+                        label=f"{label} ({len(runs)} seeds)")
             ax.grid(alpha=0.3)
             ax.legend(loc="best", fontsize="x-small")
     return _save(fig, path)
