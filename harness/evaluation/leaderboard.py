@@ -560,7 +560,8 @@ def _bound(x: float | None, digits: int = 3) -> str:
 
 
 def _p_text(p: float | None) -> str:
-    return "—" if p is None else f"{p:.4f}" if p < 0.001 else f"{p:.3f}"
+    """Three significant digits below 0.1 (so 0.0498 never reads as "0.050"), else two decimals."""
+    return "—" if p is None else f"{p:.3g}" if p < 0.1 else f"{p:.2f}"
 
 
 def _paired_cells(c: Mapping[str, Any]) -> list[str]:
