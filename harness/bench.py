@@ -391,7 +391,7 @@ def method_modules(method: str, cfg: Any, model_cfg: ModelConfig, task: Any, tok
 
         rm = ScalarHead(copy.deepcopy(policy)).to(device)  # the scorer is no submodule: place it
         critic = copy.deepcopy(rm) if cfg.critic_init == "rm" else ScalarHead(copy.deepcopy(policy))
-        module = PPOModule(policy, reference, critic, tok, cfg, reward_model_scorer(rm))
+        module = PPOModule(policy, reference, critic, tok, cfg, reward_model_scorer(rm), seed=0)
         n = cfg.rollout.prompts_per_batch
         n_mb = -(-n // cfg.minibatch_size)
         return MethodSetup(method, module, data, {"policy": policy, "reference": reference,
@@ -409,7 +409,7 @@ def method_modules(method: str, cfg: Any, model_cfg: ModelConfig, task: Any, tok
             score = reward_model_scorer(rm)
         else:
             score = gold_scorer(task)
-        module = GRPOModule(policy, reference, tok, cfg, score)
+        module = GRPOModule(policy, reference, tok, cfg, score, seed=0)
         p, g = cfg.rollout.prompts_per_batch, cfg.group_size
         n_mb = -(-(p * g) // cfg.minibatch_size)
         return MethodSetup(method, module, data, networks, [policy], f"{p} prompts x {g}", p * g,

@@ -9,13 +9,15 @@ SFT and reward-model stages are cached under keys hashed from exactly the config
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import logging
 import re
-import resource
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,14 @@ from harness.config import RMConfig, SFTConfig, differing_fields, to_dataclass, 
 from harness.data.datamodule import AlignmentDataModule
 from harness.data.tasks import build_task
 from harness.data.tokenizer import load_or_build_tokenizer
+from harness.evaluation.cost import StageCost, StageMeter
+from harness.evaluation.curves import HeldOutGoldCurve
 from harness.evaluation.drift import sequence_kl
 from harness.evaluation.gold import gold_eval, win_rate
+from harness.evaluation.platform import platform_info
 from harness.models.hf import load_checkpoint, save_checkpoint
 from harness.models.llama import CausalLM, ScalarHead
+from harness.seeding import seed_stage, stream_seed
 from harness.stages import StageCache, StageRecord, stage_key, write_json_atomic
 from harness.tracking.loggers import build_logger, finish, log_model_artifact
 
@@ -57,22 +63,15 @@ def quiet_lightning() -> None:
         h.addFilter(_DropNoise())
 
 
-def peak_mem_mb() -> float:
-    """Peak memory of this process: max RSS on CPU, or the allocator's peak on a GPU (MiB)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def build_trainer(cfg: dict[str, Any], logger, ckpt_dir: Path, run_dir: Path,
                   max_steps: int = -1, grad_clip: float | None = None,
                   val_every: int | None = None, limit_train_batches: int | None = None,
-                  log_every_n_steps: int | None = None) -> L.Trainer:
+                  log_every_n_steps: int | None = None, extra_callbacks: tuple = ()) -> L.Trainer:
     """A Lightning Trainer from the ``trainer`` group plus the stage's budget."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0),
-                       HistoryRecorder()]
+                       HistoryRecorder(), *extra_callbacks]
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     kwargs: dict[str, Any] = {}
@@ -90,18 +89,23 @@ def build_trainer(cfg: dict[str, Any], logger, ckpt_dir: Path, run_dir: Path,
 
 
 class HistoryRecorder(L.Callback):
-    """Keeps the training curves the leaderboard plots (``[[step, value], ...]`` per metric)."""
+    """Keeps the training curves the leaderboard plots (``[[step, value], ...]`` per metric).
+
+    ``step`` counts the stage's training steps (Lightning batches) across epochs.
+    """
 
     KEYS = ("train/loss", "train/reward", "train/kl", "train/rewards_margin")
 
     def __init__(self) -> None:
         self.history: dict[str, list[list[float]]] = {}
+        self._step = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         for key in self.KEYS:
             value = trainer.callback_metrics.get(key)
             if value is not None:
-                self.history.setdefault(key, []).append([float(batch_idx), float(value)])
+                self.history.setdefault(key, []).append([float(self._step), float(value)])
+        self._step += 1
 
 
 class Run:
@@ -125,6 +129,10 @@ class Run:
                             stage, stage.upper(), stage, "; ".join(lost))
         self.run_dir = run_dir
         self.history: dict[str, list[list[float]]] = {}
+        #: what each stage of this run spent (cached stages: what they spent when trained)
+        self.costs: dict[str, StageCost] = {}
+        #: token counts, rates and curve time of each stage fitted in this run (by stage name)
+        self.fitted: dict[str, dict[str, float]] = {}
         self.cache = StageCache(Path(to_absolute_path(cfg.cache_dir)))
         self.force = bool(cfg.force_retrain)
         self.seed = int(cfg.seed)
@@ -188,13 +196,58 @@ class Run:
             found = None if self.force else self.cache.load(key)
             if found is not None:
                 log.info("%s stage: reusing cached %s (%s)", kind.upper(), key, found.path)
-                return found, load(found.checkpoint), None
+                model = load(found.checkpoint)
+                m = found.metrics
+                self.costs[kind] = StageCost(wall_s=m.get("cost/train_wall_s", float("nan")),
+                                             peak_mem_mb=m.get("cost/train_peak_mem_mb", float("nan")),
+                                             cached=True, extra=_throughput(m))
+                return found, model, None
             log.info("%s stage: training %s", kind.upper(), key)
-            L.seed_everything(self.seed, workers=True)
-            record, model, logger = train(key, decides)
+            seed_stage(self.seed)
+            with StageMeter() as meter:
+                record, model, logger = train(key, decides)
+            cost = meter.cost
+            cost.wall_s -= record.metrics.get("cost/curve_s", 0.0)
+            cost.extra = _throughput(record.metrics)
+            record.metrics.update({"cost/train_wall_s": cost.wall_s,
+                                   "cost/train_peak_mem_mb": cost.peak_mem_mb})
+            self.costs[kind] = cost
             record.trained_id = uuid.uuid4().hex
             self.cache.commit(record)
             return record, model, logger
+
+    @contextlib.contextmanager
+    def meter(self, stage: str) -> Iterator[None]:
+        """Time the block and measure its peak memory as the cost of ``stage``."""
+        with StageMeter() as m:
+            yield
+        m.cost.extra = self.fitted.get(stage, {})
+        m.cost.wall_s -= m.cost.extra.get("curve_s", 0.0)
+        self.costs[stage] = m.cost
+
+    def eval_prompts(self, split: str | None = None, limit: int | None = None) -> list[str]:
+        """Held-out prompts of ``split``: ``test`` (the task's eval pool, never tuned on) or
+        ``validation`` (distinct prompts of the validation split, for tuning; as many as test)."""
+        e = self.cfg["eval"]
+        split = split or e["split"]
+        test = list(self.task.eval_dataset()["prompt"])
+        if split == "test":
+            prompts = test
+        else:
+            prompts = list(dict.fromkeys(self.task.sft_dataset("validation")["prompt"]))[:len(test)]
+        limit = e["limit"] if limit is None else limit
+        return prompts[:limit] if limit else prompts
+
+    def curve(self, steps: int) -> HeldOutGoldCurve | None:
+        """The held-out gold curve callback for a stage of ``steps`` training steps."""
+        e = self.cfg["eval"]
+        if not self.task.has_gold_reward or not e["curve_points"]:
+            return None
+        prompts = self.eval_prompts("validation", e["curve_prompts"])
+        return HeldOutGoldCurve(self.task, self.tokenizer, prompts,
+                                every=max(1, steps // e["curve_points"]),
+                                max_new_tokens=e["max_new_tokens"], batch_size=e["batch_size"],
+                                max_len=self.sft_cfg.max_len)
 
     def datamodule(self, kind: str, c) -> AlignmentDataModule:
         """The task's ``kind`` data batched as the stage config ``c`` says, shuffled by the seed."""
@@ -212,16 +265,30 @@ class Run:
         """Train ``module`` with a logger for ``stage``; returns its record (not yet committed)."""
         path = self.cache.path(key) if key else self.run_dir / stage
         logger = build_logger(self.cfg, stage, self.run_dir)
-        trainer = build_trainer(self.cfg, logger, path / "lightning", self.run_dir, **budget)
+        steps = budget.get("max_steps") or budget.get("limit_train_batches") or 0
+        curve = self.curve(steps) if hasattr(module, "policy") and steps > 0 else None
+        trainer = build_trainer(self.cfg, logger, path / "lightning", self.run_dir, **budget,
+                                extra_callbacks=(curve,) if curve else ())
         t0 = time.perf_counter()
         if isinstance(data, L.LightningDataModule):
             trainer.fit(module, datamodule=data)
         else:
             trainer.fit(module, train_dataloaders=data)
+        fit_s = time.perf_counter() - t0 - (curve.seconds if curve else 0.0)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        metrics[f"cost/{stage}_train_s"] = time.perf_counter() - t0
+        metrics.update(module.throughput(fit_s))
+        if curve is not None:
+            metrics["cost/curve_s"] = curve.seconds
+            self.history["eval/gold_reward"] = curve.points
+        self.fitted[stage] = _throughput(metrics)
         self.history.update(next(c for c in trainer.callbacks if isinstance(c, HistoryRecorder)).history)
         return StageRecord(key=key or stage, path=path, metrics=metrics, decides=decides), logger
+
+
+def _throughput(metrics: dict[str, float]) -> dict[str, float]:
+    """A stage's token counts and rates (``AlignmentModule.throughput``), without the prefix."""
+    names = ("train_tokens", "train_tokens_per_s", "gen_tokens", "gen_tokens_per_s", "curve_s")
+    return {n: metrics[f"cost/{n}"] for n in names if f"cost/{n}" in metrics}
 
 
 def save_reward_model(rm: ScalarHead, out: Path, tokenizer, resolved: dict) -> None:
@@ -238,29 +305,37 @@ def load_reward_model(path: Path) -> ScalarHead:
 
 
 def evaluate(run: Run, policy: CausalLM, reference: CausalLM | None,
-             max_len: int) -> tuple[dict[str, float], list[dict]]:
-    """Gold reward on held-out prompts; with a reference also its gold reward, win rate and KL."""
+             max_len: int) -> tuple[dict[str, float], list[dict], dict[str, Any]]:
+    """Gold reward on held-out prompts; with a reference also its gold reward, win rate and KL.
+
+    Returns (metrics, samples, per_prompt): ``per_prompt`` holds the split, a hash of the prompts
+    and each prompt's gold reward (and the reference's), the unit of the leaderboard's paired test.
+    """
     e = run.cfg["eval"]
-    prompts = list(run.task.eval_dataset()["prompt"])
-    if e.get("limit"):
-        prompts = prompts[: e["limit"]]
+    prompts = run.eval_prompts()
     args = (prompts, e["max_new_tokens"], e["batch_size"], max_len)
     res = gold_eval(policy, run.tokenizer, run.task, *args)
     best = run.task.gold_max
     metrics = {"eval/gold_reward": res.mean_reward, "eval/gold_accuracy": res.accuracy(best),
-               "eval/n_prompts": float(len(prompts))}
+               "eval/gold_max": float(best), "eval/n_prompts": float(len(prompts))}
+    per_prompt: dict[str, Any] = {
+        "split": e["split"],
+        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "gold_reward": [float(r) for r in res.rewards]}
     samples = [{"prompt": p, "response": r, "reward": w} for p, r, w in
                zip(res.prompts, res.responses, res.rewards, strict=True)][: e["n_samples"]]
     if reference is not None:
         ref = gold_eval(reference, run.tokenizer, run.task, *args)
+        per_prompt["ref_gold_reward"] = [float(r) for r in ref.rewards]
         metrics["eval/ref_gold_reward"] = ref.mean_reward
         metrics["eval/ref_gold_accuracy"] = ref.accuracy(best)
         metrics["eval/win_rate"] = win_rate(res.rewards, ref.rewards)
         metrics["eval/kl"] = sequence_kl(policy, reference, run.tokenizer, prompts,
-                                         e["max_new_tokens"], e["batch_size"], max_len, run.seed)
+                                         e["max_new_tokens"], e["batch_size"], max_len,
+                                         stream_seed(run.seed, "eval_kl"))
         for s, r in zip(samples, ref.responses, strict=False):
             s["reference"] = r
-    return metrics, samples
+    return metrics, samples, per_prompt
 
 
 def lm_eval_stage(run: Run, checkpoint: Path) -> tuple[dict[str, float], str]:
@@ -274,8 +349,8 @@ def lm_eval_stage(run: Run, checkpoint: Path) -> tuple[dict[str, float], str]:
         include = export_task_data(run.task, run.run_dir / "lm_eval_tasks", limit=e.get("limit"),
                                    tokenizer=run.tokenizer,
                                    max_gen_toks=run.cfg["eval"]["max_new_tokens"])
-    kwargs = dict(limit=e.get("limit"), batch_size=e.get("batch_size", 16),
-                  num_fewshot=e.get("num_fewshot"), add_bos_token=e.get("add_bos_token"))
+    kwargs = dict(limit=e["limit"], batch_size=e["batch_size"],
+                  num_fewshot=e["num_fewshot"], add_bos_token=e["add_bos_token"])
     metrics = run_lm_eval(checkpoint, include, list(e["tasks"]),
                           include_defaults=e.get("include_defaults"),
                           output_path=run.run_dir / "lm_eval_results.json", **kwargs)
@@ -293,7 +368,9 @@ def record_for(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                       status=summary["status"], error=summary.get("error"),
                       group=cfg.get("experiment"), metrics=summary.get("metrics", {}),
                       cost=summary.get("cost", {}), cache_keys=summary.get("cache_keys", {}),
-                      config=cfg, history=summary.get("history"))
+                      config=cfg, history=summary.get("history"),
+                      platform=summary.get("platform"), per_prompt=summary.get("per_prompt"),
+                      reward_source=summary.get("reward_source"))
 
 
 def write_outputs(summary: dict[str, Any], run_dir: Path) -> None:
@@ -305,6 +382,29 @@ def write_outputs(summary: dict[str, Any], run_dir: Path) -> None:
         path = write_record(record_for(summary, run_dir), Path(to_absolute_path(results)) / "runs")
         summary["record"] = str(path)
     write_json_atomic(run_dir / "summary.json", summary)
+
+
+def stage_costs(costs: dict[str, StageCost], method_stage: str, total_s: float) -> dict[str, float]:
+    """The run's ``cost/*`` fields: per stage, the method's own stage, and the whole run.
+
+    ``cost/peak_mem_mb`` is the largest peak of the stages computed in this run (not cached);
+    ``cost/method_*`` alias the aligning method's stage (for ``method=sft`` the SFT stage).
+    """
+    out: dict[str, float] = {"cost/wall_s": total_s}
+    for stage, c in costs.items():
+        out.update(c.as_metrics(stage))
+    live = [c.peak_mem_mb for c in costs.values() if not c.cached]
+    out["cost/peak_mem_mb"] = max(live) if live else float("nan")
+    own = costs.get(method_stage)
+    if own is not None:
+        out["cost/method_wall_s"] = own.wall_s
+        out["cost/method_peak_mem_mb"] = own.peak_mem_mb
+        for name in ("train_tokens_per_s", "gen_tokens_per_s"):
+            if name in own.extra:
+                out[f"cost/{name}"] = own.extra[name]
+        if "train_tokens_per_s" in own.extra:
+            out["cost/tokens_per_s"] = own.extra["train_tokens_per_s"]
+    return out
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -319,7 +419,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     quiet_lightning()
     if str(cfg.trainer.get("devices", 1)) != "1" and cfg.trainer.get("accelerator") != "gpu":
         torch.set_num_threads(1)
+    summary["platform"] = platform_info("cuda" if cfg.trainer.get("accelerator") == "gpu" else "cpu")
     logger = None
+    r: Run | None = None
     try:
         r = Run(cfg, run_dir)
         sft, sft_policy, logger = r.sft_stage()
@@ -330,6 +432,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         policy = sft_policy
         metrics: dict[str, float] = {k: v for k, v in sft.metrics.items()
                                      if k.startswith(("train/", "val/"))}
+        summary["reward_source"] = None
         if method != "sft":
             if logger is not None:
                 finish(logger)
@@ -339,20 +442,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             summary["cache_keys"].update(outcome.cache_keys)
             policy, logger, metrics = outcome.policy, outcome.logger, outcome.metrics
             summary["checkpoint"] = str(outcome.checkpoint)
+            summary["reward_source"] = outcome.reward_source
         else:
             summary["checkpoint"] = str(sft.checkpoint)
         if method == "rm":
             reference = None
-        eval_metrics, samples = (evaluate(r, policy, reference, r.sft_cfg.max_len)
-                                 if policy is not None else ({}, []))
-        metrics.update(eval_metrics)
-        if policy is not None and r.cfg["eval"].get("lm_eval", {}).get("enabled"):
-            lm_metrics, summary["lm_eval_command"] = lm_eval_stage(r, Path(summary["checkpoint"]))
-            metrics.update(lm_metrics)
+        with r.meter("eval"):
+            eval_metrics, samples, per_prompt = (evaluate(r, policy, reference, r.sft_cfg.max_len)
+                                                 if policy is not None else ({}, [], None))
+            metrics.update(eval_metrics)
+            if policy is not None and r.cfg["eval"]["lm_eval"]["enabled"]:
+                lm_metrics, summary["lm_eval_command"] = lm_eval_stage(r, Path(summary["checkpoint"]))
+                metrics.update(lm_metrics)
         summary["history"] = r.history
-        cost = {"cost/wall_s": time.perf_counter() - t0, "cost/peak_mem_mb": peak_mem_mb()}
-        if "train/tokens_per_s" in metrics:
-            cost["cost/tokens_per_s"] = metrics["train/tokens_per_s"]
+        summary["per_prompt"] = per_prompt
+        cost = stage_costs(r.costs, method, time.perf_counter() - t0)
         summary.update(status="ok", metrics=metrics, cost=cost, samples=samples)
         logger = logger or build_logger(r.cfg, method, run_dir)
         if logger is not None and hasattr(logger, "log_table") and samples:
@@ -365,8 +469,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     except Exception as exc:
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                        traceback=traceback.format_exc(),
-                       cost={"cost/wall_s": time.perf_counter() - t0,
-                             "cost/peak_mem_mb": peak_mem_mb()})
+                       cost=stage_costs(r.costs if r is not None else {}, cfg.method.name,
+                                        time.perf_counter() - t0))
         write_outputs(summary, run_dir)
         if logger is not None:
             finish(logger, {"status": "failed"})

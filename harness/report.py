@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+#: the few numbers that matter, in this order (label, key); the rest is in summary.json
+HEADLINE = (("gold reward", "eval/gold_reward"), ("SFT reference", "eval/ref_gold_reward"),
+            ("win rate", "eval/win_rate"), ("KL (nats/seq)", "eval/kl"),
+            ("RM accuracy", "eval/rewards_acc"), ("method time (s)", "cost/method_wall_s"),
+            ("method memory (MiB)", "cost/method_peak_mem_mb"), ("run time (s)", "cost/wall_s"))
+
 
 def print_summary(summary: dict[str, Any]) -> None:
     """Print the run directory, the stages (trained or reused) and the headline metrics."""
@@ -13,7 +19,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         how = "reused from cache" if stage.get("cached") else "trained"
         key = stage.get("key") or "this run"
         print(f"  stage {name:<5} {key} ({how}) -> {stage['checkpoint']}")
-    for k, v in {**summary.get("metrics", {}), **summary.get("cost", {})}.items():
-        if k.startswith(("eval/", "cost/")):
-            print(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")
+    values = {**summary.get("metrics", {}), **summary.get("cost", {})}
+    n = int(values.get("eval/n_prompts", 0))
+    for label, key in HEADLINE:
+        if key in values:
+            note = f"  ({n} held-out prompts, {summary['config']['eval']['split']} split)" \
+                if key == "eval/gold_reward" and n else ""
+            print(f"  {label:<20} {values[key]:.4g}{note}")
     print(f"  summary: {summary['run_dir']}/summary.json")

@@ -35,8 +35,9 @@ from harness.data.templates import alpaca_prompt  # noqa: E402
 from harness.data.tokenizer import build_tokenizer, load_or_build_tokenizer  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SMALL_ARITH = {"name": "arith", "seed": 0, "n_train": 3000, "n_pairs": 600, "n_val": 200,
-               "n_eval": 200}
+# the two-digit variant (arith_fast's operands): its arithmetic is checkable by hand
+SMALL_ARITH = {"name": "arith", "seed": 0, "max_operand": 99, "n_train": 3000, "n_pairs": 600,
+               "n_val": 200, "n_eval": 200}
 SMALL_COURIER = {"name": "courier", "seed": 0, "n_train": 3000, "n_pairs": 600, "n_val": 100,
                  "n_eval": 100}
 
@@ -197,7 +198,7 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="dataset.name"):
         build_task({"name": "nope"})
     with pytest.raises(ConfigError, match="n_eval"):
-        build_task({"name": "arith", "n_eval": 5000})
+        build_task({"name": "arith", "max_operand": 99, "n_eval": 5000})
     with pytest.raises(ConfigError, match="mistake_weights"):
         build_task({"name": "courier", "mistake_weights": [1, 1]})
     with pytest.raises(ConfigError, match="dataset.sft_max_steps=0"):
@@ -483,3 +484,17 @@ def test_conf_dataset_yaml_is_accepted(name, tmp_path):
         assert task.format == "pairs" and len(task.eval_dataset()) >= 1
     if name == "arith":
         assert task.p_wrong_given_carry == pytest.approx(0.75)  # the no-carry answer is the mode
+
+
+def test_arith_default_is_three_digit_and_arith_fast_two_digit(cache):
+    """The default task leaves headroom (three-digit operands); arith_fast is the two-digit one."""
+    from harness.data.tasks.arith import no_carry_sum
+
+    three = build_task({"name": "arith", "n_train": 10, "n_pairs": 10, "n_val": 10, "n_eval": 10},
+                       cache_dir=cache)
+    assert three.prompt(7, 48) == "007+048=" and three.answer(55) == "0055"
+    assert no_carry_sum(195, 817, width=3) == 902  # 5+7=12 -> 2, 9+1+(dropped)=10 -> 0, 1+8=9
+    fast = build_task({"name": "arith_fast", "max_operand": 99, "n_train": 10, "n_pairs": 10,
+                       "n_val": 10, "n_eval": 10}, cache_dir=cache)
+    assert fast.name == "arith_fast" and fast.prompt(7, 48) == "07+48="
+    assert fast.cache_path != three.cache_path

@@ -123,7 +123,7 @@ def test_grpo_stops_on_non_finite_reward(tiny_task):
     def nan_scores(prompts, responses, *_):
         return torch.full((len(prompts),), float("nan"))
 
-    module = GRPOModule(policy, ref, tok, cfg, nan_scores)
+    module = GRPOModule(policy, ref, tok, cfg, nan_scores, seed=0)
     with pytest.raises(NonFiniteError, match="train/reward"):
         module.training_step(["1+2=", "3+4="], 0)
 

@@ -15,11 +15,13 @@ no BOS by itself), pass ``add_bos_token=True``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,21 +107,46 @@ def lm_eval_results(checkpoint_dir: str | os.PathLike, include_dir: str | os.Pat
             raise FileNotFoundError(f"lm_eval include folder {include} does not exist "
                                     "(write it with harness.evaluation.tasks.export_task_data)")
         manager = TaskManager(include_path=str(include), include_defaults=include_defaults)
-    results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=model_args(checkpoint_dir, max_length, add_bos_token),
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        batch_size=batch_size,
-        device=device,
-        limit=limit,
-        bootstrap_iters=0,
-        log_samples=log_samples,
-        task_manager=manager,
-    )
+    with quiet_lm_eval():
+        results = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=model_args(checkpoint_dir, max_length, add_bos_token),
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+            bootstrap_iters=0,
+            log_samples=log_samples,
+            task_manager=manager,
+            verbosity="WARNING",
+        )
     if results is None:  # only on non-zero ranks of a distributed run
         return {}
     return results
+
+
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """Keep lm-eval's progress bars and INFO lines out of the run's console.
+
+    Its progress bars (tqdm, on ``sys.stderr``) are captured and dropped; any other text it wrote
+    there is passed on to the log afterwards, so warnings are not lost.
+    """
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        for line in buffer.getvalue().replace("\r", "\n").splitlines():
+            if line.strip() and "/s]" not in line and "%|" not in line:  # not a progress bar
+                log.warning("lm_eval: %s", line.strip())
 
 
 def flatten_results(results: Mapping[str, Any], prefix: str = "eval") -> dict[str, float]:

@@ -8,7 +8,17 @@ A record is a JSON object::
      "cache_keys": {"sft": str, "rm": str | None},
      "config": {...resolved config...},
      "harness_version": str, "git_commit": str | None, "created": ISO-8601 time,
-     "history": {"train/reward": [[step, value], ...], "train/kl": [...]}}   # optional
+     "platform": {"torch", "device", "cpu_capability", "threads", "gpu", ...},  # where it ran
+     "per_prompt": {"split", "prompts_sha256", "gold_reward": [...], "ref_gold_reward": [...]},
+     "reward_source": "gold" | "rm" | None,          # what train/reward measures
+     "history": {"train/reward": [[step, value], ...], "train/kl": [...],
+                 "eval/gold_reward": [[step, value, trained_tokens, wall_s], ...]}}   # optional
+
+``cost`` holds ``cost/wall_s`` (the whole run), ``cost/peak_mem_mb``, ``cost/<stage>/wall_s``,
+``cost/<stage>/peak_mem_mb`` and ``cost/<stage>/cached`` for each stage (sft, rm, the method, eval;
+a cached stage reports what it spent when it was trained), ``cost/method_wall_s`` /
+``cost/method_peak_mem_mb`` for the aligning method's own stage and its ``cost/gen_tokens_per_s``
+and ``cost/train_tokens_per_s`` (see :mod:`harness.evaluation.cost`).
 
 Records live in ``<runs_dir>/<run_id>.json``. They are written atomically (temporary file in the
 same folder, ``fsync``, ``os.replace``), so concurrent writers — a multirun sweep, several
@@ -151,6 +161,9 @@ def new_record(
     cache_keys: Mapping[str, str | None] | None = None,
     config: Mapping[str, Any] | None = None,
     history: Mapping[str, list[list[float]]] | None = None,
+    platform: Mapping[str, Any] | None = None,
+    per_prompt: Mapping[str, Any] | None = None,
+    reward_source: str | None = None,
     repo_path: Path | str | None = None,
 ) -> dict[str, Any]:
     """Build a record with the provenance fields (version, commit, time) filled in.
@@ -174,6 +187,9 @@ def new_record(
         "harness_version": harness_version(),
         "git_commit": git_commit(repo_path),
         "created": now_iso(),
+        "platform": dict(platform) if platform is not None else None,
+        "per_prompt": dict(per_prompt) if per_prompt is not None else None,
+        "reward_source": reward_source,
     }
     if history is not None:
         record["history"] = {k: [list(p) for p in v] for k, v in history.items()}

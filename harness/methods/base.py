@@ -21,6 +21,11 @@ class AlignmentModule(L.LightningModule):
         self.optim_cfg = optim
         self.max_steps = max_steps
         self._t0: float | None = None
+        #: tokens of the sequences optimised on (summed over optimisation passes), tokens sampled
+        #: by the policy and the seconds spent sampling: the stage's throughput (cost/*_tokens_per_s)
+        self.tokens_trained = 0
+        self.tokens_generated = 0
+        self.gen_seconds = 0.0
 
     def trainable_modules(self) -> list[torch.nn.Module]:
         raise NotImplementedError
@@ -39,6 +44,7 @@ class AlignmentModule(L.LightningModule):
 
     def log_throughput(self, n_tokens: int) -> None:
         """``train/tokens_per_s``: tokens processed per second of wall time between steps."""
+        self.tokens_trained += n_tokens
         now = time.perf_counter()
         if self._t0 is not None:
             self.log("train/tokens_per_s", n_tokens / max(now - self._t0, 1e-9),
@@ -49,3 +55,12 @@ class AlignmentModule(L.LightningModule):
         """Stop the run with a message naming ``name`` when it is NaN or infinite."""
         check_finite(name, loss)
         return loss
+
+    def throughput(self, wall_s: float) -> dict[str, float]:
+        """The stage's token counts and rates over its ``wall_s`` (generation over its own time)."""
+        out = {"cost/train_tokens": float(self.tokens_trained),
+               "cost/train_tokens_per_s": self.tokens_trained / max(wall_s, 1e-9)}
+        if self.tokens_generated:
+            out["cost/gen_tokens"] = float(self.tokens_generated)
+            out["cost/gen_tokens_per_s"] = self.tokens_generated / max(self.gen_seconds, 1e-9)
+        return out

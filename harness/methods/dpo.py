@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from harness.config import DPOConfig
 from harness.methods.base import AlignmentModule
-from harness.methods.losses import dpo_loss, sequence_logprobs, token_logprobs
+from harness.methods.losses import dpo_loss, pairwise_accuracy, sequence_logprobs, token_logprobs
 from harness.models.llama import CausalLM
 
 
@@ -81,7 +81,7 @@ class DPOModule(AlignmentModule):
         b = rc.shape[0]
         self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False, batch_size=b)
         self.log_dict({"train/rewards_chosen": rc.mean(), "train/rewards_rejected": rr.mean(),
-                       "train/rewards_acc": (rc > rr).float().mean(),
+                       "train/rewards_acc": pairwise_accuracy(rc, rr),
                        "train/rewards_margin": (rc - rr).mean()},
                       on_step=True, on_epoch=False, batch_size=b)
         if aux.requires_grad:
@@ -95,5 +95,5 @@ class DPOModule(AlignmentModule):
             return
         loss, rc, rr, _ = self._losses(batch, self.val_ref_table)
         b = rc.shape[0]
-        self.log_dict({"val/loss": loss, "val/rewards_acc": (rc > rr).float().mean()},
+        self.log_dict({"val/loss": loss, "val/rewards_acc": pairwise_accuracy(rc, rr)},
                       on_step=False, on_epoch=True, batch_size=b)

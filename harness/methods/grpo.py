@@ -7,7 +7,8 @@ clipped surrogate over the response tokens plus ``beta * k3`` KL to the frozen r
     L = agg_t[ -min(c_t A, clip(c_t, 1 - eps, 1 + eps_high) A) + beta * KL_k3(pi || pi_ref)_t ]
 
 with the aggregation ``agg`` chosen by ``loss_type`` (grpo: per sequence, then over the batch;
-bnpo/dapo: over all tokens; dr_grpo: over B x max_new_tokens).
+bnpo: over the minibatch's tokens; dapo: over the active tokens of the whole rollout batch, as DAPO
+and TRL; dr_grpo: over B x max_new_tokens).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from harness.methods.losses import (
     ppo_clipped_surrogate,
 )
 from harness.methods.rl_base import OnPolicyModule
-from harness.methods.rollout import make_rollout, minibatches, response_logprobs
+from harness.methods.rollout import minibatches, response_logprobs
 from harness.models.llama import CausalLM
 
 
@@ -34,10 +35,10 @@ class GRPOModule(OnPolicyModule):
     """Thin Lightning shell: rollout -> group advantages -> clipped updates with a k3 KL penalty."""
 
     def __init__(self, policy: CausalLM, reference: CausalLM, tokenizer, cfg: GRPOConfig,
-                 score_fn: Callable) -> None:
+                 score_fn: Callable, seed: int) -> None:
         steps = cfg.n_iterations * cfg.num_inner_iterations * max(
             1, -(-cfg.rollout.prompts_per_batch * cfg.group_size // cfg.minibatch_size))
-        super().__init__(policy, reference, tokenizer, cfg.optim, steps, cfg.rollout)
+        super().__init__(policy, reference, tokenizer, cfg.optim, steps, cfg.rollout, seed)
         self.cfg = cfg
         self.score_fn = score_fn
 
@@ -45,12 +46,13 @@ class GRPOModule(OnPolicyModule):
         cfg = self.cfg
         self.policy.eval()  # deterministic routing: a sampled MoE route would make ratios random
         prompts = [p for p in batch for _ in range(cfg.group_size)]
-        ro = make_rollout(self.policy, self.reference, self.tokenizer, prompts, cfg.rollout,
-                          cfg.max_len, self.score_fn, self.generator)
+        ro = self.rollout(prompts, cfg.max_len, self.score_fn)
         check_finite("train/reward", ro.scores)
         adv = group_relative_advantages(ro.scores, cfg.group_size, scale_by_std=cfg.scale_rewards)
         opt, sched = self.optimizers(), self.lr_schedulers()
         stats_acc: dict[str, list[torch.Tensor]] = {}
+        # dapo: every minibatch divides by the active tokens of the whole rollout batch
+        n_active = ro.mask.sum() if cfg.loss_type == "dapo" else None
         for _ in range(cfg.num_inner_iterations):
             for idx in minibatches(len(ro), cfg.minibatch_size, self.generator):
                 mask = ro.mask[idx]
@@ -60,12 +62,14 @@ class GRPOModule(OnPolicyModule):
                 a = adv[idx, None].expand_as(logp)
                 pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], a, mask, cfg.clip_eps,
                                                   cfg.epsilon_high, aggregation=cfg.loss_type,
-                                                  max_len=cfg.rollout.max_new_tokens)
+                                                  max_len=cfg.rollout.max_new_tokens,
+                                                  n_active=n_active)
                 kl = aggregate_loss(kl_k3(logp, ro.ref_logp[idx]), mask, cfg.loss_type,
-                                    max_len=cfg.rollout.max_new_tokens)
+                                    max_len=cfg.rollout.max_new_tokens, n_active=n_active)
                 loss = self.checked("train/loss", pg + cfg.beta * kl + aux)
                 self.step(opt, sched, loss)
-                stats.update(loss=loss.detach(), kl_k3=kl.detach(), pg_loss=pg.detach(),
+                self.tokens_trained += int(ro.attention_mask[idx].sum())
+                stats.update(loss=loss.detach(), kl_k3_per_token=kl.detach(), pg_loss=pg.detach(),
                              entropy=masked_mean(ent, mask), moe_aux_loss=aux.detach())
                 self.accumulate(stats_acc, stats)
         self.log_rollout(ro, adv, stats_acc, batch_idx)

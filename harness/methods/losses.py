@@ -51,7 +51,7 @@ __all__ = [
 Dim = int | tuple[int, ...] | None
 
 AGGREGATION_MODES: dict[str, str] = {
-    "token": "token", "bnpo": "token", "dapo": "token",
+    "token": "token", "bnpo": "token", "dapo": "dapo",
     "sequence": "sequence", "grpo": "sequence",
     "dr_grpo": "dr_grpo",
 }
@@ -297,23 +297,30 @@ def kl_penalized_rewards(score: Tensor, logp: Tensor, ref_logp: Tensor, mask: Te
     return rewards.scatter_add(1, last.clamp(min=0).unsqueeze(1), bonus.unsqueeze(1))
 
 
-def aggregate_loss(per_token: Tensor, mask: Tensor, mode: str, max_len: int | None = None
-                   ) -> Tensor:
+def aggregate_loss(per_token: Tensor, mask: Tensor, mode: str, max_len: int | None = None,
+                   n_active: Tensor | float | None = None) -> Tensor:
     """Reduce a per-token loss [B, T] to a scalar; ``mode`` picks the normalisation:
 
-        "token"    (= "bnpo", "dapo"):  L = sum_{i,t} m_it l_it / sum_{i,t} m_it
-        "sequence" (= "grpo"):          L = 1/B sum_i ( sum_t m_it l_it / sum_t m_it )
-        "dr_grpo":                      L = sum_{i,t} m_it l_it / (B * max_len)
+        "token"    (= "bnpo"):  L = sum_{i,t} m_it l_it / sum_{i,t} m_it      (this minibatch)
+        "dapo":                 L = sum_{i,t} m_it l_it / N_active            (the rollout batch)
+        "sequence" (= "grpo"):  L = 1/B sum_i ( sum_t m_it l_it / sum_t m_it )
+        "dr_grpo":              L = sum_{i,t} m_it l_it / (B * max_len)
 
-    max_len defaults to T. In "sequence" mode a row without valid tokens contributes 0 (and
-    still counts in B, as TRL's clamp(min=1)). Returns a 0-dim tensor. Unknown mode ->
-    ValueError naming the accepted values.
+    ``n_active`` (dapo) is the number of valid tokens of the *whole rollout batch* the minibatch
+    was cut from (DAPO, Yu et al. 2025, eq. 8; TRL's ``dapo``): the minibatch losses of one rollout
+    then sum to its token mean, which differs from bnpo as soon as minibatches split the rollout.
+    Without ``n_active`` dapo falls back to this minibatch's count (the same as bnpo). max_len
+    defaults to T. In "sequence" mode a row without valid tokens contributes 0 (and still counts
+    in B, as TRL's clamp(min=1)). Returns a 0-dim tensor. Unknown mode -> ValueError naming the
+    accepted values.
     """
     kind = AGGREGATION_MODES.get(mode)
     if kind is None:
         raise ValueError(f"unknown loss aggregation {mode!r}; accepted: "
                          f"{', '.join(AGGREGATION_MODES)}")
-    if kind == "token":
+    if kind == "dapo" and n_active is not None:
+        return masked_sum(per_token, mask) / torch.as_tensor(n_active, dtype=per_token.dtype).clamp(min=1)
+    if kind in ("token", "dapo"):
         return masked_mean(per_token, mask)
     if kind == "sequence":
         return masked_mean(per_token, mask, dim=-1).mean()
@@ -323,13 +330,13 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, mode: str, max_len: int | No
 
 def ppo_clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                           clip_eps: float, clip_eps_high: float | None = None,
-                          aggregation: str = "token", max_len: int | None = None
-                          ) -> tuple[Tensor, dict[str, Tensor]]:
+                          aggregation: str = "token", max_len: int | None = None,
+                          n_active: Tensor | float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017), with DAPO's clip-higher.
 
         c_t = exp(log pi_theta(a_t|s_t) - log pi_old(a_t|s_t))
         l_t = -min( c_t A_t,  clip(c_t, 1 - eps, 1 + eps_high) A_t ),   eps_high = eps if None
-        L   = aggregate_loss(l, mask, aggregation, max_len)
+        L   = aggregate_loss(l, mask, aggregation, max_len, n_active)
 
     logp, old_logp, advantages, mask: [B, T] (GRPO broadcasts its [B] advantages over T).
     Returns (L 0-dim, stats) with detached 0-dim stats:
@@ -345,7 +352,7 @@ def ppo_clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, ma
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
-    loss = aggregate_loss(per_token, mask, aggregation, max_len)
+    loss = aggregate_loss(per_token, mask, aggregation, max_len, n_active)
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped < unclipped).to(logp.dtype), mask),
@@ -448,11 +455,14 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     """DPO (Rafailov et al. 2023) and IPO (Azar et al. 2023) per-pair losses.
 
         h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
-        sigmoid: L = -(1 - ls) log sigma(beta h) - ls log sigma(-beta h)   (ls > 0: cDPO, TRL)
+        sigmoid: L = -(1 - ls) log sigma(beta h) - ls log sigma(-beta h)   (ls > 0: cDPO)
         ipo:     L = (h - 1 / (2 beta))^2                                 (label_smoothing unused)
         rewards: r_w = beta (log pi(y_w|x) - log pi_ref(y_w|x)),  r_l likewise (detached)
 
-    All inputs [B] sequence log-probs (summed by the caller; TRL's IPO averages over tokens).
+    cDPO is Mitchell (2023)'s conservative DPO; current TRL's ``sigmoid`` loss ignores
+    ``label_smoothing``, so with ls > 0 the two differ.
+    All inputs [B] sequence log-probs summed over tokens, also for IPO; TRL's IPO averages the
+    log-probs over tokens (length-normalised), so its h is this h divided by the lengths.
     Returns (losses [B], chosen_rewards [B], rejected_rewards [B]). Unknown loss_type ->
     ValueError.
     """

@@ -31,7 +31,7 @@ from harness.methods.losses import (
 )
 from harness.methods.optim import build_optimizer
 from harness.methods.rl_base import OnPolicyModule
-from harness.methods.rollout import make_rollout, minibatches, response_logprobs
+from harness.methods.rollout import minibatches, response_logprobs
 from harness.models.llama import CausalLM, ScalarHead
 
 
@@ -46,10 +46,10 @@ class PPOModule(OnPolicyModule):
     """Policy + critic (its own network) updated together from each rollout batch."""
 
     def __init__(self, policy: CausalLM, reference: CausalLM, critic: ScalarHead, tokenizer,
-                 cfg: PPOConfig, score_fn: Callable) -> None:
+                 cfg: PPOConfig, score_fn: Callable, seed: int) -> None:
         n_mb = max(1, -(-cfg.rollout.prompts_per_batch // cfg.minibatch_size))
         super().__init__(policy, reference, tokenizer, cfg.optim,
-                         cfg.n_iterations * cfg.ppo_epochs * n_mb, cfg.rollout)
+                         cfg.n_iterations * cfg.ppo_epochs * n_mb, cfg.rollout, seed)
         self.critic = critic
         self.cfg = cfg
         self.score_fn = score_fn
@@ -64,8 +64,7 @@ class PPOModule(OnPolicyModule):
         cfg = self.cfg
         self.policy.eval()  # deterministic MoE routing keeps pi/pi_old ratios meaningful
         self.critic.eval()
-        ro = make_rollout(self.policy, self.reference, self.tokenizer, list(batch), cfg.rollout,
-                          cfg.max_len, self.score_fn, self.generator)
+        ro = self.rollout(list(batch), cfg.max_len, self.score_fn)
         check_finite("train/reward", ro.scores)
         n_new = ro.mask.shape[1]
         with torch.no_grad():
@@ -104,6 +103,7 @@ class PPOModule(OnPolicyModule):
                     opt.step()
                 sched_p.step()
                 sched_c.step()
+                self.tokens_trained += int(ro.attention_mask[idx].sum())
                 stats.update(vstats)
                 stats.update(loss=loss.detach(), pg_loss=pg.detach(), value_loss=vf.detach(),
                              entropy=entropy.detach(), moe_aux_loss=(aux_p + aux_c).detach())

@@ -71,14 +71,14 @@ class RewardModule(AlignmentModule):
         loss = self.checked("train/loss", bradley_terry_loss(rc, rr) + aux)
         b = rc.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=b)
-        self.log("train/accuracy", pairwise_accuracy(rc, rr), prog_bar=True, on_step=True,
+        self.log("train/rewards_acc", pairwise_accuracy(rc, rr), prog_bar=True, on_step=True,
                  on_epoch=False, batch_size=b)
-        self.log("train/reward_margin", (rc - rr).mean().detach(), on_step=True, on_epoch=False,
+        self.log("train/rewards_margin", (rc - rr).mean().detach(), on_step=True, on_epoch=False,
                  batch_size=b)
         return loss
 
     def validation_step(self, batch, batch_idx):
         rc, rr, _ = pair_rewards(self.rm, batch, self.cfg.pooling)
         b = rc.shape[0]
-        self.log_dict({"val/loss": bradley_terry_loss(rc, rr), "val/accuracy":
+        self.log_dict({"val/loss": bradley_terry_loss(rc, rr), "val/rewards_acc":
                        pairwise_accuracy(rc, rr)}, on_step=False, on_epoch=True, batch_size=b)

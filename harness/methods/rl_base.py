@@ -13,8 +13,9 @@ import torch
 from harness.config import OptimConfig, RolloutConfig
 from harness.methods.base import AlignmentModule
 from harness.methods.losses import kl_log_ratio, masked_mean
-from harness.methods.rollout import Rollout
+from harness.methods.rollout import Rollout, make_rollout
 from harness.models.llama import CausalLM
+from harness.seeding import generator
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -26,11 +27,14 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class OnPolicyModule(AlignmentModule):
-    """Holds the policy, the frozen reference, the tokenizer and a seeded sampling generator."""
+    """Holds the policy, the frozen reference, the tokenizer and a seeded sampling generator.
+
+    ``seed`` is the run's seed; the sampler draws from its ``rollout`` stream.
+    """
 
     def __init__(self, policy: CausalLM, reference: CausalLM, tokenizer, optim: OptimConfig,
-                 total_steps: int, rollout: RolloutConfig, samples_every: int = 10,
-                 seed: int = 0) -> None:
+                 total_steps: int, rollout: RolloutConfig, seed: int, samples_every: int = 10,
+                 ) -> None:
         super().__init__(optim, total_steps)
         self.automatic_optimization = False
         self.policy = policy
@@ -38,11 +42,20 @@ class OnPolicyModule(AlignmentModule):
         self.tokenizer = tokenizer
         self.rollout_cfg = rollout
         self.samples_every = samples_every
-        self.generator = torch.Generator().manual_seed(seed)
+        #: the sampler's and the minibatch order's stream (``harness.seeding``, stream "rollout")
+        self.generator = generator(seed, "rollout")
         self._t_iter: float | None = None
 
     def trainable_modules(self):
         return [self.policy]
+
+    def rollout(self, prompts: list[str], max_len: int, score_fn) -> Rollout:
+        """Sample and score one rollout batch from the policy; counts its generated tokens."""
+        ro = make_rollout(self.policy, self.reference, self.tokenizer, prompts, self.rollout_cfg,
+                          max_len, score_fn, self.generator)
+        self.tokens_generated += int(ro.mask.sum())
+        self.gen_seconds += ro.gen_s
+        return ro
 
     def step(self, opt, sched, loss: torch.Tensor) -> None:
         """zero_grad -> backward -> clip -> optimiser step -> scheduler step."""
@@ -67,7 +80,9 @@ class OnPolicyModule(AlignmentModule):
         metrics = {
             "train/reward": ro.scores.mean(),
             "train/reward_std": ro.scores.std() if len(ro) > 1 else torch.zeros(()),
-            "train/kl": masked_mean(kl_log_ratio(ro.old_logp, ro.ref_logp), ro.mask),
+            # KL(pi_old || pi_ref): the sequence-level k1 sum (nats per response), as eval/kl
+            "train/kl": (kl_log_ratio(ro.old_logp, ro.ref_logp) * ro.mask).sum(-1).mean(),
+            "train/kl_per_token": masked_mean(kl_log_ratio(ro.old_logp, ro.ref_logp), ro.mask),
             "train/response_len": ro.mask.sum(-1).mean(),
             "train/adv_mean": adv.mean(),
             "train/adv_std": adv.std() if adv.numel() > 1 else torch.zeros(()),

@@ -9,6 +9,7 @@ Sequences are ``[left-padded prompt | response (right-padded after EOS)]``: [B, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,8 @@ class Rollout:
     """One batch of sampled responses and everything the update reads.
 
     input_ids / attention_mask: [B, P + N]; prompt_len: P; response / mask / old_logp /
-    ref_logp: [B, N]; scores: [B] sequence-level rewards; texts for logging.
+    ref_logp: [B, N]; scores: [B] sequence-level rewards; texts for logging; gen_s: seconds the
+    sampler took (the stage's generation throughput).
     """
 
     input_ids: torch.Tensor
@@ -39,6 +41,7 @@ class Rollout:
     scores: torch.Tensor
     prompts: list[str]
     responses: list[str]
+    gen_s: float = 0.0
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -94,10 +97,14 @@ def make_rollout(policy: CausalLM, reference: CausalLM, tokenizer, prompts: Sequ
     device = next(policy.parameters()).device
     ids, pmask = encode_prompts(tokenizer, prompts, max_len - cfg.max_new_tokens)
     ids, pmask = ids.to(device), pmask.to(device)
+    t0 = time.perf_counter()
     gen = generate(policy, ids, pmask, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
                    top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
     mask = gen.response_mask
+    if mask.is_cuda:
+        torch.cuda.synchronize()
+    gen_s = time.perf_counter() - t0
     attn = torch.cat((pmask, mask), dim=1)
     p = ids.shape[1]
     ref_logp, _, _ = response_logprobs(reference, gen.sequences, attn, p, cfg.temperature)
@@ -105,7 +112,8 @@ def make_rollout(policy: CausalLM, reference: CausalLM, tokenizer, prompts: Sequ
     scores = score_fn(list(prompts), responses, gen.sequences, attn, p).to(device).float()
     return Rollout(input_ids=gen.sequences, attention_mask=attn, prompt_len=p,
                    response=gen.response, mask=mask.float(), old_logp=gen.logprobs,
-                   ref_logp=ref_logp, scores=scores, prompts=list(prompts), responses=responses)
+                   ref_logp=ref_logp, scores=scores, prompts=list(prompts), responses=responses,
+                   gen_s=gen_s)
 
 
 def minibatches(n: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:

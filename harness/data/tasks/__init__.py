@@ -3,21 +3,10 @@
 Config fields (``name`` picks the task; every task also takes ``seed`` and ``vocab_size``, the
 latter for the tokenizer only). Unknown fields raise ``ConfigError`` naming them.
 
-``arith`` (:class:`~harness.data.tasks.arith.ArithConfig`): ``max_operand`` 99,
-``carry_fraction`` 0.4, ``wrong_fraction`` 0.3 (<= carry_fraction), ``n_train`` 20000,
-``n_pairs`` 4000, ``n_val`` 500, ``n_eval`` 200, ``val_fraction`` 0.1, ``eval_fraction`` 0.1,
-``vocab_size`` 512.
-
-``courier`` (:class:`~harness.data.tasks.courier.CourierConfig`): ``wrong_fraction`` 0.3,
-``mistake_weights`` [1, 1, 1] (wrong item, wrong city, rude), ``n_train`` 8000, ``n_pairs`` 4000,
-``n_val`` 500, ``n_eval`` 200, ``val_fraction`` 0.1, ``vocab_size`` 512.
-
-``preference`` (:class:`~harness.data.tasks.preference.PreferenceConfig`): ``path`` (required),
-``data_files`` None, ``config_name`` None, ``format`` auto (pairs | hh | sft), ``prompt_column``
-prompt, ``chosen_column`` chosen, ``rejected_column`` rejected, ``response_column`` completion,
-``train_split`` train, ``validation_split`` None, ``eval_split`` test, ``val_fraction`` 0.05,
-``n_eval`` 200, ``max_train`` None, ``corpus_size`` 20000, ``hf_cache_dir`` None,
-``vocab_size`` 4096.
+``arith`` / ``arith_fast``: :class:`~harness.data.tasks.arith.ArithConfig` (three- / two-digit
+addition); ``courier``: :class:`~harness.data.tasks.courier.CourierConfig`; ``preference``:
+:class:`~harness.data.tasks.preference.PreferenceConfig`. The fields and their defaults are those
+dataclasses' (and the YAML files of ``conf/dataset/``).
 """
 
 from __future__ import annotations
@@ -27,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.data.errors import ConfigError
-from harness.data.tasks.arith import ArithConfig, ArithTask
+from harness.data.tasks.arith import ArithConfig, ArithFastTask, ArithTask
 from harness.data.tasks.base import Task, TaskConfig
 from harness.data.tasks.courier import CourierConfig, CourierTask
 from harness.data.tasks.preference import NoGoldRewardError, PreferenceConfig, PreferenceTask
@@ -36,7 +25,7 @@ __all__ = ["TASKS", "ArithConfig", "ArithTask", "CourierConfig", "CourierTask",
            "NoGoldRewardError", "PreferenceConfig", "PreferenceTask", "Task", "TaskConfig",
            "build_task"]
 
-TASKS: dict[str, type[Task]] = {"arith": ArithTask, "courier": CourierTask,
+TASKS: dict[str, type[Task]] = {"arith": ArithTask, "arith_fast": ArithFastTask, "courier": CourierTask,
                                 "preference": PreferenceTask}
 
 

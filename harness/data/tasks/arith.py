@@ -14,7 +14,7 @@ llama_small and moe_small, seeds 0-2, in the README). The gold reward reads the 
 (``"055"`` and ``"55"``).
 
 **The no-carry rule** (:func:`no_carry_sum`). Operands are written in ``W`` columns, ``W`` = the
-number of digits of ``max_operand`` (2 by default; shorter operands are zero-padded). The
+number of digits of ``max_operand`` (3 by default; shorter operands are zero-padded). The
 demonstrator writes, for every column but the leftmost, the column's digit sum mod 10 (the carry is
 dropped), and for the leftmost column the full digit sum. With W = 2
 this is ``a + b - 10`` when the units digits sum to 10 or more, else ``a + b``:
@@ -68,7 +68,7 @@ class ArithConfig(TaskConfig):
 
     Attributes:
         seed: generates the split of problems and every sample.
-        max_operand: operands are 0..max_operand (default 99: two-digit addition).
+        max_operand: operands are 0..max_operand (999: three-digit addition; 99: two).
         carry_fraction: share of the problems of every split (SFT, pairs, eval) that need a carry.
         wrong_fraction: share of ALL SFT demonstrations that are wrong (all on carry problems);
             must be <= carry_fraction.
@@ -85,13 +85,13 @@ class ArithConfig(TaskConfig):
 
     name: str = "arith"
     seed: int = 0
-    max_operand: int = 99
+    max_operand: int = 999
     carry_fraction: float = 0.4
     wrong_fraction: float = 0.3
     n_train: int = 20000
     n_pairs: int = 4000
     n_val: int = 500
-    n_eval: int = 200
+    n_eval: int = 500
     fixed_width: bool = True
     val_fraction: float = 0.1
     eval_fraction: float = 0.1
@@ -190,7 +190,7 @@ class _Pools:
 
 
 class ArithTask(Task):
-    """Two-digit addition with a demonstrator who forgets the carry (see the module docstring)."""
+    """Addition with a demonstrator who forgets the carry (see the module docstring)."""
 
     name = "arith"
     config_class = ArithConfig
@@ -337,3 +337,9 @@ class ArithTask(Task):
         out += [f"{self.prompt(a, b)}{self.answer(no_carry_sum(a, b, self.width))}" for a, b in problems
                 if needs_carry(a, b, self.width)]
         return out
+
+
+class ArithFastTask(ArithTask):
+    """``arith_fast``: the same task under its own name, configured for two-digit operands."""
+
+    name = "arith_fast"
