@@ -261,6 +261,12 @@ def validate(cfg: DictConfig) -> tuple[ModelConfig, Any]:
                           f"known: {', '.join(METHOD_SCHEMAS)}")
     method = to_dataclass(schema, cfg.method)
     method.check("method")
+    e = cfg.eval
+    if e.split not in ("test", "validation"):
+        raise ConfigError(f"eval.split={e.split!r}: must be one of test, validation")
+    for name in ("curve_points", "curve_prompts"):
+        if int(e[name]) < 0:
+            raise ConfigError(f"eval.{name}={e[name]}: must be >= 0")
     return model, method
 
 

@@ -154,7 +154,7 @@ def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
     stored = json.loads((out / "summary.json").read_text())
     assert stored["cache_keys"]["sft"] == summary["cache_keys"]["sft"]
     if method == "rm":
-        assert 0.0 <= summary["metrics"]["eval/rm_accuracy"] <= 1.0
+        assert 0.0 <= summary["metrics"]["eval/rewards_acc"] <= 1.0
         return
     m = summary["metrics"]
     for key in ("eval/gold_reward", "eval/ref_gold_reward", "eval/win_rate", "eval/kl"):

@@ -194,3 +194,62 @@ def test_validation_prompts_never_overlap_the_test_prompts(tmp_path):
     assert len(test) == 50 and len(val) == 50 and len(set(val)) == 50
     assert not set(test) & set(val)
     assert run.eval_prompts("validation", limit=8) == val[:8]
+
+
+# ------------------------------------------------------------------------------------- tuning
+def _tune_record(method: str, seed: int, kl: float, lr: float, gold: float, split="validation",
+                 created="2026-12-01T00:00:00+00:00") -> dict:
+    field = "kl_coef" if method == "ppo" else "beta"
+    return {"run_id": f"{method}-{seed}-{kl}-{lr}-{created}", "status": "ok", "method": method,
+            "model": "m", "dataset": "d", "seed": seed, "group": "tune", "created": created,
+            "metrics": {"eval/gold_reward": gold}, "per_prompt": {"split": split},
+            "config": {"method": {field: kl, "optim": {"lr": lr}}}}
+
+
+def test_tuning_picks_the_best_mean_validation_gold_per_method():
+    from harness.tuning import best_settings
+
+    recs = [_tune_record("dpo", 0, 0.1, 1e-4, 0.70), _tune_record("dpo", 1, 0.1, 1e-4, 0.80),  # 0.75
+            _tune_record("dpo", 0, 0.5, 1e-4, 0.90), _tune_record("dpo", 1, 0.5, 1e-4, 0.50),  # 0.70
+            # a repeated seed is one sample (the latest), never an extra seed
+            _tune_record("dpo", 1, 0.5, 1e-4, 0.20, created="2026-12-01T00:00:01+00:00"),
+            # test-split results never decide the tuning
+            _tune_record("dpo", 0, 1.0, 1e-4, 0.99, split="test"),
+            _tune_record("ppo", 0, 0.2, 3e-5, 0.6), _tune_record("ppo", 0, 1.0, 3e-5, 0.6)]
+    best = best_settings(recs)
+    dpo = best[("dpo", "m", "d")]
+    assert (dpo["kl"], dpo["lr"], dpo["n_seeds"]) == (0.1, 1e-4, 2)
+    assert dpo["gold"] == pytest.approx(0.75)
+    ppo = best[("ppo", "m", "d")]
+    assert ppo["kl"] == 0.2  # a tie goes to the smaller KL coefficient
+    assert ppo["overrides"] == "method=ppo method.kl_coef=0.2 method.optim.lr=3e-05"
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo", "ppo"])
+def test_tuning_sweeps_evaluate_on_the_validation_split(method):
+    from hydra import compose, initialize_config_dir
+
+    from harness.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+sweep=tune_{method}"],
+                      return_hydra_config=True)
+    assert cfg.method.name == method and cfg.eval.split == "validation"
+    assert cfg.experiment == "tune"
+    params = cfg.hydra.sweeper.params
+    assert "method.optim.lr" in params and len(str(params["seed"]).split(",")) >= 2
+
+
+@pytest.mark.parametrize(("override", "field"), [("eval.split=train", "eval.split"),
+                                                   ("eval.curve_points=-1", "eval.curve_points")])
+def test_bad_eval_values_are_refused_naming_the_field(override, field):
+    from hydra import compose, initialize_config_dir
+
+    from harness.config import ConfigError, register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[override])
+    with pytest.raises(ConfigError, match=field):
+        validate(cfg)

@@ -5,13 +5,18 @@ Peak memory on a GPU is the allocator's peak during the stage
 CPU, ``ru_maxrss`` is the peak of the whole process, which in a multirun sweep includes every
 earlier job; instead a sampling thread reads the resident set size (``/proc/self/statm``) every
 ``interval`` seconds and the stage reports the **rise** of the RSS over its value at the stage's
-start (``peak - start``). Memory the process already held (a cached model, the allocator's free
-lists from an earlier job) is not counted again; what the stage allocated and freed between two
-samples may be missed, so the figure is a lower bound at the sampling resolution.
+start (``peak - start``). Before the start is read, garbage is collected and glibc's
+``malloc_trim(0)`` hands the allocator's free memory back to the system, so memory that an earlier
+stage freed is not silently reused by this one and counted as nothing. Memory the process still
+holds (a cached model, live tensors) is not counted again; what the stage allocated and freed
+between two samples may be missed, so the figure is a lower bound at the sampling resolution.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import resource
 import threading
@@ -30,6 +35,16 @@ def rss_mb() -> float:
             return int(fh.read().split()[1]) * _PAGE / 2**20
     except (OSError, IndexError, ValueError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_free_memory() -> None:
+    """Collect garbage and return the C allocator's free memory to the system (glibc only)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -68,6 +83,7 @@ class StageMeter:
         if self._gpu:
             torch.cuda.reset_peak_memory_stats()
         else:
+            release_free_memory()
             self._start = self._peak = rss_mb()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()

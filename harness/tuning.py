@@ -1,0 +1,70 @@
+"""Pick each method's tuned setting from the records of the tuning sweep (``sweeps/tune.sh``).
+
+    python -m harness.tuning [--runs results/runs] [--group tune]
+
+For every (method, model, dataset) of the group's ok records evaluated on the validation split,
+the (KL coefficient, learning rate) with the highest mean held-out gold reward over distinct seeds
+wins; ties go to the smaller KL (the closer policy). Prints one line per method with the overrides
+that select it, so the comparison sweep can run each method at its best; the test split is never
+read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.evaluation.records import load_records
+from harness.evaluation.stats import distinct_seeds, kl_coefficient, learning_rate
+
+#: the config field that holds each method's KL coefficient
+KL_FIELD = {"ppo": "method.kl_coef"}
+
+
+def best_settings(records: Iterable[Mapping[str, Any]], group: str = "tune"
+                  ) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """``{(method, model, dataset): {"kl", "lr", "gold", "n_seeds", "overrides"}}``."""
+    cells: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for rec in records:
+        pp = rec.get("per_prompt") or {}
+        if rec.get("group") != group or rec.get("status") != "ok" or pp.get("split") != "validation":
+            continue
+        key = (rec["method"], rec["model"], rec["dataset"], kl_coefficient(rec), learning_rate(rec))
+        cells[key].append(rec)
+    best: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for (method, model, dataset, kl, lr), recs in cells.items():
+        kept, _ = distinct_seeds(recs)
+        golds = [r["metrics"]["eval/gold_reward"] for r in kept if "eval/gold_reward" in r["metrics"]]
+        if not golds:
+            continue
+        gold = sum(golds) / len(golds)
+        cur = best.get((method, model, dataset))
+        if cur is None or (gold, -(kl or 0.0)) > (cur["gold"], -(cur["kl"] or 0.0)):
+            field = KL_FIELD.get(method, "method.beta")
+            best[(method, model, dataset)] = {
+                "kl": kl, "lr": lr, "gold": gold, "n_seeds": len(golds),
+                "overrides": f"method={method} {field}={kl} method.optim.lr={lr}"}
+    return best
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.tuning", description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=Path, default=Path("results/runs"))
+    parser.add_argument("--group", default="tune")
+    args = parser.parse_args(argv)
+    best = best_settings(load_records(args.runs), args.group)
+    if not best:
+        print(f"no ok validation-split records of group {args.group!r} in {args.runs}", file=sys.stderr)
+        return 1
+    for (method, model, dataset), b in sorted(best.items()):
+        print(f"{method:<5} {model:<12} {dataset:<10} validation gold {b['gold']:.3f} "
+              f"({b['n_seeds']} seeds): {b['overrides']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
