@@ -18,7 +18,8 @@ from harness.config import GRPOConfig, RolloutConfig
 from harness.data.tasks import build_task
 from harness.data.tokenizer import build_tokenizer
 from harness.evaluation.cost import StageCost, StageMeter
-from harness.evaluation.platform import platform_identity, platform_info
+from harness.evaluation.platform import platform_info
+from harness.evaluation.stats import platform_identity
 from harness.methods.grpo import GRPOModule
 from harness.methods.losses import aggregate_loss, ppo_clipped_surrogate
 from harness.methods.stage_runners import gold_scorer

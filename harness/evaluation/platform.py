@@ -1,5 +1,6 @@
 """The platform that produced a result: numerics differ between CPUs and kernels, so every record
-says where it came from (the leaderboard warns when its rows come from more than one)."""
+says where it came from (the leaderboard warns when its rows come from more than one; which fields
+must match is :func:`harness.evaluation.stats.platform_identity`)."""
 
 from __future__ import annotations
 
@@ -44,11 +45,3 @@ def platform_info(device: str | None = None) -> dict[str, Any]:
         "peak_mem_method": "cuda_max_allocated" if on_gpu else "rss_rise",
         "env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
     }
-
-
-def platform_identity(info: dict[str, Any]) -> tuple:
-    """What must match for two results to come from the same numerics."""
-    env = info.get("env") or {}
-    return (info.get("torch"), info.get("device"), info.get("cpu_capability"), info.get("gpu"),
-            tuple(sorted((k, v) for k, v in env.items() if k in ("ATEN_CPU_CAPABILITY",
-                                                                   "MKL_ENABLE_INSTRUCTIONS"))))

@@ -77,12 +77,13 @@ class OnPolicyModule(AlignmentModule):
                     iteration: int) -> None:
         """Log the DESIGN.md metric names for one rollout batch and the update made from it."""
         now = time.perf_counter()
+        k1 = kl_log_ratio(ro.old_logp, ro.ref_logp)
         metrics = {
             "train/reward": ro.scores.mean(),
             "train/reward_std": ro.scores.std() if len(ro) > 1 else torch.zeros(()),
             # KL(pi_old || pi_ref): the sequence-level k1 sum (nats per response), as eval/kl
-            "train/kl": (kl_log_ratio(ro.old_logp, ro.ref_logp) * ro.mask).sum(-1).mean(),
-            "train/kl_per_token": masked_mean(kl_log_ratio(ro.old_logp, ro.ref_logp), ro.mask),
+            "train/kl": (k1 * ro.mask).sum(-1).mean(),
+            "train/kl_per_token": masked_mean(k1, ro.mask),
             "train/response_len": ro.mask.sum(-1).mean(),
             "train/adv_mean": adv.mean(),
             "train/adv_std": adv.std() if adv.numel() > 1 else torch.zeros(()),
