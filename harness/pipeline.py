@@ -204,14 +204,11 @@ class Run:
                 return found, model, None
             log.info("%s stage: training %s", kind.upper(), key)
             seed_stage(self.seed)
-            with StageMeter() as meter:
+            with self.meter(kind):
                 record, model, logger = train(key, decides)
-            cost = meter.cost
-            cost.wall_s -= record.metrics.get("cost/curve_s", 0.0)
-            cost.extra = _throughput(record.metrics)
+            cost = self.costs[kind]
             record.metrics.update({"cost/train_wall_s": cost.wall_s,
                                    "cost/train_peak_mem_mb": cost.peak_mem_mb})
-            self.costs[kind] = cost
             record.trained_id = uuid.uuid4().hex
             self.cache.commit(record)
             return record, model, logger

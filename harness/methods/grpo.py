@@ -68,8 +68,9 @@ class GRPOModule(OnPolicyModule):
                                     max_len=cfg.rollout.max_new_tokens, n_active=n_active)
                 loss = self.checked("train/loss", pg + cfg.beta * kl + aux)
                 self.step(opt, sched, loss)
-                self.tokens_trained += int(ro.attention_mask[idx].sum())
                 stats.update(loss=loss.detach(), kl_k3_per_token=kl.detach(), pg_loss=pg.detach(),
                              entropy=masked_mean(ent, mask), moe_aux_loss=aux.detach())
                 self.accumulate(stats_acc, stats)
+        # minibatches partition the rollout: one host sync per rollout, not per minibatch
+        self.tokens_trained += cfg.num_inner_iterations * int(ro.attention_mask.sum())
         self.log_rollout(ro, adv, stats_acc, batch_idx)

@@ -103,11 +103,12 @@ class PPOModule(OnPolicyModule):
                     opt.step()
                 sched_p.step()
                 sched_c.step()
-                self.tokens_trained += int(ro.attention_mask[idx].sum())
                 stats.update(vstats)
                 stats.update(loss=loss.detach(), pg_loss=pg.detach(), value_loss=vf.detach(),
                              entropy=entropy.detach(), moe_aux_loss=(aux_p + aux_c).detach())
                 self.accumulate(stats_acc, stats)
+        # minibatches partition the rollout: one host sync per rollout, not per minibatch
+        self.tokens_trained += cfg.ppo_epochs * int(ro.attention_mask.sum())
         observed_kl = float((kl_log_ratio(ro.old_logp, ro.ref_logp) * ro.mask).sum(-1).mean())
         stats_acc["explained_var"] = [explained_variance(old_values, returns, ro.mask)]
         stats_acc["kl_coef"] = [torch.tensor(self.kl_coef)]
