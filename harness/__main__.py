@@ -1,28 +1,47 @@
-"""``python -m harness [overrides]``: the Hydra entry point. Thin: compose -> run the pipeline."""
+"""``python -m harness [overrides]``: the Hydra entry point. Thin: compose -> run the pipeline.
+
+Config errors (a renamed field, a bad value) stop before any work with one line naming the field
+and exit status 2; they leave no results record.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from harness.config import register_configs
+from harness.conf_path import config_dir
+from harness.config import ConfigError, check_overrides, register_configs
 
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from harness.pipeline import run  # heavy imports only once a run really starts
     from harness.report import print_summary
 
-    summary = run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
+    try:
+        summary = run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
     print_summary(summary)
     return summary.get("metrics", {}).get("eval/gold_reward")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """Check the command line for renamed fields, then hand over to Hydra."""
+    experiments = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+    try:
+        check_overrides(sys.argv[1:], experiments)
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -22,46 +22,41 @@ Examples::
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
+import io
+import json
+import logging
 import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import dataclasses  # noqa: E402
-import gc  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import textwrap  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from harness.conf_path import config_dir
+from harness.config import ModelConfig, register_configs, to_dataclass, validate
+from harness.models.generation import generate
+from harness.models.llama import CausalLM, ScalarHead
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from torch import nn  # noqa: E402
-
-from harness.config import METHOD_SCHEMAS, ModelConfig, register_configs, to_dataclass  # noqa: E402
-from harness.models.generation import generate  # noqa: E402
-from harness.models.hf import to_hf_model  # noqa: E402
-from harness.models.llama import CausalLM, ScalarHead  # noqa: E402
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-METHODS: tuple[str, ...] = ("sft", "rm", "dpo", "ppo", "grpo")
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+"""Set (unless already set) by :func:`main`: the bench builds every model locally."""
+CONF_DIR = config_dir()
 SECTIONS: tuple[str, ...] = ("sampler", "steps", "memory")
 DEFAULT_MODELS: tuple[str, ...] = ("llama_small", "moe_small")
 MEMORY_MARK = "HARNESS_BENCH_MEMORY "
@@ -131,12 +126,11 @@ def model_config(preset: str, vocab_size: int) -> ModelConfig:
     return dataclasses.replace(to_dataclass(ModelConfig, cfg.model), vocab_size=int(vocab_size))
 
 
-def method_config(method: str, overrides: Sequence[str] = ()) -> Any:
-    """The method dataclass from ``conf/method/<method>.yaml`` plus Hydra ``overrides`` (checked)."""
-    cfg = compose_config([f"method={method}", *overrides])
-    out = to_dataclass(METHOD_SCHEMAS[method], cfg.method)
-    out.check("method")
-    return out
+def methods() -> tuple[str, ...]:
+    """Every stage in the registry: the bench times each one."""
+    from harness.registry import stage_names
+
+    return stage_names()
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -201,6 +195,8 @@ def bench_sampler(model_cfg: ModelConfig, batch: int, prompt_len: int, new_token
     device = device or resolve_device()
     torch.manual_seed(seed)
     model = CausalLM(model_cfg).to(device).eval()
+    from harness.models.hf import to_hf_model
+
     hf = to_hf_model(model)
     ids, mask = random_prompts(batch, prompt_len, model_cfg.vocab_size, seed, device)
     runners: dict[str, Callable[[], torch.Tensor]] = {
@@ -287,148 +283,40 @@ def prepare_data(n_examples: int, cache_dir: Path, seed: int = 0,
     return task, tok
 
 
-def grpo_layout(batch: int, group_size: int) -> tuple[int, int]:
-    """(prompts, group size) with prompts * group == ``batch``: the largest group <= ``group_size``."""
-    g = min(group_size, batch)
-    while g > 2 and batch % g:
-        g -= 1
-    if g < 2 or batch % g:
-        raise ValueError(f"batch={batch}: GRPO needs an even batch of >= 2 sequences "
-                         f"(prompts x group_size with group_size >= 2)")
-    return batch // g, g
-
-
-def method_overrides(method: str, batch: int, n_batches: int,
-                     minibatch: int | None = None) -> list[str]:
-    """Hydra overrides: only batch sizes and iteration counts, so that every method forwards
-    ``batch`` sequences per batch (rm, dpo: ``batch // 2`` pairs; grpo: prompts x group)."""
-    if method == "sft":
-        return [f"method.batch_size={batch}", f"method.max_steps={n_batches}"]
-    if method in ("rm", "dpo"):
-        return [f"method.batch_size={max(1, batch // 2)}", f"method.max_steps={n_batches}"]
-    out = [f"method.n_iterations={n_batches}"]
-    if method == "ppo":
-        out.append(f"method.rollout.prompts_per_batch={batch}")
-    elif method == "grpo":
-        default_group = method_config("grpo").group_size
-        prompts, group = grpo_layout(batch, default_group)
-        out += [f"method.rollout.prompts_per_batch={prompts}", f"method.group_size={group}"]
-    else:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    if minibatch is not None:
-        out.append(f"method.minibatch_size={minibatch}")
-    return out
-
-
-@dataclass
-class MethodSetup:
-    """A method's LightningModule and what the bench reads about it."""
-
-    method: str
-    module: L.LightningModule
-    data: Any  # a LightningDataModule or a DataLoader
-    networks: dict[str, nn.Module]  # every network the method holds
-    trainable: list[nn.Module]
-    layout: str  # what one batch is
-    sequences: int  # sequences forwarded per batch
-    grad_clip: float | None = None  # automatic optimisation only (manual: the module clips)
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def method_data(method: str, cfg: Any, task: Any, tok: Any, n_batches: int, seed: int) -> Any:
-    """The training data of one method: a datamodule (sft, rm, dpo) or a prompt loader (RL)."""
-    from harness.data.datamodule import AlignmentDataModule
-    from harness.methods.stage_runners import prompt_loader
-
-    if method in ("ppo", "grpo"):
-        return prompt_loader(task, cfg.rollout.prompts_per_batch, n_batches, seed)
-    dm = AlignmentDataModule(task, tok, kind="sft" if method == "sft" else "pairs",
-                             batch_size=cfg.batch_size, max_len=cfg.max_len,
-                             overflow=cfg.overflow, seed=seed)
-    dm.setup("fit")
-    if dm.n_train < cfg.batch_size * n_batches:
-        raise ValueError(f"{method}: {dm.n_train} examples, need {cfg.batch_size * n_batches}")
-    return dm
-
-
-def reward_model_scorer(rm: ScalarHead) -> Callable:
-    """The pipeline's RM scorer for ``rm``, pooled as ``conf/method/rm.yaml`` says (if it says)."""
-    from harness.methods.stage_runners import rm_scorer
-
-    pooling = getattr(method_config("rm"), "pooling", None)
-    return rm_scorer(rm) if pooling is None else rm_scorer(rm, pooling)
-
-
-def method_modules(method: str, cfg: Any, model_cfg: ModelConfig, task: Any, tok: Any, data: Any,
-                   seed: int, device: torch.device) -> MethodSetup:
-    """Build the random-init networks and the method's LightningModule (as the pipeline does)."""
-    from harness.methods.stage_runners import gold_scorer
-
-    L.seed_everything(seed, workers=True, verbose=False)
-    policy = CausalLM(model_cfg)
-    if method == "sft":
-        from harness.methods.sft import SFTModule
-
-        return MethodSetup(method, SFTModule(policy, cfg), data, {"policy": policy}, [policy],
-                           f"{cfg.batch_size} demos", cfg.batch_size, cfg.optim.grad_clip)
-    if method == "rm":
-        from harness.methods.reward import RewardModule
-
-        rm = ScalarHead(policy)
-        return MethodSetup(method, RewardModule(rm, cfg), data, {"reward_model": rm}, [rm],
-                           f"{cfg.batch_size} pairs", 2 * cfg.batch_size, cfg.optim.grad_clip)
-    reference = copy.deepcopy(policy)
-    if method == "dpo":
-        from harness.methods.dpo import DPOModule, reference_logps
-
-        with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar; on the CPU, as the pipeline
-            table = reference_logps(reference, data.reference_dataloader("train"), data.n_train)
-        return MethodSetup(method, DPOModule(policy, table, cfg), data,
-                           {"policy": policy, "reference": reference}, [policy],
-                           f"{cfg.batch_size} pairs", 2 * cfg.batch_size, cfg.optim.grad_clip)
-    if method == "ppo":
-        from harness.methods.ppo import PPOModule
-
-        rm = ScalarHead(copy.deepcopy(policy)).to(device)  # the scorer is no submodule: place it
-        critic = copy.deepcopy(rm) if cfg.critic_init == "rm" else ScalarHead(copy.deepcopy(policy))
-        module = PPOModule(policy, reference, critic, tok, cfg, reward_model_scorer(rm), seed=0)
-        n = cfg.rollout.prompts_per_batch
-        n_mb = -(-n // cfg.minibatch_size)
-        return MethodSetup(method, module, data, {"policy": policy, "reference": reference,
-                                                  "critic": critic, "reward_model": rm},
-                           [policy, critic], f"{n} prompts", n,
-                           info={"minibatch": cfg.minibatch_size, "passes": cfg.ppo_epochs,
-                                 "expected_opt_steps": cfg.ppo_epochs * n_mb})
-    if method == "grpo":
-        from harness.methods.grpo import GRPOModule
-
-        networks: dict[str, nn.Module] = {"policy": policy, "reference": reference}
-        if cfg.reward_source == "rm":
-            rm = ScalarHead(copy.deepcopy(policy)).to(device)
-            networks["reward_model"] = rm
-            score = reward_model_scorer(rm)
-        else:
-            score = gold_scorer(task)
-        module = GRPOModule(policy, reference, tok, cfg, score, seed=0)
-        p, g = cfg.rollout.prompts_per_batch, cfg.group_size
-        n_mb = -(-(p * g) // cfg.minibatch_size)
-        return MethodSetup(method, module, data, networks, [policy], f"{p} prompts x {g}", p * g,
-                           info={"minibatch": cfg.minibatch_size, "passes": cfg.num_inner_iterations,
-                                 "expected_opt_steps": cfg.num_inner_iterations * n_mb})
-    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-
-
 def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
                  n_batches: int, seed: int = 0, device: torch.device | None = None,
                  minibatch: int | None = None,
-                 before_models: Callable[[], None] | None = None) -> MethodSetup:
-    """Config (conf/method + batch overrides) -> data -> ``before_models()`` -> networks + module."""
+                 before_models: Callable[[], None] | None = None) -> Any:
+    """The stage's :class:`~harness.stage.Fit` as the pipeline builds it, from random-init inputs.
+
+    The stage's config is its default (``conf/``) with only its sizes changed
+    (:meth:`~harness.stage.Stage.sized`: ``batch`` sequences per batch, ``n_batches`` batches)
+    and, if given, its ``minibatch_size``; ``before_models()`` runs before any network is built.
+    The stages it needs (the SFT base, the reward model) are random-init networks of the preset.
+    """
+    from harness.cache import StageRecord
+    from harness.registry import get_stage
+    from harness.stage import Built, StageContext
+
     device = device or resolve_device()
-    cfg = method_config(method, method_overrides(method, batch, n_batches, minibatch))
-    data = method_data(method, cfg, task, tok, n_batches, seed)
+    settings = validate(compose_config([f"method={method}"]))
+    stage = get_stage(method)
+    cfg = stage.sized(settings.stage_config(method), batch, n_batches)
+    if minibatch is not None and hasattr(cfg, "minibatch_size"):
+        cfg = dataclasses.replace(cfg, minibatch_size=minibatch)
+    cfg.check(method)
     if before_models is not None:
         before_models()
-    return method_modules(method, cfg, model_cfg, task, tok, data, seed, device)
+    L.seed_everything(seed, workers=True, verbose=False)
+    ctx = StageContext(task=task, tokenizer=tok, model_cfg=model_cfg, seed=seed)
+    inputs: dict[str, Any] = {}
+    for need in stage.needs(cfg):
+        model: nn.Module = (ctx.new_policy() if need == "sft"
+                            else ScalarHead(copy.deepcopy(inputs["sft"].model)).to(device))
+        inputs[need] = Built(need, settings.stage_config(need), model,
+                             StageRecord(key=f"random-{need}", path=Path(".")), Path("."))
+    with contextlib.redirect_stderr(io.StringIO()):  # DPO's reference-log-prob bar
+        return stage.build(ctx, cfg, inputs)
 
 
 class StepTimer(L.Callback):
@@ -467,15 +355,16 @@ class StepTimer(L.Callback):
             self._handle = None
 
 
-def fit(setup: MethodSetup, n_batches: int, device: torch.device, root: Path,
+def fit(setup: Any, n_batches: int, device: torch.device, root: Path,
         callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
-    """Train ``setup.module`` for ``n_batches`` batches with a plain Lightning Trainer."""
+    """Train a stage's :class:`~harness.stage.Fit` for ``n_batches`` batches (plain Trainer)."""
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision="32-true",
         max_epochs=1, max_steps=-1, limit_train_batches=n_batches, limit_val_batches=0,
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
-        gradient_clip_val=setup.grad_clip or None, callbacks=list(callbacks))
+        gradient_clip_val=(None if not setup.module.automatic_optimization
+                           else setup.budget.grad_clip or None), callbacks=list(callbacks))
     if isinstance(setup.data, L.LightningDataModule):
         trainer.fit(setup.module, datamodule=setup.data)
     else:
@@ -503,8 +392,8 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
         raise RuntimeError(f"{method}: no optimiser step was taken in a batch")
     return {
         "model": model_cfg.name, "method": method, "layout": setup.layout,
-        "sequences": setup.sequences, "minibatch": setup.info.get("minibatch"),
-        "passes": setup.info.get("passes"), "s_per_batch": s_batch, "opt_steps_per_batch": opt,
+        "sequences": setup.sequences, "minibatch": setup.minibatch,
+        "passes": setup.passes, "s_per_batch": s_batch, "opt_steps_per_batch": opt,
         "s_per_opt_step": s_batch / opt, "seq_per_s": setup.sequences / s_batch,
         "times": times, "iters": iters, "device": str(device),
     }
@@ -641,7 +530,7 @@ def measure_memory(method: str, model_cfg: ModelConfig, task: Any, tok: Any, bat
         state = state_memory(setup.networks, setup.trainable, trainer.optimizers)
     return {
         "model": model_cfg.name, "method": method, "layout": setup.layout,
-        "sequences": setup.sequences, "minibatch": setup.info.get("minibatch"), "iters": iters,
+        "sequences": setup.sequences, "minibatch": setup.minibatch, "iters": iters,
         "device": str(device), "measure": "cuda max_memory_allocated" if device.type == "cuda"
         else "peak RSS (VmHWM)", "baseline_bytes": base["bytes"], "peak_bytes": peak,
         "delta_bytes": max(0, peak - base["bytes"]), "peak_reset": base["peak_reset"], **state,
@@ -758,8 +647,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed warm-up calls / batches (default 1)")
     p.add_argument("--mem-iters", type=int, help="batches run for the memory peak (default 2; quick 1)")
     p.add_argument("--vocab", type=int, default=512, help="sampler vocabulary size (default 512)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                   help="methods timed in the steps section")
+    p.add_argument("--methods", nargs="+", default=list(methods()), choices=methods(),
+                   help="methods timed in the steps section (default: every registered stage)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--minibatch", type=int, help="override PPO/GRPO minibatch_size (default: conf)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -859,6 +748,9 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """``python -m harness.bench``: parse the options and run (or serve as a memory child)."""
+    for var in OFFLINE_ENV:
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:

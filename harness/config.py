@@ -1,24 +1,61 @@
-"""Structured configs (Hydra schemas) and their validation.
+"""Structured configs: the one home of every default, and the checks that run before any work.
 
-Every YAML of a config group names its schema in its defaults list (``- base_model``,
-``- base_sft`` ...), so Hydra rejects unknown keys and wrong types; :func:`validate` then checks
-the values (ranges, divisibility) and raises :class:`ConfigError` naming the field, before any work.
+The dataclasses are the source of every default. Each config group's YAML in ``conf/`` names its
+schema (``- base_grpo``, ``- base_arith`` ...) or merges into a typed section of the top-level
+schema (``trainer``, ``logger``, ``eval``, ``sft``, ``rm``), and holds only what that option
+changes; a test checks that no YAML repeats a schema's default. Hydra therefore rejects unknown
+keys and wrong types, and :func:`validate` checks the values (ranges, choices, divisibility) of
+every group and raises :class:`ConfigError` naming the field.
+
+Stage configs (``SFTConfig``, ``GRPOConfig`` ...) live beside their stage in ``harness/methods``;
+the stage registry (:mod:`harness.registry`) names them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from harness.models.config import ConfigError, ModelConfig
+from harness.models.architecture import ConfigError, ModelConfig
 
-__all__ = ["ConfigError", "DPOConfig", "GRPOConfig", "ModelConfig", "OptimConfig", "PPOConfig",
-           "RMConfig", "RolloutConfig", "SFTConfig", "register_configs", "validate"]
+__all__ = ["ConfigError", "EvalConfig", "LmEvalConfig", "LoggerConfig", "ModelConfig",
+           "OptimConfig", "RolloutConfig", "Settings", "StageRef", "TrainerConfig",
+           "check_overrides", "register_configs", "to_dataclass", "validate"]
 
 
+# ------------------------------------------------------------------------------ checks
+def fail(prefix: str, name: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{prefix}.{name}={value!r}: {why}")
+
+
+def positive(obj: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if not v > 0:
+            fail(prefix, name, v, "must be > 0")
+
+
+def in_range(obj: Any, prefix: str, name: str, lo: float | None, hi: float | None,
+             closed_hi: bool = True) -> None:
+    v = getattr(obj, name)
+    if lo is not None and v < lo:
+        fail(prefix, name, v, f"must be >= {lo}")
+    if hi is not None and (v > hi or (not closed_hi and v == hi)):
+        fail(prefix, name, v, f"must be {'<=' if closed_hi else '<'} {hi}")
+
+
+def one_of(obj: Any, prefix: str, name: str, choices: Sequence[Any]) -> None:
+    v = getattr(obj, name)
+    if v not in choices:
+        fail(prefix, name, v, f"must be one of {', '.join(map(str, choices))}")
+
+
+# ------------------------------------------------------------------ shared sub-configs
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``; gradient clipping."""
@@ -32,54 +69,13 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def check(self, prefix: str) -> None:
-        _positive(self, prefix, "lr")
-        _range(self, prefix, "weight_decay", 0.0, None)
-        _range(self, prefix, "beta1", 0.0, 1.0, closed_hi=False)
-        _range(self, prefix, "beta2", 0.0, 1.0, closed_hi=False)
-        _range(self, prefix, "warmup_steps", 0, None)
-        _range(self, prefix, "min_lr_ratio", 0.0, 1.0)
-        _range(self, prefix, "grad_clip", 0.0, None)
-
-
-@dataclass
-class SFTConfig:
-    """Supervised fine-tuning: cross-entropy on response tokens (+ MoE auxiliary loss)."""
-
-    name: str = "sft"
-    stage: str = "sft"
-    max_steps: int = 3000
-    batch_size: int = 64
-    max_len: int = 128
-    overflow: str = "truncate"  # prompts longer than max_len: "truncate" or "skip"
-    val_every: int = 1000
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-    def check(self, prefix: str = "method") -> None:
-        _positive(self, prefix, "max_steps")
-        _positive(self, prefix, "batch_size")
-        _positive(self, prefix, "max_len")
-        _positive(self, prefix, "val_every")
-        _choice(self, prefix, "overflow", ("truncate", "skip"))
-        self.optim.check(f"{prefix}.optim")
-
-
-@dataclass
-class RMConfig:
-    """Bradley–Terry reward model: the SFT model plus a scalar head on the last response token."""
-
-    name: str = "rm"
-    stage: str = "rm"
-    max_steps: int = 1000
-    batch_size: int = 64
-    max_len: int = 128
-    overflow: str = "truncate"
-    val_every: int = 250
-    pooling: str = "last"           # last (score at the last response token) | mean (over the response)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=50))
-
-    def check(self, prefix: str = "method") -> None:
-        SFTConfig.check(self, prefix)  # same fields, same rules
-        _choice(self, prefix, "pooling", ("last", "mean"))
+        positive(self, prefix, "lr")
+        in_range(self, prefix, "weight_decay", 0.0, None)
+        in_range(self, prefix, "beta1", 0.0, 1.0, closed_hi=False)
+        in_range(self, prefix, "beta2", 0.0, 1.0, closed_hi=False)
+        in_range(self, prefix, "warmup_steps", 0, None)
+        in_range(self, prefix, "min_lr_ratio", 0.0, 1.0)
+        in_range(self, prefix, "grad_clip", 0.0, None)
 
 
 @dataclass
@@ -89,203 +85,280 @@ class RolloutConfig:
     prompts_per_batch: int = 32
     max_new_tokens: int = 8
     temperature: float = 1.0
-    top_k: int = 0
+    top_k: int = 0                  # 0 = no top-k filter
     top_p: float = 1.0
 
     def check(self, prefix: str) -> None:
-        _positive(self, prefix, "prompts_per_batch")
-        _positive(self, prefix, "max_new_tokens")
-        _positive(self, prefix, "temperature")
-        _range(self, prefix, "top_k", 0, None)
-        _range(self, prefix, "top_p", 0.0, 1.0)
-        if self.top_p == 0:
-            _fail(prefix, "top_p", self.top_p, "must be > 0")
+        positive(self, prefix, "prompts_per_batch", "max_new_tokens", "temperature", "top_p")
+        in_range(self, prefix, "top_k", 0, None)
+        in_range(self, prefix, "top_p", 0.0, 1.0)
 
 
 @dataclass
-class PPOConfig:
-    """PPO with a critic, GAE, the clipped surrogate, a KL-shaped reward and an entropy bonus."""
+class StageRef:
+    """``method=sft`` / ``method=rm``: the result is that base stage itself, configured in its own
+    section (``sft.*`` / ``rm.*``, as when another method builds on it)."""
 
-    name: str = "ppo"
-    stage: str = "ppo"
-    n_iterations: int = 200         # rollout batches
-    ppo_epochs: int = 2             # optimisation passes over each rollout batch
-    minibatch_size: int = 32
-    max_len: int = 128
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.5
-    ent_coef: float = 0.01
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.5
-    adaptive_kl: bool = False
-    target_kl: float = 6.0
-    kl_horizon: int = 10000
-    whiten_advantages: bool = True
-    critic_init: str = "rm"         # "rm" | "sft"
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5))
-    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5))
+    name: str = MISSING
 
     def check(self, prefix: str = "method") -> None:
-        for f in ("n_iterations", "ppo_epochs", "minibatch_size", "max_len", "clip_eps",
-                  "target_kl", "kl_horizon"):
-            _positive(self, prefix, f)
-        for f in ("value_clip", "vf_coef", "ent_coef", "kl_coef"):
-            _range(self, prefix, f, 0.0, None)
-        _range(self, prefix, "gamma", 0.0, 1.0)
-        _range(self, prefix, "lam", 0.0, 1.0)
-        _choice(self, prefix, "critic_init", ("rm", "sft"))
-        self.rollout.check(f"{prefix}.rollout")
-        self.optim.check(f"{prefix}.optim")
-        self.critic_optim.check(f"{prefix}.critic_optim")
+        """Nothing to check: the stage's own section is checked under its name."""
+
+
+# ------------------------------------------------------------- run-level config groups
+@dataclass
+class LmEvalConfig:
+    """lm-evaluation-harness on the saved Hugging Face checkpoint (``eval.lm_eval``)."""
+
+    enabled: bool = True
+    #: lm-eval task names; null = the group exported for the run's dataset (``harness_<dataset>``)
+    tasks: list[str] | None = None
+    limit: int | None = 200          # documents per task (null = all)
+    batch_size: Any = 32             # an int, or "auto"
+    num_fewshot: Any = None          # null, an int, or {task: int}
+    add_bos_token: bool = False      # the exported texts carry <bos>; true would double it
+    #: read lm-eval's built-in tasks (needs network) instead of exporting the run's task
+    include_defaults: bool = False
+
+    def check(self, prefix: str) -> None:
+        if self.limit is not None and self.limit <= 0:
+            fail(prefix, "limit", self.limit, "must be > 0 or null (all documents)")
+        b = self.batch_size
+        if not (b == "auto" or (isinstance(b, int) and not isinstance(b, bool) and b > 0)):
+            fail(prefix, "batch_size", b, "must be a positive integer or 'auto'")
 
 
 @dataclass
-class GRPOConfig:
-    """GRPO: G completions per prompt, group-relative advantages, no critic, k3 KL penalty."""
+class EvalConfig:
+    """Evaluation after training: the gold reward on held-out prompts, then lm-eval.
 
-    name: str = "grpo"
-    stage: str = "grpo"
-    n_iterations: int = 300
-    group_size: int = 8
-    num_inner_iterations: int = 1   # optimisation passes over each rollout batch (mu)
-    minibatch_size: int = 64
-    max_len: int = 128
-    clip_eps: float = 0.2
-    epsilon_high: float | None = None  # DAPO clip-higher; null = clip_eps
-    beta: float = 0.04
-    scale_rewards: bool = True      # divide by the group std (False = Dr. GRPO)
-    loss_type: str = "grpo"         # grpo | bnpo | dapo | dr_grpo
-    reward_source: str = "gold"     # gold (verifiable task reward) | rm (learned reward model)
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=8))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=5))
+    ``split``: test (the task's eval split, for the leaderboard) or validation (distinct prompts of
+    the validation split, for tuning: the test split is never seen while tuning).
+    ``curve_points``: points of the held-out gold curve per training stage, each on
+    ``curve_prompts`` validation prompts (greedy); 0 = off.
+    """
 
-    def check(self, prefix: str = "method") -> None:
-        for f in ("n_iterations", "num_inner_iterations", "minibatch_size", "max_len",
-                  "clip_eps"):
-            _positive(self, prefix, f)
-        if self.group_size < 2:
-            _fail(prefix, "group_size", self.group_size, "must be >= 2 (advantages are relative)")
-        if self.epsilon_high is not None and self.epsilon_high <= 0:
-            _fail(prefix, "epsilon_high", self.epsilon_high, "must be > 0 or null")
-        _range(self, prefix, "beta", 0.0, None)
-        _choice(self, prefix, "loss_type", ("grpo", "bnpo", "dapo", "dr_grpo"))
-        _choice(self, prefix, "reward_source", ("gold", "rm"))
-        self.rollout.check(f"{prefix}.rollout")
-        self.optim.check(f"{prefix}.optim")
+    max_new_tokens: int = 16
+    batch_size: int = 100
+    split: str = "test"
+    limit: int | None = None         # held-out prompts used (null = all of the split)
+    curve_points: int = 20
+    curve_prompts: int = 64
+    n_samples: int = 8               # sample generations kept in summary.json / the W&B table
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+
+    def check(self, prefix: str = "eval") -> None:
+        positive(self, prefix, "max_new_tokens", "batch_size")
+        one_of(self, prefix, "split", ("test", "validation"))
+        if self.limit is not None and self.limit <= 0:
+            fail(prefix, "limit", self.limit, "must be > 0 or null (all prompts)")
+        for name in ("curve_points", "curve_prompts", "n_samples"):
+            in_range(self, prefix, name, 0, None)
+        self.lm_eval.check(f"{prefix}.lm_eval")
 
 
 @dataclass
-class DPOConfig:
-    """DPO on the task's preference pairs against the frozen SFT reference."""
+class TrainerConfig:
+    """Lightning ``Trainer`` arguments (``trainer`` group); the stage adds its budget."""
 
-    name: str = "dpo"
-    stage: str = "dpo"
-    max_steps: int = 300
-    batch_size: int = 32
-    max_len: int = 128
-    overflow: str = "truncate"
-    val_every: int = 100
-    beta: float = 0.5
-    label_smoothing: float = 0.0
-    loss_type: str = "sigmoid"      # sigmoid | ipo
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20))
+    accelerator: str = "cpu"
+    devices: Any = 1                 # an int, a list of ids, or "auto"
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = False
+    num_sanity_val_steps: int = 0
 
-    def check(self, prefix: str = "method") -> None:
-        SFTConfig.check(self, prefix)
-        _positive(self, prefix, "beta")
-        _range(self, prefix, "label_smoothing", 0.0, 0.5, closed_hi=False)
-        _choice(self, prefix, "loss_type", ("sigmoid", "ipo"))
+    def check(self, prefix: str = "trainer") -> None:
+        d = self.devices
+        if isinstance(d, int) and not isinstance(d, bool) and d <= 0:
+            fail(prefix, "devices", d, "must be >= 1, a list of device ids, or 'auto'")
+        positive(self, prefix, "log_every_n_steps")
 
-
-def _fail(prefix: str, name: str, value: Any, why: str) -> None:
-    raise ConfigError(f"{prefix}.{name}={value!r}: {why}")
+    def kwargs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
-def _positive(obj: Any, prefix: str, name: str) -> None:
-    v = getattr(obj, name)
-    if not v > 0:
-        _fail(prefix, name, v, "must be > 0")
+@dataclass
+class LoggerConfig:
+    """The experiment logger: W&B (offline unless ``offline=false``), CSV, or none.
+
+    Offline W&B runs are written under the run directory's ``wandb/`` and can be uploaded later
+    with ``wandb sync``; online needs ``wandb login`` or ``WANDB_API_KEY``.
+    """
+
+    kind: str = "wandb"
+    project: str = "alignment-harness"
+    entity: str | None = None
+    offline: bool = True
+    group: str | None = None         # the W&B group; null = the run's ``group``
+    log_model: bool = False          # log the final checkpoint as a W&B artifact
+
+    def check(self, prefix: str = "logger") -> None:
+        one_of(self, prefix, "kind", ("wandb", "csv", "none"))
 
 
-def _range(obj: Any, prefix: str, name: str, lo: float | None, hi: float | None,
-           closed_hi: bool = True) -> None:
-    v = getattr(obj, name)
-    if lo is not None and v < lo:
-        _fail(prefix, name, v, f"must be >= {lo}")
-    if hi is not None and (v > hi or (not closed_hi and v == hi)):
-        _fail(prefix, name, v, f"must be {'<=' if closed_hi else '<'} {hi}")
+@dataclass
+class RunSchema:
+    """Top-level fields of a run (``conf/config.yaml``); the groups are typed by their own schemas."""
+
+    model: Any = MISSING
+    dataset: Any = MISSING
+    method: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    #: a name for a set of runs (the W&B group and the leaderboard's ``--group``)
+    group: str = "default"
+    #: cached stages (tokenizers, datasets, SFT bases, reward models), shared by all runs
+    cache_dir: str = "${oc.env:HARNESS_CACHE_DIR,.cache/harness}"
+    force_retrain: bool = False      # retrain cached stages instead of reusing them
+    #: where each finished run adds its record (null = none); ``python -m harness.leaderboard``
+    results_dir: str | None = "${oc.env:HARNESS_RESULTS_DIR,results}"
+
+    def check(self) -> None:
+        in_range(self, "config", "seed", 0, 2**32 - 1)
 
 
-def _choice(obj: Any, prefix: str, name: str, choices: tuple[str, ...]) -> None:
-    v = getattr(obj, name)
-    if v not in choices:
-        _fail(prefix, name, v, f"must be one of {', '.join(choices)}")
+# ------------------------------------------------------------------------ validation
+@dataclass
+class Settings:
+    """A validated run config: every group as its dataclass."""
+
+    model: ModelConfig
+    dataset: Any                     # the task's config (harness.data.tasks)
+    method: Any                      # the aligning stage's config, or a StageRef for sft / rm
+    stages: dict[str, Any]           # the base stages' configs (sft, rm), by name
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    eval: EvalConfig
+    seed: int
+    group: str
+    cache_dir: str
+    force_retrain: bool
+    results_dir: str | None
+
+    @property
+    def method_name(self) -> str:
+        return self.method.name
+
+    def stage_config(self, name: str) -> Any:
+        """The config of stage ``name``: its own section for a base stage, else ``method``."""
+        return self.stages.get(name, self.method)
 
 
-METHOD_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig,
-                                   "grpo": GRPOConfig, "dpo": DPOConfig}
+def to_dataclass(schema: type, node: Any, prefix: str | None = None) -> Any:
+    """Instantiate ``schema`` from a config node or mapping, recursively for nested dataclasses.
 
-
-def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (idempotent)."""
-    cs = ConfigStore.instance()
-    cs.store(group="model", name="base_model", node=ModelConfig)
-    for name, schema in METHOD_SCHEMAS.items():
-        cs.store(group="method", name=f"base_{name}", node=schema)
-
-
-def to_dataclass(schema: type, node: Any) -> Any:
-    """Instantiate ``schema`` from a config node, recursively for nested dataclasses."""
+    With ``prefix`` (the section's name), a key the schema does not have raises
+    :class:`ConfigError` naming it (Hydra's ``+key=value`` can add one past the schema).
+    """
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    names = [f.name for f in fields(schema)]
+    if prefix is not None:
+        for key in data:
+            if key not in names:
+                raise ConfigError(f"{prefix}.{key}: unknown field of {schema.__name__}; "
+                                  f"known: {', '.join(names)}")
     kwargs = {}
     for f in fields(schema):
         if f.name not in data:
             continue
         value = data[f.name]
         sub = f.default_factory if callable(getattr(f, "default_factory", None)) else None
-        if sub is not None and isinstance(value, dict) and hasattr(sub(), "__dataclass_fields__"):
-            value = to_dataclass(type(sub()), value)
+        if sub is not None and isinstance(value, dict) and dataclasses.is_dataclass(sub()):
+            value = to_dataclass(type(sub()), value, None if prefix is None else f"{prefix}.{f.name}")
         kwargs[f.name] = value
     return schema(**kwargs)
 
 
-def validate(cfg: DictConfig) -> tuple[ModelConfig, Any]:
-    """Check the model and method sections; returns their dataclasses. Raises ConfigError."""
-    model = to_dataclass(ModelConfig, cfg.model)  # __post_init__ validates
-    schema = METHOD_SCHEMAS.get(cfg.method.name)
-    if schema is None:
-        raise ConfigError(f"method.name={cfg.method.name!r}: unknown method; "
-                          f"known: {', '.join(METHOD_SCHEMAS)}")
-    method = to_dataclass(schema, cfg.method)
+def validate(cfg: DictConfig) -> Settings:
+    """Check every group of a composed config; returns them as dataclasses. Raises ConfigError."""
+    from harness.data.tasks import task_config
+    from harness.registry import base_stages, get_stage, stage_names
+
+    known = {f.name for f in fields(RunSchema)} | set(base_stages())
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown top-level field; known: {', '.join(sorted(known))}")
+    top = to_dataclass(RunSchema, {k: cfg[k] for k in ("seed", "group", "cache_dir",
+                                                       "force_retrain", "results_dir")})
+    top.check()
+    model = to_dataclass(ModelConfig, cfg.model, "model")  # __post_init__ validates
+    name = cfg.method.name
+    if name not in stage_names():
+        raise ConfigError(f"method.name={name!r}: unknown method; known: {', '.join(stage_names())}")
+    stages = {}
+    for base in base_stages():
+        stages[base] = to_dataclass(get_stage(base).config, cfg[base], base)
+        stages[base].check(base)
+    method = to_dataclass(StageRef if name in stages else get_stage(name).config, cfg.method,
+                          "method")
     method.check("method")
-    e = cfg.eval
-    if e.split not in ("test", "validation"):
-        raise ConfigError(f"eval.split={e.split!r}: must be one of test, validation")
-    for name in ("curve_points", "curve_prompts"):
-        if int(e[name]) < 0:
-            raise ConfigError(f"eval.{name}={e[name]}: must be >= 0")
-    return model, method
+    groups = {g: to_dataclass(schema, cfg[g], g) for g, schema in
+              (("trainer", TrainerConfig), ("logger", LoggerConfig), ("eval", EvalConfig))}
+    for g, c in groups.items():
+        c.check(g)
+    return Settings(model=model, dataset=task_config(cfg.dataset), method=method, stages=stages,
+                    seed=top.seed, group=top.group, cache_dir=top.cache_dir,
+                    force_retrain=top.force_retrain, results_dir=top.results_dir, **groups)
 
 
-def differing_fields(used: dict, ignored: dict, prefix: tuple[str, str]) -> list[str]:
-    """``"<ignored>.f=x (<used>.f=y)"`` for each leaf field where two resolved config sections
-    (plain dicts) differ.
+#: Config names that changed: an override with the old name stops with the new one.
+RENAMED: dict[str, str] = {
+    "method.kl_coef": "method.beta",
+    "method.ppo_epochs": "method.update_epochs",
+    "method.num_inner_iterations": "method.update_epochs",
+    "method.epsilon_high": "method.clip_eps_high",
+    "dataset.sft_max_steps": "sft.max_steps (or an experiment config: conf/experiment/)",
+    "experiment": "group (experiment= now selects a set-up in conf/experiment/)",
+}
 
-    With ``method=sft`` (or ``method=rm``) the stage runs from the ``method`` section, and the
-    ``sft`` (``rm``) section - composed from the same file - is not read; an override written
-    there would be silently lost, so the pipeline warns with these strings.
-    """
-    out: list[str] = []
 
-    def walk(x: Any, y: Any, path: str) -> None:
-        if isinstance(x, dict) and isinstance(y, dict):
-            for k in sorted(set(x) | set(y), key=str):
-                walk(x.get(k), y.get(k), f"{path}.{k}" if path else str(k))
-        elif x != y:
-            out.append(f"{prefix[1]}.{path}={y} ({prefix[0]}.{path}={x})")
+def check_overrides(overrides: Sequence[str], experiments: Sequence[str] = ()) -> None:
+    """Stop on command-line overrides that use a renamed field, or ``method.*`` fields with
+    ``method=sft`` / ``method=rm`` (whose hyperparameters live under ``sft.*`` / ``rm.*``)."""
+    from harness.registry import base_stages
 
-    walk(used, ignored, "")
-    return out
+    keys = {}
+    for o in overrides:
+        if "=" not in o or o.startswith("hydra"):
+            continue
+        k, v = o.split("=", 1)
+        keys[k.lstrip("+~")] = v
+    for key, value in keys.items():
+        new = RENAMED.get(key)
+        if key == "experiment" and value.split(",")[0] in experiments:
+            continue
+        if new is not None:
+            raise ConfigError(f"{key}: renamed to {new}")
+    method = keys.get("method", "sft")
+    if method in base_stages():
+        for key in keys:
+            if key.startswith("method."):
+                field_ = key.removeprefix("method.")
+                raise ConfigError(f"{key}: with method={method} the stage is configured under "
+                                  f"{method}.*; use {method}.{field_}")
+
+
+def register_configs() -> None:
+    """Register every schema with Hydra's ConfigStore (idempotent)."""
+    from harness.data.tasks import TASKS
+    from harness.registry import base_stages, get_stage, stage_names
+
+    cs = ConfigStore.instance()
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    for name, task in TASKS.items():
+        cs.store(group="dataset", name=f"base_{name}", node=task.config_class)
+    base = base_stages()
+    cs.store(group="method", name="base_stage_ref", node=StageRef)
+    for name in stage_names():
+        if name not in base:
+            cs.store(group="method", name=f"base_{name}", node=get_stage(name).config)
+    schema = dataclasses.make_dataclass(
+        "HarnessConfig",
+        [(b, get_stage(b).config, field(default_factory=get_stage(b).config)) for b in base],
+        bases=(RunSchema,))
+    cs.store(name="harness_schema", node=schema)

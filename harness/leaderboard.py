@@ -5,7 +5,7 @@
 
 Writes ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv``, ``leaderboard.html``,
 ``reward_kl.png``, ``training_curves.png`` and (when Chromium is installed) ``leaderboard.png`` into
-``--out`` (see :mod:`harness.evaluation.leaderboard`). An empty runs folder is reported on stderr
+``--out`` (see :mod:`harness.evaluation.standings`). An empty runs folder is reported on stderr
 and still gives the files, with an empty table (exit status 0).
 """
 
@@ -47,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the leaderboard; print the files written. Returns the exit status."""
     args = parse_args(argv)
-    from harness.evaluation.leaderboard import build_leaderboard
+    from harness.evaluation.standings import build_leaderboard
 
     n = sum(1 for p in args.runs.glob("*.json") if not p.name.startswith("."))
     if n == 0:

@@ -1,7 +1,7 @@
 """``python -m harness.params model=<preset>``: per-component parameter count (Hydra entry point).
 
 Thin: compose the ``params`` config -> build the model on the meta device -> print
-:func:`harness.models.params.format_breakdown`. The last line printed is ``total <N>``.
+:func:`harness.models.param_count.format_breakdown`. The last line printed is ``total <N>``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import dataclasses
 import hydra
 from omegaconf import DictConfig
 
+from harness.conf_path import config_dir
 from harness.config import ModelConfig, register_configs, to_dataclass
-from harness.models.params import format_breakdown, meta_model, parameter_breakdown
+from harness.models.param_count import format_breakdown, meta_model, parameter_breakdown
 
 register_configs()  # the model presets name the `base_model` schema: register before composing
 
@@ -29,7 +30,7 @@ def report(cfg: DictConfig) -> str:
     return note + format_breakdown(parameter_breakdown(model), model_cfg)
 
 
-@hydra.main(config_path="../conf", config_name="params", version_base="1.3")
+@hydra.main(config_path=str(config_dir()), config_name="params", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     print(report(cfg))
 

@@ -1,16 +1,18 @@
 """One run, top to bottom (after torchtune's recipes):
 
-    validate -> task + tokenizer -> SFT base (cached) -> [reward model (cached)] -> method stage
-             -> evaluation (gold reward, win rate and KL against the SFT reference) -> summary.json
+    validate -> task + tokenizer -> the stages the method needs (base stages cached)
+             -> the method's stage -> evaluation (gold reward, win rate and KL against the
+             reference) -> summary.json and a results record
 
-SFT and reward-model stages are cached under keys hashed from exactly the config that decides them
-(:mod:`harness.stages`), so every method of a sweep starts from the same reference.
+Every stage is built through the stage interface (:mod:`harness.stage`) from the registry
+(:mod:`harness.registry`); nothing here knows a method by name. Base stages (the SFT base, the
+reward model) are cached under keys hashed from exactly what decides them (:mod:`harness.cache`),
+so every method of a sweep starts from the same reference.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import logging
 import re
@@ -27,8 +29,9 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import RMConfig, SFTConfig, differing_fields, to_dataclass, validate
-from harness.data.datamodule import AlignmentDataModule
+from harness.atomic import write_json
+from harness.cache import StageCache, StageRecord, stage_key
+from harness.config import Settings, TrainerConfig, validate
 from harness.data.tasks import build_task
 from harness.data.tokenizer import load_or_build_tokenizer
 from harness.evaluation.cost import StageCost, StageMeter
@@ -36,11 +39,11 @@ from harness.evaluation.curves import HeldOutGoldCurve
 from harness.evaluation.drift import sequence_kl
 from harness.evaluation.gold import gold_eval, win_rate
 from harness.evaluation.platform import platform_info
-from harness.models.hf import load_checkpoint, save_checkpoint
-from harness.models.llama import CausalLM, ScalarHead
+from harness.models.llama import CausalLM
+from harness.registry import get_stage
 from harness.seeding import seed_stage, stream_seed
-from harness.stages import StageCache, StageRecord, stage_key, write_json_atomic
-from harness.tracking.loggers import build_logger, finish, log_model_artifact
+from harness.stage import Budget, Built, Fit, Stage, StageContext
+from harness.tracking.loggers import RunLoggers
 
 log = logging.getLogger("harness")
 
@@ -63,10 +66,8 @@ def quiet_lightning() -> None:
         h.addFilter(_DropNoise())
 
 
-def build_trainer(cfg: dict[str, Any], logger, ckpt_dir: Path, run_dir: Path,
-                  max_steps: int = -1, grad_clip: float | None = None,
-                  val_every: int | None = None, limit_train_batches: int | None = None,
-                  log_every_n_steps: int | None = None, extra_callbacks: tuple = ()) -> L.Trainer:
+def build_trainer(trainer: TrainerConfig, logger, ckpt_dir: Path, run_dir: Path, budget: Budget,
+                  extra_callbacks: tuple = ()) -> L.Trainer:
     """A Lightning Trainer from the ``trainer`` group plus the stage's budget."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -75,15 +76,16 @@ def build_trainer(cfg: dict[str, Any], logger, ckpt_dir: Path, run_dir: Path,
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     kwargs: dict[str, Any] = {}
-    if val_every is not None:
-        kwargs.update(val_check_interval=val_every, check_val_every_n_epoch=None)
-    if limit_train_batches is not None:
-        kwargs.update(limit_train_batches=limit_train_batches, max_epochs=1,
+    if budget.val_every is not None:
+        kwargs.update(val_check_interval=budget.val_every, check_val_every_n_epoch=None)
+    if budget.limit_train_batches is not None:
+        kwargs.update(limit_train_batches=budget.limit_train_batches, max_epochs=1,
                       limit_val_batches=0)
-    trainer_kwargs = dict(cfg["trainer"])
-    if log_every_n_steps is not None:
-        trainer_kwargs["log_every_n_steps"] = log_every_n_steps
-    return L.Trainer(**trainer_kwargs, max_steps=max_steps, gradient_clip_val=grad_clip or None,
+    trainer_kwargs = trainer.kwargs()
+    if budget.log_every_n_steps is not None:
+        trainer_kwargs["log_every_n_steps"] = budget.log_every_n_steps
+    return L.Trainer(**trainer_kwargs, max_steps=budget.max_steps,
+                     gradient_clip_val=budget.grad_clip or None,
                      logger=logger if logger is not None else False, callbacks=callbacks,
                      default_root_dir=str(run_dir), **kwargs)
 
@@ -109,109 +111,123 @@ class HistoryRecorder(L.Callback):
 
 
 class Run:
-    """The state of one run: config, cache, task, tokenizer, and where things go."""
+    """The state of one run: its settings, the stage cache, the task and tokenizer, the stages
+    finished so far, what each cost, and where things go."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
-        self.model_cfg, self.method_cfg = validate(cfg)
-        self.sft_cfg: SFTConfig = (self.method_cfg if self.method_cfg.name == "sft"
-                                   else to_dataclass(SFTConfig, cfg.sft))
-        self.sft_cfg.check("sft")
-        self.rm_cfg: RMConfig = (self.method_cfg if self.method_cfg.name == "rm"
-                                 else to_dataclass(RMConfig, cfg.rm))
-        self.rm_cfg.check("rm")
-        self.cfg: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore
-        stage = self.method_cfg.name
-        if stage in ("sft", "rm") and stage in self.cfg:
-            lost = differing_fields(self.cfg["method"], self.cfg[stage], ("method", stage))
-            if lost:
-                log.warning("method=%s trains the %s stage from the `method` section; these "
-                            "overrides of `%s` are not used: %s (set method.* instead)",
-                            stage, stage.upper(), stage, "; ".join(lost))
+    def __init__(self, settings: Settings, resolved: dict[str, Any], run_dir: Path) -> None:
+        self.s = settings
+        self.cfg = resolved  # the resolved config as a dict: checkpoints and loggers carry it
         self.run_dir = run_dir
         self.history: dict[str, list[list[float]]] = {}
         #: what each stage of this run spent (cached stages: what they spent when trained)
         self.costs: dict[str, StageCost] = {}
         #: token counts, rates and curve time of each stage fitted in this run (by stage name)
         self.fitted: dict[str, dict[str, float]] = {}
-        self.cache = StageCache(Path(to_absolute_path(cfg.cache_dir)))
-        self.force = bool(cfg.force_retrain)
-        self.seed = int(cfg.seed)
-        self.task = build_task(self.cfg["dataset"], cache_dir=self.cache.root / "data")
-        self.tokenizer = load_or_build_tokenizer(self.task, self.cfg["dataset"],
-                                                 self.cache.root / "tokenizers",
-                                                 model_max_length=self.model_cfg.max_seq_len)
-        if self.model_cfg.vocab_size is None:
-            self.model_cfg.vocab_size = len(self.tokenizer)
+        self.built: dict[str, Built] = {}
+        self.cache = StageCache(Path(to_absolute_path(settings.cache_dir)))
+        self.loggers = RunLoggers(resolved, run_dir, settings.method_name)
+        task = build_task(settings.dataset, cache_dir=self.cache.root / "data")
+        model_cfg = settings.model
+        tokenizer = load_or_build_tokenizer(task, resolved["dataset"], self.cache.root / "tokenizers",
+                                            model_max_length=model_cfg.max_seq_len)
+        if model_cfg.vocab_size is None:
+            model_cfg.vocab_size = len(tokenizer)
+        self.ctx = StageContext(task=task, tokenizer=tokenizer, model_cfg=model_cfg,
+                                seed=settings.seed)
+
+    @property
+    def task(self):
+        return self.ctx.task
+
+    @property
+    def tokenizer(self):
+        return self.ctx.tokenizer
 
     # ---------------------------------------------------------------- stages
-    def sft_decides(self) -> dict[str, Any]:
-        return {"model": asdict(self.model_cfg), "dataset": self.cfg["dataset"],
-                "data_fingerprint": self.task.fingerprint,
-                "sft": asdict(self.sft_cfg), "seed": self.seed,
-                "precision": self.cfg["trainer"].get("precision"),
-                "devices": self.cfg["trainer"].get("devices")}
+    def obtain(self, name: str) -> Built:
+        """Stage ``name`` with everything it needs: needed stages first (recursively), then the
+        stage itself — from the cache for a base stage trained before, else trained now."""
+        if name in self.built:
+            return self.built[name]
+        stage = get_stage(name)
+        cfg = self.s.stage_config(name)
+        inputs = {need: self.obtain(need) for need in stage.needs(cfg)}
+        built = (self.cached(stage, cfg, inputs) if stage.base
+                 else self.train(stage, cfg, inputs, key=None, decides={}))
+        self.built[name] = built
+        return built
 
-    def sft_stage(self) -> tuple[StageRecord, CausalLM, Any]:
-        """Find the SFT base for this (model, dataset, SFT config, seed), or train it."""
+    def decides(self, stage: Stage, cfg: Any, inputs: dict[str, Built]) -> dict[str, Any]:
+        """What decides a base stage's output (its cache key's input): the backbone, the data, the
+        stage's config, the seed, the numerics, and the stages it builds on (key and training id)."""
+        t = self.cfg["trainer"]
+        return {"model": asdict(self.s.model), "dataset": self.cfg["dataset"],
+                "data_fingerprint": self.task.fingerprint, "config": asdict(cfg),
+                "seed": self.s.seed, "precision": t["precision"], "devices": t["devices"],
+                "inputs": {n: [b.record.key, b.record.trained_id] for n, b in inputs.items()}}
 
-        def train(key: str, decides: dict) -> tuple[StageRecord, CausalLM, Any]:
-            from harness.methods.sft import SFTModule
-
-            policy = CausalLM(self.model_cfg)
-            record, logger = self.fit_cached(key, decides, SFTModule(policy, self.sft_cfg), "sft",
-                                             self.sft_cfg)
-            save_checkpoint(policy, record.checkpoint, tokenizer=self.tokenizer,
-                            resolved_config=self.cfg)
-            return record, policy, logger
-
-        return self.cached_stage("sft", self.sft_decides(),
-                                 lambda path: load_checkpoint(path)[0], train)
-
-    def rm_decides(self, sft: StageRecord) -> dict[str, Any]:
-        """The RM's key input: the SFT base it starts from (key and training id) and its config."""
-        return {"sft": sft.key, "sft_trained_id": sft.trained_id, "rm": asdict(self.rm_cfg)}
-
-    def rm_stage(self, sft: StageRecord, sft_policy: CausalLM) -> tuple[StageRecord, ScalarHead, Any]:
-        """Find or train the Bradley–Terry reward model on top of this SFT base."""
-
-        def train(key: str, decides: dict) -> tuple[StageRecord, ScalarHead, Any]:
-            from harness.methods.reward import RewardModule
-
-            rm = ScalarHead(copy.deepcopy(sft_policy))
-            record, logger = self.fit_cached(key, decides, RewardModule(rm, self.rm_cfg), "pairs",
-                                             self.rm_cfg)
-            save_reward_model(rm, record.checkpoint, self.tokenizer, self.cfg)
-            return record, rm, logger
-
-        return self.cached_stage("rm", self.rm_decides(sft),
-                                 load_reward_model, train)
-
-    def cached_stage(self, kind: str, decides: dict, load, train) -> tuple[StageRecord, Any, Any]:
-        """The stage under ``stage_key(kind, decides)``: loaded if cached, else trained and committed.
+    def cached(self, stage: Stage, cfg: Any, inputs: dict[str, Built]) -> Built:
+        """The base stage under its key: loaded if cached, else trained and committed.
 
         A lock per key makes parallel sweep jobs train a stage once and share it.
         """
-        key = stage_key(kind, decides)
+        decides = self.decides(stage, cfg, inputs)
+        key = stage_key(stage.name, decides)
         with self.cache.lock(key):
-            found = None if self.force else self.cache.load(key)
+            found = None if self.s.force_retrain else self.cache.load(key)
             if found is not None:
-                log.info("%s stage: reusing cached %s (%s)", kind.upper(), key, found.path)
-                model = load(found.checkpoint)
+                log.info("%s stage: reusing cached %s (%s)", stage.name.upper(), key, found.path)
                 m = found.metrics
-                self.costs[kind] = StageCost(wall_s=m.get("cost/train_wall_s", float("nan")),
-                                             peak_mem_mb=m.get("cost/train_peak_mem_mb", float("nan")),
-                                             cached=True, extra=_throughput(m))
-                return found, model, None
-            log.info("%s stage: training %s", kind.upper(), key)
-            seed_stage(self.seed)
-            with self.meter(kind):
-                record, model, logger = train(key, decides)
-            cost = self.costs[kind]
-            record.metrics.update({"cost/train_wall_s": cost.wall_s,
-                                   "cost/train_peak_mem_mb": cost.peak_mem_mb})
-            record.trained_id = uuid.uuid4().hex
-            self.cache.commit(record)
-            return record, model, logger
+                self.costs[stage.name] = StageCost(
+                    wall_s=m.get("cost/train_wall_s", float("nan")),
+                    peak_mem_mb=m.get("cost/train_peak_mem_mb", float("nan")),
+                    cached=True, extra=_throughput(m))
+                return Built(stage.name, cfg, stage.load(found.checkpoint), found, found.checkpoint)
+            log.info("%s stage: training %s", stage.name.upper(), key)
+            built = self.train(stage, cfg, inputs, key, decides)
+            cost = self.costs[stage.name]
+            built.record.metrics.update({"cost/train_wall_s": cost.wall_s,
+                                         "cost/train_peak_mem_mb": cost.peak_mem_mb})
+            built.record.trained_id = uuid.uuid4().hex
+            self.cache.commit(built.record)
+            return built
+
+    def train(self, stage: Stage, cfg: Any, inputs: dict[str, Built], key: str | None,
+              decides: dict) -> Built:
+        """Build ``stage`` (global RNGs seeded first), fit it, save its model; metered."""
+        with self.meter(stage.name):
+            seed_stage(self.s.seed)
+            job = stage.build(self.ctx, cfg, inputs)
+            path = self.cache.path(key) if key else self.run_dir / stage.name
+            record = self.fit(stage, job, path, key, decides)
+            checkpoint = record.checkpoint if key else self.run_dir / "checkpoint"
+            stage.save(job.model, checkpoint, self.tokenizer, self.cfg)
+        self.loggers.close(stage.name)
+        return Built(stage.name, cfg, job.model, record, checkpoint)
+
+    def fit(self, stage: Stage, job: Fit, path: Path, key: str | None,
+            decides: dict) -> StageRecord:
+        """Train ``job.module`` with the stage's logger and budget; its record (not committed)."""
+        logger = self.loggers.open(stage.name)
+        steps = job.budget.steps
+        curve = self.curve(steps) if stage.produces_policy and steps > 0 else None
+        trainer = build_trainer(self.s.trainer, logger, path / "lightning", self.run_dir,
+                                job.budget, extra_callbacks=(curve,) if curve else ())
+        t0 = time.perf_counter()
+        if isinstance(job.data, L.LightningDataModule):
+            trainer.fit(job.module, datamodule=job.data)
+        else:
+            trainer.fit(job.module, train_dataloaders=job.data)
+        fit_s = time.perf_counter() - t0 - (curve.seconds if curve else 0.0)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics.update(job.module.throughput(fit_s))
+        if curve is not None:
+            metrics["cost/curve_s"] = curve.seconds
+            self.history["eval/gold_reward"] = curve.points
+        self.fitted[stage.name] = _throughput(metrics)
+        self.history.update(next(c for c in trainer.callbacks
+                                 if isinstance(c, HistoryRecorder)).history)
+        return StageRecord(key=key or stage.name, path=path, metrics=metrics, decides=decides)
 
     @contextlib.contextmanager
     def meter(self, stage: str) -> Iterator[None]:
@@ -225,80 +241,32 @@ class Run:
     def eval_prompts(self, split: str | None = None, limit: int | None = None) -> list[str]:
         """Held-out prompts of ``split``: ``test`` (the task's eval pool, never tuned on) or
         ``validation`` (distinct prompts of the validation split, for tuning; as many as test)."""
-        e = self.cfg["eval"]
-        split = split or e["split"]
+        e = self.s.eval
+        split = split or e.split
         test = list(self.task.eval_dataset()["prompt"])
         if split == "test":
             prompts = test
         else:
             prompts = list(dict.fromkeys(self.task.sft_dataset("validation")["prompt"]))[:len(test)]
-        limit = e["limit"] if limit is None else limit
+        limit = e.limit if limit is None else limit
         return prompts[:limit] if limit else prompts
 
     def curve(self, steps: int) -> HeldOutGoldCurve | None:
         """The held-out gold curve callback for a stage of ``steps`` training steps."""
-        e = self.cfg["eval"]
-        if not self.task.has_gold_reward or not e["curve_points"]:
+        e = self.s.eval
+        if not self.task.has_gold_reward or not e.curve_points:
             return None
-        prompts = self.eval_prompts("validation", e["curve_prompts"])
+        prompts = self.eval_prompts("validation", e.curve_prompts)
         return HeldOutGoldCurve(self.task, self.tokenizer, prompts,
-                                every=max(1, steps // e["curve_points"]),
-                                max_new_tokens=e["max_new_tokens"], batch_size=e["batch_size"],
-                                max_len=self.sft_cfg.max_len)
-
-    def datamodule(self, kind: str, c) -> AlignmentDataModule:
-        """The task's ``kind`` data batched as the stage config ``c`` says, shuffled by the seed."""
-        return AlignmentDataModule(self.task, self.tokenizer, kind=kind, batch_size=c.batch_size,
-                                   max_len=c.max_len, overflow=c.overflow, seed=self.seed)
-
-    def fit_cached(self, key: str, decides: dict, module, kind: str, c) -> tuple[StageRecord, Any]:
-        """Fit a cached stage's module on the task's ``kind`` data with its config's budget."""
-        dm = self.datamodule(kind, c)
-        return self.fit_stage(c.stage, key, decides, module, dm, max_steps=c.max_steps,
-                              grad_clip=c.optim.grad_clip, val_every=c.val_every)
-
-    def fit_stage(self, stage: str, key: str | None, decides: dict, module, data,
-                  **budget) -> tuple[StageRecord, Any]:
-        """Train ``module`` with a logger for ``stage``; returns its record (not yet committed)."""
-        path = self.cache.path(key) if key else self.run_dir / stage
-        logger = build_logger(self.cfg, stage, self.run_dir)
-        steps = budget.get("max_steps") or budget.get("limit_train_batches") or 0
-        curve = self.curve(steps) if hasattr(module, "policy") and steps > 0 else None
-        trainer = build_trainer(self.cfg, logger, path / "lightning", self.run_dir, **budget,
-                                extra_callbacks=(curve,) if curve else ())
-        t0 = time.perf_counter()
-        if isinstance(data, L.LightningDataModule):
-            trainer.fit(module, datamodule=data)
-        else:
-            trainer.fit(module, train_dataloaders=data)
-        fit_s = time.perf_counter() - t0 - (curve.seconds if curve else 0.0)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        metrics.update(module.throughput(fit_s))
-        if curve is not None:
-            metrics["cost/curve_s"] = curve.seconds
-            self.history["eval/gold_reward"] = curve.points
-        self.fitted[stage] = _throughput(metrics)
-        self.history.update(next(c for c in trainer.callbacks if isinstance(c, HistoryRecorder)).history)
-        return StageRecord(key=key or stage, path=path, metrics=metrics, decides=decides), logger
+                                every=max(1, steps // e.curve_points),
+                                max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                max_len=self.s.stages["sft"].max_len)
 
 
 def _throughput(metrics: dict[str, float]) -> dict[str, float]:
     """A stage's token counts and rates (``AlignmentModule.throughput``), without the prefix."""
     names = ("train_tokens", "train_tokens_per_s", "gen_tokens", "gen_tokens_per_s", "curve_s")
     return {n: metrics[f"cost/{n}"] for n in names if f"cost/{n}" in metrics}
-
-
-def save_reward_model(rm: ScalarHead, out: Path, tokenizer, resolved: dict) -> None:
-    """The backbone as an HF folder plus ``score_head.pt`` for the scalar head."""
-    save_checkpoint(rm.backbone, out, tokenizer=tokenizer, resolved_config=resolved)
-    torch.save(rm.score.state_dict(), out / "score_head.pt")
-
-
-def load_reward_model(path: Path) -> ScalarHead:
-    backbone, _, _ = load_checkpoint(path)
-    rm = ScalarHead(backbone)
-    rm.score.load_state_dict(torch.load(path / "score_head.pt", weights_only=True))
-    return rm
 
 
 def evaluate(run: Run, policy: CausalLM, reference: CausalLM | None,
@@ -308,19 +276,19 @@ def evaluate(run: Run, policy: CausalLM, reference: CausalLM | None,
     Returns (metrics, samples, per_prompt): ``per_prompt`` holds the split, a hash of the prompts
     and each prompt's gold reward (and the reference's), the unit of the leaderboard's paired test.
     """
-    e = run.cfg["eval"]
+    e = run.s.eval
     prompts = run.eval_prompts()
-    args = (prompts, e["max_new_tokens"], e["batch_size"], max_len)
+    args = (prompts, e.max_new_tokens, e.batch_size, max_len)
     res = gold_eval(policy, run.tokenizer, run.task, *args)
     best = run.task.gold_max
     metrics = {"eval/gold_reward": res.mean_reward, "eval/gold_accuracy": res.accuracy(best),
                "eval/gold_max": float(best), "eval/n_prompts": float(len(prompts))}
     per_prompt: dict[str, Any] = {
-        "split": e["split"],
+        "split": e.split,
         "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         "gold_reward": [float(r) for r in res.rewards]}
     samples = [{"prompt": p, "response": r, "reward": w} for p, r, w in
-               zip(res.prompts, res.responses, res.rewards, strict=True)][: e["n_samples"]]
+               zip(res.prompts, res.responses, res.rewards, strict=True)][: e.n_samples]
     if reference is not None:
         ref = gold_eval(reference, run.tokenizer, run.task, *args)
         per_prompt["ref_gold_reward"] = [float(r) for r in ref.rewards]
@@ -328,8 +296,8 @@ def evaluate(run: Run, policy: CausalLM, reference: CausalLM | None,
         metrics["eval/ref_gold_accuracy"] = ref.accuracy(best)
         metrics["eval/win_rate"] = win_rate(res.rewards, ref.rewards)
         metrics["eval/kl"] = sequence_kl(policy, reference, run.tokenizer, prompts,
-                                         e["max_new_tokens"], e["batch_size"], max_len,
-                                         stream_seed(run.seed, "eval_kl"))
+                                         e.max_new_tokens, e.batch_size, max_len,
+                                         stream_seed(run.s.seed, "eval_kl"))
         for s, r in zip(samples, ref.responses, strict=False):
             s["reference"] = r
     return metrics, samples, per_prompt
@@ -340,18 +308,17 @@ def lm_eval_stage(run: Run, checkpoint: Path) -> tuple[dict[str, float], str]:
     from harness.evaluation.lm_eval_runner import lm_eval_command, run_lm_eval
     from harness.evaluation.tasks.export import export_task_data
 
-    e = run.cfg["eval"]["lm_eval"]
+    e = run.s.eval.lm_eval
     include = None
-    if not e.get("include_defaults"):
-        include = export_task_data(run.task, run.run_dir / "lm_eval_tasks", limit=e.get("limit"),
-                                   tokenizer=run.tokenizer,
-                                   max_gen_toks=run.cfg["eval"]["max_new_tokens"])
-    kwargs = dict(limit=e["limit"], batch_size=e["batch_size"],
-                  num_fewshot=e["num_fewshot"], add_bos_token=e["add_bos_token"])
-    metrics = run_lm_eval(checkpoint, include, list(e["tasks"]),
-                          include_defaults=e.get("include_defaults"),
+    if not e.include_defaults:
+        include = export_task_data(run.task, run.run_dir / "lm_eval_tasks", limit=e.limit,
+                                   tokenizer=run.tokenizer, max_gen_toks=run.s.eval.max_new_tokens)
+    tasks = list(e.tasks) if e.tasks is not None else [f"harness_{run.task.name}"]
+    kwargs = dict(limit=e.limit, batch_size=e.batch_size, num_fewshot=e.num_fewshot,
+                  add_bos_token=e.add_bos_token)
+    metrics = run_lm_eval(checkpoint, include, tasks, include_defaults=e.include_defaults,
                           output_path=run.run_dir / "lm_eval_results.json", **kwargs)
-    return metrics, lm_eval_command(checkpoint, include, list(e["tasks"]), **kwargs)
+    return metrics, lm_eval_command(checkpoint, include, tasks, **kwargs)
 
 
 def record_for(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -363,7 +330,7 @@ def record_for(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return new_record(run_id=run_id, method=summary["method"], model=summary["model"],
                       dataset=summary["dataset"], seed=int(summary["seed"]),
                       status=summary["status"], error=summary.get("error"),
-                      group=cfg.get("experiment"), metrics=summary.get("metrics", {}),
+                      group=cfg.get("group"), metrics=summary.get("metrics", {}),
                       cost=summary.get("cost", {}), cache_keys=summary.get("cache_keys", {}),
                       config=cfg, history=summary.get("history"),
                       platform=summary.get("platform"), per_prompt=summary.get("per_prompt"),
@@ -378,7 +345,7 @@ def write_outputs(summary: dict[str, Any], run_dir: Path) -> None:
     if results:
         path = write_record(record_for(summary, run_dir), Path(to_absolute_path(results)) / "runs")
         summary["record"] = str(path)
-    write_json_atomic(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary)
 
 
 def stage_costs(costs: dict[str, StageCost], method_stage: str, total_s: float) -> dict[str, float]:
@@ -405,72 +372,60 @@ def stage_costs(costs: dict[str, StageCost], method_stage: str, total_s: float) 
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the pipeline for ``cfg`` and write ``<run_dir>/summary.json``; returns the summary."""
-    from harness.methods.stage_runners import run_method
+    """Run the pipeline for ``cfg`` and write ``<run_dir>/summary.json``; returns the summary.
 
+    Config errors (:class:`~harness.config.ConfigError`) are raised before any work and leave
+    no record.
+    """
     t0 = time.perf_counter()
-    summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir),
-                               "method": cfg.method.name, "model": cfg.model.name,
-                               "dataset": cfg.dataset.name, "seed": cfg.seed,
-                               "config": OmegaConf.to_container(cfg, resolve=True)}
+    settings = validate(cfg)
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    name = settings.method_name
+    stage = get_stage(name)
+    summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir), "method": name,
+                               "model": settings.model.name, "dataset": settings.dataset.name,
+                               "seed": settings.seed, "config": resolved}
     quiet_lightning()
-    if str(cfg.trainer.get("devices", 1)) != "1" and cfg.trainer.get("accelerator") != "gpu":
+    t = settings.trainer
+    if str(t.devices) != "1" and t.accelerator != "gpu":
         torch.set_num_threads(1)
-    summary["platform"] = platform_info("cuda" if cfg.trainer.get("accelerator") == "gpu" else "cpu")
-    logger = None
+    summary["platform"] = platform_info("cuda" if t.accelerator == "gpu" else "cpu")
     r: Run | None = None
     try:
-        r = Run(cfg, run_dir)
-        sft, sft_policy, logger = r.sft_stage()
-        summary["stages"] = {"sft": sft.to_json()}
-        summary["cache_keys"] = {"sft": sft.key, "rm": None}
-        method = r.method_cfg.name
-        reference = None
-        policy = sft_policy
-        metrics: dict[str, float] = {k: v for k, v in sft.metrics.items()
-                                     if k.startswith(("train/", "val/"))}
-        summary["reward_source"] = None
-        if method != "sft":
-            if logger is not None:
-                finish(logger)
-            reference = sft_policy
-            outcome = run_method(r, sft, sft_policy)
-            summary["stages"].update(outcome.stages)
-            summary["cache_keys"].update(outcome.cache_keys)
-            policy, logger, metrics = outcome.policy, outcome.logger, outcome.metrics
-            summary["checkpoint"] = str(outcome.checkpoint)
-            summary["reward_source"] = outcome.reward_source
-        else:
-            summary["checkpoint"] = str(sft.checkpoint)
-        if method == "rm":
-            reference = None
+        r = Run(settings, resolved, run_dir)
+        final = r.obtain(name)
+        summary["stages"] = {n: {**b.record.to_json(), "checkpoint": str(b.checkpoint)}
+                             for n, b in r.built.items()}
+        summary["cache_keys"] = {n: b.record.key for n, b in r.built.items()
+                                 if get_stage(n).base}
+        summary["checkpoint"] = str(final.checkpoint)
+        summary["reward_source"] = stage.reward_source(final.config)
+        metrics = stage.summary_metrics(final.record.metrics)
+        policy = final.model if stage.produces_policy else None
+        reference = r.built[stage.reference].model if stage.reference else None
         with r.meter("eval"):
-            eval_metrics, samples, per_prompt = (evaluate(r, policy, reference, r.sft_cfg.max_len)
-                                                 if policy is not None else ({}, [], None))
-            metrics.update(eval_metrics)
-            if policy is not None and r.cfg["eval"]["lm_eval"]["enabled"]:
-                lm_metrics, summary["lm_eval_command"] = lm_eval_stage(r, Path(summary["checkpoint"]))
-                metrics.update(lm_metrics)
+            samples: list[dict] = []
+            per_prompt = None
+            if policy is not None:
+                eval_metrics, samples, per_prompt = evaluate(r, policy, reference,
+                                                             settings.stages["sft"].max_len)
+                metrics.update(eval_metrics)
+                if settings.eval.lm_eval.enabled:
+                    lm_metrics, summary["lm_eval_command"] = lm_eval_stage(r, final.checkpoint)
+                    metrics.update(lm_metrics)
         summary["history"] = r.history
         summary["per_prompt"] = per_prompt
-        cost = stage_costs(r.costs, method, time.perf_counter() - t0)
+        cost = stage_costs(r.costs, name, time.perf_counter() - t0)
         summary.update(status="ok", metrics=metrics, cost=cost, samples=samples)
-        logger = logger or build_logger(r.cfg, method, run_dir)
-        if logger is not None and hasattr(logger, "log_table") and samples:
-            cols = list(samples[0])
-            logger.log_table("eval/samples", columns=cols, data=[[s[c] for c in cols]
-                                                                  for s in samples])
-        if r.cfg["logger"].get("log_model"):
-            log_model_artifact(logger, Path(summary["checkpoint"]), f"{method}-{r.cfg['model']['name']}")
-        finish(logger, {**metrics, **cost, "status": "ok"})
+        r.loggers.finish({**metrics, **cost, "status": "ok"}, samples, final.checkpoint)
     except Exception as exc:
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                        traceback=traceback.format_exc(),
-                       cost=stage_costs(r.costs if r is not None else {}, cfg.method.name,
+                       cost=stage_costs(r.costs if r is not None else {}, name,
                                         time.perf_counter() - t0))
         write_outputs(summary, run_dir)
-        if logger is not None:
-            finish(logger, {"status": "failed"})
+        if r is not None:
+            r.loggers.abort({"status": "failed"})
         raise
     write_outputs(summary, run_dir)
     return summary

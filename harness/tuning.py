@@ -21,9 +21,6 @@ from typing import Any
 from harness.evaluation.records import load_records
 from harness.evaluation.stats import distinct_seeds, kl_coefficient, learning_rate
 
-#: the config field that holds each method's KL coefficient
-KL_FIELD = {"ppo": "method.kl_coef"}
-
 
 def best_settings(records: Iterable[Mapping[str, Any]], group: str = "tune"
                   ) -> dict[tuple[str, str, str], dict[str, Any]]:
@@ -44,7 +41,7 @@ def best_settings(records: Iterable[Mapping[str, Any]], group: str = "tune"
         gold = sum(golds) / len(golds)
         cur = best.get((method, model, dataset))
         if cur is None or (gold, -(kl or 0.0)) > (cur["gold"], -(cur["kl"] or 0.0)):
-            field = KL_FIELD.get(method, "method.beta")
+            field = "method.beta"
             best[(method, model, dataset)] = {
                 "kl": kl, "lr": lr, "gold": gold, "n_seeds": len(golds),
                 "overrides": f"method={method} {field}={kl} method.optim.lr={lr}"}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness import bench
+from harness.methods.rl_base import group_layout
 from harness.models.llama import CausalLM, ScalarHead
 
 TINY = ["--models", "llama_tiny", "--threads", "1", "--batch", "4", "--prompt-len", "4", "--new-tokens", "4",
@@ -34,11 +35,11 @@ def test_sampler_and_step_timing_print_positive_figures(tmp_path, capsys):
 
 
 def test_grpo_layout_keeps_the_sequence_count():
-    assert bench.grpo_layout(64, 8) == (8, 8)
-    assert bench.grpo_layout(4, 8) == (1, 4)
-    assert bench.grpo_layout(12, 8) == (2, 6)
+    assert group_layout(64, 8) == (8, 8)
+    assert group_layout(4, 8) == (1, 4)
+    assert group_layout(12, 8) == (2, 6)
     with pytest.raises(ValueError):
-        bench.grpo_layout(1, 8)
+        group_layout(1, 8)
 
 
 def test_state_memory_of_grpo_is_half_of_ppo():

@@ -1,15 +1,187 @@
-"""Config helpers that are not part of a method's schema."""
+"""The config layer: one home per default, every group checked before work, renamed fields named."""
 
 from __future__ import annotations
 
-from harness.config import differing_fields
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException
+from omegaconf import MISSING
+
+from harness.config import (
+    ConfigError,
+    EvalConfig,
+    LoggerConfig,
+    RunSchema,
+    TrainerConfig,
+    check_overrides,
+    register_configs,
+    validate,
+)
+from harness.registry import base_stages, get_stage, stage_names
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 
 
-def test_differing_fields_names_each_leaf_that_an_ignored_section_overrides():
-    used = {"max_steps": 40, "optim": {"lr": 3e-3, "warmup_steps": 100}}
-    ignored = {"max_steps": 7, "optim": {"lr": 3e-3, "warmup_steps": 5}}
-    assert differing_fields(used, ignored, ("method", "sft")) == [
-        "sft.max_steps=7 (method.max_steps=40)",
-        "sft.optim.warmup_steps=5 (method.optim.warmup_steps=100)",
-    ]
-    assert differing_fields(used, used, ("method", "sft")) == []
+def composed(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+# ----------------------------------------------------------------- one home per default
+def _schema_of(path: Path, data: dict) -> Any:
+    """The schema a YAML of conf/ merges into: the ``base_*`` node it names, or its typed section."""
+    group = path.parent.name
+    for entry in data.get("defaults") or []:
+        if isinstance(entry, str) and entry.startswith("base_"):
+            node = ConfigStore.instance().repo[group][f"{entry}.yaml"].node
+            return node._metadata.object_type
+    return {"trainer": TrainerConfig, "logger": LoggerConfig, "eval": EvalConfig}.get(group)
+
+
+def _defaults(schema: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            value = f.default_factory()  # type: ignore[misc]
+            out[f.name] = _defaults(type(value)) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def _repeats(values: dict, defaults: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in values.items():
+        if key in ("defaults", "hydra") or key not in defaults:
+            continue
+        d = defaults[key]
+        if isinstance(value, dict) and isinstance(d, dict):
+            found += _repeats(value, d, f"{prefix}{key}.")
+        elif value == d and d is not MISSING:
+            found.append(f"{prefix}{key}={value!r}")
+    return found
+
+
+def test_no_yaml_repeats_a_schema_default():
+    """Every default has one home, the dataclass: a YAML holds only what its option changes."""
+    register_configs()
+    checked, repeats = 0, []
+    for path in sorted(CONF.rglob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        if path.name == "config.yaml":
+            schema = RunSchema
+        elif path.parent.name == "experiment" or path.parent.name == "sweep":
+            continue  # set-ups: every value they set is a choice, checked by composing them
+        else:
+            schema = _schema_of(path, data)
+        if schema is None:
+            continue
+        checked += 1
+        repeats += [f"{path.relative_to(ROOT)}: {r}" for r in _repeats(data, _defaults(schema))]
+    assert checked >= 25
+    assert not repeats, "defaults repeated in YAML (delete them there):\n" + "\n".join(repeats)
+
+
+def test_the_base_stage_sections_take_their_defaults_from_the_stage_configs():
+    cfg = composed(["method=grpo"])
+    for name in base_stages():
+        schema = get_stage(name).config
+        assert dataclasses.asdict(validate(cfg).stages[name]) == dataclasses.asdict(schema())
+    assert validate(composed(["method=grpo"])).method == get_stage("grpo").config()
+
+
+def test_every_registered_stage_has_a_method_option_and_composes():
+    options = {p.stem for p in (CONF / "method").glob("*.yaml")}
+    assert set(stage_names()) == options
+    for name in stage_names():
+        s = validate(composed([f"method={name}"]))
+        assert s.method_name == name
+
+
+# ------------------------------------------------------------------ checks before work
+@pytest.mark.parametrize(("override", "field"), [
+    ("eval.limit=-3", "eval.limit"), ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+    ("eval.batch_size=0", "eval.batch_size"), ("eval.split=train", "eval.split"),
+    ("trainer.devices=0", "trainer.devices"), ("seed=-1", "config.seed"),
+    ("logger.kind=tensorboard", "logger.kind"), ("sft.max_steps=0", "sft.max_steps"),
+    ("rm.pooling=max", "rm.pooling"), ("eval.lm_eval.batch_size=0", "eval.lm_eval.batch_size"),
+    ("model.n_kv_heads=3", "model.n_kv_heads"), ("dataset.max_operand=0", "dataset.max_operand"),
+])
+def test_bad_values_of_every_group_are_named(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate(composed(["method=grpo", override]))
+
+
+def test_method_values_are_checked():
+    with pytest.raises(ConfigError, match=r"method\.group_size=1"):
+        validate(composed(["method=grpo", "method.group_size=1"]))
+    with pytest.raises(ConfigError, match=r"method\.loss_type='both'"):
+        validate(composed(["method=grpo", "method.loss_type=both"]))
+
+
+def test_unknown_keys_are_rejected_by_the_schemas():
+    for override in ("method.foo=1", "eval.nope=1", "sft.optim.nope=1"):
+        with pytest.raises(ConfigCompositionException):
+            composed(["method=grpo", override])
+    # `+key=` adds past the schema; validation names it before any work
+    for override, field in (("+method.foo=1", "method.foo"), ("+trainer.foo=1", "trainer.foo"),
+                            ("+method.optim.foo=1", "method.optim.foo"), ("+rm.x=1", "rm.x")):
+        with pytest.raises(ConfigError, match=f"{field.replace('.', '[.]')}: unknown field"):
+            validate(composed(["method=grpo", override]))
+
+
+@pytest.mark.parametrize(("override", "new"), [
+    ("method.kl_coef=0.1", "method.beta"), ("method.ppo_epochs=4", "method.update_epochs"),
+    ("method.num_inner_iterations=2", "method.update_epochs"),
+    ("method.epsilon_high=0.28", "method.clip_eps_high"),
+    ("dataset.sft_max_steps=10", "sft.max_steps"), ("experiment=compare", "group"),
+])
+def test_renamed_fields_fail_naming_the_new_one(override, new):
+    with pytest.raises(ConfigError, match=f"renamed to {new}"):
+        check_overrides(["method=ppo", override], experiments=["courier"])
+
+
+def test_base_stage_methods_are_configured_in_their_own_section():
+    with pytest.raises(ConfigError, match=r"use sft\.max_steps"):
+        check_overrides(["method.max_steps=5"])  # method=sft is the default
+    with pytest.raises(ConfigError, match=r"use rm\.pooling"):
+        check_overrides(["method=rm", "method.pooling=mean"])
+    check_overrides(["method=grpo", "method.beta=0.1", "sft.max_steps=5", "experiment=courier",
+                     "hydra.run.dir=x"], experiments=["courier"])
+
+
+def test_the_entry_point_stops_a_renamed_field_with_one_line():
+    proc = subprocess.run([sys.executable, "-m", "harness", "method=ppo", "method.kl_coef=0.1"],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "config error: method.kl_coef: renamed to method.beta"
+
+
+@pytest.mark.parametrize("sweep", ["compare", "compare_courier"])
+def test_the_comparison_sweeps_cover_every_aligning_method(sweep):
+    """A method added to the registry (and conf/method) joins the comparison with no sweep edit."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    register_configs()
+    spec = yaml.safe_load((CONF / "sweep" / f"{sweep}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    override = OverridesParser.create().parse_override(f"method={spec['method']}")
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF)))
+    swept = override.value().filter(loader.get_group_options("method"))
+    assert sorted(swept) == sorted(set(stage_names()) - set(base_stages()))
+    cfg = composed([f"+sweep={sweep}"])
+    assert cfg.group == sweep
+    if sweep == "compare_courier":
+        assert cfg.dataset.name == "courier" and cfg.sft.max_steps == 1000

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from harness.tracking.wandb_offline import find_runs, read_run
+from wandb_offline import find_runs, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +41,8 @@ def test_unknown_option_lists_the_choices():
     ("model.n_heads=0", "model.n_heads"),
     ("model.n_kv_heads=3", "model.n_kv_heads"),
     ("model=moe_small model.top_k=9", "model.top_k"),
-    ("method.optim.lr=-1", "method.optim.lr"),
+    ("method=grpo method.optim.lr=-1", "method.optim.lr"),
+    ("sft.optim.lr=-1", "sft.optim.lr"),
 ])
 def test_bad_values_fail_before_any_work_naming_the_field(override, field, tmp_path):
     out = harness(*override.split(), f"hydra.run.dir={tmp_path}/run", f"cache_dir={tmp_path}/c",
@@ -54,7 +54,7 @@ def test_bad_values_fail_before_any_work_naming_the_field(override, field, tmp_p
 
 @pytest.mark.slow
 def test_sft_run_writes_summary_checkpoint_and_offline_wandb_then_reuses_cache(tmp_path):
-    common = ["model=llama_tiny", "method.max_steps=40", "method.val_every=20", "eval.limit=20",
+    common = ["model=llama_tiny", "sft.max_steps=40", "sft.val_every=20", "eval.limit=20",
               f"cache_dir={tmp_path}/cache", f"results_dir={tmp_path}/results"]
     out = harness(*common, f"hydra.run.dir={tmp_path}/run1")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -91,22 +91,27 @@ def test_sft_run_writes_summary_checkpoint_and_offline_wandb_then_reuses_cache(t
     assert len(losses) >= 2 and all(v == v for _, v in losses)
     assert run.summary["eval/gold_reward"] == pytest.approx(summary["metrics"]["eval/gold_reward"])
 
-    # sft.* is not read when method=sft: the override is reported, and the cached stage reused
-    again = harness(*common, "sft.max_steps=7", f"hydra.run.dir={tmp_path}/run2")
+    # the same command again reuses the cached stage
+    again = harness(*common, f"hydra.run.dir={tmp_path}/run2")
     assert again.returncode == 0, again.stderr[-3000:]
     second = json.loads((tmp_path / "run2" / "summary.json").read_text())
     assert second["stages"]["sft"]["cached"] is True
     assert second["cache_keys"]["sft"] == summary["cache_keys"]["sft"]
     assert "reused from cache" in again.stdout
-    assert "sft.max_steps=7 (method.max_steps=40)" in again.stdout + again.stderr
     assert second["metrics"]["eval/gold_reward"] == summary["metrics"]["eval/gold_reward"]
+    # method=sft is configured under sft.*: method.* stops before any work, naming the field
+    wrong = harness(*common, "method.max_steps=7", f"hydra.run.dir={tmp_path}/run3")
+    assert wrong.returncode != 0 and "use sft.max_steps" in wrong.stderr
+    assert not (tmp_path / "run3").exists()
 
 
 @pytest.mark.slow
 def test_multirun_sweep_shares_the_sft_base_and_rebuilds_the_leaderboard(tmp_path):
-    out = harness("-m", "model=llama_tiny", "method=rm,dpo", "sft.max_steps=20", "sft.val_every=10",
-                  "method.max_steps=4", "method.val_every=2", "eval.limit=8", "eval.lm_eval.enabled=false",
-                  "logger=none", "dataset.n_train=500", "dataset.n_pairs=100", "experiment=tiny_sweep",
+    out = harness("-m", "model=llama_tiny", "method=grpo", "method.beta=0.0,0.1", "sft.max_steps=20",
+                  "sft.val_every=10",
+                  "method.n_iterations=2", "method.group_size=2", "eval.limit=8",
+                  "eval.lm_eval.enabled=false", "eval.curve_points=0", "logger=none",
+                  "dataset.n_train=500", "dataset.n_pairs=100", "group=tiny_sweep",
                   f"cache_dir={tmp_path}/cache", f"results_dir={tmp_path}/results",
                   f"hydra.sweep.dir={tmp_path}/sweep", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -115,6 +120,6 @@ def test_multirun_sweep_shares_the_sft_base_and_rebuilds_the_leaderboard(tmp_pat
     keys = {json.loads(p.read_text())["cache_keys"]["sft"] for p in summaries}
     assert len(keys) == 1  # both jobs start from the same SFT base
     board = (tmp_path / "results" / "leaderboard.md").read_text()
-    assert "dpo" in board and "rm" in board and "python -m harness" in board
+    assert "grpo" in board and "python -m harness" in board
     assert (tmp_path / "results" / "reward_kl.png").is_file()
     assert len(list((tmp_path / "results" / "runs").glob("*.json"))) == 2

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from harness.models.config import ModelConfig  # noqa: E402
+from harness.models.architecture import ModelConfig  # noqa: E402
 from harness.models.hf import (  # noqa: E402
     CONFIG_FILE,
     NOISE_FILE,

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.evaluation import leaderboard as lb
-from harness.evaluation.leaderboard import (
+from harness.evaluation import standings as lb
+from harness.evaluation.records import write_record
+from harness.evaluation.standings import (
     average_score,
     build_leaderboard,
     build_table,
@@ -36,7 +37,6 @@ from harness.evaluation.leaderboard import (
     shown_columns,
     write_csv,
 )
-from harness.evaluation.records import write_record
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ from harness.evaluation.lm_eval_runner import (  # noqa: E402
     run_lm_eval,
 )
 from harness.evaluation.tasks import export_task_data, gold_process_results, task_names  # noqa: E402
-from harness.models.config import ModelConfig  # noqa: E402
+from harness.models.architecture import ModelConfig  # noqa: E402
 from harness.models.hf import save_checkpoint  # noqa: E402
 from harness.models.llama import CausalLM  # noqa: E402
 

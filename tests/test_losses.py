@@ -402,7 +402,7 @@ def test_group_relative_advantages():
     assert_close(out, expected)
     assert out[2].item() == pytest.approx(1.224595, abs=1e-6)
     # Dr. GRPO: R - mu
-    assert_close(group_relative_advantages(r, 3, scale_by_std=False),
+    assert_close(group_relative_advantages(r, 3, scale_rewards=False),
                  t([-1.0, 0.0, 1.0, -2.0, -2.0, 4.0]))
     # identical rewards in a group -> 0 advantages, not NaN
     assert_close(group_relative_advantages(t([1.0, 1.0, 1.0]), 3), t([0.0, 0.0, 0.0]))
@@ -468,4 +468,5 @@ def test_warmup_cosine_schedule_by_hand():
     assert warmup_cosine(9, 10, 110, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(60, 10, 110, 0.1) == pytest.approx(0.55)    # half-way: 0.1 + 0.9 * 0.5
     assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
+
 

@@ -9,17 +9,17 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from harness.config import GRPOConfig, RolloutConfig, register_configs
+from harness.cache import stage_key
+from harness.config import RolloutConfig, register_configs
 from harness.data.datamodule import AlignmentDataModule
 from harness.data.tasks import build_task
 from harness.data.tokenizer import build_tokenizer
-from harness.methods.dpo import DPOModule, pair_logps, reference_logps
-from harness.methods.grpo import GRPOModule
+from harness.methods.dpo import DPOConfig, DPOModule, pair_logps, reference_logps
+from harness.methods.grpo import GRPOConfig, GRPOModule
 from harness.methods.losses import NonFiniteError
-from harness.models.config import ModelConfig
+from harness.models.architecture import ModelConfig
 from harness.models.llama import CausalLM
 from harness.pipeline import run
-from harness.stages import stage_key
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY_SFT = ["model=llama_tiny", "sft.max_steps=30", "sft.val_every=15", "rm.max_steps=10",
@@ -56,42 +56,59 @@ def test_stage_key_is_canonical_and_sensitive():
     assert a.startswith("sft-") and len(a) == 4 + 16
 
 
-def test_the_dataset_sets_the_sft_budget_and_an_override_wins():
-    assert composed(["dataset=arith"]).sft.max_steps == 2000          # its sft_max_steps
-    assert composed(["dataset=courier"]).sft.max_steps == 1000        # its sft_max_steps
-    assert composed(["dataset=courier", "method=sft"]).method.max_steps == 1000
-    assert composed(["dataset=courier", "sft.max_steps=7"]).sft.max_steps == 7
-    assert composed(["dataset=preference"]).sft.max_steps == 3000     # no budget of its own
+def test_an_experiment_sets_the_sft_budget_and_an_override_wins():
+    assert composed([]).sft.max_steps == 2000                                   # SFTConfig's
+    assert composed(["experiment=courier"]).sft.max_steps == 1000
+    assert composed(["experiment=courier"]).dataset.name == "courier"
+    assert composed(["experiment=courier", "sft.max_steps=7"]).sft.max_steps == 7
+    assert composed(["dataset=courier"]).sft.max_steps == 2000                  # no budget in data
+
+
+def _run(overrides: list[str], tmp_path: Path):
+    from omegaconf import OmegaConf
+
+    from harness.config import validate
+    from harness.pipeline import Run
+
+    cfg = composed(overrides)
+    return Run(validate(cfg), OmegaConf.to_container(cfg, resolve=True), tmp_path)
+
+
+def _decides(r, name: str, inputs=None) -> dict:
+    from harness.registry import get_stage
+
+    return r.decides(get_stage(name), r.s.stage_config(name), inputs or {})
 
 
 def test_a_retrained_sft_base_gets_a_new_reward_model_key(tmp_path):
-    from harness.pipeline import Run
-    from harness.stages import StageCache, StageRecord
+    from harness.cache import StageCache, StageRecord
+    from harness.stage import Built
 
     cache = StageCache(tmp_path)
     first = StageRecord(key="sft-x", path=cache.path("sft-x"), trained_id="a" * 32)
     cache.commit(first)
     assert cache.load("sft-x").trained_id == "a" * 32            # round trip through stage.json
-    cfg = composed(["method=ppo", "model=llama_tiny", f"cache_dir={tmp_path}",
-                    "dataset.n_train=200", "dataset.n_pairs=50"])
-    r = Run(cfg, tmp_path)
+    r = _run(["method=ppo", "model=llama_tiny", f"cache_dir={tmp_path}", "dataset.n_train=200",
+              "dataset.n_pairs=50"], tmp_path)
     retrained = StageRecord(key="sft-x", path=first.path, trained_id="b" * 32)  # force_retrain
-    assert stage_key("rm", r.rm_decides(first)) != stage_key("rm", r.rm_decides(retrained))
-    assert stage_key("rm", r.rm_decides(first)) == stage_key("rm", r.rm_decides(cache.load("sft-x")))
+
+    def key(rec):
+        return stage_key("rm", _decides(r, "rm", {"sft": Built("sft", None, None, rec, rec.path)}))
+
+    assert key(first) != key(retrained)
+    assert key(first) == key(cache.load("sft-x"))
 
 
 def test_sft_key_ignores_the_method_and_logger(tmp_path):
-    from harness.pipeline import Run
-
     keys = set()
     for method, logger in (("sft", "none"), ("dpo", "csv"), ("grpo", "none")):
-        cfg = composed([f"method={method}", f"logger={logger}", "model=llama_tiny",
-                        f"cache_dir={tmp_path}", "dataset.n_train=200", "dataset.n_pairs=50"])
-        keys.add(stage_key("sft", Run(cfg, tmp_path).sft_decides()))
+        r = _run([f"method={method}", f"logger={logger}", "model=llama_tiny",
+                  f"cache_dir={tmp_path}", "dataset.n_train=200", "dataset.n_pairs=50"], tmp_path)
+        keys.add(stage_key("sft", _decides(r, "sft")))
     assert len(keys) == 1
-    cfg = composed(["model=llama_tiny", f"cache_dir={tmp_path}", "sft.max_steps=7",
-                    "method=dpo", "dataset.n_train=200", "dataset.n_pairs=50"])
-    assert stage_key("sft", Run(cfg, tmp_path).sft_decides()) not in keys
+    r = _run(["model=llama_tiny", f"cache_dir={tmp_path}", "sft.max_steps=7", "method=dpo",
+              "dataset.n_train=200", "dataset.n_pairs=50"], tmp_path)
+    assert stage_key("sft", _decides(r, "sft")) not in keys
 
 
 def test_dpo_reference_table_is_computed_once_and_matches(tiny_task):
@@ -106,7 +123,7 @@ def test_dpo_reference_table_is_computed_once_and_matches(tiny_task):
     torch.testing.assert_close(table[batch["index"], 0], c, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(table[batch["index"], 1], r, atol=1e-5, rtol=1e-5)
     # the module holds no reference network: only the table (and the policy's parameters)
-    module = DPOModule(tiny_model(tok), table, __import__("harness.config").config.DPOConfig())
+    module = DPOModule(tiny_model(tok), table, DPOConfig())
     assert sum(p.numel() for p in module.parameters()) == sum(
         p.numel() for p in module.policy.parameters())
     loss, rc, rr, _ = module._losses(batch)
@@ -164,6 +181,7 @@ def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
     assert Path(summary["checkpoint"], "model.safetensors").is_file()
     if method in ("grpo", "ppo"):
         assert "train/reward" in m and "train/clip_frac" in m
+        assert summary["reward_source"] == ("rm" if method == "ppo" else "gold")
     if method == "ppo":
         assert summary["cache_keys"]["rm"] and "train/value_loss" in m and "train/entropy" in m
     if method == "dpo":
@@ -181,30 +199,3 @@ def test_same_seed_same_metrics_and_sft_reused(tmp_path):
     assert a["stages"]["sft"]["cached"] is False and b["stages"]["sft"]["cached"] is True
     for key in ("eval/gold_reward", "eval/kl", "eval/win_rate", "train/reward"):
         assert a["metrics"][key] == pytest.approx(b["metrics"][key], abs=1e-6)
-
-
-def test_plateau_end_tracks_the_moving_average_of_the_nll():
-    from harness.sft_plateau import PlateauEnd
-
-    probe = PlateauEnd(threshold=0.5, min_steps=3, decay=0.5)
-    assert not probe.update(1.0, 1)                   # ema 1.0
-    assert not probe.update(0.0, 2)                   # ema 0.5, below min_steps anyway
-    assert probe.update(0.2, 3)                       # ema 0.35 < 0.5 at step 3: ends here
-    assert probe.step == 3 and probe.ema == pytest.approx(0.35)
-    assert probe.update(5.0, 4) and probe.step == 3   # the first crossing is kept
-    with pytest.raises(ValueError, match="decay=1.0"):
-        PlateauEnd(0.5, 0, 1.0)
-
-
-def test_sft_plateau_entry_point_runs_the_sft_stage(tmp_path, capsys):
-    from harness.sft_plateau import main
-
-    common = [f"cache_dir={tmp_path}", "model=llama_tiny", "dataset.n_train=256",
-              "dataset.n_pairs=64", "dataset.n_eval=16", "method.max_steps=12",
-              "method.batch_size=16", "method.optim.warmup_steps=2"]
-    # a threshold any loss is below: the plateau "ends" at the first step allowed
-    assert main(["--threshold", "100", "--min-steps", "5", *common]) == 5
-    assert capsys.readouterr().out.strip().endswith("plateau_end 5")
-    # a threshold no loss reaches: the budget (12 steps) runs out
-    assert main(["--threshold", "0", *common]) is None
-    assert capsys.readouterr().out.strip().endswith("plateau_end none")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from harness.models.config import ConfigError, ModelConfig
+from harness.models.architecture import ConfigError, ModelConfig
 from harness.models.generation import filter_logits, generate
 from harness.models.llama import Attention, CausalLM, RMSNorm, apply_rope, rope_cos_sin
 from harness.models.moe import MoEFeedForward, router_z_loss, switch_load_balancing_loss

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from harness.config import ModelConfig, register_configs, to_dataclass
-from harness.models.params import format_breakdown, meta_model, parameter_breakdown
+from harness.models.param_count import format_breakdown, meta_model, parameter_breakdown
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"

@@ -14,16 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from harness.config import GRPOConfig, RolloutConfig
+from harness.config import RolloutConfig
 from harness.data.tasks import build_task
 from harness.data.tokenizer import build_tokenizer
 from harness.evaluation.cost import StageCost, StageMeter
 from harness.evaluation.platform import platform_info
 from harness.evaluation.stats import platform_identity
-from harness.methods.grpo import GRPOModule
+from harness.methods.grpo import GRPOConfig, GRPOModule
 from harness.methods.losses import aggregate_loss, ppo_clipped_surrogate
-from harness.methods.stage_runners import gold_scorer
-from harness.models.config import ModelConfig
+from harness.models.architecture import ModelConfig
 from harness.models.llama import CausalLM
 from harness.pipeline import stage_costs
 from harness.seeding import STREAMS, generator, stream_seed
@@ -50,6 +49,12 @@ def tiny(tmp_path_factory):
     return task, build_tokenizer(task.corpus(), vocab_size=300)
 
 
+def _gold(task):
+    from harness.stage import StageContext
+
+    return StageContext(task=task, tokenizer=None, model_cfg=None, seed=0).gold_scorer()
+
+
 def _grpo(tok, task, seed: int) -> GRPOModule:
     torch.manual_seed(0)  # the same weights for every module: only the rollout seed differs
     cfg = ModelConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -57,14 +62,14 @@ def _grpo(tok, task, seed: int) -> GRPOModule:
     policy, ref = CausalLM(cfg), CausalLM(cfg)
     ref.load_state_dict(policy.state_dict())
     grpo = GRPOConfig(group_size=4, rollout=RolloutConfig(prompts_per_batch=4, max_new_tokens=6))
-    return GRPOModule(policy, ref, tok, grpo, gold_scorer(task), seed=seed)
+    return GRPOModule(policy, ref, tok, grpo, _gold(task), seed=seed)
 
 
 def test_the_run_seed_decides_the_rollouts(tiny):
     task, tok = tiny
     prompts = [p for p in list(task.eval_dataset()["prompt"])[:4] for _ in range(4)]
-    ro = {s: _grpo(tok, task, s).rollout(prompts, 64, gold_scorer(task)) for s in (0, 1)}
-    again = _grpo(tok, task, 0).rollout(prompts, 64, gold_scorer(task))
+    ro = {s: _grpo(tok, task, s).rollout(prompts, 64, _gold(task)) for s in (0, 1)}
+    again = _grpo(tok, task, 0).rollout(prompts, 64, _gold(task))
     assert torch.equal(ro[0].response, again.response)          # same seed: same tokens
     assert torch.equal(ro[0].old_logp, again.old_logp)
     assert not torch.equal(ro[0].response, ro[1].response)      # another seed: other samples
@@ -190,7 +195,11 @@ def test_validation_prompts_never_overlap_the_test_prompts(tmp_path):
         cfg = compose(config_name="config", overrides=[
             "model=llama_tiny", "dataset.n_train=200", "dataset.n_pairs=32", "dataset.n_eval=50",
             f"cache_dir={tmp_path}/cache", "logger=none"])
-    run = Run(cfg, tmp_path / "run")
+    from omegaconf import OmegaConf
+
+    from harness.config import validate
+
+    run = Run(validate(cfg), OmegaConf.to_container(cfg, resolve=True), tmp_path / "run")
     test, val = run.eval_prompts("test"), run.eval_prompts("validation")
     assert len(test) == 50 and len(val) == 50 and len(set(val)) == 50
     assert not set(test) & set(val)
@@ -200,7 +209,7 @@ def test_validation_prompts_never_overlap_the_test_prompts(tmp_path):
 # ------------------------------------------------------------------------------------- tuning
 def _tune_record(method: str, seed: int, kl: float, lr: float, gold: float, split="validation",
                  created="2026-12-01T00:00:00+00:00") -> dict:
-    field = "kl_coef" if method == "ppo" else "beta"
+    field = "beta"
     return {"run_id": f"{method}-{seed}-{kl}-{lr}-{created}", "status": "ok", "method": method,
             "model": "m", "dataset": "d", "seed": seed, "group": "tune", "created": created,
             "metrics": {"eval/gold_reward": gold}, "per_prompt": {"split": split},
@@ -223,7 +232,7 @@ def test_tuning_picks_the_best_mean_validation_gold_per_method():
     assert dpo["gold"] == pytest.approx(0.75)
     ppo = best[("ppo", "m", "d")]
     assert ppo["kl"] == 0.2  # a tie goes to the smaller KL coefficient
-    assert ppo["overrides"] == "method=ppo method.kl_coef=0.2 method.optim.lr=3e-05"
+    assert ppo["overrides"] == "method=ppo method.beta=0.2 method.optim.lr=3e-05"
 
 
 @pytest.mark.parametrize("method", ["dpo", "grpo", "ppo"])
@@ -237,7 +246,7 @@ def test_tuning_sweeps_evaluate_on_the_validation_split(method):
         cfg = compose(config_name="config", overrides=[f"+sweep=tune_{method}"],
                       return_hydra_config=True)
     assert cfg.method.name == method and cfg.eval.split == "validation"
-    assert cfg.experiment == "tune"
+    assert cfg.group == "tune"
     params = cfg.hydra.sweeper.params
     assert "method.optim.lr" in params and len(str(params["seed"]).split(",")) >= 2
 

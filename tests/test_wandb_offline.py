@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from harness.tracking.wandb_offline import (
+from wandb_offline import (
     OfflineRun,
     WandbFileError,
     _unwrap_config,

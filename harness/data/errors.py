@@ -2,7 +2,7 @@
 
 :class:`DataError` is raised for problems with the *data* (a missing column, an empty split, a row
 that cannot be parsed); invalid *configuration* values raise
-:class:`harness.models.config.ConfigError` (re-exported here), whose message names the field.
+:class:`harness.models.architecture.ConfigError` (re-exported here), whose message names the field.
 Both are :class:`ValueError` subclasses.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from harness.models.config import ConfigError
+from harness.models.architecture import ConfigError
 
 __all__ = ["ConfigError", "DataError", "config_error", "require_columns", "require_nonempty"]
 

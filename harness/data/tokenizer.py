@@ -13,15 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from harness.atomic import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +104,5 @@ def load_or_build_tokenizer(task: Any, cfg: Mapping[str, Any] | None = None,
         return load_tokenizer(path, model_max_length)
     log.info("tokenizer: training a byte-level BPE (vocab_size=%d) on %s", vocab_size, task.name)
     tok = build_tokenizer(task.corpus(), vocab_size=vocab_size, model_max_length=model_max_length)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tok.save_pretrained(str(tmp))
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process finished first: use its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (path / "tokenizer.json").exists():
-            raise
+    publish_dir(path, lambda tmp: tok.save_pretrained(str(tmp)), replace=False)
     return load_tokenizer(path, model_max_length)

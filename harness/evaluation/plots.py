@@ -18,7 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.evaluation.records import atomic_write_bytes, finite
+from harness.atomic import write_bytes
+from harness.evaluation.records import finite
 from harness.evaluation.stats import distinct_seeds, kl_coefficient, learning_rate, summarize
 
 __all__ = ["EMA_ALPHA", "ema", "ema_alpha", "history_points", "plot_reward_kl", "plot_training_curves"]
@@ -47,7 +48,7 @@ def _new_figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> 
 def _save(fig: Any, path: Path | str) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return atomic_write_bytes(path, buf.getvalue())
+    return write_bytes(path, buf.getvalue())
 
 
 def _style(methods: Iterable[str]) -> dict[str, tuple[Any, str]]:

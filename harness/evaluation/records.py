@@ -23,7 +23,7 @@ and ``cost/train_tokens_per_s`` (see :mod:`harness.evaluation.cost`).
 Records live in ``<runs_dir>/<run_id>.json``. They are written atomically (temporary file in the
 same folder, ``fsync``, ``os.replace``), so concurrent writers — a multirun sweep, several
 machines sharing a folder — never leave a half-written or corrupt record; the last writer of a
-``run_id`` wins. The leaderboard (:mod:`harness.evaluation.leaderboard`) is a pure function of the
+``run_id`` wins. The leaderboard (:mod:`harness.evaluation.standings`) is a pure function of the
 records that :func:`load_records` returns.
 """
 
@@ -33,19 +33,17 @@ import contextlib
 import datetime as _dt
 import json
 import math
-import os
 import re
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from harness.atomic import write_text
+
 __all__ = [
     "RECORD_STATUSES",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "finite",
     "git_commit",
     "harness_version",
@@ -59,52 +57,6 @@ __all__ = [
 
 RECORD_STATUSES = ("ok", "failed")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,@-]*$")
-_TMP_SUFFIX = ".tmp"
-
-
-# --------------------------------------------------------------------------- atomic file writes
-def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; create the parent folder if needed.
-
-    The bytes go to a uniquely named temporary file in the destination folder (so the final rename
-    never crosses file systems), are flushed and ``fsync``-ed, and the file is then moved over
-    ``path`` with :func:`os.replace`: readers see either the old file or the complete new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: Path | str, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode(encoding))
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Best effort: make the rename itself durable (not supported everywhere, e.g. Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- provenance
@@ -253,7 +205,7 @@ def write_record(record: Mapping[str, Any], runs_dir: Path | str) -> Path:
     """
     validate_record(record)
     text = json.dumps(record, indent=2, sort_keys=False, default=_json_default, allow_nan=True)
-    return atomic_write_text(Path(runs_dir) / f"{record['run_id']}.json", text + "\n")
+    return write_text(Path(runs_dir) / f"{record['run_id']}.json", text + "\n")
 
 
 def load_records(runs_dir: Path | str) -> list[dict[str, Any]]:

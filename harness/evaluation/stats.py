@@ -197,8 +197,8 @@ def _method_cfg(record: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def kl_coefficient(record: Mapping[str, Any]) -> float | None:
-    """The method's KL coefficient: ``config.method.kl_coef`` (PPO), else ``config.method.beta``
-    (DPO, GRPO, RLOO); ``None`` when neither is a number."""
+    """The method's KL coefficient, ``config.method.beta`` (every method), or ``kl_coef`` in PPO
+    records written before the field was renamed; ``None`` when neither is a number."""
     cfg = _method_cfg(record)
     for key in ("kl_coef", "beta"):
         value = cfg.get(key)

@@ -8,13 +8,43 @@ The reference log-probabilities of every pair are computed once before training
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import torch
 from tqdm.auto import tqdm
 
-from harness.config import DPOConfig
+from harness.config import OptimConfig, in_range, one_of, positive
 from harness.methods.base import AlignmentModule
 from harness.methods.losses import dpo_loss, pairwise_accuracy, sequence_logprobs, token_logprobs
 from harness.models.llama import CausalLM
+from harness.stage import Budget, Fit, Stage, policy_from
+
+
+@dataclass
+class DPOConfig:
+    """DPO on the task's preference pairs against the frozen SFT reference.
+
+    ``beta``: the KL coefficient (the temperature of the implicit reward); ``label_smoothing`` > 0
+    is conservative DPO; ``loss_type``: sigmoid (DPO) or ipo.
+    """
+
+    name: str = "dpo"
+    max_steps: int = 300
+    batch_size: int = 32
+    max_len: int = 128
+    overflow: str = "truncate"      # truncate | skip
+    val_every: int = 100
+    beta: float = 0.5
+    label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"      # sigmoid | ipo
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20))
+
+    def check(self, prefix: str = "method") -> None:
+        positive(self, prefix, "max_steps", "batch_size", "max_len", "val_every", "beta")
+        one_of(self, prefix, "overflow", ("truncate", "skip"))
+        in_range(self, prefix, "label_smoothing", 0.0, 0.5, closed_hi=False)
+        one_of(self, prefix, "loss_type", ("sigmoid", "ipo"))
+        self.optim.check(f"{prefix}.optim")
 
 
 def pair_logps(model: CausalLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -97,3 +127,28 @@ class DPOModule(AlignmentModule):
         b = rc.shape[0]
         self.log_dict({"val/loss": loss, "val/rewards_acc": pairwise_accuracy(rc, rr)},
                       on_step=False, on_epoch=True, batch_size=b)
+
+
+class DPOStage(Stage):
+    """DPO from the SFT base: the reference log-probabilities of every pair are computed first."""
+
+    name = "dpo"
+    config = DPOConfig
+
+    def build(self, ctx, cfg: DPOConfig, inputs) -> Fit:
+        dm = ctx.datamodule("pairs", cfg)
+        dm.setup("fit")
+        sft = inputs["sft"].model
+        table = reference_logps(sft, dm.reference_dataloader("train"), dm.n_train)
+        val_table = reference_logps(sft, dm.reference_dataloader("validation"),
+                                    dm.n_examples("validation"))
+        policy, reference = policy_from(inputs)
+        return Fit(DPOModule(policy, table, cfg, val_table), dm,
+                   Budget(max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
+                          val_every=cfg.val_every),
+                   model=policy, networks={"policy": policy, "reference": reference},
+                   trainable=[policy], sequences=2 * cfg.batch_size,
+                   layout=f"{cfg.batch_size} pairs")
+
+    def sized(self, cfg: DPOConfig, batch: int, n_batches: int) -> DPOConfig:
+        return replace(cfg, batch_size=max(1, batch // 2), max_steps=n_batches)

@@ -14,10 +14,11 @@ and TRL; dr_grpo: over B x max_new_tokens).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from harness.config import GRPOConfig
+from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
 from harness.methods.losses import (
     aggregate_loss,
     check_finite,
@@ -26,9 +27,48 @@ from harness.methods.losses import (
     masked_mean,
     ppo_clipped_surrogate,
 )
-from harness.methods.rl_base import OnPolicyModule
+from harness.methods.rl_base import GroupStage, OnPolicyModule
 from harness.methods.rollout import minibatches, response_logprobs
 from harness.models.llama import CausalLM
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO: G completions per prompt, group-relative advantages, no critic, k3 KL penalty.
+
+    ``update_epochs``: optimisation passes over each rollout batch (GRPO's mu);
+    ``clip_eps_high``: DAPO's clip-higher bound (null = ``clip_eps``); ``scale_rewards``: divide
+    by the group std (false = Dr. GRPO); ``beta``: the KL coefficient; ``reward_source``: gold
+    (the task's verifiable reward) or rm (the learned reward model).
+    """
+
+    name: str = "grpo"
+    n_iterations: int = 300
+    group_size: int = 8
+    update_epochs: int = 1
+    minibatch_size: int = 64
+    max_len: int = 128
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    beta: float = 0.04
+    scale_rewards: bool = True
+    loss_type: str = "grpo"         # grpo | bnpo | dapo | dr_grpo
+    reward_source: str = "gold"     # gold | rm
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=8))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=5))
+
+    def check(self, prefix: str = "method") -> None:
+        positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len",
+                 "clip_eps")
+        if self.group_size < 2:
+            fail(prefix, "group_size", self.group_size, "must be >= 2 (advantages are relative)")
+        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
+            fail(prefix, "clip_eps_high", self.clip_eps_high, "must be > 0 or null")
+        in_range(self, prefix, "beta", 0.0, None)
+        one_of(self, prefix, "loss_type", ("grpo", "bnpo", "dapo", "dr_grpo"))
+        one_of(self, prefix, "reward_source", ("gold", "rm"))
+        self.rollout.check(f"{prefix}.rollout")
+        self.optim.check(f"{prefix}.optim")
 
 
 class GRPOModule(OnPolicyModule):
@@ -36,7 +76,7 @@ class GRPOModule(OnPolicyModule):
 
     def __init__(self, policy: CausalLM, reference: CausalLM, tokenizer, cfg: GRPOConfig,
                  score_fn: Callable, seed: int) -> None:
-        steps = cfg.n_iterations * cfg.num_inner_iterations * max(
+        steps = cfg.n_iterations * cfg.update_epochs * max(
             1, -(-cfg.rollout.prompts_per_batch * cfg.group_size // cfg.minibatch_size))
         super().__init__(policy, reference, tokenizer, cfg.optim, steps, cfg.rollout, seed)
         self.cfg = cfg
@@ -48,12 +88,12 @@ class GRPOModule(OnPolicyModule):
         prompts = [p for p in batch for _ in range(cfg.group_size)]
         ro = self.rollout(prompts, cfg.max_len, self.score_fn)
         check_finite("train/reward", ro.scores)
-        adv = group_relative_advantages(ro.scores, cfg.group_size, scale_by_std=cfg.scale_rewards)
+        adv = group_relative_advantages(ro.scores, cfg.group_size, scale_rewards=cfg.scale_rewards)
         opt, sched = self.optimizers(), self.lr_schedulers()
         stats_acc: dict[str, list[torch.Tensor]] = {}
         # dapo: every minibatch divides by the active tokens of the whole rollout batch
         n_active = ro.mask.sum() if cfg.loss_type == "dapo" else None
-        for _ in range(cfg.num_inner_iterations):
+        for _ in range(cfg.update_epochs):
             for idx in minibatches(len(ro), cfg.minibatch_size, self.generator):
                 mask = ro.mask[idx]
                 logp, ent, aux = response_logprobs(
@@ -61,16 +101,22 @@ class GRPOModule(OnPolicyModule):
                     cfg.rollout.temperature, with_entropy=True, entropy_grad=False)
                 a = adv[idx, None].expand_as(logp)
                 pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], a, mask, cfg.clip_eps,
-                                                  cfg.epsilon_high, aggregation=cfg.loss_type,
+                                                  cfg.clip_eps_high, aggregation=cfg.loss_type,
                                                   max_len=cfg.rollout.max_new_tokens,
                                                   n_active=n_active)
                 kl = aggregate_loss(kl_k3(logp, ro.ref_logp[idx]), mask, cfg.loss_type,
                                     max_len=cfg.rollout.max_new_tokens, n_active=n_active)
                 loss = self.checked("train/loss", pg + cfg.beta * kl + aux)
-                self.step(opt, sched, loss)
+                self.step(loss, (opt, sched, cfg.optim))
                 stats.update(loss=loss.detach(), kl_k3_per_token=kl.detach(), pg_loss=pg.detach(),
                              entropy=masked_mean(ent, mask), moe_aux_loss=aux.detach())
                 self.accumulate(stats_acc, stats)
         # minibatches partition the rollout: one host sync per rollout, not per minibatch
-        self.tokens_trained += cfg.num_inner_iterations * int(ro.attention_mask.sum())
+        self.tokens_trained += cfg.update_epochs * int(ro.attention_mask.sum())
         self.log_rollout(ro, adv, stats_acc, batch_idx)
+
+
+class GRPOStage(GroupStage):
+    name = "grpo"
+    config = GRPOConfig
+    module = GRPOModule

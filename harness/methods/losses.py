@@ -417,14 +417,14 @@ def adaptive_kl_coef(current_coef: float, observed_kl: float, target_kl: float, 
 # --------------------------------------------------------------------------------------------
 
 
-def group_relative_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True,
+def group_relative_advantages(rewards: Tensor, group_size: int, scale_rewards: bool = True,
                               eps: float = 1e-4) -> Tensor:
     """GRPO group-relative advantages (DeepSeekMath, Shao et al. 2024):
 
         mu_g      = 1/G sum_j R_j
         sigma_g^2 = 1/G sum_j (R_j - mu_g)^2          (population std, as the seed lecture)
-        A_j       = (R_j - mu_g) / (sigma_g + eps)    (scale_by_std=True)
-        A_j       = R_j - mu_g                        (scale_by_std=False, Dr. GRPO)
+        A_j       = (R_j - mu_g) / (sigma_g + eps)    (scale_rewards=True)
+        A_j       = R_j - mu_g                        (scale_rewards=False, Dr. GRPO)
 
     TRL divides by the unbiased (1/(G-1)) std instead; this follows the lecture's 1/G. rewards:
     [B] with B = n_prompts * G and the G completions of prompt i at rows i*G .. i*G + G - 1.
@@ -437,7 +437,7 @@ def group_relative_advantages(rewards: Tensor, group_size: int, scale_by_std: bo
                          f"got shape {tuple(rewards.shape)}")
     grouped = rewards.view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale_by_std:
+    if scale_rewards:
         sigma = grouped.std(dim=1, correction=0, keepdim=True)
         centred = centred / (sigma + eps)
     return centred.reshape(-1)

@@ -12,11 +12,13 @@ and several epochs of minibatch updates; beta fixed or adapted (Ziegler et al. 2
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from harness.config import PPOConfig
+from harness.config import OptimConfig, RolloutConfig, in_range, one_of, positive
 from harness.methods.losses import (
     adaptive_kl_coef,
     check_finite,
@@ -30,9 +32,55 @@ from harness.methods.losses import (
     ppo_clipped_surrogate,
 )
 from harness.methods.optim import build_optimizer
-from harness.methods.rl_base import OnPolicyModule
+from harness.methods.rl_base import OnPolicyModule, OnPolicyStage
 from harness.methods.rollout import minibatches, response_logprobs
 from harness.models.llama import CausalLM, ScalarHead
+from harness.stage import Fit, policy_from
+
+
+@dataclass
+class PPOConfig:
+    """PPO with a critic, GAE, the clipped surrogate, a KL-shaped reward and an entropy bonus.
+
+    ``beta``: the per-token KL penalty ``r_t - beta log(pi/pi_ref)``, large enough that the policy
+    cannot drift into its reward model's errors (``sweeps/tune.sh`` tunes it); ``adaptive_kl``
+    adapts it towards ``target_kl`` over ``kl_horizon`` (Ziegler et al. 2019).
+    ``update_epochs``: optimisation passes over each rollout batch. ``critic_init``: the critic
+    starts from the reward model (rm) or the SFT base (sft).
+    """
+
+    name: str = "ppo"
+    n_iterations: int = 200         # rollout batches
+    update_epochs: int = 2
+    minibatch_size: int = 32
+    max_len: int = 128
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.01
+    gamma: float = 1.0
+    lam: float = 0.95
+    beta: float = 0.5
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    critic_init: str = "rm"         # rm | sft
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5))
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5))
+
+    def check(self, prefix: str = "method") -> None:
+        positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len",
+                 "clip_eps", "target_kl", "kl_horizon")
+        for f in ("value_clip", "vf_coef", "ent_coef", "beta"):
+            in_range(self, prefix, f, 0.0, None)
+        in_range(self, prefix, "gamma", 0.0, 1.0)
+        in_range(self, prefix, "lam", 0.0, 1.0)
+        one_of(self, prefix, "critic_init", ("rm", "sft"))
+        self.rollout.check(f"{prefix}.rollout")
+        self.optim.check(f"{prefix}.optim")
+        self.critic_optim.check(f"{prefix}.critic_optim")
 
 
 def critic_values(critic: ScalarHead, ro_input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -49,11 +97,11 @@ class PPOModule(OnPolicyModule):
                  cfg: PPOConfig, score_fn: Callable, seed: int) -> None:
         n_mb = max(1, -(-cfg.rollout.prompts_per_batch // cfg.minibatch_size))
         super().__init__(policy, reference, tokenizer, cfg.optim,
-                         cfg.n_iterations * cfg.ppo_epochs * n_mb, cfg.rollout, seed)
+                         cfg.n_iterations * cfg.update_epochs * n_mb, cfg.rollout, seed)
         self.critic = critic
         self.cfg = cfg
         self.score_fn = score_fn
-        self.kl_coef = cfg.kl_coef
+        self.beta = cfg.beta
 
     def configure_optimizers(self):
         pol = build_optimizer([self.policy], self.cfg.optim, self.max_steps)
@@ -72,13 +120,13 @@ class PPOModule(OnPolicyModule):
                                           ro.prompt_len, n_new)
             old_values = old_values * ro.mask
             rewards = kl_penalized_rewards(ro.scores, ro.old_logp, ro.ref_logp, ro.mask,
-                                           self.kl_coef)
+                                           self.beta)
             adv, returns = gae_advantages(rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
                 adv = masked_whiten(adv, ro.mask)
         (opt_p, opt_c), (sched_p, sched_c) = self.optimizers(), self.lr_schedulers()
         stats_acc: dict[str, list[torch.Tensor]] = {}
-        for _ in range(cfg.ppo_epochs):
+        for _ in range(cfg.update_epochs):
             for idx in minibatches(len(ro), cfg.minibatch_size, self.generator):
                 mask = ro.mask[idx]
                 logp, ent, aux_p = response_logprobs(
@@ -93,26 +141,44 @@ class PPOModule(OnPolicyModule):
                                                 cfg.value_clip)
                 loss = pg - cfg.ent_coef * entropy + cfg.vf_coef * vf + aux_p + aux_c
                 self.checked("train/loss", loss)
-                opt_p.zero_grad()
-                opt_c.zero_grad()
-                self.manual_backward(loss)
-                for opt, oc in ((opt_p, cfg.optim), (opt_c, cfg.critic_optim)):
-                    if oc.grad_clip:
-                        self.clip_gradients(opt, gradient_clip_val=oc.grad_clip,
-                                            gradient_clip_algorithm="norm")
-                    opt.step()
-                sched_p.step()
-                sched_c.step()
+                self.step(loss, (opt_p, sched_p, cfg.optim), (opt_c, sched_c, cfg.critic_optim))
                 stats.update(vstats)
                 stats.update(loss=loss.detach(), pg_loss=pg.detach(), value_loss=vf.detach(),
                              entropy=entropy.detach(), moe_aux_loss=(aux_p + aux_c).detach())
                 self.accumulate(stats_acc, stats)
         # minibatches partition the rollout: one host sync per rollout, not per minibatch
-        self.tokens_trained += cfg.ppo_epochs * int(ro.attention_mask.sum())
+        self.tokens_trained += cfg.update_epochs * int(ro.attention_mask.sum())
         observed_kl = float((kl_log_ratio(ro.old_logp, ro.ref_logp) * ro.mask).sum(-1).mean())
         stats_acc["explained_var"] = [explained_variance(old_values, returns, ro.mask)]
-        stats_acc["kl_coef"] = [torch.tensor(self.kl_coef)]
+        stats_acc["beta"] = [torch.tensor(self.beta)]
         if cfg.adaptive_kl:
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, observed_kl, cfg.target_kl,
+            self.beta = adaptive_kl_coef(self.beta, observed_kl, cfg.target_kl,
                                             cfg.kl_horizon, len(ro))
         self.log_rollout(ro, adv[ro.mask.bool()], stats_acc, batch_idx)
+
+
+class PPOStage(OnPolicyStage):
+    """PPO against the cached reward model, its critic initialised from it (or the SFT base)."""
+
+    name = "ppo"
+    config = PPOConfig
+
+    def reward_source(self, cfg: PPOConfig) -> str:
+        return "rm"
+
+    def build(self, ctx, cfg: PPOConfig, inputs) -> Fit:
+        rm, sft = inputs["rm"].model, inputs["sft"].model
+        critic = copy.deepcopy(rm) if cfg.critic_init == "rm" else ScalarHead(copy.deepcopy(sft))
+        policy, reference = policy_from(inputs)
+        module = PPOModule(policy, reference, critic, ctx.tokenizer, cfg,
+                           self.scorer(ctx, cfg, inputs), ctx.seed)
+        n = cfg.rollout.prompts_per_batch
+        return Fit(module, ctx.prompt_loader(n, cfg.n_iterations), self.budget(cfg), model=policy,
+                   networks={"policy": policy, "reference": reference, "critic": critic,
+                             "reward_model": rm},
+                   trainable=[policy, critic], sequences=n, layout=f"{n} prompts",
+                   passes=cfg.update_epochs, minibatch=cfg.minibatch_size)
+
+    def sized(self, cfg: PPOConfig, batch: int, n_batches: int) -> PPOConfig:
+        return replace(cfg, n_iterations=n_batches,
+                       rollout=replace(cfg.rollout, prompts_per_batch=batch))

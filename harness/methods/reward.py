@@ -2,19 +2,51 @@
 
 The reward model is a copy of the SFT model with a scalar head. The reward of a sequence is the
 head's output at its last real token (``pooling: last``, InstructGPT, the default) or the mean of
-the head's outputs over the response tokens (``pooling: mean``). On ``arith``, PPO against a
-mean-pooled reward model lowered the gold reward (0.615 -> 0.41 on llama_small), so ``last`` stays
-the default.
+the head's outputs over the response tokens (``pooling: mean``); ``last`` is the default
+(``results/FINDINGS.md`` has what mean pooling did to PPO on arith).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
 import torch
 
-from harness.config import RMConfig
+from harness.config import OptimConfig, one_of, positive
 from harness.methods.base import AlignmentModule
 from harness.methods.losses import bradley_terry_loss, masked_mean, pairwise_accuracy
+from harness.models.hf import load_checkpoint, save_checkpoint
 from harness.models.llama import ScalarHead
+from harness.stage import Budget, Built, Fit, Stage
+
+SCORE_HEAD_FILE = "score_head.pt"
+
+
+@dataclass
+class RMConfig:
+    """Bradley–Terry reward model: the SFT model plus a scalar head, trained on the task's pairs.
+
+    ``pooling``: last (the head's score at the last response token, InstructGPT) or mean (its
+    average over the response).
+    """
+
+    name: str = "rm"
+    max_steps: int = 1000
+    batch_size: int = 64
+    max_len: int = 128
+    overflow: str = "truncate"      # truncate | skip
+    val_every: int = 250
+    pooling: str = "last"           # last | mean
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=50))
+
+    def check(self, prefix: str = "rm") -> None:
+        positive(self, prefix, "max_steps", "batch_size", "max_len", "val_every")
+        one_of(self, prefix, "overflow", ("truncate", "skip"))
+        one_of(self, prefix, "pooling", ("last", "mean"))
+        self.optim.check(f"{prefix}.optim")
 
 
 def pool_scores(scores: torch.Tensor, response_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -82,3 +114,58 @@ class RewardModule(AlignmentModule):
         b = rc.shape[0]
         self.log_dict({"val/loss": bradley_terry_loss(rc, rr), "val/rewards_acc":
                        pairwise_accuracy(rc, rr)}, on_step=False, on_epoch=True, batch_size=b)
+
+
+def rm_scorer(rm: ScalarHead, pooling: str) -> Callable:
+    """Sequence reward = the learned reward model's score pooled over the sampled response."""
+    rm.eval()
+
+    def score(prompts, responses, input_ids, attention_mask, prompt_len):
+        rm.to(input_ids.device)  # not a submodule of the Lightning module: follow the policy
+        response_mask = attention_mask.clone()
+        response_mask[:, :prompt_len] = 0
+        return sequence_reward(rm, input_ids, attention_mask, response_mask, pooling)[0]
+    return score
+
+
+def scorer_of(built: Built) -> Callable:
+    """The rollout scorer of a finished reward-model stage (pooled as its config says)."""
+    return rm_scorer(built.model, built.config.pooling)
+
+
+class RewardStage(Stage):
+    """The reward model, built on the SFT base and cached: PPO and ``reward_source=rm`` use it."""
+
+    name = "rm"
+    config = RMConfig
+    base = True
+    produces_policy = False
+    reference = None
+
+    def build(self, ctx, cfg: RMConfig, inputs) -> Fit:
+        rm = ScalarHead(copy.deepcopy(inputs["sft"].model))
+        return Fit(RewardModule(rm, cfg), ctx.datamodule("pairs", cfg),
+                   Budget(max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
+                          val_every=cfg.val_every),
+                   model=rm, networks={"reward_model": rm}, trainable=[rm],
+                   sequences=2 * cfg.batch_size, layout=f"{cfg.batch_size} pairs")
+
+    def sized(self, cfg: RMConfig, batch: int, n_batches: int) -> RMConfig:
+        return replace(cfg, batch_size=max(1, batch // 2), max_steps=n_batches)
+
+    def summary_metrics(self, metrics):
+        out = super().summary_metrics(metrics)
+        if "val/rewards_acc" in out:
+            out["eval/rewards_acc"] = out["val/rewards_acc"]
+        return out
+
+    def save(self, model: ScalarHead, path: Path, tokenizer, resolved: dict) -> None:
+        """The backbone as an HF folder plus ``score_head.pt`` for the scalar head."""
+        save_checkpoint(model.backbone, path, tokenizer=tokenizer, resolved_config=resolved)
+        torch.save(model.score.state_dict(), path / SCORE_HEAD_FILE)
+
+    def load(self, path: Path) -> ScalarHead:
+        backbone, _, _ = load_checkpoint(path)
+        rm = ScalarHead(backbone)
+        rm.score.load_state_dict(torch.load(path / SCORE_HEAD_FILE, weights_only=True))
+        return rm

@@ -7,6 +7,8 @@ minibatches of it. Lightning's epoch is the configured number of rollout batches
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
@@ -16,6 +18,7 @@ from harness.methods.losses import kl_log_ratio, masked_mean
 from harness.methods.rollout import Rollout, make_rollout
 from harness.models.llama import CausalLM
 from harness.seeding import generator
+from harness.stage import Budget, Fit, Stage, policy_from
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -57,15 +60,19 @@ class OnPolicyModule(AlignmentModule):
         self.gen_seconds += ro.gen_s
         return ro
 
-    def step(self, opt, sched, loss: torch.Tensor) -> None:
-        """zero_grad -> backward -> clip -> optimiser step -> scheduler step."""
-        opt.zero_grad()
+    def step(self, loss: torch.Tensor, *updates: tuple[Any, Any, OptimConfig]) -> None:
+        """One optimisation step of ``loss`` for each ``(optimiser, scheduler, its config)``:
+        zero_grad all -> backward once -> per optimiser clip and step -> the schedulers step."""
+        for opt, _, _ in updates:
+            opt.zero_grad()
         self.manual_backward(loss)
-        if self.optim_cfg.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip,
-                                gradient_clip_algorithm="norm")
-        opt.step()
-        sched.step()
+        for opt, _, oc in updates:
+            if oc.grad_clip:
+                self.clip_gradients(opt, gradient_clip_val=oc.grad_clip,
+                                    gradient_clip_algorithm="norm")
+            opt.step()
+        for _, sched, _ in updates:
+            sched.step()
 
     @staticmethod
     def accumulate(acc: dict[str, list[torch.Tensor]], stats: dict) -> None:
@@ -110,3 +117,66 @@ class OnPolicyModule(AlignmentModule):
                 zip(ro.prompts[:n], ro.responses[:n], ro.scores[:n].tolist(), strict=True)]
         logger.log_table("train/samples", columns=["iteration", "prompt", "response", "reward"],
                          data=rows)
+
+
+def group_layout(batch: int, group_size: int) -> tuple[int, int]:
+    """(prompts, group size) with prompts * group == ``batch``: the largest group <= ``group_size``
+    (the bench's sizes for the group methods)."""
+    g = min(group_size, batch)
+    while g > 2 and batch % g:
+        g -= 1
+    if g < 2 or batch % g:
+        raise ValueError(f"batch={batch}: a group method needs an even batch of >= 2 sequences "
+                         f"(prompts x group_size with group_size >= 2)")
+    return batch // g, g
+
+
+class OnPolicyStage(Stage):
+    """What the on-policy stages share: rewards from the task's gold reward or the reward model
+    (``cfg.reward_source``), rollout batches of training prompts, a budget in rollout batches."""
+
+    def needs(self, cfg) -> tuple[str, ...]:
+        return ("sft", "rm") if self.reward_source(cfg) == "rm" else ("sft",)
+
+    def reward_source(self, cfg) -> str:
+        return cfg.reward_source
+
+    def scorer(self, ctx, cfg, inputs) -> Callable:
+        """The sequence reward of a rollout: the reward model's score or the gold reward."""
+        if self.reward_source(cfg) == "rm":
+            from harness.methods.reward import scorer_of
+
+            return scorer_of(inputs["rm"])
+        return ctx.gold_scorer()
+
+    @staticmethod
+    def budget(cfg) -> Budget:
+        return Budget(limit_train_batches=cfg.n_iterations, log_every_n_steps=1)
+
+
+class GroupStage(OnPolicyStage):
+    """On-policy stages that sample ``group_size`` completions per prompt and need no critic
+    (GRPO, RLOO): the policy, the frozen reference and a scorer; ``module`` is the Lightning module
+    class, built as ``module(policy, reference, tokenizer, cfg, score_fn, seed)``."""
+
+    module: ClassVar[type]
+
+    def build(self, ctx, cfg, inputs) -> Fit:
+        score = self.scorer(ctx, cfg, inputs)
+        policy, reference = policy_from(inputs)
+        module = self.module(policy, reference, ctx.tokenizer, cfg, score, ctx.seed)
+        p, g = cfg.rollout.prompts_per_batch, cfg.group_size
+        networks = {"policy": policy, "reference": reference}
+        if "rm" in inputs:
+            networks["reward_model"] = inputs["rm"].model
+        return Fit(module, ctx.prompt_loader(p, cfg.n_iterations), self.budget(cfg), model=policy,
+                   networks=networks, trainable=[policy], sequences=p * g,
+                   layout=f"{p} prompts x {g}", passes=cfg.update_epochs,
+                   minibatch=cfg.minibatch_size)
+
+    def sized(self, cfg, batch: int, n_batches: int):
+        from dataclasses import replace
+
+        prompts, group = group_layout(batch, cfg.group_size)
+        return replace(cfg, n_iterations=n_batches, group_size=group,
+                       rollout=replace(cfg.rollout, prompts_per_batch=prompts))

@@ -7,12 +7,38 @@ R is the set of response positions (prompt tokens carry the label -100 and are m
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import torch
 
-from harness.config import SFTConfig
+from harness.config import OptimConfig, one_of, positive
 from harness.methods.base import AlignmentModule
 from harness.methods.losses import masked_mean, token_logprobs
 from harness.models.llama import CausalLM
+from harness.stage import Budget, Fit, Stage
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: cross-entropy on response tokens (+ MoE auxiliary loss).
+
+    ``max_steps`` suits the default task (arith); ``conf/experiment/`` sets other budgets.
+    ``overflow``: prompts longer than ``max_len`` are truncated or skipped. The matrices get
+    LLaMA's decoupled weight decay 0.1.
+    """
+
+    name: str = "sft"
+    max_steps: int = 2000
+    batch_size: int = 64
+    max_len: int = 128
+    overflow: str = "truncate"      # truncate | skip
+    val_every: int = 1000
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(weight_decay=0.1))
+
+    def check(self, prefix: str = "sft") -> None:
+        positive(self, prefix, "max_steps", "batch_size", "max_len", "val_every")
+        one_of(self, prefix, "overflow", ("truncate", "skip"))
+        self.optim.check(f"{prefix}.optim")
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,3 +78,26 @@ class SFTModule(AlignmentModule):
         out = self.policy(batch["input_ids"])
         nll, _ = sft_loss(out.logits, batch["labels"])
         self.log("val/loss", nll, prog_bar=True, on_step=False, on_epoch=True)
+
+
+class SFTStage(Stage):
+    """The SFT base every other stage builds on: a fresh backbone trained on the demonstrations."""
+
+    name = "sft"
+    config = SFTConfig
+    base = True
+    reference = None
+
+    def needs(self, cfg: SFTConfig) -> tuple[str, ...]:
+        return ()
+
+    def build(self, ctx, cfg: SFTConfig, inputs) -> Fit:
+        policy = ctx.new_policy()
+        return Fit(SFTModule(policy, cfg), ctx.datamodule("sft", cfg),
+                   Budget(max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
+                          val_every=cfg.val_every),
+                   model=policy, networks={"policy": policy}, trainable=[policy],
+                   sequences=cfg.batch_size, layout=f"{cfg.batch_size} demos")
+
+    def sized(self, cfg: SFTConfig, batch: int, n_batches: int) -> SFTConfig:
+        return replace(cfg, batch_size=batch, max_steps=n_batches)

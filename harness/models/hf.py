@@ -27,16 +27,14 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness.models.config import ModelConfig
+from harness.atomic import publish_dir
+from harness.models.architecture import ModelConfig
 from harness.models.llama import CausalLM
 
 __all__ = ["config_from_hf", "load_checkpoint", "save_checkpoint", "to_hf_config", "to_hf_model"]
@@ -212,25 +210,6 @@ def _write_resolved_config(resolved_config: Any, path: Path) -> None:
     OmegaConf.save(OmegaConf.to_container(node, resolve=True), path)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``, replacing an existing ``out``.
-
-    Each step is a rename on the same file system; an existing folder is first renamed aside and
-    only deleted once the new one is in place (restored if the second rename fails).
-    """
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(model: CausalLM, out_dir: str | os.PathLike, tokenizer: Any = None,
                     resolved_config: Any = None) -> Path:
     """Write ``model`` as a Hugging Face checkpoint folder (see the module docstring); returns it.
@@ -239,11 +218,7 @@ def save_checkpoint(model: CausalLM, out_dir: str | os.PathLike, tokenizer: Any 
     crash never leaves a half-written checkpoint and an existing one is replaced whole.
     ``resolved_config``: the run's Hydra config (dict or DictConfig) -> ``harness_config.yaml``.
     """
-    out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; give the checkpoint ordinary permissions
-    try:
+    def build(tmp: Path) -> None:
         hf = to_hf_model(model, tokenizer)
         hf.save_pretrained(tmp)
         if not (tmp / "generation_config.json").exists():
@@ -259,11 +234,8 @@ def save_checkpoint(model: CausalLM, out_dir: str | os.PathLike, tokenizer: Any 
             tokenizer.save_pretrained(tmp)
         if resolved_config is not None:
             _write_resolved_config(resolved_config, tmp / CONFIG_FILE)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return publish_dir(out_dir, build, replace=True)
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.models.config import ModelConfig
+from harness.models.architecture import ModelConfig
 from harness.models.moe import MoEFeedForward
 
 

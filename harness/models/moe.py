@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.models.config import ModelConfig
+from harness.models.architecture import ModelConfig
 
 
 def switch_load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor,

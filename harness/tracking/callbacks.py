@@ -19,8 +19,8 @@ class LeaderboardCallback(Callback):
     """After ``-m`` sweeps: ``results/leaderboard.{md,csv,html}`` and plots from the run records."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from harness.evaluation.leaderboard import build_leaderboard
         from harness.evaluation.records import load_records
+        from harness.evaluation.standings import build_leaderboard
 
         results = Path(to_absolute_path(config.get("results_dir") or "results"))
         command = "python -m harness " + " ".join(sys.argv[1:])
@@ -35,14 +35,14 @@ def log_leaderboard_table(config: DictConfig, records: list[dict]) -> None:
     """The leaderboard rows as a ``wandb.Table`` in a run of its own (job_type ``leaderboard``).
 
     The rows are those of the leaderboard's main table (the ``compare`` group when the records
-    have one, else all; see :func:`harness.evaluation.leaderboard.select_group`). Columns: method,
+    have one, else all; see :func:`harness.evaluation.standings.select_group`). Columns: method,
     model, dataset, status, seeds (distinct ok seeds), then per metric key of
-    :func:`harness.evaluation.leaderboard.columns` its mean over seeds and the bounds of its
+    :func:`harness.evaluation.standings.columns` its mean over seeds and the bounds of its
     Student-t 95 % interval (``<key> ci_lo``, ``<key> ci_hi``; empty for a single seed).
     """
     import wandb
 
-    from harness.evaluation.leaderboard import build_table, columns, select_group
+    from harness.evaluation.standings import build_table, columns, select_group
 
     rows = build_table(select_group(records)[0])
     cols = columns(rows)

@@ -23,12 +23,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_identity(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
-    """Name, group, job type and tags of a run, derived from the config alone."""
+    """Name, group, job type and tags of a run, derived from the (resolved) config alone."""
     method, model, dataset = cfg["method"]["name"], cfg["model"]["name"], cfg["dataset"]["name"]
     return {
         "name": f"{stage}-{model}-{dataset}-s{cfg['seed']}" if stage != method
         else f"{method}-{model}-{dataset}-s{cfg['seed']}",
-        "group": cfg["logger"].get("group") or cfg.get("experiment"),
+        "group": cfg["logger"]["group"] or cfg["group"],
         "job_type": stage,
         "tags": [f"method:{method}", f"model:{model}", f"dataset:{dataset}", f"stage:{stage}"],
     }
@@ -46,11 +46,11 @@ def build_logger(cfg: dict[str, Any], stage: str, save_dir: Path) -> Logger | No
     if kind != "wandb":
         raise ValueError(f"logger.kind={kind!r}: must be one of wandb, csv, none")
     ident = run_identity(cfg, stage)
-    offline = bool(lcfg.get("offline", True)) and os.environ.get("WANDB_MODE") != "online"
+    offline = bool(lcfg["offline"]) and os.environ.get("WANDB_MODE") != "online"
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(
-        project=lcfg.get("project"),
-        entity=lcfg.get("entity"),
+        project=lcfg["project"],
+        entity=lcfg["entity"],
         name=ident["name"],
         group=ident["group"],
         job_type=ident["job_type"],
@@ -60,6 +60,47 @@ def build_logger(cfg: dict[str, Any], stage: str, save_dir: Path) -> Logger | No
         log_model=False,  # checkpoints are logged as artifacts by the pipeline (offline too)
         config=flatten(cfg),
     )
+
+
+class RunLoggers:
+    """The experiment loggers of one run: one per stage trained in it, opened by :meth:`open`.
+
+    The run owns them: a stage's logger is closed with :meth:`close` when the stage is done,
+    except the final stage's, which :meth:`finish` closes with the run's summary (opening one
+    when the final stage came from the cache). :meth:`abort` closes whatever is open.
+    """
+
+    def __init__(self, cfg: dict[str, Any], run_dir: Path, final_stage: str) -> None:
+        self.cfg, self.run_dir, self.final = cfg, run_dir, final_stage
+        self.open_loggers: dict[str, Logger | None] = {}
+
+    def open(self, stage: str) -> Logger | None:
+        logger = build_logger(self.cfg, stage, self.run_dir)
+        self.open_loggers[stage] = logger
+        return logger
+
+    def close(self, stage: str) -> None:
+        """Close ``stage``'s logger unless it is the final stage's (kept for the summary)."""
+        if stage != self.final and stage in self.open_loggers:
+            finish(self.open_loggers.pop(stage))
+
+    def finish(self, summary: dict[str, Any], samples: list[dict] | None = None,
+               checkpoint: Path | None = None) -> None:
+        """Log the samples table (and the checkpoint artifact) and the summary; close all."""
+        logger = self.open_loggers.pop(self.final, None) if self.final in self.open_loggers \
+            else build_logger(self.cfg, self.final, self.run_dir)
+        if logger is not None and hasattr(logger, "log_table") and samples:
+            cols = list(samples[0])
+            logger.log_table("eval/samples", columns=cols, data=[[s[c] for c in cols] for s in samples])
+        if checkpoint is not None and self.cfg["logger"]["log_model"]:
+            log_model_artifact(logger, checkpoint, f"{self.final}-{self.cfg['model']['name']}")
+        finish(logger, summary)
+        self.abort(None)
+
+    def abort(self, summary: dict[str, Any] | None = None) -> None:
+        """Close every logger still open (a failed run: ``{"status": "failed"}``)."""
+        for stage in list(self.open_loggers):
+            finish(self.open_loggers.pop(stage), summary)
 
 
 def log_model_artifact(logger: Logger | None, checkpoint: Path, name: str) -> None:

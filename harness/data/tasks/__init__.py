@@ -6,7 +6,7 @@ latter for the tokenizer only). Unknown fields raise ``ConfigError`` naming them
 ``arith`` / ``arith_fast``: :class:`~harness.data.tasks.arith.ArithConfig` (three- / two-digit
 addition); ``courier``: :class:`~harness.data.tasks.courier.CourierConfig`; ``preference``:
 :class:`~harness.data.tasks.preference.PreferenceConfig`. The fields and their defaults are those
-dataclasses' (and the YAML files of ``conf/dataset/``).
+dataclasses' (the YAML files of ``conf/dataset/`` hold only what each option changes).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from harness.data.tasks.preference import NoGoldRewardError, PreferenceConfig, P
 
 __all__ = ["TASKS", "ArithConfig", "ArithTask", "CourierConfig", "CourierTask",
            "NoGoldRewardError", "PreferenceConfig", "PreferenceTask", "Task", "TaskConfig",
-           "build_task"]
+           "build_task", "task_config"]
 
 TASKS: dict[str, type[Task]] = {"arith": ArithTask, "arith_fast": ArithFastTask, "courier": CourierTask,
                                 "preference": PreferenceTask}
@@ -42,14 +42,23 @@ def _plain(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
-def build_task(cfg: Mapping[str, Any], cache_dir: str | Path | None = None) -> Task:
+def task_config(cfg: Mapping[str, Any] | TaskConfig) -> TaskConfig:
+    """The validated config dataclass of the task named by ``cfg["name"]``."""
+    if isinstance(cfg, TaskConfig):
+        cfg.validate()
+        return cfg
+    plain = _plain(cfg)
+    name = plain.get("name")
+    if name not in TASKS:
+        raise ConfigError(f"dataset.name={name!r}: must be one of {sorted(TASKS)}")
+    return TASKS[name].config_class.from_mapping(plain)
+
+
+def build_task(cfg: Mapping[str, Any] | TaskConfig, cache_dir: str | Path | None = None) -> Task:
     """The task named by ``cfg["name"]``, configured by the rest of ``cfg``.
 
     ``cache_dir`` is the parent folder of the generated datasets' cache (default
     ``~/.cache/harness/data``); each task config caches under ``<cache_dir>/<name>-<hash>``.
     """
-    plain = _plain(cfg)
-    name = plain.get("name")
-    if name not in TASKS:
-        raise ConfigError(f"dataset.name={name!r}: must be one of {sorted(TASKS)}")
-    return TASKS[name](plain, cache_dir=cache_dir)
+    config = task_config(cfg)
+    return TASKS[config.name](config, cache_dir=cache_dir)

@@ -22,9 +22,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,6 +30,7 @@ from typing import Any, ClassVar, Self
 from datasets import Dataset, load_from_disk
 from datasets import utils as hf_progress
 
+from harness.atomic import publish_dir, write_json
 from harness.data.errors import ConfigError, DataError, require_columns, require_nonempty
 
 log = logging.getLogger(__name__)
@@ -47,19 +45,15 @@ DATA_VERSION = 3
 
 @dataclasses.dataclass
 class TaskConfig:
-    """Fields shared by every task config. ``vocab_size`` (the tokenizer's) and ``sft_max_steps``
-    are not part of the data fingerprint; every other field generates data and enters it."""
+    """Fields shared by every task config. ``vocab_size`` (the tokenizer's) is not part of the
+    data fingerprint; every other field generates data and enters it."""
 
     name: str = ""
     seed: int = 0
     vocab_size: int = 512
-    #: The SFT budget (optimiser steps) this task needs; ``conf/method/sft.yaml`` reads it as
-    #: ``max_steps: ${oc.select:dataset.sft_max_steps,3000}``, so long-prompt tasks can train for
-    #: fewer steps. None: the SFT config's own default.
-    sft_max_steps: int | None = None
 
     #: Fields that do not change the data (left out of the fingerprint).
-    NON_DATA_FIELDS: ClassVar[tuple[str, ...]] = ("vocab_size", "sft_max_steps")
+    NON_DATA_FIELDS: ClassVar[tuple[str, ...]] = ("vocab_size",)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> Self:
@@ -78,9 +72,6 @@ class TaskConfig:
         if self.vocab_size is not None and int(self.vocab_size) < 260:
             raise ConfigError(f"dataset.vocab_size={self.vocab_size}: must be >= 260 "
                               "(256 bytes + 4 special tokens)")
-        if self.sft_max_steps is not None and int(self.sft_max_steps) <= 0:
-            raise ConfigError(f"dataset.sft_max_steps={self.sft_max_steps}: must be a positive "
-                              "number of steps (or null for the SFT config's default)")
 
     def data_fields(self) -> dict[str, Any]:
         """The fields that generate the data (the fingerprint's input)."""
@@ -148,10 +139,7 @@ class Task(ABC):
         """Leave the generating config beside the cached datasets (for people, not for code)."""
         path = self.cache_path / "config.json"
         if not path.exists():
-            tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({"version": DATA_VERSION, **self.config.data_fields()},
-                                      indent=2, sort_keys=True, default=str))
-            os.replace(tmp, path)
+            write_json(path, {"version": DATA_VERSION, **self.config.data_fields()})
 
     @staticmethod
     def check_split(split: str) -> str:
@@ -219,19 +207,11 @@ def _to_dataset(columns: Mapping[str, Sequence[Any]]) -> Dataset:
 
 
 def _save_atomic(ds: Dataset, path: Path) -> None:
-    """``save_to_disk`` into a temporary sibling folder, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """``save_to_disk`` into a temporary sibling folder, then publish it as ``path``."""
     was_disabled = hf_progress.are_progress_bars_disabled()
     hf_progress.disable_progress_bars()  # one bar per small file is noise in the run's log
     try:
-        ds.save_to_disk(str(tmp))
+        publish_dir(path, lambda tmp: ds.save_to_disk(str(tmp)), replace=False)
     finally:
         if not was_disabled:
             hf_progress.enable_progress_bars()
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process saved it first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (path / "dataset_info.json").exists():
-            raise

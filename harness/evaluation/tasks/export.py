@@ -35,12 +35,12 @@ import dataclasses
 import json
 import logging
 import os
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from string import Template
 from typing import Any
 
+from harness.atomic import write_text
 from harness.evaluation.tasks.functions import CACHE_DIR_FIELD, TASK_CLASS_FIELD, TASK_CONFIG_FIELD
 
 log = logging.getLogger(__name__)
@@ -111,20 +111,14 @@ def _rows(dataset: Any, limit: int | None) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _render(template: str, out: Path, **values: Any) -> None:
     src = TEMPLATE_DIR / template
     text = Template(src.read_text(encoding="utf-8")).substitute(template=src.name, **values)
-    _write_atomic(out, text)
+    write_text(out, text)
 
 
 def export_task_data(task: Any, out_dir: str | os.PathLike, *, limit: int | None = None,
@@ -192,6 +186,6 @@ def export_task_data(task: Any, out_dir: str | os.PathLike, *, limit: int | None
     manifest = {"task": name, "task_class": cls_path, "task_config": json.loads(cfg_json),
                 "bos_token": bos, "eos_token": eos, "limit": limit, "max_gen_toks": int(max_gen_toks),
                 "counts": counts, "group": group_name(name), "tasks": task_names(name, kinds)}
-    _write_atomic(data_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_text(data_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log.info("lm-eval: exported %s (%s) to %s", name, counts, out)
     return out

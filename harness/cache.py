@@ -10,12 +10,12 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from harness.atomic import write_json
 
 
 def stage_key(kind: str, decides: dict[str, Any]) -> str:
@@ -71,7 +71,7 @@ class StageCache:
         """Mark the stage complete by writing ``stage.json`` atomically."""
         payload = {"key": record.key, "metrics": record.metrics, "decides": record.decides,
                    "trained_id": record.trained_id}
-        write_json_atomic(self.path(record.key) / "stage.json", payload)
+        write_json(self.path(record.key) / "stage.json", payload)
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
@@ -83,19 +83,3 @@ class StageCache:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

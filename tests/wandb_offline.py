@@ -17,7 +17,7 @@ the W&B service until ``run.finish()``; call ``wandb.teardown()`` (or poll
 
 Usage::
 
-    from harness.tracking.wandb_offline import find_runs, read_run
+    from wandb_offline import find_runs, read_run
     for run_dir in find_runs("wandb"):
         run = read_run(run_dir)
         print(run.name, run.group, run.summary.get("eval/gold_reward"))

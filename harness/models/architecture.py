@@ -19,18 +19,20 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Hyper-parameters of the decoder (names follow the seed's LLaMA table).
 
-    ``vocab_size: None`` means "take it from the tokenizer" (the built-in tasks build their own).
+    The shape (``d_model`` ... ``max_seq_len``) has no default: every preset in ``conf/model``
+    states it. ``vocab_size: None`` means "take it from the tokenizer" (the built-in tasks build
+    their own); ``n_kv_heads: None`` is multi-head attention (as many KV heads as heads).
     ``n_experts: 0`` is the dense model; ``n_experts > 0`` swaps every MLP for a routed MoE layer.
     """
 
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_seq_len: int
     name: str = "custom"
     vocab_size: int | None = None
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
     n_kv_heads: int | None = None
-    d_ff: int = 344
-    max_seq_len: int = 256
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = False

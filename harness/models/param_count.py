@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from harness.models.config import ModelConfig
+from harness.models.architecture import ModelConfig
 from harness.models.llama import CausalLM
 
 __all__ = ["format_breakdown", "meta_model", "parameter_breakdown"]

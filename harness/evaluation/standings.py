@@ -46,8 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.atomic import write_bytes, write_text
 from harness.evaluation.plots import plot_reward_kl, plot_training_curves
-from harness.evaluation.records import atomic_write_bytes, atomic_write_text, finite, is_number, load_records
+from harness.evaluation.records import finite, is_number, load_records
 from harness.evaluation.stats import (
     distinct_seeds,
     kl_coefficient,
@@ -718,7 +719,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
             values += [_csv_value(cell.get(s)) for s in ("mean", "std", "ci_lo", "ci_hi")] + [cell.get("n", 0)]
         values.append(_csv_value(row.get("error")))
         writer.writerow(values)
-    return atomic_write_text(path, buf.getvalue())
+    return write_text(path, buf.getvalue())
 
 
 _PAIRED_FIELDS = ("model", "dataset", "group", "a", "b", "n_seeds", "n_prompts", "mean_diff", "ci_lo", "ci_hi",
@@ -732,7 +733,7 @@ def write_paired_csv(paired: Sequence[Mapping[str, Any]], path: Path | str) -> P
     writer.writerow(_PAIRED_FIELDS)
     for c in paired:
         writer.writerow([_csv_value(c.get(k)) for k in _PAIRED_FIELDS])
-    return atomic_write_text(path, buf.getvalue())
+    return write_text(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- HTML
@@ -933,7 +934,7 @@ def screenshot(html_path: Path | str, png_path: Path | str, width: int = SCREENS
             return None
         if not shot.is_file() or shot.stat().st_size == 0:
             return None
-        return atomic_write_bytes(png_path, shot.read_bytes())
+        return write_bytes(png_path, shot.read_bytes())
 
 
 # --------------------------------------------------------------------------- everything at once
@@ -1027,13 +1028,13 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
              "(all groups)": paths["reward_kl"],
              "Training curves: held-out gold vs trained tokens, train/kl, reward-model score (EMA; raw faint)":
                  paths["training_curves"]}
-    paths["markdown"] = atomic_write_text(
+    paths["markdown"] = write_text(
         out_dir / "leaderboard.md",
         render_markdown(rows, header, plots={c: p.name for c, p in plots.items()}, paired=paired,
                         warnings=warnings, n_boot=n_boot, seed=seed))
     paths["csv"] = write_csv(rows, out_dir / "leaderboard.csv")
     paths["paired_csv"] = write_paired_csv(paired, out_dir / "leaderboard_paired.csv")
-    paths["html"] = atomic_write_text(out_dir / "leaderboard.html",
+    paths["html"] = write_text(out_dir / "leaderboard.html",
                                       render_html(rows, plots, header, paired=paired, warnings=warnings,
                                                   n_boot=n_boot, seed=seed))
     if screenshot:

@@ -1,0 +1,99 @@
+"""Atomic writes: readers (parallel sweep jobs, a crash) see the old content or the new, never half.
+
+Files go to a uniquely named temporary sibling, are flushed and ``fsync``-ed, then renamed over the
+destination with :func:`os.replace`. Folders (checkpoints, tokenizers, cached datasets) are built
+in a temporary sibling folder and renamed into place by :func:`publish_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (creating the parent folder); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_text(path: Path | str, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`write_bytes`)."""
+    return write_bytes(path, text.encode(encoding))
+
+
+def write_json(path: Path | str, payload: Any) -> Path:
+    """Write ``payload`` as indented, key-sorted JSON atomically (non-JSON values via ``str``)."""
+    return write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def publish_dir(dest: Path | str, build: Callable[[Path], None], replace: bool = True) -> Path:
+    """Build a folder with ``build(tmp)`` in a temporary sibling of ``dest``, then rename it to ``dest``.
+
+    ``replace=True``: an existing ``dest`` is replaced whole (renamed aside, deleted only once the
+    new folder is in place, restored if the rename fails). ``replace=False``: when another process
+    published ``dest`` first, its copy is kept and this one discarded.
+    """
+    dest = Path(dest).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        build(tmp)
+        if not dest.exists():
+            try:
+                os.rename(tmp, dest)
+                return dest
+            except OSError:
+                if replace or not dest.exists():
+                    raise
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return dest
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dest, old)
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            os.replace(old, dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return dest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Best effort: make the rename itself durable (not supported everywhere, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

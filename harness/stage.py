@@ -1,0 +1,189 @@
+"""The stage interface: how every stage of the pipeline (SFT, reward model, each aligning method)
+says what it needs, how it builds its Lightning module and data, and what it hands on.
+
+A stage is a :class:`Stage` subclass named in :mod:`harness.registry`. The pipeline
+(:func:`harness.pipeline.run`) and the bench (:mod:`harness.bench`) build every stage through
+:meth:`Stage.build` from a :class:`StageContext` (task, tokenizer, model config, seed) and the
+finished stages it needs (:class:`Built`); neither knows any method by name.
+
+Base stages (``base = True``: SFT, the reward model) are what other stages build on: each has a
+top-level config section under its name (``sft.*``, ``rm.*``) and is cached under a key hashed
+from everything that decides it, so every method of a sweep starts from the same one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from harness.cache import StageRecord
+from harness.data.datamodule import AlignmentDataModule
+from harness.models.architecture import ModelConfig
+from harness.models.hf import load_checkpoint, save_checkpoint
+from harness.models.llama import CausalLM
+from harness.seeding import generator
+
+
+@dataclass
+class StageContext:
+    """What a stage may use to build itself: the run's task, tokenizer, backbone config and seed."""
+
+    task: Any
+    tokenizer: Any
+    model_cfg: ModelConfig
+    seed: int
+
+    def new_policy(self) -> CausalLM:
+        """A freshly initialised backbone (initialised from the global RNG, seeded per stage)."""
+        return CausalLM(self.model_cfg)
+
+    def datamodule(self, kind: str, c: Any) -> AlignmentDataModule:
+        """The task's ``kind`` data (sft | pairs) batched as stage config ``c`` says, shuffled by
+        the seed (``c`` has ``batch_size``, ``max_len`` and ``overflow``)."""
+        return AlignmentDataModule(self.task, self.tokenizer, kind=kind, batch_size=c.batch_size,
+                                   max_len=c.max_len, overflow=c.overflow, seed=self.seed)
+
+    def prompt_loader(self, batch_size: int, n_batches: int) -> DataLoader:
+        """``n_batches`` batches of training prompts (strings), drawn with replacement from the
+        seed's ``prompts`` stream: the rollout batches of the on-policy methods."""
+        prompts = sorted(set(self.task.sft_dataset("train")["prompt"]))
+        sampler = RandomSampler(prompts, replacement=True, num_samples=batch_size * n_batches,
+                                generator=generator(self.seed, "prompts"))
+        return DataLoader(prompts, batch_size=batch_size, sampler=sampler, collate_fn=list)
+
+    def gold_scorer(self) -> Callable:
+        """Sequence reward = the task's gold (verifiable) reward of the decoded response."""
+        task = self.task
+
+        def score(prompts, responses, input_ids, attention_mask, prompt_len):
+            return torch.tensor(task.rewards(prompts, responses), dtype=torch.float32)
+        return score
+
+
+@dataclass
+class Budget:
+    """How long a stage trains: ``max_steps`` optimiser steps (automatic optimisation) or
+    ``limit_train_batches`` batches of one epoch (the on-policy methods' rollout batches)."""
+
+    max_steps: int = -1
+    limit_train_batches: int | None = None
+    grad_clip: float | None = None
+    val_every: int | None = None
+    log_every_n_steps: int | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.max_steps if self.max_steps > 0 else int(self.limit_train_batches or 0)
+
+
+@dataclass
+class Fit:
+    """A stage ready to train.
+
+    ``model`` is what the stage produces (saved, handed on, evaluated); ``networks`` every network
+    the stage holds and ``trainable`` those it optimises (the bench's memory figures);
+    ``sequences`` the sequences forwarded per training batch and ``layout`` what one batch is.
+    """
+
+    module: L.LightningModule
+    data: L.LightningDataModule | DataLoader
+    budget: Budget
+    model: nn.Module
+    networks: dict[str, nn.Module]
+    trainable: list[nn.Module]
+    sequences: int
+    layout: str
+    #: optimisation passes over each batch and their minibatch size (on-policy methods)
+    passes: int | None = None
+    minibatch: int | None = None
+
+
+@dataclass
+class Built:
+    """A finished stage: its config, its trained model and its record (key, path, metrics)."""
+
+    name: str
+    config: Any
+    model: nn.Module
+    record: StageRecord
+    checkpoint: Path
+
+
+class Stage:
+    """One stage of the pipeline. Subclasses set the class attributes and implement :meth:`build`.
+
+    ``config``: the config dataclass (its defaults are the stage's defaults; ``name`` = the stage).
+    ``base``: a stage others build on, configured in its own section and cached (sft, rm).
+    ``produces_policy``: the stage's model is a policy, evaluated on the task's gold reward
+    against its reference; False for the reward model (its ``eval/rewards_acc`` is its score).
+    ``reference``: the stage whose model is the frozen reference (None: no reference).
+    """
+
+    name: ClassVar[str]
+    config: ClassVar[type]
+    base: ClassVar[bool] = False
+    produces_policy: ClassVar[bool] = True
+    reference: ClassVar[str | None] = "sft"
+
+    def needs(self, cfg: Any) -> tuple[str, ...]:
+        """The stages this one builds on (by name), for config ``cfg``."""
+        return ("sft",)
+
+    def build(self, ctx: StageContext, cfg: Any, inputs: Mapping[str, Built]) -> Fit:
+        raise NotImplementedError
+
+    def sized(self, cfg: Any, batch: int, n_batches: int) -> Any:
+        """``cfg`` with only its sizes changed so one training batch forwards ``batch`` sequences
+        and training lasts ``n_batches`` batches (the bench's comparable step)."""
+        raise NotImplementedError
+
+    def reward_source(self, cfg: Any) -> str | None:
+        """What ``train/reward`` measures: ``gold``, ``rm`` or None (no reward during training)."""
+        return None
+
+    def summary_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The run's metrics from the stage's training and validation metrics."""
+        return {k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))}
+
+    def save(self, model: nn.Module, path: Path, tokenizer: Any, resolved: dict) -> None:
+        """Write the stage's model as a Hugging Face folder at ``path``."""
+        save_checkpoint(model, path, tokenizer=tokenizer, resolved_config=resolved)
+
+    def load(self, path: Path) -> nn.Module:
+        """The model :meth:`save` wrote."""
+        return load_checkpoint(path)[0]
+
+
+def policy_from(inputs: Mapping[str, Built]) -> tuple[CausalLM, CausalLM]:
+    """(trainable copy of the SFT base, the SFT base as the frozen reference)."""
+    reference = inputs["sft"].model
+    return copy.deepcopy(reference), reference
+
+
+@dataclass
+class Registry:
+    """Stage classes by name, imported lazily from ``"module:Class"`` paths."""
+
+    paths: Mapping[str, str]
+    _loaded: dict[str, Stage] = field(default_factory=dict)
+
+    def get(self, name: str) -> Stage:
+        if name not in self.paths:
+            raise KeyError(f"unknown stage {name!r}; known: {', '.join(self.paths)}")
+        if name not in self._loaded:
+            import importlib
+
+            module, cls = self.paths[name].split(":")
+            stage = getattr(importlib.import_module(module), cls)()
+            if stage.name != name:
+                raise ValueError(f"{self.paths[name]} is stage {stage.name!r}, registered as {name!r}")
+            self._loaded[name] = stage
+        return self._loaded[name]
