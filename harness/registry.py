@@ -16,6 +16,7 @@ STAGES = Registry({
     "ppo": "harness.methods.ppo:PPOStage",
     "grpo": "harness.methods.grpo:GRPOStage",
     "dpo": "harness.methods.dpo:DPOStage",
+    "rloo": "harness.methods.rloo:RLOOStage",
 })
 
 

@@ -97,7 +97,7 @@ def test_the_base_stage_sections_take_their_defaults_from_the_stage_configs():
     for name in base_stages():
         schema = get_stage(name).config
         assert dataclasses.asdict(validate(cfg).stages[name]) == dataclasses.asdict(schema())
-    assert validate(composed(["method=grpo"])).method == get_stage("grpo").config()
+    assert validate(composed(["method=rloo"])).method == get_stage("rloo").config()
 
 
 def test_every_registered_stage_has_a_method_option_and_composes():
@@ -124,9 +124,9 @@ def test_bad_values_of_every_group_are_named(override, field):
 
 def test_method_values_are_checked():
     with pytest.raises(ConfigError, match=r"method\.group_size=1"):
-        validate(composed(["method=grpo", "method.group_size=1"]))
-    with pytest.raises(ConfigError, match=r"method\.loss_type='both'"):
-        validate(composed(["method=grpo", "method.loss_type=both"]))
+        validate(composed(["method=rloo", "method.group_size=1"]))
+    with pytest.raises(ConfigError, match=r"method\.kl_penalty='both'"):
+        validate(composed(["method=rloo", "method.kl_penalty=both"]))
 
 
 def test_unknown_keys_are_rejected_by_the_schemas():
@@ -181,6 +181,7 @@ def test_the_comparison_sweeps_cover_every_aligning_method(sweep):
     loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF)))
     swept = override.value().filter(loader.get_group_options("method"))
     assert sorted(swept) == sorted(set(stage_names()) - set(base_stages()))
+    assert "rloo" in swept
     cfg = composed([f"+sweep={sweep}"])
     assert cfg.group == sweep
     if sweep == "compare_courier":

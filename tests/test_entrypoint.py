@@ -43,6 +43,7 @@ def test_unknown_option_lists_the_choices():
     ("model=moe_small model.top_k=9", "model.top_k"),
     ("method=grpo method.optim.lr=-1", "method.optim.lr"),
     ("sft.optim.lr=-1", "sft.optim.lr"),
+    ("method=rloo method.group_size=1", "method.group_size"),
 ])
 def test_bad_values_fail_before_any_work_naming_the_field(override, field, tmp_path):
     out = harness(*override.split(), f"hydra.run.dir={tmp_path}/run", f"cache_dir={tmp_path}/c",
@@ -107,8 +108,7 @@ def test_sft_run_writes_summary_checkpoint_and_offline_wandb_then_reuses_cache(t
 
 @pytest.mark.slow
 def test_multirun_sweep_shares_the_sft_base_and_rebuilds_the_leaderboard(tmp_path):
-    out = harness("-m", "model=llama_tiny", "method=grpo", "method.beta=0.0,0.1", "sft.max_steps=20",
-                  "sft.val_every=10",
+    out = harness("-m", "model=llama_tiny", "method=grpo,rloo", "sft.max_steps=20", "sft.val_every=10",
                   "method.n_iterations=2", "method.group_size=2", "eval.limit=8",
                   "eval.lm_eval.enabled=false", "eval.curve_points=0", "logger=none",
                   "dataset.n_train=500", "dataset.n_pairs=100", "group=tiny_sweep",
@@ -120,6 +120,6 @@ def test_multirun_sweep_shares_the_sft_base_and_rebuilds_the_leaderboard(tmp_pat
     keys = {json.loads(p.read_text())["cache_keys"]["sft"] for p in summaries}
     assert len(keys) == 1  # both jobs start from the same SFT base
     board = (tmp_path / "results" / "leaderboard.md").read_text()
-    assert "grpo" in board and "python -m harness" in board
+    assert "grpo" in board and "rloo" in board and "python -m harness" in board
     assert (tmp_path / "results" / "reward_kl.png").is_file()
     assert len(list((tmp_path / "results" / "runs").glob("*.json"))) == 2

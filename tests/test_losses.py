@@ -30,6 +30,9 @@ from harness.methods.losses import (
     masked_whiten,
     pairwise_accuracy,
     ppo_clipped_surrogate,
+    rloo_advantages,
+    rloo_policy_loss,
+    sequence_kl_shaped_rewards,
     sequence_logprobs,
     td_residuals,
     token_logprobs,
@@ -470,3 +473,56 @@ def test_warmup_cosine_schedule_by_hand():
     assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
 
 
+
+# ---------------------------------------------------------------------------------------- RLOO
+def test_rloo_advantages_leave_one_out():
+    # k = 2: each baseline is the other sample: [1, 2] -> [-1, 1]; [3, 6] -> [-3, 3]
+    assert_close(rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), 2),
+                 torch.tensor([-1.0, 1.0, -3.0, 3.0]))
+    # k = 3, [1, 2, 6]: baselines (2+6)/2 = 4, (1+6)/2 = 3.5, (1+2)/2 = 1.5
+    a = rloo_advantages(torch.tensor([1.0, 2.0, 6.0]), 3)
+    assert_close(a, torch.tensor([-3.0, -1.5, 4.5]))
+    # = k/(k-1) (R - mean): unbiased and zero-sum within the group
+    assert_close(a, 1.5 * (torch.tensor([1.0, 2.0, 6.0]) - 3.0))
+    assert float(a.sum()) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(torch.tensor([1.0, 2.0]), 1)
+    with pytest.raises(ValueError, match="divisible"):
+        rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), 2)
+
+
+def test_sequence_kl_shaped_rewards_sum_the_per_token_penalty():
+    # k1 = logp - ref = [[0.5, 0], [0, -2 (masked)]] -> sums [0.5, 0]; R = score - 0.5 * sum
+    scores = torch.tensor([1.0, 0.0])
+    logp = torch.tensor([[-1.0, -2.0], [-1.0, -3.0]])
+    ref = torch.tensor([[-1.5, -2.0], [-1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert_close(sequence_kl_shaped_rewards(scores, logp, ref, mask, 0.5), torch.tensor([0.75, 0.0]))
+
+
+def test_rloo_policy_loss_is_sequence_reinforce_at_ratio_one():
+    # ratio 1: L = 1/B sum_i sum_t -A_i m_it = (-(2 + 2) + 1) / 2 = -1.5
+    logp = torch.zeros(2, 2, requires_grad=True)
+    adv = torch.tensor([2.0, -1.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, stats = rloo_policy_loss(logp, logp.detach(), logp.detach(), adv, mask, clip_eps=0.2)
+    assert float(loss) == pytest.approx(-1.5) and float(stats["clip_frac"]) == 0.0
+    loss.backward()
+    # the REINFORCE gradient of the summed sequence log-probability: -A_i m_it / B
+    assert_close(logp.grad, torch.tensor([[-1.0, -1.0], [0.5, 0.0]]))
+
+
+def test_rloo_policy_loss_clips_and_adds_the_k3_term():
+    one = torch.ones(1, 1)
+    # ratio 1.5, A = 1: min(1.5, 1.2) -> -1.2; ratio 0.5, A = -1: min(-0.5, -0.8) -> +0.8
+    up, stats = rloo_policy_loss(torch.log(torch.tensor([[1.5]])), torch.zeros(1, 1),
+                                 torch.zeros(1, 1), torch.tensor([1.0]), one, clip_eps=0.2)
+    assert float(up) == pytest.approx(-1.2) and float(stats["clip_frac"]) == 1.0
+    down, _ = rloo_policy_loss(torch.log(torch.tensor([[0.5]])), torch.zeros(1, 1),
+                               torch.zeros(1, 1), torch.tensor([-1.0]), one, clip_eps=0.2)
+    assert float(down) == pytest.approx(0.8)
+    # A = 0, pi_ref / pi = 2: k3 = 2 - ln 2 - 1 = 0.306853; beta 0.1 -> 0.0306853
+    kl, stats = rloo_policy_loss(torch.zeros(1, 1), torch.zeros(1, 1),
+                                 torch.log(torch.tensor([[2.0]])), torch.zeros(1), one, 0.2, beta=0.1)
+    assert float(kl) == pytest.approx(0.0306853, abs=1e-6)
+    assert float(stats["kl_k3"]) == pytest.approx(0.306853, abs=1e-5)

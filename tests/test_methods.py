@@ -101,7 +101,7 @@ def test_a_retrained_sft_base_gets_a_new_reward_model_key(tmp_path):
 
 def test_sft_key_ignores_the_method_and_logger(tmp_path):
     keys = set()
-    for method, logger in (("sft", "none"), ("dpo", "csv"), ("grpo", "none")):
+    for method, logger in (("sft", "none"), ("dpo", "csv"), ("grpo", "none"), ("rloo", "none")):
         r = _run([f"method={method}", f"logger={logger}", "model=llama_tiny",
                   f"cache_dir={tmp_path}", "dataset.n_train=200", "dataset.n_pairs=50"], tmp_path)
         keys.add(stage_key("sft", _decides(r, "sft")))
@@ -157,11 +157,13 @@ def test_failed_run_writes_a_failed_summary(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["rm", "dpo", "grpo", "ppo"])
+@pytest.mark.parametrize("method", ["rm", "dpo", "grpo", "ppo", "rloo"])
 def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "shared-cache"
     budget = {"rm": [], "dpo": ["method.max_steps=6", "method.val_every=3"],
               "grpo": ["method.n_iterations=3", "method.group_size=4"],
+              "rloo": ["method.n_iterations=3", "method.group_size=4", "method.update_epochs=2",
+                       "method.minibatch_size=8"],
               "ppo": ["method.n_iterations=3", "method.rollout.prompts_per_batch=8",
                       "method.minibatch_size=4"]}[method]
     out = tmp_path_factory.mktemp(method)
@@ -179,7 +181,7 @@ def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
     # arith's gold reward is 0/1, so its accuracy (share at the task's best reward) is its mean
     assert m["eval/gold_accuracy"] == pytest.approx(m["eval/gold_reward"])
     assert Path(summary["checkpoint"], "model.safetensors").is_file()
-    if method in ("grpo", "ppo"):
+    if method in ("grpo", "ppo", "rloo"):
         assert "train/reward" in m and "train/clip_frac" in m
         assert summary["reward_source"] == ("rm" if method == "ppo" else "gold")
     if method == "ppo":

@@ -43,6 +43,9 @@ __all__ = [
     "masked_whiten",
     "pairwise_accuracy",
     "ppo_clipped_surrogate",
+    "rloo_advantages",
+    "rloo_policy_loss",
+    "sequence_kl_shaped_rewards",
     "sequence_logprobs",
     "td_residuals",
     "token_logprobs",
@@ -441,6 +444,68 @@ def group_relative_advantages(rewards: Tensor, group_size: int, scale_rewards: b
         sigma = grouped.std(dim=1, correction=0, keepdim=True)
         centred = centred / (sigma + eps)
     return centred.reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# RLOO
+# --------------------------------------------------------------------------------------------
+
+
+def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
+    """REINFORCE Leave-One-Out advantages (Kool et al. 2019; Ahmadian et al. 2024):
+
+        A_i = R_i - 1/(k-1) sum_{j != i} R_j   =   k/(k-1) (R_i - mean_j R_j)
+
+    over the k samples of one prompt: each sample's baseline is the mean reward of the others, so
+    the estimate stays unbiased without a critic. rewards: [B] with B = n_prompts * k and the k
+    samples of prompt p at rows p*k .. p*k + k - 1. Returns [B]. ValueError if k < 2 or B is not
+    divisible by k.
+    """
+    if k < 2:
+        raise ValueError(f"RLOO needs k >= 2 samples per prompt, got {k}")
+    if rewards.ndim != 1 or rewards.shape[0] % k != 0:
+        raise ValueError(f"rewards must be [B] with B divisible by k={k}, got {tuple(rewards.shape)}")
+    grouped = rewards.view(-1, k)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - others).reshape(-1)
+
+
+def sequence_kl_shaped_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor,
+                               beta: float) -> Tensor:
+    """The per-token KL penalty folded into a sequence reward (RLOO treats a response as one action):
+
+        R = score - beta * sum_t (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t))
+
+    the sum of PPO's shaped per-token rewards (:func:`kl_penalized_rewards`) over the response.
+    scores: [B]; logp, ref_logp, mask: [B, T]. Returns [B].
+    """
+    return scores - beta * masked_sum(kl_log_ratio(logp, ref_logp), mask, dim=-1)
+
+
+def rloo_policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor,
+                     mask: Tensor, clip_eps: float, beta: float = 0.0) -> tuple[Tensor, dict]:
+    """RLOO's policy loss: the sequence-level REINFORCE objective with PPO's ratio clipping, plus an
+    optional k3 KL term in the loss (``kl_penalty: loss``; 0 when the KL is in the reward):
+
+        c_t = pi(a_t|s_t) / pi_old(a_t|s_t)
+        L   = 1/B sum_i sum_t [ -min(c_t A_i, clip(c_t, 1 - eps, 1 + eps) A_i)
+                                + beta * KL_k3(pi || pi_ref)_t ] * mask_it
+
+    Summing over a response's tokens makes the gradient at c = 1 that of REINFORCE on the sequence
+    log-probability, ``-A_i grad log pi(y_i|x)`` (Ahmadian et al.); TRL's RLOO averages over tokens
+    instead, which weights short responses more. logp, old_logp, ref_logp, mask: [B, T];
+    advantages: [B]. Returns (loss, stats with ``pg_loss``, ``kl_k3`` per sequence, ``clip_frac``).
+    """
+    a = advantages[:, None].to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    per_token = -torch.minimum(ratio * a, clipped * a)
+    rows = max(int(mask.shape[0]), 1)
+    pg = masked_sum(per_token, mask) / rows
+    kl = masked_sum(kl_k3(logp, ref_logp), mask) / rows
+    clip_frac = masked_mean(((ratio - 1.0).abs() > clip_eps).to(logp.dtype), mask)
+    loss = pg + beta * kl
+    return loss, {"pg_loss": pg.detach(), "kl_k3": kl.detach(), "clip_frac": clip_frac.detach()}
 
 
 # --------------------------------------------------------------------------------------------
