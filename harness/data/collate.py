@@ -97,6 +97,15 @@ def encode_prompt(tokenizer: Any, prompt: str, max_len: int) -> list[int]:
     return [tokenizer.bos_token_id, *p[len(p) - keep:]] if keep else [tokenizer.bos_token_id]
 
 
+def decode_responses(tokenizer: Any, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Sampled token ids [B, N] with their mask [B, N] -> strings, without EOS and padding."""
+    texts = []
+    for row, m in zip(response.tolist(), mask.tolist(), strict=True):
+        toks = [t for t, keep in zip(row, m, strict=True) if keep and t != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(toks, skip_special_tokens=True))
+    return texts
+
+
 def encode_prompts(tokenizer: Any, prompts: Sequence[str],
                    max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts ready for generation: :func:`encode_prompt` each, then :func:`left_pad_batch`.

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from harness.data.collate import encode_prompts
+from harness.data.collate import decode_responses, encode_prompts
 from harness.models.generation import generate
 from harness.models.llama import CausalLM
 
@@ -43,9 +43,7 @@ def complete(model: CausalLM, tokenizer, prompts: Sequence[str], max_new_tokens:
         gen = generate(model, ids.to(device), mask.to(device), max_new_tokens,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        greedy=greedy, temperature=temperature, generator=generator)
-        for resp, m in zip(gen.response.tolist(), gen.response_mask.tolist(), strict=True):
-            toks = [t for t, keep in zip(resp, m, strict=True) if keep and t != tokenizer.eos_token_id]
-            out.append(tokenizer.decode(toks, skip_special_tokens=True))
+        out += decode_responses(tokenizer, gen.response, gen.response_mask)
     return out
 
 

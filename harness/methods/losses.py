@@ -37,6 +37,7 @@ __all__ = [
     "kl_k3",
     "kl_log_ratio",
     "kl_penalized_rewards",
+    "last_valid_index",
     "masked_mean",
     "masked_sum",
     "masked_var",
@@ -73,6 +74,13 @@ class NonFiniteError(ValueError):
 def _valid(mask: Tensor) -> Tensor:
     """Boolean view of a 0/1 mask."""
     return mask if mask.dtype == torch.bool else mask != 0
+
+
+def last_valid_index(mask: Tensor) -> Tensor:
+    """Index [B] of each row's last valid position of a mask [B, T]; -1 for a row with none."""
+    valid = _valid(mask)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(valid)
+    return torch.where(valid, positions, -1).max(dim=1).values
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: Dim = None) -> Tensor:
@@ -291,10 +299,8 @@ def kl_penalized_rewards(score: Tensor, logp: Tensor, ref_logp: Tensor, mask: Te
     t_last is each row's last valid token. Returns [B, T], 0 at padded positions; a row with no
     valid token gets no reward at all.
     """
-    valid = _valid(mask)
-    rewards = torch.where(valid, -beta * kl_log_ratio(logp, ref_logp), 0.0)
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(valid)
-    last = torch.where(valid, positions, -1).max(dim=1).values
+    rewards = torch.where(_valid(mask), -beta * kl_log_ratio(logp, ref_logp), 0.0)
+    last = last_valid_index(mask)
     has_token = last >= 0
     bonus = torch.where(has_token, score.to(rewards.dtype), 0.0)
     return rewards.scatter_add(1, last.clamp(min=0).unsqueeze(1), bonus.unsqueeze(1))

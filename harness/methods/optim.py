@@ -35,9 +35,9 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
 
 def build_optimizer(modules: Iterable[nn.Module], cfg: OptimConfig, max_steps: int) -> dict:
     """Lightning ``configure_optimizers`` dict: AdamW + per-step warm-up/cosine scheduler."""
-    # PyTorch's default (per-tensor) AdamW. The fused kernel is ~3x faster per step on CPU, but
-    # its different rounding moved arith's SFT (a task with a phase transition) from held-out
-    # gold 0.615 to 0.53 at the default seed, so it is not switched on silently.
+    # PyTorch's default (per-tensor) AdamW: the fused kernel is faster on CPU but rounds
+    # differently, and arith's SFT (a task with a phase transition) is sensitive to that
+    # (results/FINDINGS.md), so it is not switched on silently.
     opt = torch.optim.AdamW(param_groups(modules, cfg.weight_decay), lr=cfg.lr,
                             betas=(cfg.beta1, cfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -17,7 +17,12 @@ import torch
 
 from harness.config import OptimConfig, one_of, positive
 from harness.methods.base import AlignmentModule
-from harness.methods.losses import bradley_terry_loss, masked_mean, pairwise_accuracy
+from harness.methods.losses import (
+    bradley_terry_loss,
+    last_valid_index,
+    masked_mean,
+    pairwise_accuracy,
+)
 from harness.models.hf import load_checkpoint, save_checkpoint
 from harness.models.llama import ScalarHead
 from harness.stage import Budget, Built, Fit, Stage
@@ -59,8 +64,7 @@ def pool_scores(scores: torch.Tensor, response_mask: torch.Tensor, pooling: str)
         return masked_mean(scores, mask, dim=-1)
     if pooling != "last":
         raise ValueError(f"reward pooling {pooling!r}: must be 'last' or 'mean'")
-    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(mask.bool(), pos, -1).max(dim=1).values.clamp(min=0)
+    last = last_valid_index(mask).clamp(min=0)
     return scores.gather(1, last[:, None]).squeeze(1)
 
 

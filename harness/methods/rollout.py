@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from harness.config import RolloutConfig
-from harness.data.collate import encode_prompts
+from harness.data.collate import decode_responses, encode_prompts
 from harness.methods.losses import entropy_from_logits, token_logprobs
 from harness.models.generation import generate
 from harness.models.llama import CausalLM
@@ -46,11 +47,6 @@ class Rollout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    @property
-    def last_index(self) -> torch.Tensor:
-        """Index [B] of each sequence's last real token (the EOS, or the last sampled token)."""
-        return self.prompt_len + self.mask.sum(-1).long() - 1
-
 
 def response_logprobs(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       prompt_len: int, temperature: float = 1.0, with_entropy: bool = False,
@@ -74,13 +70,41 @@ def response_logprobs(model: CausalLM, input_ids: torch.Tensor, attention_mask: 
     return logp, ent, out.aux_loss
 
 
-def decode_responses(tokenizer, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    """Token ids [B, N] -> strings, without EOS and padding."""
-    texts = []
-    for row, m in zip(response.tolist(), mask.tolist(), strict=True):
-        toks = [t for t, keep in zip(row, m, strict=True) if keep and t != tokenizer.eos_token_id]
-        texts.append(tokenizer.decode(toks, skip_special_tokens=True))
-    return texts
+@dataclass
+class Sampled:
+    """Responses sampled from a policy and scored by the reference, in the rollout's shapes:
+    ``gen`` (:class:`~harness.models.generation.Generation`), ``attention_mask`` [B, P + N],
+    ``prompt_len`` P, ``ref_logp`` [B, N] and ``gen_s`` (seconds the sampler took)."""
+
+    gen: Any
+    attention_mask: torch.Tensor
+    prompt_len: int
+    ref_logp: torch.Tensor
+    gen_s: float
+
+
+@torch.no_grad()
+def sample_with_reference(policy: CausalLM, reference: CausalLM, tokenizer, prompts: Sequence[str],
+                          max_new_tokens: int, max_len: int, temperature: float = 1.0,
+                          top_k: int = 0, top_p: float = 1.0,
+                          generator: torch.Generator | None = None) -> Sampled:
+    """Sample one response per prompt from ``policy`` (KV-cached sampler), then the reference's
+    log-probabilities of the same tokens (one forward, no gradients): what a rollout and the KL
+    estimate both need."""
+    device = next(policy.parameters()).device
+    ids, pmask = encode_prompts(tokenizer, prompts, max_len - max_new_tokens)
+    ids, pmask = ids.to(device), pmask.to(device)
+    t0 = time.perf_counter()
+    gen = generate(policy, ids, pmask, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k,
+                   top_p=top_p, generator=generator)
+    if gen.response_mask.is_cuda:
+        torch.cuda.synchronize()
+    gen_s = time.perf_counter() - t0
+    attn = torch.cat((pmask, gen.response_mask), dim=1)
+    p = ids.shape[1]
+    ref_logp, _, _ = response_logprobs(reference, gen.sequences, attn, p, temperature)
+    return Sampled(gen, attn, p, ref_logp, gen_s)
 
 
 @torch.no_grad()
@@ -94,26 +118,15 @@ def make_rollout(policy: CausalLM, reference: CausalLM, tokenizer, prompts: Sequ
     ``score_fn(prompts, responses, input_ids, attention_mask, prompt_len) -> [B]`` gives the
     sequence reward (the task's gold reward, or a reward model's score).
     """
-    device = next(policy.parameters()).device
-    ids, pmask = encode_prompts(tokenizer, prompts, max_len - cfg.max_new_tokens)
-    ids, pmask = ids.to(device), pmask.to(device)
-    t0 = time.perf_counter()
-    gen = generate(policy, ids, pmask, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
-                   top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
-    mask = gen.response_mask
-    if mask.is_cuda:
-        torch.cuda.synchronize()
-    gen_s = time.perf_counter() - t0
-    attn = torch.cat((pmask, mask), dim=1)
-    p = ids.shape[1]
-    ref_logp, _, _ = response_logprobs(reference, gen.sequences, attn, p, cfg.temperature)
-    responses = decode_responses(tokenizer, gen.response, mask)
-    scores = score_fn(list(prompts), responses, gen.sequences, attn, p).to(device).float()
+    s = sample_with_reference(policy, reference, tokenizer, prompts, cfg.max_new_tokens, max_len,
+                              cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    gen, attn, p = s.gen, s.attention_mask, s.prompt_len
+    responses = decode_responses(tokenizer, gen.response, gen.response_mask)
+    scores = score_fn(list(prompts), responses, gen.sequences, attn, p).to(attn.device).float()
     return Rollout(input_ids=gen.sequences, attention_mask=attn, prompt_len=p,
-                   response=gen.response, mask=mask.float(), old_logp=gen.logprobs,
-                   ref_logp=ref_logp, scores=scores, prompts=list(prompts), responses=responses,
-                   gen_s=gen_s)
+                   response=gen.response, mask=gen.response_mask.float(), old_logp=gen.logprobs,
+                   ref_logp=s.ref_logp, scores=scores, prompts=list(prompts), responses=responses,
+                   gen_s=s.gen_s)
 
 
 def minibatches(n: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:

@@ -7,11 +7,9 @@ fitted to the demonstrations reproduces the error, and alignment has measurable 
 **Fixed width** (``fixed_width``, the default): operands are written with W digits and answers with
 W + 1, zero-padded (``"07+48=055"``), so each digit of every example sits at the same position.
 Without it (``"7+48=55"``) the position of the units digits moves with the lengths of the operands
-and of the answer, and a small decoder first has to learn where they are: its loss sits on a
-plateau (the answer's units digit at chance, ln 10 nats) for a seed-dependent 500-1400 SFT steps
-(up to ~1900 seen), against 370-670 with fixed width (``python -m harness.sft_plateau``;
-llama_small and moe_small, seeds 0-2, in the README). The gold reward reads the number either way
-(``"055"`` and ``"55"``).
+and of the answer, and a small decoder first has to learn where they are, so its loss stays on a
+plateau (the answer's units digit at chance, ln 10 nats) for longer (``results/FINDINGS.md`` has
+the measurements). The gold reward reads the number either way (``"055"`` and ``"55"``).
 
 **The no-carry rule** (:func:`no_carry_sum`). Operands are written in ``W`` columns, ``W`` = the
 number of digits of ``max_operand`` (3 by default; shorter operands are zero-padded). The

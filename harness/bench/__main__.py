@@ -1,0 +1,5 @@
+"""``python -m harness.bench``."""
+
+from harness.bench.cli import main
+
+main()

@@ -1,0 +1,196 @@
+"""``python -m harness.bench``: throughput, step time and memory figures of the harness.
+
+Three sections, each printed as a table per model preset (``--json PATH`` also dumps them):
+
+1. **sampler**: our KV-cached :func:`harness.models.generation.generate` against ``transformers``'
+   ``generate`` on the exported model (:func:`harness.models.hf.to_hf_model`): same seeded random
+   weights, same prompts, greedy, both forced to produce exactly ``--new-tokens`` tokens.
+2. **steps**: seconds per optimisation step of every method (sft, rm, dpo, ppo, grpo): the real
+   LightningModules, built from the method configs in ``conf/method`` (only batch sizes and
+   iteration counts overridden), trained by a real ``lightning.Trainer`` on the built-in ``arith``
+   task from a random-init policy; a callback times ``on_train_batch_start`` -> ``on_train_batch_end``.
+3. **memory**: peak memory of PPO against GRPO at the same number of sequences per rollout: the
+   model state computed from the tensors (parameters of every network held, gradients, AdamW
+   states) and the measured peak (CUDA allocator, or peak RSS of a fresh subprocess on CPU).
+
+Examples::
+
+    python -m harness.bench                                  # llama_small and moe_small, batch 64
+    python -m harness.bench --quick --models llama_tiny      # seconds, for a smoke test
+    python -m harness.bench --sections sampler --new-tokens 64 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.bench.common import (
+    DEFAULT_MODELS,
+    MEMORY_MARK,
+    OFFLINE_ENV,
+    SECTIONS,
+    format_table,
+    methods,
+    model_config,
+    quiet,
+    resolve_device,
+)
+from harness.bench.memory import (
+    MEMORY_COLUMNS,
+    RATIO_COLUMNS,
+    measure_memory,
+    memory_in_subprocess,
+    memory_notes,
+    memory_ratios,
+    memory_table_rows,
+)
+from harness.bench.sampler import SAMPLER_COLUMNS, bench_sampler, load_note, sampler_notes
+from harness.bench.steps import STEP_COLUMNS, bench_method_steps, prepare_data, step_notes
+
+QUICK = {"batch": 16, "prompt_len": 8, "new_tokens": 16, "iters": 2, "warmup": 1, "mem_iters": 1}
+DEFAULTS = {"batch": 64, "prompt_len": 8, "new_tokens": 32, "iters": 5, "warmup": 1, "mem_iters": 2}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options; unset sizes take ``--quick``'s values or the defaults."""
+    p = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                   help="model presets from conf/model (default: llama_small moe_small)")
+    p.add_argument("--batch", type=int, help="sequences per batch / rollout (default 64; quick 16)")
+    p.add_argument("--prompt-len", type=int, help="sampler prompt length (default 8)")
+    p.add_argument("--new-tokens", type=int, help="sampler new tokens (default 32; quick 16)")
+    p.add_argument("--iters", type=int, help="timed repeats / batches (default 5; quick 2)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up calls / batches (default 1)")
+    p.add_argument("--mem-iters", type=int, help="batches run for the memory peak (default 2; quick 1)")
+    p.add_argument("--vocab", type=int, default=512, help="sampler vocabulary size (default 512)")
+    p.add_argument("--methods", nargs="+", default=list(methods()), choices=methods(),
+                   help="methods timed in the steps section (default: every registered stage)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--minibatch", type=int, help="override PPO/GRPO minibatch_size (default: conf)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", type=Path, help="task/tokenizer cache (default: a temp dir)")
+    p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    p.add_argument("--_memory-child", dest="memory_child", choices=("ppo", "grpo"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--_n-examples", dest="n_examples", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for k, v in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def data_size(args: argparse.Namespace) -> int:
+    """Examples per task split: enough distinct batches for the longest run of any section."""
+    if args.n_examples:
+        return int(args.n_examples)
+    return args.batch * (args.warmup + max(args.iters, args.mem_iters))
+
+
+def _memory_child(args: argparse.Namespace) -> None:
+    """Entry of a fresh process measuring one method's memory; prints one MEMORY_MARK line."""
+    device = resolve_device(args.device)
+    preset = args.models[0]
+    with quiet():
+        task, tok = prepare_data(data_size(args), args.cache_dir, args.seed)
+    row = measure_memory(args.memory_child, model_config(preset, len(tok)), task, tok, args.batch,
+                         args.mem_iters, args.seed, device, args.minibatch)
+    print(MEMORY_MARK + json.dumps(row), flush=True)
+
+
+def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the chosen sections for every model, printing each table as it is done."""
+    device = resolve_device(args.device)
+    busy = load_note() if device.type == "cpu" else None
+    if busy:
+        out(busy + "\n")
+    result: dict[str, Any] = {"env": {
+        "load_warning": busy, "cpu_count": os.cpu_count(),
+        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }}
+    with contextlib.ExitStack() as stack:
+        cache = args.cache_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(
+            prefix="harness-bench-")))
+        if "sampler" in args.sections:
+            rows = [bench_sampler(model_config(m, args.vocab), args.batch, args.prompt_len,
+                                  args.new_tokens, args.iters, args.warmup, args.seed, device)
+                    for m in args.models]
+            result["sampler"] = rows
+            out(format_table("1. Sampler throughput: ours (KV cache) vs transformers.generate",
+                             rows, SAMPLER_COLUMNS, sampler_notes(device)) + "\n")
+        need_data = {"steps", "memory"} & set(args.sections)
+        task = tok = None
+        if need_data:
+            with quiet():
+                task, tok = prepare_data(data_size(args), cache, args.seed)
+        if "steps" in args.sections:
+            rows = []
+            for m in args.models:
+                mcfg = model_config(m, len(tok))
+                rows += [bench_method_steps(meth, mcfg, task, tok, args.batch, args.iters,
+                                            args.warmup, args.seed, device, args.minibatch)
+                         for meth in args.methods]
+            result["steps"] = rows
+            out(format_table("2. Seconds per optimisation step", rows, STEP_COLUMNS,
+                             step_notes(device, len(tok))) + "\n")
+        if "memory" in args.sections:
+            rows = []
+            for m in args.models:
+                for meth in ("ppo", "grpo"):
+                    if device.type == "cuda":
+                        rows.append(measure_memory(meth, model_config(m, len(tok)), task, tok,
+                                                   args.batch, args.mem_iters, args.seed, device,
+                                                   args.minibatch))
+                    else:
+                        rows.append(memory_in_subprocess(meth, m, args.batch, args.mem_iters,
+                                                         args.seed, cache, data_size(args),
+                                                         args.minibatch, args.threads))
+            ratios = memory_ratios(rows)
+            result["memory"], result["memory_ratios"] = rows, ratios
+            out(format_table(f"3. Peak memory, PPO vs GRPO at {args.batch} sequences per rollout",
+                             memory_table_rows(rows), MEMORY_COLUMNS, memory_notes(device, rows)))
+            out("\n" + format_table("3b. GRPO / PPO", ratios, RATIO_COLUMNS) + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+        out(f"figures written to {args.json}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """``python -m harness.bench``: parse the options and run (or serve as a memory child)."""
+    for var in OFFLINE_ENV:
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.memory_child:
+            if args.cache_dir is None:
+                raise SystemExit("--_memory-child needs --cache-dir")
+            _memory_child(args)
+            return None
+        return run_bench(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    main()

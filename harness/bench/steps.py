@@ -1,0 +1,179 @@
+"""2. Seconds per optimisation step of every registered stage, built as a run builds it."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from harness.bench.common import Column, compose_config, median, quiet, resolve_device, sync
+from harness.config import ModelConfig, validate
+from harness.models.llama import ScalarHead
+
+
+def prepare_data(n_examples: int, cache_dir: Path, seed: int = 0,
+                 model_max_length: int = 256) -> tuple[Any, Any]:
+    """The ``arith`` task (``conf/dataset/arith.yaml``, sized down) and its tokenizer, cached."""
+    from harness.data.tasks import build_task
+    from harness.data.tokenizer import load_or_build_tokenizer
+
+    cfg = compose_config([f"seed={seed}"])
+    ds = OmegaConf.to_container(cfg.dataset, resolve=True)
+    assert isinstance(ds, dict)
+    n = max(16, int(n_examples))
+    ds.update(n_train=n, n_pairs=n, n_val=16, n_eval=16)
+    task = build_task(ds, cache_dir=Path(cache_dir) / "data")
+    tok = load_or_build_tokenizer(task, ds, Path(cache_dir) / "tokenizers",
+                                  model_max_length=model_max_length)
+    return task, tok
+
+
+def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
+                 n_batches: int, seed: int = 0, device: torch.device | None = None,
+                 minibatch: int | None = None,
+                 before_models: Callable[[], None] | None = None) -> Any:
+    """The stage's :class:`~harness.stage.Fit` as the pipeline builds it, from random-init inputs.
+
+    The stage's config is its default (``conf/``) with only its sizes changed
+    (:meth:`~harness.stage.Stage.sized`: ``batch`` sequences per batch, ``n_batches`` batches)
+    and, if given, its ``minibatch_size``; ``before_models()`` runs before any network is built.
+    The stages it needs (the SFT base, the reward model) are random-init networks of the preset.
+    """
+    from harness.cache import StageRecord
+    from harness.registry import get_stage
+    from harness.stage import Built, StageContext
+
+    device = device or resolve_device()
+    settings = validate(compose_config([f"method={method}"]))
+    stage = get_stage(method)
+    cfg = stage.sized(settings.stage_config(method), batch, n_batches)
+    if minibatch is not None and hasattr(cfg, "minibatch_size"):
+        cfg = dataclasses.replace(cfg, minibatch_size=minibatch)
+    cfg.check(method)
+    if before_models is not None:
+        before_models()
+    L.seed_everything(seed, workers=True, verbose=False)
+    ctx = StageContext(task=task, tokenizer=tok, model_cfg=model_cfg, seed=seed)
+    inputs: dict[str, Any] = {}
+    for need in stage.needs(cfg):
+        model: nn.Module = (ctx.new_policy() if need == "sft"
+                            else ScalarHead(copy.deepcopy(inputs["sft"].model)).to(device))
+        inputs[need] = Built(need, settings.stage_config(need), model,
+                             StageRecord(key=f"random-{need}", path=Path(".")), Path("."))
+    with contextlib.redirect_stderr(io.StringIO()):  # DPO's reference-log-prob bar
+        return stage.build(ctx, cfg, inputs)
+
+
+class StepTimer(L.Callback):
+    """Wall time of every training batch (``on_train_batch_start`` -> ``on_train_batch_end``) and
+    the number of steps of the first optimiser (the policy's, or the reward model's) in it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+        self.opt_steps: list[int] = []
+        self._t0 = 0.0
+        self._count = 0
+        self._handle: Any = None
+
+    def _on_step(self, *_: Any) -> None:
+        self._count += 1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._handle = trainer.optimizers[0].register_step_post_hook(self._on_step)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        sync(self.device)
+        self._count = 0
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter() - self._t0)
+        self.opt_steps.append(self._count)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def fit(setup: Any, n_batches: int, device: torch.device, root: Path,
+        callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """Train a stage's :class:`~harness.stage.Fit` for ``n_batches`` batches (plain Trainer)."""
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision="32-true",
+        max_epochs=1, max_steps=-1, limit_train_batches=n_batches, limit_val_batches=0,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+        gradient_clip_val=(None if not setup.module.automatic_optimization
+                           else setup.budget.grad_clip or None), callbacks=list(callbacks))
+    if isinstance(setup.data, L.LightningDataModule):
+        trainer.fit(setup.module, datamodule=setup.data)
+    else:
+        trainer.fit(setup.module, train_dataloaders=setup.data)
+    return trainer
+
+
+def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
+                       iters: int = 5, warmup: int = 1, seed: int = 0,
+                       device: torch.device | None = None, minibatch: int | None = None,
+                       root: Path | None = None) -> dict[str, Any]:
+    """Median seconds per training batch of ``method`` over ``iters`` batches after ``warmup``."""
+    device = device or resolve_device()
+    n = warmup + iters
+    with quiet(), tempfile.TemporaryDirectory() as tmp:
+        setup = build_method(method, model_cfg, task, tok, batch, n, seed, device, minibatch)
+        timer = StepTimer(device)
+        fit(setup, n, device, Path(root or tmp), [timer])
+    if len(timer.times) != n:
+        raise RuntimeError(f"{method}: {len(timer.times)} batches ran, expected {n}")
+    times, steps = timer.times[warmup:], timer.opt_steps[warmup:]
+    s_batch = median(times)
+    opt = int(round(median(steps)))
+    if opt < 1:
+        raise RuntimeError(f"{method}: no optimiser step was taken in a batch")
+    return {
+        "model": model_cfg.name, "method": method, "layout": setup.layout,
+        "sequences": setup.sequences, "minibatch": setup.minibatch,
+        "passes": setup.passes, "s_per_batch": s_batch, "opt_steps_per_batch": opt,
+        "s_per_opt_step": s_batch / opt, "seq_per_s": setup.sequences / s_batch,
+        "times": times, "iters": iters, "device": str(device),
+    }
+
+
+STEP_COLUMNS: list[Column] = [
+    ("model", "model", ""), ("method", "method", ""), ("layout", "one batch", ""),
+    ("sequences", "seqs", "d"), ("minibatch", "minibatch", "d"), ("passes", "passes", "d"),
+    ("s_per_batch", "s/batch", ".4f"), ("opt_steps_per_batch", "opt steps/batch", "d"),
+    ("s_per_opt_step", "s/opt step", ".4f"), ("seq_per_s", "seqs/s", ",.1f"),
+]
+
+
+def step_notes(device: torch.device, vocab: int) -> list[str]:
+    """What the step table's figures mean."""
+    return [
+        "s/batch: median wall time of one Lightning training batch (on_train_batch_start -> _end),",
+        "after the warm-up batch(es); includes the method's logging. Random-init policy, arith task,",
+        f"vocab {vocab} (its tokenizer); each stage's default config with only its sizes set (Stage.sized).",
+        "sft/rm/dpo: one batch = one optimiser step (rm/dpo: B/2 pairs = B sequences; DPO's reference",
+        "log-probs are precomputed before training, untimed). ppo/grpo/rloo: one batch = one rollout",
+        "(sampling + reference and reward scoring + every optimisation pass over it); 'opt steps' counts",
+        "the policy optimiser's steps (PPO steps its critic alongside); s/opt step = s/batch / opt steps.",
+        f"device {device}, torch threads {torch.get_num_threads()}.",
+    ]
+
+
