@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import yaml
 from omegaconf import DictConfig
 
 from harness.conf_path import config_dir
@@ -33,11 +34,17 @@ def main(cfg: DictConfig) -> float | None:
     return summary.get("metrics", {}).get("eval/gold_reward")
 
 
+def default_choice(group: str) -> str:
+    """The option of ``group`` that ``conf/config.yaml``'s defaults list selects."""
+    defaults = yaml.safe_load((config_dir() / "config.yaml").read_text())["defaults"]
+    return next((e[group] for e in defaults if isinstance(e, dict) and group in e), "") or ""
+
+
 def entry() -> None:
     """Check the command line for renamed fields, then hand over to Hydra."""
     experiments = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
     try:
-        check_overrides(sys.argv[1:], experiments)
+        check_overrides(sys.argv[1:], experiments, default_choice("method"))
     except ConfigError as exc:
         sys.exit(f"config error: {exc}")
     main()

@@ -317,9 +317,14 @@ RENAMED: dict[str, str] = {
 }
 
 
-def check_overrides(overrides: Sequence[str], experiments: Sequence[str] = ()) -> None:
+def check_overrides(overrides: Sequence[str], experiments: Sequence[str] = (),
+                    default_method: str = "") -> None:
     """Stop on command-line overrides that use a renamed field, or ``method.*`` fields with
-    ``method=sft`` / ``method=rm`` (whose hyperparameters live under ``sft.*`` / ``rm.*``)."""
+    ``method=sft`` / ``method=rm`` (whose hyperparameters live under ``sft.*`` / ``rm.*``).
+
+    ``experiments``: the options of ``conf/experiment``; ``default_method``: the method that
+    ``conf/config.yaml`` selects when the command line does not.
+    """
     from harness.registry import base_stages
 
     keys = {}
@@ -334,7 +339,7 @@ def check_overrides(overrides: Sequence[str], experiments: Sequence[str] = ()) -
             continue
         if new is not None:
             raise ConfigError(f"{key}: renamed to {new}")
-    method = keys.get("method", "sft")
+    method = keys.get("method", default_method)
     if method in base_stages():
         for key in keys:
             if key.startswith("method."):

@@ -152,8 +152,11 @@ def test_renamed_fields_fail_naming_the_new_one(override, new):
 
 
 def test_base_stage_methods_are_configured_in_their_own_section():
+    from harness.__main__ import default_choice
+
+    assert default_choice("method") == "sft" and default_choice("model") == "llama_small"
     with pytest.raises(ConfigError, match=r"use sft\.max_steps"):
-        check_overrides(["method.max_steps=5"])  # method=sft is the default
+        check_overrides(["method.max_steps=5"], default_method="sft")
     with pytest.raises(ConfigError, match=r"use rm\.pooling"):
         check_overrides(["method=rm", "method.pooling=mean"])
     check_overrides(["method=grpo", "method.beta=0.1", "sft.max_steps=5", "experiment=courier",

@@ -605,10 +605,12 @@ def test_wandb_table(records: list[dict], tmp_path: Path, monkeypatch: pytest.Mo
         def finish(self) -> None:
             logged["finished"] = True
 
-    fake = types.SimpleNamespace(Table=Table, init=lambda **kwargs: Run())
+    inits: list[dict] = []
+    fake = types.SimpleNamespace(Table=Table, init=lambda **kwargs: inits.append(kwargs) or Run())
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    cfg = OmegaConf.create({"logger": {"kind": "wandb", "project": "p", "offline": True},
-                            "experiment": "x", "results_dir": str(tmp_path)})
+    cfg = OmegaConf.create({"logger": {"kind": "wandb", "project": "p", "offline": True,
+                                       "entity": None, "group": None},
+                            "group": "x", "results_dir": str(tmp_path)})
     log_leaderboard_table(cfg, records)
     table = logged["leaderboard"]
     assert table.columns[:5] == ["method", "model", "dataset", "status", "seeds"]
@@ -618,3 +620,4 @@ def test_wandb_table(records: list[dict], tmp_path: Path, monkeypatch: pytest.Mo
     i = table.columns.index("eval/gold_reward")
     assert dpo[4] == 2 and dpo[i] == pytest.approx(0.6) and dpo[i + 2] == pytest.approx(0.6 + 1.27062, rel=1e-4)
     assert logged["finished"]
+    assert inits[0]["group"] == "x" and inits[0]["name"] == "leaderboard-x"

@@ -13,81 +13,51 @@ and TRL; dr_grpo: over B x max_new_tokens).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
+from harness.config import fail, one_of
 from harness.methods.losses import (
     aggregate_loss,
-    check_finite,
     group_relative_advantages,
     kl_k3,
     masked_mean,
     ppo_clipped_surrogate,
 )
-from harness.methods.rl_base import GroupStage, OnPolicyModule
+from harness.methods.rl_base import GroupConfig, GroupModule, GroupStage
 from harness.methods.rollout import minibatches, response_logprobs
-from harness.models.llama import CausalLM
 
 
 @dataclass
-class GRPOConfig:
-    """GRPO: G completions per prompt, group-relative advantages, no critic, k3 KL penalty.
+class GRPOConfig(GroupConfig):
+    """GRPO: G completions per prompt, group-relative advantages, no critic, k3 KL penalty
+    (the shared fields: :class:`~harness.methods.rl_base.GroupConfig`).
 
-    ``update_epochs``: optimisation passes over each rollout batch (GRPO's mu);
     ``clip_eps_high``: DAPO's clip-higher bound (null = ``clip_eps``); ``scale_rewards``: divide
-    by the group std (false = Dr. GRPO); ``beta``: the KL coefficient; ``reward_source``: gold
-    (the task's verifiable reward) or rm (the learned reward model).
+    by the group std (false = Dr. GRPO); ``loss_type``: how token losses are aggregated.
     """
 
     name: str = "grpo"
-    n_iterations: int = 300
-    group_size: int = 8
-    update_epochs: int = 1
-    minibatch_size: int = 64
-    max_len: int = 128
-    clip_eps: float = 0.2
     clip_eps_high: float | None = None
-    beta: float = 0.04
     scale_rewards: bool = True
     loss_type: str = "grpo"         # grpo | bnpo | dapo | dr_grpo
-    reward_source: str = "gold"     # gold | rm
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=8))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=5))
 
     def check(self, prefix: str = "method") -> None:
-        positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len",
-                 "clip_eps")
-        if self.group_size < 2:
-            fail(prefix, "group_size", self.group_size, "must be >= 2 (advantages are relative)")
+        super().check(prefix)
         if self.clip_eps_high is not None and self.clip_eps_high <= 0:
             fail(prefix, "clip_eps_high", self.clip_eps_high, "must be > 0 or null")
-        in_range(self, prefix, "beta", 0.0, None)
         one_of(self, prefix, "loss_type", ("grpo", "bnpo", "dapo", "dr_grpo"))
-        one_of(self, prefix, "reward_source", ("gold", "rm"))
-        self.rollout.check(f"{prefix}.rollout")
-        self.optim.check(f"{prefix}.optim")
 
 
-class GRPOModule(OnPolicyModule):
+class GRPOModule(GroupModule):
     """Thin Lightning shell: rollout -> group advantages -> clipped updates with a k3 KL penalty."""
 
-    def __init__(self, policy: CausalLM, reference: CausalLM, tokenizer, cfg: GRPOConfig,
-                 score_fn: Callable, seed: int) -> None:
-        steps = cfg.n_iterations * cfg.update_epochs * max(
-            1, -(-cfg.rollout.prompts_per_batch * cfg.group_size // cfg.minibatch_size))
-        super().__init__(policy, reference, tokenizer, cfg.optim, steps, cfg.rollout, seed)
-        self.cfg = cfg
-        self.score_fn = score_fn
+    cfg: GRPOConfig
 
     def training_step(self, batch, batch_idx):
         cfg = self.cfg
-        self.policy.eval()  # deterministic routing: a sampled MoE route would make ratios random
-        prompts = [p for p in batch for _ in range(cfg.group_size)]
-        ro = self.rollout(prompts, cfg.max_len, self.score_fn)
-        check_finite("train/reward", ro.scores)
+        ro = self.group_rollout(batch)
         adv = group_relative_advantages(ro.scores, cfg.group_size, scale_rewards=cfg.scale_rewards)
         opt, sched = self.optimizers(), self.lr_schedulers()
         stats_acc: dict[str, list[torch.Tensor]] = {}

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from omegaconf import MISSING
 
-from harness.config import OptimConfig, RolloutConfig
+from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
 from harness.methods.base import AlignmentModule
-from harness.methods.losses import kl_log_ratio, masked_mean
+from harness.methods.losses import check_finite, kl_log_ratio, masked_mean
 from harness.methods.rollout import Rollout, make_rollout
 from harness.models.llama import CausalLM
 from harness.seeding import generator
@@ -117,6 +119,58 @@ class OnPolicyModule(AlignmentModule):
                 zip(ro.prompts[:n], ro.responses[:n], ro.scores[:n].tolist(), strict=True)]
         logger.log_table("train/samples", columns=["iteration", "prompt", "response", "reward"],
                          data=rows)
+
+
+@dataclass
+class GroupConfig:
+    """What the group methods (GRPO, RLOO) share: ``n_iterations`` rollout batches of
+    ``rollout.prompts_per_batch`` prompts x ``group_size`` completions, ``update_epochs`` passes of
+    minibatches over each, ratio clipping at ``clip_eps``, the KL coefficient ``beta``, rewards
+    from the task's gold reward (``reward_source: gold``) or the reward model (``rm``)."""
+
+    name: str = MISSING
+    n_iterations: int = 300
+    group_size: int = 8
+    update_epochs: int = 1
+    minibatch_size: int = 64
+    max_len: int = 128
+    clip_eps: float = 0.2
+    beta: float = 0.04
+    reward_source: str = "gold"     # gold | rm
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=8))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=5))
+
+    def check(self, prefix: str = "method") -> None:
+        positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len",
+                 "clip_eps")
+        if self.group_size < 2:
+            fail(prefix, "group_size", self.group_size, "must be >= 2 (advantages are relative)")
+        in_range(self, prefix, "beta", 0.0, None)
+        one_of(self, prefix, "reward_source", ("gold", "rm"))
+        self.rollout.check(f"{prefix}.rollout")
+        self.optim.check(f"{prefix}.optim")
+
+
+class GroupModule(OnPolicyModule):
+    """The shell of a group method: ``group_size`` completions of every prompt of a batch, scored
+    by ``score_fn``; subclasses turn the rollout into updates in ``training_step``."""
+
+    def __init__(self, policy: CausalLM, reference: CausalLM, tokenizer, cfg: GroupConfig,
+                 score_fn: Callable, seed: int) -> None:
+        steps = cfg.n_iterations * cfg.update_epochs * max(
+            1, -(-cfg.rollout.prompts_per_batch * cfg.group_size // cfg.minibatch_size))
+        super().__init__(policy, reference, tokenizer, cfg.optim, steps, cfg.rollout, seed)
+        self.cfg = cfg
+        self.score_fn = score_fn
+
+    def group_rollout(self, batch: list[str]) -> Rollout:
+        """Sample and score ``group_size`` completions of each prompt (rows grouped by prompt)."""
+        cfg = self.cfg
+        self.policy.eval()  # deterministic routing: a sampled MoE route would make ratios random
+        prompts = [p for p in batch for _ in range(cfg.group_size)]
+        ro = self.rollout(prompts, cfg.max_len, self.score_fn)
+        check_finite("train/reward", ro.scores)
+        return ro
 
 
 def group_layout(batch: int, group_size: int) -> tuple[int, int]:

@@ -14,75 +14,48 @@ Per rollout batch (k = ``group_size`` samples per prompt):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
+from harness.config import one_of
 from harness.methods.losses import (
-    check_finite,
     masked_mean,
     rloo_advantages,
     rloo_policy_loss,
     sequence_kl_shaped_rewards,
 )
-from harness.methods.rl_base import GroupStage, OnPolicyModule
+from harness.methods.rl_base import GroupConfig, GroupModule, GroupStage
 from harness.methods.rollout import minibatches, response_logprobs
-from harness.models.llama import CausalLM
 
 
 @dataclass
-class RLOOConfig:
-    """RLOO: ``group_size`` (k) samples per prompt, leave-one-out baselines, no critic.
+class RLOOConfig(GroupConfig):
+    """RLOO: ``group_size`` (k) samples per prompt, leave-one-out baselines, no critic (the shared
+    fields: :class:`~harness.methods.rl_base.GroupConfig`).
 
     ``beta``: the KL coefficient, as a per-token reward penalty summed over the response
     (``kl_penalty: reward``, RLOO's and TRL's original form) or a k3 term in the loss
-    (``kl_penalty: loss``, as GRPO). ``update_epochs``: passes over each rollout batch.
+    (``kl_penalty: loss``, as GRPO).
     """
 
     name: str = "rloo"
-    n_iterations: int = 300
-    group_size: int = 8
-    update_epochs: int = 1
-    minibatch_size: int = 64
-    max_len: int = 128
-    clip_eps: float = 0.2
     beta: float = 0.05
     kl_penalty: str = "reward"      # reward | loss
-    reward_source: str = "gold"     # gold | rm
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=8))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=5))
 
     def check(self, prefix: str = "method") -> None:
-        positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len",
-                 "clip_eps")
-        if self.group_size < 2:
-            fail(prefix, "group_size", self.group_size, "must be >= 2 (leave-one-out baselines)")
-        in_range(self, prefix, "beta", 0.0, None)
+        super().check(prefix)
         one_of(self, prefix, "kl_penalty", ("reward", "loss"))
-        one_of(self, prefix, "reward_source", ("gold", "rm"))
-        self.rollout.check(f"{prefix}.rollout")
-        self.optim.check(f"{prefix}.optim")
 
 
-class RLOOModule(OnPolicyModule):
+class RLOOModule(GroupModule):
     """Thin Lightning shell: rollout -> leave-one-out advantages -> clipped REINFORCE updates."""
 
-    def __init__(self, policy: CausalLM, reference: CausalLM, tokenizer, cfg: RLOOConfig,
-                 score_fn: Callable, seed: int) -> None:
-        steps = cfg.n_iterations * cfg.update_epochs * max(
-            1, -(-cfg.rollout.prompts_per_batch * cfg.group_size // cfg.minibatch_size))
-        super().__init__(policy, reference, tokenizer, cfg.optim, steps, cfg.rollout, seed)
-        self.cfg = cfg
-        self.score_fn = score_fn
+    cfg: RLOOConfig
 
     def training_step(self, batch, batch_idx):
         cfg = self.cfg
-        self.policy.eval()  # deterministic MoE routing keeps the ratios meaningful
-        prompts = [p for p in batch for _ in range(cfg.group_size)]
-        ro = self.rollout(prompts, cfg.max_len, self.score_fn)
-        check_finite("train/reward", ro.scores)
+        ro = self.group_rollout(batch)
         in_reward = cfg.kl_penalty == "reward"
         rewards = (sequence_kl_shaped_rewards(ro.scores, ro.old_logp, ro.ref_logp, ro.mask, cfg.beta)
                    if in_reward else ro.scores)

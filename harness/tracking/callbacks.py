@@ -22,12 +22,12 @@ class LeaderboardCallback(Callback):
         from harness.evaluation.records import load_records
         from harness.evaluation.standings import build_leaderboard
 
-        results = Path(to_absolute_path(config.get("results_dir") or "results"))
+        results = Path(to_absolute_path(config.results_dir or "results"))
         command = "python -m harness " + " ".join(sys.argv[1:])
         paths = build_leaderboard(results / "runs", results, command=command)
         log.info("leaderboard rebuilt: %s", paths.get("markdown"))
         print(f"leaderboard: {paths.get('markdown')}")
-        if config.logger.get("kind") == "wandb":
+        if config.logger.kind == "wandb":
             log_leaderboard_table(config, load_records(results / "runs"))
 
 
@@ -56,11 +56,11 @@ def log_leaderboard_table(config: DictConfig, records: list[dict]) -> None:
             cell = row["metrics"].get(c) or {}
             cells += [cell.get("mean"), cell.get("ci_lo"), cell.get("ci_hi")]
         data.append(cells)
-    mode = "offline" if config.logger.get("offline", True) and os.environ.get("WANDB_MODE") != "online" \
+    mode = "offline" if config.logger.offline and os.environ.get("WANDB_MODE") != "online" \
         else "online"
-    run = wandb.init(project=config.logger.project, entity=config.logger.get("entity"),
-                     group=config.logger.get("group") or config.get("experiment"),
-                     job_type="leaderboard", name=f"leaderboard-{config.get('experiment')}",
-                     mode=mode, dir=to_absolute_path(config.get("results_dir") or "results"))
+    run = wandb.init(project=config.logger.project, entity=config.logger.entity,
+                     group=config.logger.group or config.group,
+                     job_type="leaderboard", name=f"leaderboard-{config.group}",
+                     mode=mode, dir=to_absolute_path(config.results_dir or "results"))
     run.log({"leaderboard": wandb.Table(columns=header, data=data)})
     run.finish()
