@@ -244,6 +244,12 @@ class Settings:
     def method_name(self) -> str:
         return self.method.name
 
+    @property
+    def eval_max_len(self) -> int:
+        """The longest sequence of evaluation (held-out decoding, the KL estimate, the curve):
+        the SFT base's ``max_len``, since every policy and reference descends from it."""
+        return self.stages["sft"].max_len
+
     def stage_config(self, name: str) -> Any:
         """The config of stage ``name``: its own section for a base stage, else ``method``."""
         return self.stages.get(name, self.method)

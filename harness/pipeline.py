@@ -260,7 +260,7 @@ class Run:
         return HeldOutGoldCurve(self.task, self.tokenizer, prompts,
                                 every=max(1, steps // e.curve_points),
                                 max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                max_len=self.s.stages["sft"].max_len)
+                                max_len=self.s.eval_max_len)
 
 
 def _throughput(metrics: dict[str, float]) -> dict[str, float]:
@@ -408,7 +408,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             per_prompt = None
             if policy is not None:
                 eval_metrics, samples, per_prompt = evaluate(r, policy, reference,
-                                                             settings.stages["sft"].max_len)
+                                                             settings.eval_max_len)
                 metrics.update(eval_metrics)
                 if settings.eval.lm_eval.enabled:
                     lm_metrics, summary["lm_eval_command"] = lm_eval_stage(r, final.checkpoint)
