@@ -621,3 +621,11 @@ def test_wandb_table(records: list[dict], tmp_path: Path, monkeypatch: pytest.Mo
     assert dpo[4] == 2 and dpo[i] == pytest.approx(0.6) and dpo[i + 2] == pytest.approx(0.6 + 1.27062, rel=1e-4)
     assert logged["finished"]
     assert inits[0]["group"] == "x" and inits[0]["name"] == "leaderboard-x"
+
+
+def test_the_title_names_the_methods_of_the_rows():
+    from harness.evaluation.standings import default_title
+
+    rows = [{"method": "grpo"}, {"method": "rloo"}, {"method": "grpo"}, {"method": "dpo"}]
+    assert default_title(rows) == "Alignment leaderboard: GRPO vs RLOO vs DPO"
+    assert default_title([]) == "Alignment leaderboard"

@@ -83,7 +83,7 @@ def plot_reward_kl(records: Iterable[Mapping[str, Any]], path: Path | str) -> Pa
     In a panel, one curve per method (per method and learning rate when the records hold several
     learning rates of it, and per held-out split: points measured on the validation split — the
     tuning sweep's — are drawn hollow on a dashed line and never joined to test-split points): at
-    each KL coefficient β (``config.method.kl_coef`` or ``beta``) the
+    each KL coefficient β (``config.method.beta``; ``kl_coef`` in older PPO records) the
     point (mean eval/kl, mean eval/gold_reward) over distinct seeds, with Student-t 95 % error bars
     on both, the points sorted by KL and joined, each labelled with its β. Records of every group
     are used (tuning sweeps supply the β grid). The SFT reference (mean ``eval/ref_gold_reward``)

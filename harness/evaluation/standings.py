@@ -98,7 +98,10 @@ HEADLINE_COLUMNS = ("eval/gold_reward", GAIN, "eval/ref_gold_reward", "eval/win_
 COST_COLUMNS = ("cost/method_wall_s", "cost/method_peak_mem_mb")
 _KEY_COLUMNS = ("method", "model", "dataset")
 _EXCLUDED_FROM_AVERAGE = ("perplexity", "bits_per_byte", "word_perplexity", "stderr")
-DEFAULT_TITLE = "Alignment leaderboard: PPO vs GRPO vs DPO"
+def default_title(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``Alignment leaderboard: GRPO vs RLOO vs ...``: the rows' methods, in the rows' order."""
+    methods = [str(m).upper() for m in dict.fromkeys(r.get("method") for r in rows) if m]
+    return "Alignment leaderboard" + (f": {' vs '.join(methods)}" if methods else "")
 MIN_SEEDS = 3
 CEILING_MARGIN = 0.02
 ALPHA = 0.05
@@ -587,8 +590,8 @@ def footer_lines(cols: Sequence[Column], rows: Sequence[Mapping[str, Any]] = (),
         "half-width keeps two significant digits. A bare number is a single seed (no interval); (n=k): "
         "only k seeds reported the metric. The CSV has every metric at full precision (mean, std, ci_lo, "
         "ci_hi, n).",
-        "β, lr: the method's KL coefficient (config.method.kl_coef for PPO, config.method.beta for DPO, "
-        "GRPO, RLOO) and learning rate (config.method.optim.lr) of the rows' runs.",
+        "β, lr: the method's KL coefficient (config.method.beta; config.method.kl_coef in PPO records "
+        "written before the rename) and learning rate (config.method.optim.lr) of the rows' runs.",
     ]
     for col in cols:
         key = col.key
@@ -634,7 +637,7 @@ def _main_cells(row: Mapping[str, Any], cols: Sequence[Column]) -> list[str]:
 
 
 def render_markdown(rows: Sequence[Mapping[str, Any]], header_lines: Sequence[str] = (),
-                    title: str = DEFAULT_TITLE, plots: Mapping[str, str] | None = None,
+                    title: str | None = None, plots: Mapping[str, str] | None = None,
                     paired: Sequence[Mapping[str, Any]] | None = None,
                     warnings: Sequence[str] | None = None, n_boot: int = 10_000, seed: int = 0) -> str:
     """The leaderboard as Markdown: a title, ``header_lines`` (one paragraph line each: the
@@ -643,6 +646,7 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], header_lines: Sequence[st
     then ``plots`` (``{caption: relative image path}``) as image links."""
     cols = shown_columns(rows)
     warnings = comparison_warnings(rows) if warnings is None else warnings
+    title = title or default_title(rows)
     lines = [f"# {title}", ""]
     for line in header_lines:
         lines += [line, ""]
@@ -798,7 +802,7 @@ def _th(label: str, tip: str) -> str:
 
 
 def render_html(rows: Sequence[Mapping[str, Any]], plots: Mapping[str, Path | str],
-                header_lines: Sequence[str] = (), title: str = DEFAULT_TITLE,
+                header_lines: Sequence[str] = (), title: str | None = None,
                 paired: Sequence[Mapping[str, Any]] | None = None, warnings: Sequence[str] | None = None,
                 n_boot: int = 10_000, seed: int = 0) -> str:
     """A self-contained HTML page that fits a 1,400-pixel window: inline CSS (``max-width``
@@ -808,6 +812,7 @@ def render_html(rows: Sequence[Mapping[str, Any]], plots: Mapping[str, Path | st
     missing files are skipped) as base64 data URIs (``max-width:100%``). No external scripts,
     styles, fonts or images."""
     esc = html.escape
+    title = title or default_title(rows)
     cols = shown_columns(rows)
     warnings = comparison_warnings(rows) if warnings is None else warnings
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -822,7 +827,7 @@ def render_html(rows: Sequence[Mapping[str, Any]], plots: Mapping[str, Path | st
     if not rows:
         out.append('<p class="note">No run records found: the table is empty.</p>')
     head = [_th("method", "the alignment method"), _th("model", "the policy model"), _th("dataset", "the task"),
-            _th("β", "KL coefficient: config.method.kl_coef (PPO) or config.method.beta"),
+            _th("β", "KL coefficient: config.method.beta (kl_coef in older PPO records)"),
             _th("lr", "learning rate: config.method.optim.lr")]
     head += [_th(c.label, f"{c.key}: {c.definition}") for c in cols]
     head += [_th("seeds", "distinct ok seeds (+failed, ‡duplicates dropped)"), _th("status", "ok or failed")]
