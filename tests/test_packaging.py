@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # what the build reads; copied so that the build leaves no build/ or egg-info in the repository
@@ -31,6 +34,7 @@ def _pip_wheel(src: Path, wheel_dir: Path) -> list[str]:
     return [*args, "--no-build-isolation"]
 
 
+@pytest.mark.slow
 def test_wheel_ships_configs_and_runs_outside_the_repository(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -78,3 +82,13 @@ def test_wheel_ships_configs_and_runs_outside_the_repository(tmp_path):
 
     params = _run([sys.executable, "-m", "harness.params", "model=llama3_8b"], cwd=work, env=env)
     assert params.stdout.strip().splitlines()[-1] == "total 8030261248", params.stdout
+
+    # a whole (tiny) run of the installed package, lm-eval on its exported task included: the
+    # configs, the stage modules and the lm-eval templates all come from the wheel
+    _run([sys.executable, "-m", "harness", "method=sft", "model=llama_tiny", "sft.max_steps=4",
+          "sft.val_every=2", "eval.limit=4", "eval.curve_points=0", "eval.lm_eval.limit=4",
+          "logger=none", "dataset.n_train=200", "dataset.n_pairs=40", "dataset.n_eval=8",
+          f"cache_dir={work / 'cache'}", f"results_dir={work / 'results'}",
+          f"hydra.run.dir={work / 'run'}"], cwd=work, env=env)
+    summary = json.loads((work / "run" / "summary.json").read_text())
+    assert summary["status"] == "ok" and "eval/harness_arith_gold/gold_reward" in summary["metrics"]
