@@ -15,18 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from harness.config import fail, one_of
 from harness.methods.losses import (
     aggregate_loss,
     group_relative_advantages,
     kl_k3,
-    masked_mean,
     ppo_clipped_surrogate,
 )
 from harness.methods.rl_base import GroupConfig, GroupModule, GroupStage
-from harness.methods.rollout import minibatches, response_logprobs
 
 
 @dataclass
@@ -59,31 +55,20 @@ class GRPOModule(GroupModule):
         cfg = self.cfg
         ro = self.group_rollout(batch)
         adv = group_relative_advantages(ro.scores, cfg.group_size, scale_rewards=cfg.scale_rewards)
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        stats_acc: dict[str, list[torch.Tensor]] = {}
         # dapo: every minibatch divides by the active tokens of the whole rollout batch
         n_active = ro.mask.sum() if cfg.loss_type == "dapo" else None
-        for _ in range(cfg.update_epochs):
-            for idx in minibatches(len(ro), cfg.minibatch_size, self.generator):
-                mask = ro.mask[idx]
-                logp, ent, aux = response_logprobs(
-                    self.policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len,
-                    cfg.rollout.temperature, with_entropy=True, entropy_grad=False)
-                a = adv[idx, None].expand_as(logp)
-                pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], a, mask, cfg.clip_eps,
-                                                  cfg.clip_eps_high, aggregation=cfg.loss_type,
-                                                  max_len=cfg.rollout.max_new_tokens,
-                                                  n_active=n_active)
-                kl = aggregate_loss(kl_k3(logp, ro.ref_logp[idx]), mask, cfg.loss_type,
-                                    max_len=cfg.rollout.max_new_tokens, n_active=n_active)
-                loss = self.checked("train/loss", pg + cfg.beta * kl + aux)
-                self.step(loss, (opt, sched, cfg.optim))
-                stats.update(loss=loss.detach(), kl_k3_per_token=kl.detach(), pg_loss=pg.detach(),
-                             entropy=masked_mean(ent, mask), moe_aux_loss=aux.detach())
-                self.accumulate(stats_acc, stats)
-        # minibatches partition the rollout: one host sync per rollout, not per minibatch
-        self.tokens_trained += cfg.update_epochs * int(ro.attention_mask.sum())
-        self.log_rollout(ro, adv, stats_acc, batch_idx)
+
+        def policy_loss(idx, logp, mask):
+            a = adv[idx, None].expand_as(logp)
+            pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], a, mask, cfg.clip_eps,
+                                              cfg.clip_eps_high, aggregation=cfg.loss_type,
+                                              max_len=cfg.rollout.max_new_tokens, n_active=n_active)
+            kl = aggregate_loss(kl_k3(logp, ro.ref_logp[idx]), mask, cfg.loss_type,
+                                max_len=cfg.rollout.max_new_tokens, n_active=n_active)
+            stats.update(kl_k3_per_token=kl.detach(), pg_loss=pg.detach())
+            return pg + cfg.beta * kl, stats
+
+        self.update(ro, adv, batch_idx, policy_loss)
 
 
 class GRPOStage(GroupStage):

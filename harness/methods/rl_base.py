@@ -17,7 +17,7 @@ from omegaconf import MISSING
 from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
 from harness.methods.base import AlignmentModule
 from harness.methods.losses import check_finite, kl_log_ratio, masked_mean
-from harness.methods.rollout import Rollout, make_rollout
+from harness.methods.rollout import Rollout, make_rollout, minibatches, response_logprobs
 from harness.models.llama import CausalLM
 from harness.seeding import generator
 from harness.stage import Budget, Fit, Stage, policy_from
@@ -171,6 +171,30 @@ class GroupModule(OnPolicyModule):
         ro = self.rollout(prompts, cfg.max_len, self.score_fn)
         check_finite("train/reward", ro.scores)
         return ro
+
+    def update(self, ro: Rollout, adv: torch.Tensor, iteration: int,
+               policy_loss: Callable[..., tuple[torch.Tensor, dict]]) -> None:
+        """``update_epochs`` passes of minibatches over the rollout, one optimiser step each, then
+        the rollout's metrics. ``policy_loss(idx, logp, mask)`` gives the minibatch's policy loss
+        and its stats (logp, mask: [b, N] of the rows ``idx``); the MoE auxiliary loss is added."""
+        cfg = self.cfg
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        stats_acc: dict[str, list[torch.Tensor]] = {}
+        for _ in range(cfg.update_epochs):
+            for idx in minibatches(len(ro), cfg.minibatch_size, self.generator):
+                mask = ro.mask[idx]
+                logp, ent, aux = response_logprobs(
+                    self.policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len,
+                    cfg.rollout.temperature, with_entropy=True, entropy_grad=False)
+                pg, stats = policy_loss(idx, logp, mask)
+                loss = self.checked("train/loss", pg + aux)
+                self.step(loss, (opt, sched, cfg.optim))
+                stats.update(loss=loss.detach(), entropy=masked_mean(ent, mask),
+                             moe_aux_loss=aux.detach())
+                self.accumulate(stats_acc, stats)
+        # minibatches partition the rollout: one host sync per rollout, not per minibatch
+        self.tokens_trained += cfg.update_epochs * int(ro.attention_mask.sum())
+        self.log_rollout(ro, adv, stats_acc, iteration)
 
 
 def group_layout(batch: int, group_size: int) -> tuple[int, int]:

@@ -16,17 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from harness.config import one_of
 from harness.methods.losses import (
-    masked_mean,
     rloo_advantages,
     rloo_policy_loss,
     sequence_kl_shaped_rewards,
 )
 from harness.methods.rl_base import GroupConfig, GroupModule, GroupStage
-from harness.methods.rollout import minibatches, response_logprobs
 
 
 @dataclass
@@ -60,23 +56,12 @@ class RLOOModule(GroupModule):
         rewards = (sequence_kl_shaped_rewards(ro.scores, ro.old_logp, ro.ref_logp, ro.mask, cfg.beta)
                    if in_reward else ro.scores)
         adv = rloo_advantages(rewards, cfg.group_size)
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        stats_acc: dict[str, list[torch.Tensor]] = {}
-        for _ in range(cfg.update_epochs):
-            for idx in minibatches(len(ro), cfg.minibatch_size, self.generator):
-                mask = ro.mask[idx]
-                logp, ent, aux = response_logprobs(
-                    self.policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len,
-                    cfg.rollout.temperature, with_entropy=True, entropy_grad=False)
-                pg, stats = rloo_policy_loss(logp, ro.old_logp[idx], ro.ref_logp[idx], adv[idx],
-                                             mask, cfg.clip_eps, 0.0 if in_reward else cfg.beta)
-                loss = self.checked("train/loss", pg + aux)
-                self.step(loss, (opt, sched, cfg.optim))
-                stats.update(loss=loss.detach(), entropy=masked_mean(ent, mask),
-                             moe_aux_loss=aux.detach())
-                self.accumulate(stats_acc, stats)
-        self.tokens_trained += cfg.update_epochs * int(ro.attention_mask.sum())
-        self.log_rollout(ro, adv, stats_acc, batch_idx)
+
+        def policy_loss(idx, logp, mask):
+            return rloo_policy_loss(logp, ro.old_logp[idx], ro.ref_logp[idx], adv[idx], mask,
+                                    cfg.clip_eps, 0.0 if in_reward else cfg.beta)
+
+        self.update(ro, adv, batch_idx, policy_loss)
 
 
 class RLOOStage(GroupStage):
