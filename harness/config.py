@@ -197,6 +197,12 @@ class LoggerConfig:
 
     def check(self, prefix: str = "logger") -> None:
         one_of(self, prefix, "kind", ("wandb", "csv", "none"))
+        from harness.tracking.wandb_auth import credentials_found, wants_online
+
+        if self.kind == "wandb" and wants_online(self.offline) and not credentials_found():
+            fail(prefix, "offline", self.offline,
+                 "W&B online needs a key: run `wandb login` or set WANDB_API_KEY "
+                 "(or keep logger.offline=true and upload later with `wandb sync`)")
 
 
 @dataclass
@@ -358,7 +364,6 @@ def register_configs() -> None:
     """Register every schema with Hydra's ConfigStore (idempotent)."""
     from harness.data.tasks import TASKS
     from harness.registry import base_stages, get_stage, stage_names
-
     cs = ConfigStore.instance()
     cs.store(group="model", name="base_model", node=ModelConfig)
     for name, task in TASKS.items():

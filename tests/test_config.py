@@ -122,6 +122,30 @@ def test_bad_values_of_every_group_are_named(override, field):
         validate(composed(["method=grpo", override]))
 
 
+def test_wandb_online_without_a_key_is_refused_before_work(monkeypatch, tmp_path):
+    from harness.tracking.wandb_auth import credentials_found, wants_online
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_MODE", "")
+    assert wants_online(False) and not wants_online(True) and not credentials_found()
+    with pytest.raises(ConfigError, match=r"logger\.offline=False: W&B online needs a key"):
+        validate(composed(["method=grpo", "logger.offline=false"]))
+    validate(composed(["method=grpo", "logger.offline=false", "logger.kind=csv"]))  # no W&B, no key
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the environment keeps it offline
+    validate(composed(["method=grpo", "logger.offline=false"]))
+    monkeypatch.setenv("WANDB_MODE", "online")  # ... or forces it online
+    assert wants_online(True)
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    assert credentials_found()  # what `wandb login` writes
+    validate(composed(["method=grpo"]))
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a server of one's own
+    assert not credentials_found()
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    assert credentials_found()
+
+
 def test_method_values_are_checked():
     with pytest.raises(ConfigError, match=r"method\.group_size=1"):
         validate(composed(["method=rloo", "method.group_size=1"]))

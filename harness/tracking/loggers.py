@@ -9,6 +9,8 @@ from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
+from harness.tracking.wandb_auth import wants_online
+
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"model": {"d_model": 128}}`` -> ``{"model.d_model": 128}`` so W&B can filter on any field."""
@@ -46,7 +48,7 @@ def build_logger(cfg: dict[str, Any], stage: str, save_dir: Path) -> Logger | No
     if kind != "wandb":
         raise ValueError(f"logger.kind={kind!r}: must be one of wandb, csv, none")
     ident = run_identity(cfg, stage)
-    offline = bool(lcfg["offline"]) and os.environ.get("WANDB_MODE") != "online"
+    offline = not wants_online(bool(lcfg["offline"]))
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(
         project=lcfg["project"],
