@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from harness.conf_path import config_dir
 from harness.config import ConfigError, check_overrides, register_configs
+from harness.run_uid import new_run_uid
 
 register_configs()
 
@@ -42,6 +43,7 @@ def default_choice(group: str) -> str:
 
 def entry() -> None:
     """Check the command line for renamed fields, then hand over to Hydra."""
+    new_run_uid()  # this command's own id, never one inherited from a parent command
     experiments = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
     try:
         check_overrides(sys.argv[1:], experiments, default_choice("method"))

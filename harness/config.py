@@ -364,6 +364,9 @@ def register_configs() -> None:
     """Register every schema with Hydra's ConfigStore (idempotent)."""
     from harness.data.tasks import TASKS
     from harness.registry import base_stages, get_stage, stage_names
+    from harness.run_uid import run_uid
+
+    OmegaConf.register_new_resolver("run_uid", run_uid, replace=True)
     cs = ConfigStore.instance()
     cs.store(group="model", name="base_model", node=ModelConfig)
     for name, task in TASKS.items():

@@ -22,6 +22,27 @@ def harness(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Comp
                           capture_output=True, text=True, timeout=timeout)
 
 
+def test_two_runs_started_together_keep_their_own_folders_and_records(tmp_path):
+    """Run folders are named by the clock *and* a per-command id: same-second runs never share."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HARNESS_RUN_UID": "inherited"}
+    tiny = ["method=dpo", "model=llama_tiny", "sft.max_steps=2", "method.max_steps=2",
+            "eval.limit=4", "logger=none", "eval.lm_eval.enabled=false",
+            f"cache_dir={tmp_path}/cache", f"results_dir={tmp_path}/results"]
+    procs = [subprocess.Popen([sys.executable, "-m", "harness", *tiny, f"method.beta={b}"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for b in (0.1, 0.9)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    summaries = sorted(tmp_path.glob("outputs/*/*/summary.json"))
+    assert len(summaries) == 2  # two folders, not one shared
+    betas = sorted(json.loads(s.read_text())["config"]["method"]["beta"] for s in summaries)
+    assert betas == [0.1, 0.9]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")]
+    assert sorted(r["config"]["method"]["beta"] for r in records) == [0.1, 0.9]
+    assert all("inherited" not in s.parent.name for s in summaries)  # each command draws its own id
+
+
 def test_cfg_job_composes_and_help_lists_groups():
     out = harness("model=moe_small", "method=sft", "--cfg", "job")
     assert out.returncode == 0, out.stderr
