@@ -97,3 +97,24 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_writable(path: Path | str, field: str) -> None:
+    """Refuse a folder that cannot be created or written, before any work, naming its field.
+
+    Creates ``path`` (and parents) if needed and writes then removes a probe file, so a read-only
+    mount, a full quota or a file in the way is found at the start of a run, not after training.
+    Raises :class:`harness.models.architecture.ConfigError` (a config error: no record is written).
+    """
+    from harness.models.architecture import ConfigError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".harness-writable-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{field}={str(path)!r}: cannot write there "
+                          f"({exc.strerror or type(exc).__name__}); choose another folder with "
+                          f"{field}=...") from exc

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import sys
 import time
 import traceback
 import uuid
@@ -29,7 +30,7 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from harness.atomic import write_json
+from harness.atomic import check_writable, write_json
 from harness.cache import StageCache, StageRecord, stage_key
 from harness.config import Settings, TrainerConfig, validate
 from harness.data.tasks import build_task
@@ -338,13 +339,23 @@ def record_for(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def write_outputs(summary: dict[str, Any], run_dir: Path) -> None:
-    """``summary.json`` in the run directory and one record in ``<results_dir>/runs/``."""
+    """``summary.json`` in the run directory and one record in ``<results_dir>/runs/``.
+
+    Each is written whatever happens to the other: a record that cannot be written is reported
+    (``record_error`` in the summary and on stderr), and a summary that cannot be written does not
+    stop the record.
+    """
     from harness.evaluation.records import write_record
 
     results = summary.get("config", {}).get("results_dir")
     if results:
-        path = write_record(record_for(summary, run_dir), Path(to_absolute_path(results)) / "runs")
-        summary["record"] = str(path)
+        runs = Path(to_absolute_path(results)) / "runs"
+        try:
+            summary["record"] = str(write_record(record_for(summary, run_dir), runs))
+        except Exception as exc:  # the run's own summary must survive a results folder gone bad
+            summary["record_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"harness: could not write the results record to {runs}: "
+                  f"{summary['record_error']}", file=sys.stderr)
     write_json(run_dir / "summary.json", summary)
 
 
@@ -379,6 +390,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """
     t0 = time.perf_counter()
     settings = validate(cfg)
+    check_writable(run_dir, "hydra.run.dir")
+    check_writable(to_absolute_path(settings.cache_dir), "cache_dir")
+    if settings.results_dir:
+        check_writable(Path(to_absolute_path(settings.results_dir)) / "runs", "results_dir")
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     name = settings.method_name
     stage = get_stage(name)

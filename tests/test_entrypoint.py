@@ -65,6 +65,7 @@ def test_unknown_option_lists_the_choices():
     ("method=grpo method.optim.lr=-1", "method.optim.lr"),
     ("sft.optim.lr=-1", "sft.optim.lr"),
     ("method=rloo method.group_size=1", "method.group_size"),
+    ("results_dir=/proc/version/results", "results_dir"),  # a file where a folder should be
 ])
 def test_bad_values_fail_before_any_work_naming_the_field(override, field, tmp_path):
     out = harness(*override.split(), f"hydra.run.dir={tmp_path}/run", f"cache_dir={tmp_path}/c",

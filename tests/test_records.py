@@ -181,3 +181,34 @@ def test_win_rate_and_gold_accuracy_by_hand():
     assert done.accuracy(1.0) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="equally long"):
         win_rate([1.0], [1.0, 0.0])
+
+
+# ------------------------------------------------------------- folders that cannot be written
+def test_a_folder_that_cannot_be_written_is_refused_naming_its_field(tmp_path: Path) -> None:
+    from harness.atomic import check_writable
+    from harness.config import ConfigError
+
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    with pytest.raises(ConfigError, match=r"results_dir='.*blocked/runs': cannot write there"):
+        check_writable(tmp_path / "blocked" / "runs", "results_dir")
+    check_writable(tmp_path / "new" / "deeper", "cache_dir")  # created, probe removed
+    assert list((tmp_path / "new" / "deeper").iterdir()) == []
+
+
+def test_the_summary_is_written_when_the_record_cannot_be(tmp_path: Path, capsys) -> None:
+    from harness.pipeline import write_outputs
+
+    (tmp_path / "blocked").write_text("")
+    summary = {"status": "ok", "method": "dpo", "model": "llama_tiny", "dataset": "arith", "seed": 0,
+               "metrics": {"eval/gold_reward": 0.5},
+               "config": {"results_dir": str(tmp_path / "blocked"), "group": "default"}}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_outputs(summary, run_dir)
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["metrics"] == {"eval/gold_reward": 0.5} and "record" not in saved
+    assert saved["record_error"].startswith(("NotADirectoryError", "FileExistsError"))
+    assert "could not write the results record" in capsys.readouterr().err
+    summary["config"]["results_dir"] = str(tmp_path / "results")  # and the ordinary case: both
+    write_outputs(summary, run_dir)
+    assert Path(json.loads((run_dir / "summary.json").read_text())["record"]).is_file()
