@@ -2,6 +2,11 @@
 
 Every method of a sweep therefore starts from the same SFT base (and reward model): the first job
 trains it, the others find it. A file lock serialises jobs that need the same stage at once.
+
+What the cache guarantees: a stage counts as cached only once ``stage.json`` is written, last and
+atomically, after its checkpoint; ``stage.json`` lists every checkpoint file with its size and
+sha256, and a stage whose files no longer match (truncated, edited, missing) is reported with its
+key and path and trained again instead of being loaded.
 """
 
 from __future__ import annotations
@@ -10,12 +15,45 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.atomic import write_json
+
+log = logging.getLogger("harness")
+CHUNK = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, list]:
+    """``{relative path: [size in bytes, sha256]}`` of every file under ``folder``."""
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, file_digest(p)]
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def damage(folder: Path, expected: dict[str, list]) -> str | None:
+    """The first difference between ``folder`` and its manifest (sizes first: cheap), or None."""
+    for rel, (size, _) in expected.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != size:
+            return f"{rel} has {p.stat().st_size} bytes, {size} when it was committed"
+    for rel, (_, digest) in expected.items():
+        if file_digest(folder / rel) != digest:
+            return f"{rel} changed since it was committed (sha256 differs)"
+    return None
 
 
 def stage_key(kind: str, decides: dict[str, Any]) -> str:
@@ -58,19 +96,37 @@ class StageCache:
         return self.root / "stages" / key
 
     def load(self, key: str) -> StageRecord | None:
-        """The finished stage under ``key``, or None if it was never completed."""
+        """The finished stage under ``key``, or None if it was never completed or is damaged.
+
+        A damaged stage (its checkpoint no longer matches the manifest in ``stage.json``, or
+        ``stage.json`` itself is unreadable) is logged with its key and path and un-committed, so
+        the caller trains it again.
+        """
         meta = self.path(key) / "stage.json"
         if not meta.is_file():
             return None
-        data = json.loads(meta.read_text())
+        try:
+            data = json.loads(meta.read_text())
+            problem = damage(self.path(key) / "checkpoint", data.get("files", {}))
+        except (OSError, ValueError) as exc:
+            problem = f"stage.json is unreadable ({exc})"
+        if problem is not None:
+            log.warning("cached stage %s at %s is damaged: %s; training it again",
+                        key, self.path(key), problem)
+            self.uncommit(key)
+            return None
         return StageRecord(key=key, path=self.path(key), cached=True,
                            metrics=data.get("metrics", {}), decides=data.get("decides", {}),
                            trained_id=data.get("trained_id", ""))
 
+    def uncommit(self, key: str) -> None:
+        """Forget a stage (its ``stage.json``), so the next run trains it again."""
+        (self.path(key) / "stage.json").unlink(missing_ok=True)
+
     def commit(self, record: StageRecord) -> None:
         """Mark the stage complete by writing ``stage.json`` atomically."""
         payload = {"key": record.key, "metrics": record.metrics, "decides": record.decides,
-                   "trained_id": record.trained_id}
+                   "trained_id": record.trained_id, "files": manifest(record.checkpoint)}
         write_json(self.path(record.key) / "stage.json", payload)
 
     @contextlib.contextmanager

@@ -176,14 +176,22 @@ class Run:
         key = stage_key(stage.name, decides)
         with self.cache.lock(key):
             found = None if self.s.force_retrain else self.cache.load(key)
+            model = None
             if found is not None:
+                try:
+                    model = stage.load(found.checkpoint)
+                except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is retrained
+                    log.warning("cached stage %s at %s cannot be loaded (%s: %s); training it again",
+                                key, found.path, type(exc).__name__, exc)
+                    self.cache.uncommit(key)
+            if found is not None and model is not None:
                 log.info("%s stage: reusing cached %s (%s)", stage.name.upper(), key, found.path)
                 m = found.metrics
                 self.costs[stage.name] = StageCost(
                     wall_s=m.get("cost/train_wall_s", float("nan")),
                     peak_mem_mb=m.get("cost/train_peak_mem_mb", float("nan")),
                     cached=True, extra=_throughput(m))
-                return Built(stage.name, cfg, stage.load(found.checkpoint), found, found.checkpoint)
+                return Built(stage.name, cfg, model, found, found.checkpoint)
             log.info("%s stage: training %s", stage.name.upper(), key)
             built = self.train(stage, cfg, inputs, key, decides)
             cost = self.costs[stage.name]

@@ -43,6 +43,22 @@ def test_two_runs_started_together_keep_their_own_folders_and_records(tmp_path):
     assert all("inherited" not in s.parent.name for s in summaries)  # each command draws its own id
 
 
+def test_a_truncated_cached_checkpoint_is_detected_and_retrained(tmp_path):
+    tiny = ["method=dpo", "model=llama_tiny", "sft.max_steps=2", "method.max_steps=2",
+            "eval.limit=4", "logger=none", "eval.lm_eval.enabled=false",
+            f"cache_dir={tmp_path}/cache", f"results_dir={tmp_path}/results"]
+    first = harness(*tiny, f"hydra.run.dir={tmp_path}/r1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (weights,) = (tmp_path / "cache" / "stages").glob("sft-*/checkpoint/model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])  # a disk that filled up, a copy cut short
+    again = harness(*tiny, f"hydra.run.dir={tmp_path}/r2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert f"cached stage {weights.parents[1].name} at {weights.parents[1]} is damaged" in log
+    summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    assert summary["stages"]["sft"]["cached"] is False and summary["status"] == "ok"
+
+
 def test_cfg_job_composes_and_help_lists_groups():
     out = harness("model=moe_small", "method=sft", "--cfg", "job")
     assert out.returncode == 0, out.stderr

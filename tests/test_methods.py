@@ -99,6 +99,37 @@ def test_a_retrained_sft_base_gets_a_new_reward_model_key(tmp_path):
     assert key(first) == key(cache.load("sft-x"))
 
 
+def test_a_damaged_cached_stage_is_reported_and_uncommitted(tmp_path, caplog):
+    from harness.cache import StageCache, StageRecord
+
+    cache = StageCache(tmp_path)
+    rec = StageRecord(key="sft-y", path=cache.path("sft-y"))
+    (rec.checkpoint / "sub").mkdir(parents=True)
+    (rec.checkpoint / "model.safetensors").write_bytes(b"0123456789")
+    (rec.checkpoint / "sub" / "tok.json").write_text("{}")
+    cache.commit(rec)
+    files = json.loads((rec.path / "stage.json").read_text())["files"]
+    assert files["model.safetensors"][0] == 10 and set(files) == {"model.safetensors", "sub/tok.json"}
+    assert cache.load("sft-y") is not None
+    for damage, why in ((lambda: (rec.checkpoint / "model.safetensors").write_bytes(b"01234"),
+                         "model.safetensors has 5 bytes, 10 when it was committed"),
+                        (lambda: (rec.checkpoint / "model.safetensors").write_bytes(b"0123456780"),
+                         "model.safetensors changed since it was committed"),
+                        (lambda: (rec.checkpoint / "sub" / "tok.json").unlink(),
+                         "sub/tok.json is missing")):
+        (rec.checkpoint / "model.safetensors").write_bytes(b"0123456789")
+        (rec.checkpoint / "sub" / "tok.json").write_text("{}")
+        cache.commit(rec)
+        damage()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="harness"):
+            assert cache.load("sft-y") is None
+        assert why in caplog.text and "sft-y" in caplog.text and str(rec.path) in caplog.text
+        assert not (rec.path / "stage.json").exists()  # un-committed: the next run retrains it
+    (rec.path / "stage.json").write_text('{"key": "sft-y", "metr')  # a torn stage.json
+    assert cache.load("sft-y") is None
+
+
 def test_sft_key_ignores_the_method_and_logger(tmp_path):
     keys = set()
     for method, logger in (("sft", "none"), ("dpo", "csv"), ("grpo", "none"), ("rloo", "none")):
