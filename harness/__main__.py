@@ -1,11 +1,12 @@
 """``python -m harness [overrides]``: the Hydra entry point. Thin: compose -> run the pipeline.
 
 Config errors (a renamed field, a bad value) stop before any work with one line naming the field
-and exit status 2; they leave no results record.
+and exit status 1; they leave no results record. ``HYDRA_FULL_ERROR=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         sys.exit(f"config error: {exc}")
     print_summary(summary)
     return summary.get("metrics", {}).get("eval/gold_reward")

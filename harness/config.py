@@ -313,9 +313,21 @@ def validate(cfg: DictConfig) -> Settings:
               (("trainer", TrainerConfig), ("logger", LoggerConfig), ("eval", EvalConfig))}
     for g, c in groups.items():
         c.check(g)
-    return Settings(model=model, dataset=task_config(cfg.dataset), method=method, stages=stages,
+    dataset = task_config(cfg.dataset)
+    _check_reward_available(dataset, method)
+    return Settings(model=model, dataset=dataset, method=method, stages=stages,
                     seed=top.seed, group=top.group, cache_dir=top.cache_dir,
                     force_retrain=top.force_retrain, results_dir=top.results_dir, **groups)
+
+
+def _check_reward_available(dataset: Any, method: Any) -> None:
+    """An RL method that scores rollouts with the task's gold reward needs a task that has one."""
+    from harness.data.tasks import TASKS
+
+    if getattr(method, "reward_source", None) == "gold" and not TASKS[dataset.name].has_gold_reward:
+        raise ConfigError(
+            f"method.reward_source='gold': dataset {dataset.name!r} has no gold reward to score "
+            "rollouts with; use method.reward_source=rm (the reward model trained on its pairs)")
 
 
 #: Config names that changed: an override with the old name stops with the new one.

@@ -285,6 +285,8 @@ def evaluate(run: Run, policy: CausalLM, reference: CausalLM | None,
     Returns (metrics, samples, per_prompt): ``per_prompt`` holds the split, a hash of the prompts
     and each prompt's gold reward (and the reference's), the unit of the leaderboard's paired test.
     """
+    if not run.task.has_gold_reward:
+        return evaluate_preferences(run, policy, reference, max_len)
     e = run.s.eval
     prompts = run.eval_prompts()
     args = (prompts, e.max_new_tokens, e.batch_size, max_len)
@@ -309,6 +311,50 @@ def evaluate(run: Run, policy: CausalLM, reference: CausalLM | None,
                                          stream_seed(run.s.seed, "eval_kl"))
         for s, r in zip(samples, ref.responses, strict=False):
             s["reference"] = r
+    return metrics, samples, per_prompt
+
+
+def evaluate_preferences(run: Run, policy: CausalLM, reference: CausalLM | None,
+                         max_len: int) -> tuple[dict[str, float], list[dict], dict[str, Any]]:
+    """Evaluation for data without a gold reward: held-out preference accuracy and KL.
+
+    The held-out pairs are the task's eval pairs (``eval.split=test``) or its validation pairs;
+    ``eval/pref_accuracy`` (and the reference's, and the implicit-reward accuracy) are defined in
+    :mod:`harness.evaluation.preference_eval`. Data with responses but no pairs gets only KL.
+    """
+    from harness.evaluation.gold import complete
+    from harness.evaluation.preference_eval import (
+        implicit_reward_correct,
+        pair_logps_table,
+        prefers_chosen,
+    )
+
+    e = run.s.eval
+    ds = run.task.eval_dataset() if e.split == "test" else run.task.preference_dataset("validation")
+    if e.limit:
+        ds = ds.select(range(min(e.limit, len(ds))))
+    prompts = list(ds["prompt"])
+    metrics: dict[str, float] = {"eval/n_prompts": float(len(prompts))}
+    per_prompt: dict[str, Any] = {
+        "split": e.split, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+    if {"chosen", "rejected"} <= set(ds.column_names):
+        pairs = (prompts, list(ds["chosen"]), list(ds["rejected"]), e.batch_size, max_len)
+        table = pair_logps_table(policy, run.tokenizer, *pairs)
+        per_prompt["pref_accuracy"] = prefers_chosen(table)
+        metrics["eval/pref_accuracy"] = sum(per_prompt["pref_accuracy"]) / len(prompts)
+        if reference is not None:
+            ref_table = pair_logps_table(reference, run.tokenizer, *pairs)
+            per_prompt["ref_pref_accuracy"] = prefers_chosen(ref_table)
+            metrics["eval/ref_pref_accuracy"] = sum(per_prompt["ref_pref_accuracy"]) / len(prompts)
+            correct = implicit_reward_correct(table, ref_table)
+            metrics["eval/reward_accuracy"] = sum(correct) / len(prompts)
+    shown = prompts[: e.n_samples]
+    responses = complete(policy, run.tokenizer, shown, e.max_new_tokens, e.batch_size, max_len)
+    samples = [{"prompt": p, "response": r} for p, r in zip(shown, responses, strict=True)]
+    if reference is not None:
+        metrics["eval/kl"] = sequence_kl(policy, reference, run.tokenizer, prompts,
+                                         e.max_new_tokens, e.batch_size, max_len,
+                                         stream_seed(run.s.seed, "eval_kl"))
     return metrics, samples, per_prompt
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 #: the few numbers that matter, in this order (label, key); the rest is in summary.json
 HEADLINE = (("gold reward", "eval/gold_reward"), ("SFT reference", "eval/ref_gold_reward"),
+            ("pref accuracy", "eval/pref_accuracy"), ("SFT pref accuracy", "eval/ref_pref_accuracy"),
+            ("implicit-reward acc", "eval/reward_accuracy"),
             ("win rate", "eval/win_rate"), ("KL (nats/seq)", "eval/kl"),
             ("RM accuracy", "eval/rewards_acc"), ("method time (s)", "cost/method_wall_s"),
             ("method memory (MiB)", "cost/method_peak_mem_mb"), ("run time (s)", "cost/wall_s"))
@@ -24,6 +26,6 @@ def print_summary(summary: dict[str, Any]) -> None:
     for label, key in HEADLINE:
         if key in values:
             note = f"  ({n} held-out prompts, {summary['config']['eval']['split']} split)" \
-                if key == "eval/gold_reward" and n else ""
+                if key in ("eval/gold_reward", "eval/pref_accuracy") and n else ""
             print(f"  {label:<20} {values[key]:.4g}{note}")
     print(f"  summary: {summary['run_dir']}/summary.json")

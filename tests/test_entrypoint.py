@@ -163,3 +163,38 @@ def test_multirun_sweep_shares_the_sft_base_and_rebuilds_the_leaderboard(tmp_pat
     assert "rloo" in board and "python -m harness" in board
     assert (tmp_path / "results" / "reward_kl.png").is_file()
     assert len(list((tmp_path / "results" / "runs").glob("*.json"))) == 2
+
+
+@pytest.mark.slow
+def test_preference_data_runs_end_to_end_and_reaches_the_leaderboard(tmp_path):
+    """dataset=preference on a local file: DPO and the reward model train, evaluation falls back to
+    held-out preference accuracy and KL (no gold reward), and the leaderboard shows them."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Q{i}: say yes.", "chosen": f" yes {i}",
+                                         "rejected": f" no {i}"}) + "\n" for i in range(40)))
+    data = ["dataset=preference", "dataset.path=json", f"+dataset.data_files={{train: {pairs}}}",
+            "dataset.val_fraction=0.1"]
+    tiny = ["model=llama_tiny", "sft.max_steps=2", "logger=none", "eval.lm_eval.enabled=false",
+            f"cache_dir={tmp_path}/cache", f"results_dir={tmp_path}/results"]
+    dpo = harness("method=dpo", "method.max_steps=2", *data, *tiny, f"hydra.run.dir={tmp_path}/dpo")
+    assert dpo.returncode == 0, dpo.stderr[-3000:]
+    m = json.loads((tmp_path / "dpo" / "summary.json").read_text())["metrics"]
+    assert m["eval/n_prompts"] == 4.0  # the 10% validation pairs (the file has no test split)
+    for key in ("eval/pref_accuracy", "eval/ref_pref_accuracy", "eval/reward_accuracy"):
+        assert 0.0 <= m[key] <= 1.0
+    assert "eval/kl" in m and "eval/gold_reward" not in m
+    assert "pref accuracy" in dpo.stdout
+    rm = harness("method=rm", "rm.max_steps=2", "rm.val_every=2", *data, *tiny, f"hydra.run.dir={tmp_path}/rm")
+    assert rm.returncode == 0, rm.stderr[-3000:]
+    assert 0.0 <= json.loads((tmp_path / "rm" / "summary.json").read_text())["metrics"][
+        "eval/rewards_acc"] <= 1.0
+    grpo = harness("method=grpo", *data, *tiny, f"hydra.run.dir={tmp_path}/grpo")
+    assert grpo.returncode != 0 and "method.reward_source='gold'" in grpo.stderr
+    assert not (tmp_path / "grpo" / "summary.json").exists()  # refused before any work
+    from harness.evaluation.standings import build_leaderboard
+
+    md = build_leaderboard(tmp_path / "results" / "runs", tmp_path / "lb",
+                           screenshot=False)["markdown"].read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method |"))
+    assert "| KL | Pref ↑ | SFT pref |" in header
+    assert any(line.startswith("| dpo | llama_tiny | preference |") for line in md.splitlines())

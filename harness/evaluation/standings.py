@@ -184,6 +184,12 @@ _BASE_COLUMNS = (
            "share of held-out prompts where the policy's gold reward beats the SFT reference's (ties half)"),
     Column("KL", "eval/kl", "KL(policy ‖ SFT reference) of sampled held-out responses, nats per sequence"),
 )
+_HELD_OUT_PREF = (
+    Column("Pref ↑", "eval/pref_accuracy",
+           "data without a gold reward: share of held-out preference pairs where the policy puts more "
+           "likelihood on the chosen response (strict)"),
+    Column("SFT pref", "eval/ref_pref_accuracy", "the same for the SFT reference"),
+)
 _TIME = Column("time", "cost/method_wall_s", "wall-clock seconds of the method's own training stage")
 _MEMORY = Column("memory", "cost/method_peak_mem_mb",
                  "peak memory (MB) of the method's own stage: the rise in process RSS on CPU (rss_rise), "
@@ -202,12 +208,14 @@ _SKIPPED_TASK_METRIC = re.compile(r"eval/harness_.+_gold/gold_reward|.*perplexit
 
 
 def shown_columns(rows: Sequence[Mapping[str, Any]]) -> list[Column]:
-    """The metric columns of the main table: Gold, Δ vs SFT, SFT ref, Win rate, KL, then Pref acc
-    and bits/byte when some row has them, any other lm-eval task metric (not
+    """The metric columns of the main table: Gold, Δ vs SFT, SFT ref, Win rate, KL, the held-out
+    preference accuracies (data without a gold reward), then Pref acc and bits/byte when some row
+    has them, any other lm-eval task metric (not
     ``harness_<task>_gold/gold_reward``, which repeats eval/gold_reward, nor perplexities), time,
     memory."""
     cols = list(_BASE_COLUMNS)
     keys = {k for r in rows for k in r["metrics"] if r["metrics"][k].get("n")}
+    cols += [c for c in _HELD_OUT_PREF if c.key in keys]
     claimed = set()
     for col in (_PREF, _BPB):
         hits = {k for k in keys if col.pattern and re.fullmatch(col.pattern, k)}
