@@ -44,12 +44,28 @@ def default_choice(group: str) -> str:
     return next((e[group] for e in defaults if isinstance(e, dict) and group in e), "") or ""
 
 
+def method_of(argv: list[str]) -> str:
+    """The method a command selects: ``method=``, else a ``+sweep=`` or ``experiment=`` config's
+    ``override /method``, else ``conf/config.yaml``'s default."""
+    chosen = default_choice("method")
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        group = key.lstrip("+")
+        if group in ("sweep", "experiment") and value:
+            path = config_dir() / group / f"{value.split(',')[0]}.yaml"
+            data = yaml.safe_load(path.read_text()) if path.is_file() else None
+            for entry_ in (data or {}).get("defaults") or []:
+                if isinstance(entry_, dict) and "override /method" in entry_:
+                    chosen = entry_["override /method"]
+    return chosen
+
+
 def entry() -> None:
     """Check the command line for renamed fields, then hand over to Hydra."""
     new_run_uid()  # this command's own id, never one inherited from a parent command
     experiments = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
     try:
-        check_overrides(sys.argv[1:], experiments, default_choice("method"))
+        check_overrides(sys.argv[1:], experiments, method_of(sys.argv[1:]))
     except ConfigError as exc:
         sys.exit(f"config error: {exc}")
     main()

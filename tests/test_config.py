@@ -175,6 +175,16 @@ def test_renamed_fields_fail_naming_the_new_one(override, new):
         check_overrides(["method=ppo", override], experiments=["courier"])
 
 
+def test_a_sweep_config_that_selects_the_method_counts_as_choosing_it():
+    from harness.__main__ import method_of
+
+    assert method_of(["+sweep=tune_dpo", "method.beta=1.0"]) == "dpo"
+    assert method_of(["+sweep=compare"]) == "sft" and method_of([]) == "sft"
+    assert method_of(["+sweep=tune_ppo", "method=grpo"]) == "ppo"  # method= is read by check_overrides
+    check_overrides(["+sweep=tune_dpo", "method.beta=1.0"], default_method=method_of(
+        ["+sweep=tune_dpo", "method.beta=1.0"]))  # accepted: the sweep's method has a beta
+
+
 def test_base_stage_methods_are_configured_in_their_own_section():
     from harness.__main__ import default_choice
 
