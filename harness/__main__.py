@@ -1,7 +1,8 @@
 """``python -m harness [overrides]``: the Hydra entry point. Thin: compose -> run the pipeline.
 
 Config errors (a renamed field, a bad value) stop before any work with one line naming the field
-and exit status 1; they leave no results record. ``HYDRA_FULL_ERROR=1`` shows the traceback.
+and exit status 1; they leave no results record. So does bad data (``data error: ...`` naming the
+file, row and column), found while the data is read, before any training. ``HYDRA_FULL_ERROR=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 
 from harness.conf_path import config_dir
 from harness.config import ConfigError, check_overrides, register_configs
+from harness.data.errors import DataError
 from harness.run_uid import new_run_uid
 
 register_configs()
@@ -30,10 +32,11 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         summary = run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        sys.exit(f"config error: {exc}")
+        kind = "config" if isinstance(exc, ConfigError) else "data"
+        sys.exit(f"{kind} error: {exc}")
     print_summary(summary)
     return summary.get("metrics", {}).get("eval/gold_reward")
 

@@ -30,7 +30,8 @@ __all__ = ["ConfigError", "EvalConfig", "LmEvalConfig", "LoggerConfig", "ModelCo
 
 # ------------------------------------------------------------------------------ checks
 def fail(prefix: str, name: str, value: Any, why: str) -> None:
-    raise ConfigError(f"{prefix}.{name}={value!r}: {why}")
+    """Raise a ConfigError naming ``<prefix>.<name>`` (just ``<name>`` for top-level fields)."""
+    raise ConfigError(f"{prefix + '.' if prefix else ''}{name}={value!r}: {why}")
 
 
 def positive(obj: Any, prefix: str, *names: str) -> None:
@@ -225,7 +226,7 @@ class RunSchema:
     results_dir: str | None = "${oc.env:HARNESS_RESULTS_DIR,results}"
 
     def check(self) -> None:
-        in_range(self, "config", "seed", 0, 2**32 - 1)
+        in_range(self, "", "seed", 0, 2**32 - 1)
 
 
 # ------------------------------------------------------------------------ validation

@@ -140,6 +140,23 @@ class Run:
     def task(self):
         return self.ctx.task
 
+    def check_data(self, name: str) -> None:
+        """Read the training data of stage ``name`` and every stage it builds on, so bad data
+        (a :class:`~harness.data.errors.DataError` naming file, row and column) stops the run
+        before any stage trains."""
+        todo, seen = [name], set()
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stage = get_stage(n)
+            todo += stage.needs(self.s.stage_config(n))
+            if stage.data == "pairs":
+                self.task.preference_dataset("train")
+            elif stage.data == "sft":
+                self.task.sft_dataset("train")
+
     @property
     def tokenizer(self):
         return self.ctx.tokenizer
@@ -439,8 +456,8 @@ def stage_costs(costs: dict[str, StageCost], method_stage: str, total_s: float) 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run the pipeline for ``cfg`` and write ``<run_dir>/summary.json``; returns the summary.
 
-    Config errors (:class:`~harness.config.ConfigError`) are raised before any work and leave
-    no record.
+    Config errors (:class:`~harness.config.ConfigError`) and bad data
+    (:class:`~harness.data.errors.DataError`) are raised before any work and leave no record.
     """
     t0 = time.perf_counter()
     settings = validate(cfg)
@@ -459,9 +476,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if str(t.devices) != "1" and t.accelerator != "gpu":
         torch.set_num_threads(1)
     summary["platform"] = platform_info("cuda" if t.accelerator == "gpu" else "cpu")
-    r: Run | None = None
+    # the data and the tokenizer are read here, before the try: bad data (a DataError naming the
+    # file, row and column) stops the run before any work, like a config error, with no record
+    r = Run(settings, resolved, run_dir)
+    r.check_data(name)
     try:
-        r = Run(settings, resolved, run_dir)
         final = r.obtain(name)
         summary["stages"] = {n: {**b.record.to_json(), "checkpoint": str(b.checkpoint)}
                              for n, b in r.built.items()}
@@ -490,11 +509,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     except Exception as exc:
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                        traceback=traceback.format_exc(),
-                       cost=stage_costs(r.costs if r is not None else {}, name,
-                                        time.perf_counter() - t0))
+                       cost=stage_costs(r.costs, name, time.perf_counter() - t0))
         write_outputs(summary, run_dir)
-        if r is not None:
-            r.loggers.abort({"status": "failed"})
+        r.loggers.abort({"status": "failed"})
         raise
     write_outputs(summary, run_dir)
     return summary

@@ -125,6 +125,8 @@ class Stage:
     ``produces_policy``: the stage's model is a policy, evaluated on the task's gold reward
     against its reference; False for the reward model (its ``eval/rewards_acc`` is its score).
     ``reference``: the stage whose model is the frozen reference (None: no reference).
+    ``data``: the task data the stage trains on: ``sft`` (demonstrations), ``pairs`` (preference
+    pairs) or ``prompts`` (on-policy methods); read before any work so bad data stops a run early.
     """
 
     name: ClassVar[str]
@@ -132,6 +134,7 @@ class Stage:
     base: ClassVar[bool] = False
     produces_policy: ClassVar[bool] = True
     reference: ClassVar[str | None] = "sft"
+    data: ClassVar[str] = "prompts"
 
     def needs(self, cfg: Any) -> tuple[str, ...]:
         """The stages this one builds on (by name), for config ``cfg``."""

@@ -112,7 +112,7 @@ def test_every_registered_stage_has_a_method_option_and_composes():
 @pytest.mark.parametrize(("override", "field"), [
     ("eval.limit=-3", "eval.limit"), ("eval.max_new_tokens=0", "eval.max_new_tokens"),
     ("eval.batch_size=0", "eval.batch_size"), ("eval.split=train", "eval.split"),
-    ("trainer.devices=0", "trainer.devices"), ("seed=-1", "config.seed"),
+    ("trainer.devices=0", "trainer.devices"), ("seed=-1", "seed=-1"),
     ("logger.kind=tensorboard", "logger.kind"), ("sft.max_steps=0", "sft.max_steps"),
     ("rm.pooling=max", "rm.pooling"), ("eval.lm_eval.batch_size=0", "eval.lm_eval.batch_size"),
     ("model.n_kv_heads=3", "model.n_kv_heads"), ("dataset.max_operand=0", "dataset.max_operand"),

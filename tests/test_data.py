@@ -501,3 +501,50 @@ def test_arith_default_is_three_digit_and_arith_fast_two_digit(cache):
                        "n_val": 10, "n_eval": 10}, cache_dir=cache)
     assert fast.name == "arith_fast" and fast.prompt(7, 48) == "07+48="
     assert fast.cache_path != three.cache_path
+
+
+def _pairs_file(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+GOOD = [{"prompt": f"p{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(6)]
+
+
+def test_bad_bytes_and_malformed_lines_name_the_file_line_and_column(tmp_path):
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                      b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl', line 2, column 16: not UTF-8 \(byte 0xe9"):
+        preference(tmp_path, latin).sft_dataset("train")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(GOOD[0]) + "\n" + '{"prompt": "a", "chosen": "b" "rejected": "c"}\n')
+    with pytest.raises(DataError, match=r"broken\.jsonl', line 2, column 31: malformed JSON "
+                                        r"\(Expecting ',' delimiter\)"):
+        preference(tmp_path, broken).sft_dataset("train")
+    document = tmp_path / "doc.json"  # one JSON document (a list of rows) is fine
+    document.write_text(json.dumps(GOOD))
+    assert len(preference(tmp_path, document).preference_dataset("train")) == 5
+
+
+def test_missing_or_empty_fields_name_the_row_and_column(tmp_path):
+    rows = [dict(r) for r in GOOD]
+    rows[3]["rejected"] = "  "
+    with pytest.raises(DataError, match=r"row \d, column 'rejected' is empty"):
+        preference(tmp_path, _pairs_file(tmp_path / "e.jsonl", rows)).sft_dataset("train")
+    rows[3]["rejected"] = None
+    with pytest.raises(DataError, match=r"row \d, column 'rejected' is NoneType \(None\), expected"):
+        preference(tmp_path, _pairs_file(tmp_path / "n.jsonl", rows)).sft_dataset("train")
+
+
+def test_chosen_equal_to_rejected_warns_with_the_count_and_fails_when_all_are(tmp_path, caplog):
+    rows = [dict(r) for r in GOOD]
+    rows[1]["rejected"] = rows[1]["chosen"]
+    rows[4]["rejected"] = rows[4]["chosen"]
+    with caplog.at_level("WARNING"):
+        task = preference(tmp_path, _pairs_file(tmp_path / "some.jsonl", rows), val_fraction=0.2)
+        task.preference_dataset("train")
+    assert "chosen == rejected in 2 of 6 pairs (0-based rows 1, 4)" in caplog.text
+    same = [{**r, "rejected": r["chosen"]} for r in GOOD]
+    with pytest.raises(DataError, match=r"chosen == rejected in all \d pairs"):
+        preference(tmp_path, _pairs_file(tmp_path / "all.jsonl", same)).sft_dataset("train")

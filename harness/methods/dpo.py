@@ -132,6 +132,7 @@ class DPOModule(AlignmentModule):
 class DPOStage(Stage):
     """DPO from the SFT base: the reference log-probabilities of every pair are computed first."""
 
+    data = "pairs"
     name = "dpo"
     config = DPOConfig
 

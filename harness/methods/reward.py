@@ -140,6 +140,7 @@ def scorer_of(built: Built) -> Callable:
 class RewardStage(Stage):
     """The reward model, built on the SFT base and cached: PPO and ``reward_source=rm`` use it."""
 
+    data = "pairs"
     name = "rm"
     config = RMConfig
     base = True

@@ -83,6 +83,7 @@ class SFTModule(AlignmentModule):
 class SFTStage(Stage):
     """The SFT base every other stage builds on: a fresh backbone trained on the demonstrations."""
 
+    data = "sft"
     name = "sft"
     config = SFTConfig
     base = True

@@ -39,6 +39,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset
 
 from harness.data.errors import ConfigError, DataError, require_columns, require_nonempty
+from harness.data.file_checks import check_local_file
 from harness.data.tasks.base import Task, TaskConfig
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,9 @@ class PreferenceTask(Task):
         return self._raw
 
     def _check_local_files(self, data_files: Any) -> None:
-        """An existing but empty local file is an empty split: say so before ``datasets`` fails
-        with a cryptic error."""
+        """An existing but empty local file is an empty split, and a text file that is not UTF-8 or
+        not valid JSON is named with its line: say so before ``datasets`` fails with a cryptic
+        error."""
         if data_files is None:
             return
         by_split = data_files if isinstance(data_files, Mapping) else {"train": data_files}
@@ -204,6 +206,7 @@ class PreferenceTask(Task):
                 if p.is_file() and p.stat().st_size == 0:
                     raise DataError(f"{self.where}: split {split!r} is empty (file {str(p)!r} "
                                     "has no data)")
+                check_local_file(p, self.config.path, self.where)
 
     def _raw_split(self, split: str) -> Dataset:
         raw = self.raw()
@@ -257,6 +260,10 @@ class PreferenceTask(Task):
                 if not isinstance(v, str):
                     raise DataError(f"{where}: row {i}, column {src[dst]!r} is "
                                     f"{type(v).__name__} ({v!r}), expected a string")
+                if dst != "prompt" and not v.strip():
+                    raise DataError(f"{where}: row {i}, column {src[dst]!r} is empty")
+        if "chosen" in cols:
+            self._check_degenerate_pairs(cols["chosen"], cols["rejected"], where)
         if fmt == "hh":
             out: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
             bad = 0
@@ -276,6 +283,20 @@ class PreferenceTask(Task):
                                 f"responses ({bad} rows checked); is this HH data?")
             cols = out
         return Dataset.from_dict(cols)
+
+    @staticmethod
+    def _check_degenerate_pairs(chosen: list[str], rejected: list[str], where: str) -> None:
+        """Pairs whose chosen equals their rejected response carry no preference signal: a
+        warning with their count and first rows, an error when every pair is one."""
+        same = [i for i, (c, r) in enumerate(zip(chosen, rejected, strict=True)) if c == r]
+        if not same:
+            return
+        if len(same) == len(chosen):
+            raise DataError(f"{where}: chosen == rejected in all {len(same)} pairs; DPO and the "
+                            "reward model would learn nothing (wrong columns?)")
+        log.warning("%s: chosen == rejected in %d of %d pairs (0-based rows %s%s); they carry no "
+                    "preference signal", where, len(same), len(chosen),
+                    ", ".join(map(str, same[:5])), ", ..." if len(same) > 5 else "")
 
     def splits(self) -> dict[str, Dataset]:
         """The normalized ``train`` / ``validation`` / ``eval`` datasets."""
