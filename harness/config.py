@@ -170,15 +170,21 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     enable_model_summary: bool = False
     num_sanity_val_steps: int = 0
+    #: CPU threads of the run's process (torch.set_num_threads); null = torch's default (one per
+    #: core), 1 under DDP on CPU. Parallel sweep jobs (``+launch=parallel``) run one thread each.
+    threads: int | None = None
 
     def check(self, prefix: str = "trainer") -> None:
         d = self.devices
         if isinstance(d, int) and not isinstance(d, bool) and d <= 0:
             fail(prefix, "devices", d, "must be >= 1, a list of device ids, or 'auto'")
         positive(self, prefix, "log_every_n_steps")
+        if self.threads is not None and self.threads < 1:
+            fail(prefix, "threads", self.threads, "must be >= 1 or null (torch's default)")
 
     def kwargs(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The ``lightning.Trainer`` arguments (everything but ``threads``)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "threads"}
 
 
 @dataclass

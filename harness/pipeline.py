@@ -473,7 +473,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                "seed": settings.seed, "config": resolved}
     quiet_lightning()
     t = settings.trainer
-    if str(t.devices) != "1" and t.accelerator != "gpu":
+    if t.threads is not None:
+        torch.set_num_threads(t.threads)
+    elif str(t.devices) != "1" and t.accelerator != "gpu":
         torch.set_num_threads(1)
     summary["platform"] = platform_info("cuda" if t.accelerator == "gpu" else "cpu")
     # the data and the tokenizer are read here, before the try: bad data (a DataError naming the

@@ -198,3 +198,45 @@ def test_preference_data_runs_end_to_end_and_reaches_the_leaderboard(tmp_path):
     header = next(line for line in md.splitlines() if line.startswith("| method |"))
     assert "| KL | Pref ↑ | SFT pref |" in header
     assert any(line.startswith("| dpo | llama_tiny | preference |") for line in md.splitlines())
+
+
+@pytest.mark.parametrize(("launch", "target"), [("parallel", "joblib"), ("slurm", "submitit"),
+                                                 ("ray", "ray")])
+def test_launch_configs_compose(launch, target):
+    """+launch=parallel|slurm|ray select Hydra's joblib / submitit / Ray launchers."""
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+
+    from harness.config import register_configs
+
+    plugin = {"parallel": "hydra_plugins.hydra_joblib_launcher",
+              "slurm": "hydra_plugins.hydra_submitit_launcher",
+              "ray": "hydra_plugins.hydra_ray_launcher"}[launch]
+    if importlib.util.find_spec(plugin) is None:
+        pytest.skip(f"{plugin} is not installed (the {launch} launcher is an optional extra)")
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+launch={launch}"],
+                      return_hydra_config=True)
+    assert target in cfg.hydra.launcher._target_.lower()
+    if launch == "parallel":
+        assert cfg.trainer.threads == 1
+
+
+@pytest.mark.slow
+def test_a_joblib_sweep_trains_the_shared_stage_once_and_keeps_every_record(tmp_path):
+    out = harness("-m", "+launch=parallel", "hydra.launcher.n_jobs=2", "method=dpo",
+                  "method.beta=0.1,0.2,0.3,0.4", "model=llama_tiny", "sft.max_steps=4",
+                  "method.max_steps=2", "eval.limit=4", "eval.lm_eval.enabled=false", "logger=none",
+                  f"cache_dir={tmp_path}/cache", f"results_dir={tmp_path}/results",
+                  f"hydra.sweep.dir={tmp_path}/sweep", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")]
+    assert sorted(s["config"]["method"]["beta"] for s in summaries) == [0.1, 0.2, 0.3, 0.4]
+    assert sorted(s["stages"]["sft"]["cached"] for s in summaries) == [False, True, True, True]
+    assert len(list((tmp_path / "cache" / "stages").glob("sft-*/stage.json"))) == 1
+    assert all(s["platform"]["threads"] == 1 for s in summaries)
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")]
+    assert sorted(r["config"]["method"]["beta"] for r in records) == [0.1, 0.2, 0.3, 0.4]
+    assert all(r["status"] == "ok" for r in records)
