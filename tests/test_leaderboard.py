@@ -629,3 +629,18 @@ def test_the_title_names_the_methods_of_the_rows():
     rows = [{"method": "grpo"}, {"method": "rloo"}, {"method": "grpo"}, {"method": "dpo"}]
     assert default_title(rows) == "Alignment leaderboard: GRPO vs RLOO vs DPO"
     assert default_title([]) == "Alignment leaderboard"
+
+
+def test_rows_mixing_dataset_settings_are_flagged():
+    def with_data(seed: int, wrong: float) -> dict:
+        return rec("dpo", seed, {"eval/gold_reward": 0.7}, suffix=f"-w{wrong}",
+                   config={"seed": seed, "dataset": {"name": "toy", "seed": seed, "wrong_fraction": wrong}})
+
+    same = [with_data(0, 0.36), with_data(1, 0.36), with_data(2, 0.36)]  # seeds differ: one task
+    assert lb.build_table(same)[0]["dataset_variants"] == 1
+    assert not any("dataset settings" in w for w in lb.comparison_warnings(lb.build_table(same)))
+    mixed = [with_data(0, 0.36), with_data(1, 0.36), with_data(2, 0.30)]
+    rows = lb.build_table(mixed)
+    assert rows[0]["dataset_variants"] == 2
+    (warning,) = [w for w in lb.comparison_warnings(rows) if "dataset settings" in w]
+    assert "dpo · llama_small · toy" in warning

@@ -34,6 +34,7 @@ import base64
 import csv
 import html
 import io
+import json
 import math
 import re
 import shlex
@@ -285,6 +286,14 @@ def row_groups(records: Iterable[Mapping[str, Any]]) -> dict[tuple, list[Mapping
     return out
 
 
+def dataset_variant(record: Mapping[str, Any]) -> str:
+    """The record's dataset config (all fields but ``seed``) as canonical JSON: records of one
+    dataset name but different settings (e.g. ``wrong_fraction``) are different tasks."""
+    ds = dict(((record.get("config") or {}).get("dataset")) or {})
+    ds.pop("seed", None)
+    return json.dumps(ds, sort_keys=True, default=str)
+
+
 def build_table(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Aggregate run records into leaderboard rows, one per (method, model, dataset), sorted —
     one per (method, model, dataset, β, lr) where a method ran several settings (see
@@ -301,6 +310,7 @@ def build_table(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
          "seeds": [int, ...], "run_ids": [str, ...], "failed_runs": [{"run_id", "seed", "error"}],
          "groups": [str, ...], "beta": [float, ...], "lr": [float, ...],   # the settings it ran
          "platforms": [str, ...],              # platform labels of its ok seeds
+         "dataset_variants": int,              # distinct dataset configs (seed aside) of its ok seeds
          "ref_by_seed": {seed: eval/ref_gold_reward},
          "metrics": {name: {"mean", "std", "n", "ci_lo", "ci_hi", "half"}}}
 
@@ -335,6 +345,7 @@ def build_table(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "beta": sorted({b for r in ok if (b := kl_coefficient(r)) is not None}),
             "lr": sorted({x for r in ok if (x := learning_rate(r)) is not None}),
             "platforms": sorted({platform_label(platform_identity(r.get("platform"))) for r in ok}),
+            "dataset_variants": len({dataset_variant(r) for r in ok}),
             "ref_by_seed": {r.get("seed"): float(r["metrics"]["eval/ref_gold_reward"]) for r in ok
                             if finite((r.get("metrics") or {}).get("eval/ref_gold_reward"))},
             "metrics": metrics,
@@ -459,6 +470,7 @@ def comparison_warnings(rows: Sequence[Mapping[str, Any]], records: Iterable[Map
     * SFT references that differ between seeds of a (model, dataset) — max − min over its seeds of
       eval/ref_gold_reward — by more than the smallest |Δ vs SFT| (mean gain) of its methods;
     * rows from more than one platform (listed; ``records`` are the table's records);
+    * rows whose runs used different dataset settings under one dataset name;
     * duplicate records of a seed that were dropped.
     """
     out = []
@@ -499,6 +511,10 @@ def comparison_warnings(rows: Sequence[Mapping[str, Any]], records: Iterable[Map
         mixed = [_row_name(r) for r in ok_rows if len(r["platforms"]) > 1]
         out.append(f"the rows come from {len(platforms)} platforms ({'; '.join(platforms)}): numerics differ "
                    "between platforms" + (f"; rows mixing platforms: {', '.join(mixed)}" if mixed else "") + ".")
+    mixed_data = [_row_name(r) for r in ok_rows if r.get("dataset_variants", 1) > 1]
+    if mixed_data:
+        out.append("rows mixing runs of different dataset settings (the same dataset name, other "
+                   f"fields such as wrong_fraction differ; not one task): {', '.join(mixed_data)}.")
     for row in rows:
         if row.get("n_duplicates"):
             out.append(f"{_row_name(row)}: {row['n_duplicates']} older duplicate record(s) of a seed dropped "
