@@ -37,6 +37,8 @@ def main(cfg: DictConfig) -> float | None:
             raise
         kind = "config" if isinstance(exc, ConfigError) else "data"
         sys.exit(f"{kind} error: {exc}")
+    if summary.get("status") == "ok" and "rank" in summary:
+        return None  # a DDP rank other than 0: rank 0 prints the summary
     print_summary(summary)
     return summary.get("metrics", {}).get("eval/gold_reward")
 

@@ -124,14 +124,27 @@ class StageCache:
         (self.path(key) / "stage.json").unlink(missing_ok=True)
 
     def commit(self, record: StageRecord) -> None:
-        """Mark the stage complete by writing ``stage.json`` atomically."""
+        """Mark the stage complete by writing ``stage.json`` atomically (rank 0 only)."""
+        from harness.distributed import is_rank_zero
+
+        if not is_rank_zero():
+            return
         payload = {"key": record.key, "metrics": record.metrics, "decides": record.decides,
                    "trained_id": record.trained_id, "files": manifest(record.checkpoint)}
         write_json(self.path(record.key) / "stage.json", payload)
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
-        """Exclusive lock on a stage, so parallel sweep jobs train it once and share it."""
+        """Exclusive lock on a stage, so parallel sweep jobs train it once and share it.
+
+        Only rank 0 of a DDP run locks: the other ranks train the same stage in the same
+        collective and would otherwise wait for a lock that rank 0 holds while waiting for them.
+        """
+        from harness.distributed import is_rank_zero
+
+        if not is_rank_zero():
+            yield
+            return
         lock_path = self.root / "stages" / f"{key}.lock"
         with open(lock_path, "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)

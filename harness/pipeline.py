@@ -35,6 +35,7 @@ from harness.cache import StageCache, StageRecord, stage_key
 from harness.config import Settings, TrainerConfig, validate
 from harness.data.tasks import build_task
 from harness.data.tokenizer import load_or_build_tokenizer
+from harness.distributed import broadcast_from_rank_zero, is_rank_zero
 from harness.evaluation.cost import StageCost, StageMeter
 from harness.evaluation.curves import HeldOutGoldCurve
 from harness.evaluation.drift import sequence_kl
@@ -214,7 +215,8 @@ class Run:
             cost = self.costs[stage.name]
             built.record.metrics.update({"cost/train_wall_s": cost.wall_s,
                                          "cost/train_peak_mem_mb": cost.peak_mem_mb})
-            built.record.trained_id = uuid.uuid4().hex
+            # one id on every rank: the stages built on this one put it in their keys
+            built.record.trained_id = broadcast_from_rank_zero(uuid.uuid4().hex)
             self.cache.commit(built.record)
             return built
 
@@ -227,7 +229,8 @@ class Run:
             path = self.cache.path(key) if key else self.run_dir / stage.name
             record = self.fit(stage, job, path, key, decides)
             checkpoint = record.checkpoint if key else self.run_dir / "checkpoint"
-            stage.save(job.model, checkpoint, self.tokenizer, self.cfg)
+            if is_rank_zero():  # the other ranks of a DDP run hold the same weights
+                stage.save(job.model, checkpoint, self.tokenizer, self.cfg)
         self.loggers.close(stage.name)
         return Built(stage.name, cfg, job.model, record, checkpoint)
 
@@ -484,6 +487,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     r.check_data(name)
     try:
         final = r.obtain(name)
+        if not is_rank_zero():  # DDP's other ranks only train; rank 0 evaluates and reports
+            return {**summary, "status": "ok", "rank": "not 0: trained only"}
         summary["stages"] = {n: {**b.record.to_json(), "checkpoint": str(b.checkpoint)}
                              for n, b in r.built.items()}
         summary["cache_keys"] = {n: b.record.key for n, b in r.built.items()
@@ -512,8 +517,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                        traceback=traceback.format_exc(),
                        cost=stage_costs(r.costs, name, time.perf_counter() - t0))
-        write_outputs(summary, run_dir)
-        r.loggers.abort({"status": "failed"})
+        if is_rank_zero():
+            write_outputs(summary, run_dir)
+            r.loggers.abort({"status": "failed"})
         raise
     write_outputs(summary, run_dir)
     return summary

@@ -240,3 +240,35 @@ def test_a_joblib_sweep_trains_the_shared_stage_once_and_keeps_every_record(tmp_
     records = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")]
     assert sorted(r["config"]["method"]["beta"] for r in records) == [0.1, 0.2, 0.3, 0.4]
     assert all(r["status"] == "ok" for r in records)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "grpo", "ppo"])
+def test_every_method_runs_under_two_process_ddp_and_reports_once(method, tmp_path):
+    """trainer=ddp on CPU (gloo, 2 processes, one thread each): the stage chain trains in both
+    ranks without waiting on its own cache lock, rank 0 alone commits stages and writes the
+    summary and the single results record."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WANDB_MODE": "offline"}
+    budget = {"dpo": ["method.max_steps=2"], "grpo": ["method.n_iterations=2"],
+              "ppo": ["method.n_iterations=2", "rm.max_steps=2"]}[method]
+    out = subprocess.run([sys.executable, "-m", "harness", f"method={method}", "trainer=ddp",
+                          "model=llama_tiny", "sft.max_steps=4", *budget, "eval.limit=4",
+                          "logger=none", "eval.lm_eval.enabled=false", f"cache_dir={tmp_path}/cache",
+                          f"results_dir={tmp_path}/results", f"hydra.run.dir={tmp_path}/run"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count(f"run: {method} |") == 1  # rank 0 prints the summary, rank 1 not
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["platform"]["threads"] == 1
+    assert len(list((tmp_path / "results" / "runs").glob("*.json"))) == 1
+    committed = list((tmp_path / "cache" / "stages").glob("*/stage.json"))
+    assert {p.parent.name.split("-")[0] for p in committed} == ({"sft", "rm"} if method == "ppo" else {"sft"})
