@@ -87,8 +87,9 @@ def plot_reward_kl(records: Iterable[Mapping[str, Any]], path: Path | str) -> Pa
     point (mean eval/kl, mean eval/gold_reward) over distinct seeds, with Student-t 95 % error bars
     on both, the points sorted by KL and joined, each labelled with its β. Records of every group
     are used (tuning sweeps supply the β grid). The SFT reference (mean ``eval/ref_gold_reward``)
-    is a dashed horizontal line per split, the task's ceiling (``eval/gold_max``) a dotted one. With no
-    usable record the figure says so.
+    is a dashed horizontal line per split, the task's ceiling (``eval/gold_max``) a dotted one. The
+    axes span the points and those lines (:func:`_fit_axes`). With no usable record the figure
+    says so.
     """
     panels = {}
     for key, recs in _panels(records).items():
@@ -114,6 +115,8 @@ def plot_reward_kl(records: Iterable[Mapping[str, Any]], path: Path | str) -> Pa
         for r in usable:
             by_method[str(r.get("method"))].append(r)
         several_splits = len({_split(r) for r in usable}) > 1
+        span_x: list[float] = []
+        span_y: list[float] = []
         for method, mrecs in sorted(by_method.items()):
             color, marker = style[method]
             lrs = sorted({learning_rate(r) for r in mrecs}, key=lambda x: (x is None, x or 0.0))
@@ -127,6 +130,8 @@ def plot_reward_kl(records: Iterable[Mapping[str, Any]], path: Path | str) -> Pa
                     label += f" ({split})" if several_splits else ""
                     held_out = split != "validation"
                     xs, ys = [p["kl"] for p in curve], [p["gold"] for p in curve]
+                    span_x += xs
+                    span_y += ys
                     ax.errorbar(xs, ys, xerr=[p["kl_err"] for p in curve], yerr=[p["gold_err"] for p in curve],
                                 color=color, marker=marker, markersize=5, linewidth=1.4, capsize=2,
                                 elinewidth=0.8, label=label, linestyle="-" if held_out else "--",
@@ -140,18 +145,34 @@ def plot_reward_kl(records: Iterable[Mapping[str, Any]], path: Path | str) -> Pa
                 [r for r in recs if _split(r) == split
                  and finite((r.get("metrics") or {}).get("eval/ref_gold_reward"))])[0]]
             if refs:
+                span_y.append(sum(refs) / len(refs))
                 ax.axhline(sum(refs) / len(refs), color="grey", linewidth=1,
                            linestyle="--" if split != "validation" else (0, (1, 3)),
                            label=f"SFT reference{f' ({split})' if several_splits else ''}, {len(refs)} seeds")
         caps = [float(r["metrics"]["eval/gold_max"]) for r in recs
                 if finite((r.get("metrics") or {}).get("eval/gold_max"))]
         if caps:
+            span_y.append(max(caps))
             ax.axhline(max(caps), color="black", linestyle=":", linewidth=0.8, label="ceiling (eval/gold_max)")
+        _fit_axes(ax, span_x, span_y)
         ax.grid(alpha=0.3)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize="x-small", frameon=False)
     for ax in flat[len(panels):]:
         ax.set_visible(False)
     return _save(fig, path)
+
+
+def _fit_axes(ax: Any, xs: Sequence[float], ys: Sequence[float], pad: float = 0.08) -> None:
+    """Axis limits that span the points and reference lines, not the error bars: with two or three
+    seeds a Student-t interval is wide (t(0.975, 1) = 12.7) and would squash the points together;
+    bars reaching beyond are cut at the panel's edge."""
+    for values, setter in ((xs, ax.set_xlim), (ys, ax.set_ylim)):
+        vals = [v for v in values if finite(v)]
+        if not vals:
+            continue
+        lo, hi = min(vals), max(vals)
+        margin = pad * (hi - lo) if hi > lo else max(0.05, 0.05 * abs(hi))
+        setter(lo - margin, hi + margin)
 
 
 def _split(record: Mapping[str, Any]) -> str:
