@@ -42,7 +42,7 @@ def test_grpo_layout_keeps_the_sequence_count():
         group_layout(1, 8)
 
 
-def test_state_memory_of_grpo_is_half_of_ppo():
+def test_state_memory_of_grpo_is_about_half_of_ppo():
     cfg = bench.model_config("llama_tiny", 300)
     torch.manual_seed(0)
     policy, reference = CausalLM(cfg), CausalLM(cfg)
@@ -53,7 +53,13 @@ def test_state_memory_of_grpo_is_half_of_ppo():
     p = sum(t.numel() * 4 for t in policy.parameters())
     assert grpo["param_bytes"] == 2 * p and grpo["grad_bytes"] == p and grpo["adamw_bytes"] == 2 * p
     assert ppo["n_networks"] == 4 and ppo["networks"] == "policy+ref+critic+RM"
-    assert 0.49 < grpo["state_bytes"] / ppo["state_bytes"] <= 0.5
+    # by hand: PPO holds 4 networks (critic and RM with a scalar head of s bytes) and trains the
+    # policy and the critic, whose LM head (h bytes) is frozen: it is never used for a score
+    h = critic.backbone.lm_head.weight.numel() * 4
+    sc = sum(t.numel() * 4 for t in critic.score.parameters())
+    assert ppo["state_bytes"] == (4 * p + 2 * sc) + 3 * (p + p - h + sc)
+    assert grpo["state_bytes"] == 5 * p
+    assert 0.5 < grpo["state_bytes"] / ppo["state_bytes"] < 0.6
 
 
 def test_table_formats_missing_values_and_notes():

@@ -66,9 +66,9 @@ def state_memory(networks: dict[str, nn.Module], trainable: Sequence[nn.Module],
 
     params: every distinct parameter of every network held. Analytically, gradients take the
     trainable bytes and AdamW 2 x trainable (``exp_avg`` + ``exp_avg_sq``). After training (pass
-    the ``optimizers``), grads and AdamW are the tensors actually allocated instead: a parameter
-    that never gets a gradient (the unused LM head of a :class:`ScalarHead`) has neither, and
-    ``unused_trainable_bytes`` says how much that is.
+    the ``optimizers``), grads and AdamW are the tensors actually allocated instead: a trainable
+    parameter that never gets a gradient has neither, and ``unused_trainable_bytes`` says how much
+    that is (a :class:`ScalarHead` freezes its unused LM head, so it is not trainable at all).
     """
     seen: set[int] = set()
     per_net: dict[str, int] = {}
