@@ -5,8 +5,9 @@
 
 Writes ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv``, ``leaderboard.html``,
 ``reward_kl.png``, ``training_curves.png`` and (when Chromium is installed) ``leaderboard.png`` into
-``--out`` (see :mod:`harness.evaluation.standings`). An empty runs folder is reported on stderr
-and still gives the files, with an empty table (exit status 0).
+``--out`` (see :mod:`harness.evaluation.standings`). ``--note`` and ``--command`` are kept in
+``--out``/``leaderboard_header.json``, so a rebuild without them writes the same header. An empty
+runs folder is reported on stderr and still gives the files, with an empty table (exit status 0).
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("results"),
                         help="folder to write the leaderboard into (default: results)")
     parser.add_argument("--command", default=None,
-                        help="the command that reproduces the runs, shown in the header "
-                             "(default: a multirun command derived from the records)")
+                        help="the command that reproduces the runs, shown in the header (default: the "
+                             "one given last time, kept in OUT/leaderboard_header.json, else a multirun "
+                             "command derived from the records)")
     parser.add_argument("--group", default=None,
                         help="the records' group for the tables (default: 'compare' when any record "
                              "has it, else all records); the reward-KL plot uses every group")
     parser.add_argument("--note", default=None,
                         help="a note on the rows' settings for the header, e.g. 'beta and lr tuned on "
-                             "the validation split'")
+                             "the validation split' (default: the one given last time, kept in "
+                             "OUT/leaderboard_header.json; --note '' clears it)")
     parser.add_argument("--n-boot", type=int, default=10_000,
                         help="bootstrap replicates of the paired comparisons (default: 10000)")
     parser.add_argument("--seed", type=int, default=0, help="the bootstrap's numpy seed (default: 0)")
@@ -52,8 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = sum(1 for p in args.runs.glob("*.json") if not p.name.startswith("."))
     if n == 0:
         print(f"no run records in {args.runs}: writing an empty leaderboard", file=sys.stderr)
-    paths = build_leaderboard(args.runs, args.out, command=args.command, group=args.group, note=args.note,
-                              screenshot=not args.no_screenshot, n_boot=args.n_boot, seed=args.seed)
+    try:
+        paths = build_leaderboard(args.runs, args.out, command=args.command, group=args.group,
+                                  note=args.note, screenshot=not args.no_screenshot, n_boot=args.n_boot,
+                                  seed=args.seed)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"leaderboard from {n} record files in {args.runs} written to:")
     for path in paths.values():
         print(f"  {path}")

@@ -587,6 +587,41 @@ def test_cli(records: list[dict], tmp_path: Path) -> None:
     assert (tmp_path / "out2" / "leaderboard.md").is_file()
 
 
+def test_header_note_and_command_survive_a_rebuild(records: list[dict], tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for r in records:
+        write_record(r, runs)
+
+    def header(**kw) -> str:
+        md = build_leaderboard(runs, out, screenshot=False, n_boot=50, **kw)["markdown"].read_text()
+        return md.split("| method")[0]
+
+    derived = header()
+    assert "a tuned note" not in derived and "Reproduce the runs: `python -m harness -m" in derived
+    assert not (out / lb.HEADER_FILE).exists()  # nothing given, nothing stored
+    given = header(note="a tuned note", command="bash sweeps/compare.sh seed=0")
+    assert "(columns β and lr): a tuned note." in given
+    assert "Reproduce the runs: `bash sweeps/compare.sh seed=0`" in given
+    assert header() == given  # a plain rebuild keeps both
+    # a sweep's rebuild replaces the command and keeps the note
+    swept = header(command="python -m harness -m +sweep=compare")
+    assert "a tuned note" in swept and "`python -m harness -m +sweep=compare`" in swept
+    cleared = header(note="")
+    assert "a tuned note" not in cleared and "+sweep=compare" in cleared
+
+    (out / lb.HEADER_FILE).write_text('["not", "an object"]')
+    with pytest.raises(ValueError, match="leaderboard_header.json: expected a JSON object"):
+        header()
+    (out / lb.HEADER_FILE).write_text("{broken")
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.leaderboard", "--runs", str(runs), "--out", str(out),
+         "--no-screenshot", "--n-boot", "50"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 2 and "leaderboard_header.json: not valid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_wandb_table(records: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from omegaconf import OmegaConf
 

@@ -988,6 +988,37 @@ def _shown(path: Path) -> Path:
         return path
 
 
+HEADER_FILE = "leaderboard_header.json"
+
+
+def header_settings(out_dir: Path, command: str | None, note: str | None) -> tuple[str | None, str | None]:
+    """The header's ``command`` and ``note``, kept across rebuilds in ``out_dir/leaderboard_header.json``.
+
+    A value given (even ``""``) replaces the stored one and is written back; a value not given
+    (``None``) is read from the file, so ``python -m harness.leaderboard`` with no ``--note``
+    rebuilds the same header it wrote last time. Raises ``ValueError`` naming the file when it is
+    not a JSON object of strings.
+    """
+    path = Path(out_dir) / HEADER_FILE
+    stored: dict[str, str] = {}
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err}); delete it or fix it") from err
+        if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
+            raise ValueError(f"{path}: expected a JSON object of strings "
+                             '{"command": "...", "note": "..."}; delete it or fix it')
+    given = {k: v for k, v in (("command", command), ("note", note)) if v is not None}
+    if given:
+        merged = {**{k: v for k, v in stored.items() if k in ("command", "note")}, **given}
+        if merged != stored:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            write_text(path, json.dumps(merged, indent=1, ensure_ascii=False) + "\n")
+        stored = merged
+    return (stored.get("command") or None, stored.get("note") or None)
+
+
 def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | None = None, *,
                       group: str | None = None, note: str | None = None, screenshot: bool = True,
                       n_boot: int = 10_000, seed: int = 0) -> dict[str, Path]:
@@ -1000,11 +1031,13 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     The tables use the records of ``group`` (default ``"compare"`` when any record has it, else
     all); the reward–KL plot uses all records. ``note`` is shown in the header (e.g. "β and lr
     tuned on the validation split"). ``command`` is the command that reproduces the runs; by
-    default a multirun command is derived from the records. ``n_boot`` and ``seed`` set the
+    default a multirun command is derived from the records. Both are kept for later rebuilds in
+    ``out_dir/leaderboard_header.json`` (see :func:`header_settings`). ``n_boot`` and ``seed`` set the
     paired bootstrap. An empty or missing ``runs_dir`` is not an error: all files are written
     with an empty table and a note.
     """
     runs_dir, out_dir = _shown(Path(runs_dir)), _shown(Path(out_dir))
+    command, note = header_settings(out_dir, command, note)
     all_records = load_records(runs_dir)
     records, chosen = select_group(all_records, group)
     rows = build_table(records)
