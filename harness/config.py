@@ -173,6 +173,9 @@ class TrainerConfig:
     #: CPU threads of the run's process (torch.set_num_threads); null = torch's default (one per
     #: core), 1 under DDP on CPU. Parallel sweep jobs (``+launch=parallel``) run one thread each.
     threads: int | None = None
+    #: training batches between resume checkpoints (``harness.resume``); 0 = none. A killed run,
+    #: rerun with the same command, resumes its unfinished stage from the latest one.
+    resume_every: int = 50
 
     def check(self, prefix: str = "trainer") -> None:
         d = self.devices
@@ -181,10 +184,13 @@ class TrainerConfig:
         positive(self, prefix, "log_every_n_steps")
         if self.threads is not None and self.threads < 1:
             fail(prefix, "threads", self.threads, "must be >= 1 or null (torch's default)")
+        if self.resume_every < 0:
+            fail(prefix, "resume_every", self.resume_every, "must be >= 0 (0: no resume checkpoints)")
 
     def kwargs(self) -> dict[str, Any]:
-        """The ``lightning.Trainer`` arguments (everything but ``threads``)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "threads"}
+        """The ``lightning.Trainer`` arguments (everything but ``threads`` and ``resume_every``)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("threads", "resume_every")}
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from harness import resume
 from harness.atomic import check_writable, write_json
 from harness.cache import StageCache, StageRecord, stage_key
 from harness.config import Settings, TrainerConfig, validate
@@ -104,6 +105,12 @@ class HistoryRecorder(L.Callback):
         self.history: dict[str, list[list[float]]] = {}
         self._step = 0
 
+    def state_dict(self) -> dict[str, Any]:  # kept in resume checkpoints
+        return {"history": self.history, "step": self._step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history, self._step = state_dict["history"], state_dict["step"]
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         for key in self.KEYS:
             value = trainer.callback_metrics.get(key)
@@ -120,7 +127,9 @@ class Run:
         self.s = settings
         self.cfg = resolved  # the resolved config as a dict: checkpoints and loggers carry it
         self.run_dir = run_dir
-        self.history: dict[str, list[list[float]]] = {}
+        #: the training curves of each stage fitted in this run (by stage name); the summary keeps
+        #: the final stage's, so it does not depend on which base stages came from the cache
+        self.histories: dict[str, dict[str, list[list[float]]]] = {}
         #: what each stage of this run spent (cached stages: what they spent when trained)
         self.costs: dict[str, StageCost] = {}
         #: token counts, rates and curve time of each stage fitted in this run (by stage name)
@@ -227,7 +236,9 @@ class Run:
             seed_stage(self.s.seed)
             job = stage.build(self.ctx, cfg, inputs)
             path = self.cache.path(key) if key else self.run_dir / stage.name
-            record = self.fit(stage, job, path, key, decides)
+            # keyed by what decides the stage, so the same command finds it from a new run dir
+            resume_key = key or stage_key(stage.name, self.decides(stage, cfg, inputs))
+            record = self.fit(stage, job, path, key, decides, self.cache.root / "resume" / resume_key)
             checkpoint = record.checkpoint if key else self.run_dir / "checkpoint"
             if is_rank_zero():  # the other ranks of a DDP run hold the same weights
                 stage.save(job.model, checkpoint, self.tokenizer, self.cfg)
@@ -235,27 +246,52 @@ class Run:
         return Built(stage.name, cfg, job.model, record, checkpoint)
 
     def fit(self, stage: Stage, job: Fit, path: Path, key: str | None,
-            decides: dict) -> StageRecord:
-        """Train ``job.module`` with the stage's logger and budget; its record (not committed)."""
+            decides: dict, resume_dir: Path) -> StageRecord:
+        """Train ``job.module`` with the stage's logger and budget; its record (not committed).
+
+        Saves a resume checkpoint in ``resume_dir`` every ``trainer.resume_every`` batches and,
+        when a killed run left one there, resumes from it (:mod:`harness.resume`); the folder is
+        removed once the stage has trained.
+        """
         logger = self.loggers.open(stage.name)
         steps = job.budget.steps
         curve = self.curve(steps) if stage.produces_policy and steps > 0 else None
+        if self.s.force_retrain and is_rank_zero():
+            resume.discard(resume_dir)
+        ckpt, resumed_at = resume.resumable(resume_dir), None
+        if ckpt is not None:
+            try:
+                resumed_at = resume.checkpoint_batch(ckpt)
+            except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is trained over
+                log.warning("%s stage: resume checkpoint %s cannot be read (%s: %s); training from "
+                            "the start", stage.name.upper(), ckpt, type(exc).__name__, exc)
+                ckpt = None
+        if ckpt is not None:
+            log.info("%s stage: resuming from %s (batch %d of %d)", stage.name.upper(), ckpt,
+                     resumed_at, steps)
+        saver = resume.ResumeCheckpoint(resume_dir, self.s.trainer.resume_every, total=steps)
         trainer = build_trainer(self.s.trainer, logger, path / "lightning", self.run_dir,
-                                job.budget, extra_callbacks=(curve,) if curve else ())
+                                job.budget, extra_callbacks=(*([curve] if curve else []), saver))
         t0 = time.perf_counter()
+        ckpt_path = str(ckpt) if ckpt is not None else None
         if isinstance(job.data, L.LightningDataModule):
-            trainer.fit(job.module, datamodule=job.data)
+            trainer.fit(job.module, datamodule=job.data, ckpt_path=ckpt_path)
         else:
-            trainer.fit(job.module, train_dataloaders=job.data)
+            trainer.fit(job.module, train_dataloaders=job.data, ckpt_path=ckpt_path)
+        if is_rank_zero():
+            resume.discard(resume_dir)
         fit_s = time.perf_counter() - t0 - (curve.seconds if curve else 0.0)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if resumed_at is not None:
+            metrics["train/resumed_from_batch"] = float(resumed_at)
         metrics.update(job.module.throughput(fit_s))
+        history: dict[str, list[list[float]]] = {}
         if curve is not None:
             metrics["cost/curve_s"] = curve.seconds
-            self.history["eval/gold_reward"] = curve.points
+            history["eval/gold_reward"] = curve.points
         self.fitted[stage.name] = _throughput(metrics)
-        self.history.update(next(c for c in trainer.callbacks
-                                 if isinstance(c, HistoryRecorder)).history)
+        history.update(next(c for c in trainer.callbacks if isinstance(c, HistoryRecorder)).history)
+        self.histories[stage.name] = history
         return StageRecord(key=key or stage.name, path=path, metrics=metrics, decides=decides)
 
     @contextlib.contextmanager
@@ -508,7 +544,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 if settings.eval.lm_eval.enabled:
                     lm_metrics, summary["lm_eval_command"] = lm_eval_stage(r, final.checkpoint)
                     metrics.update(lm_metrics)
-        summary["history"] = r.history
+        summary["history"] = r.histories.get(name, {})
         summary["per_prompt"] = per_prompt
         cost = stage_costs(r.costs, name, time.perf_counter() - t0)
         summary.update(status="ok", metrics=metrics, cost=cost, samples=samples)

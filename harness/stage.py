@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from harness.cache import StageRecord
 from harness.data.datamodule import AlignmentDataModule
+from harness.data.resumable import ResumableLoader
 from harness.models.architecture import ModelConfig
 from harness.models.hf import load_checkpoint, save_checkpoint
 from harness.models.llama import CausalLM
@@ -57,7 +58,7 @@ class StageContext:
         prompts = sorted(set(self.task.sft_dataset("train")["prompt"]))
         sampler = RandomSampler(prompts, replacement=True, num_samples=batch_size * n_batches,
                                 generator=generator(self.seed, "prompts"))
-        return DataLoader(prompts, batch_size=batch_size, sampler=sampler, collate_fn=list)
+        return ResumableLoader(prompts, batch_size=batch_size, sampler=sampler, collate_fn=list)
 
     def gold_scorer(self) -> Callable:
         """Sequence reward = the task's gold (verifiable) reward of the decoded response."""

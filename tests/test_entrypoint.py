@@ -263,6 +263,8 @@ def test_every_method_runs_under_two_process_ddp_and_reports_once(method, tmp_pa
     out = subprocess.run([sys.executable, "-m", "harness", f"method={method}", "trainer=ddp",
                           "model=llama_tiny", "sft.max_steps=4", *budget, "eval.limit=4",
                           "logger=none", "eval.lm_eval.enabled=false", f"cache_dir={tmp_path}/cache",
+                          # a resume checkpoint after every batch: a collective save on both ranks
+                          "trainer.resume_every=1",
                           f"results_dir={tmp_path}/results", f"hydra.run.dir={tmp_path}/run"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -270,5 +272,6 @@ def test_every_method_runs_under_two_process_ddp_and_reports_once(method, tmp_pa
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["platform"]["threads"] == 1
     assert len(list((tmp_path / "results" / "runs").glob("*.json"))) == 1
+    assert not list((tmp_path / "cache" / "resume").glob("*/*"))  # finished stages leave none
     committed = list((tmp_path / "cache" / "stages").glob("*/stage.json"))
     assert {p.parent.name.split("-")[0] for p in committed} == ({"sft", "rm"} if method == "ppo" else {"sft"})

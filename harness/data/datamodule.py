@@ -18,6 +18,7 @@ from harness.data.collate import (
     TokenizeStats,
     tokenize_dataset,
 )
+from harness.data.resumable import ResumableLoader
 from harness.data.tasks.base import SPLITS, Task
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ class AlignmentDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
         gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+        cls = ResumableLoader if shuffle else DataLoader  # the train loader resumes mid-epoch
+        return cls(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
                           generator=gen, collate_fn=self.collate, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 

@@ -45,9 +45,16 @@ class HeldOutGoldCurve(L.Callback):
         self.points.append([float(self._steps), res.mean_reward,
                             float(getattr(pl_module, "tokens_trained", 0)), wall])
 
+    def state_dict(self) -> dict:  # kept in resume checkpoints
+        return {"points": self.points, "steps": self._steps}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.points, self._steps = state_dict["points"], state_dict["steps"]
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
-        self._measure(pl_module)
+        if not self.points:  # a resumed stage has its points up to the checkpoint
+            self._measure(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._steps += 1

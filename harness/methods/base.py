@@ -14,7 +14,15 @@ from harness.models.llama import CausalLMOutput
 
 
 class AlignmentModule(L.LightningModule):
-    """Base class: subclasses set ``self.trainable`` (modules to optimise) and call the helpers."""
+    """Base class: subclasses set ``self.trainable`` (modules to optimise) and call the helpers.
+
+    Resume checkpoints (:mod:`harness.resume`) carry, besides Lightning's weights, optimiser and
+    loop states, the global RNG states, the state of every ``torch.Generator`` attribute and the
+    attributes named in ``RESUME_ATTRS`` (running counters; subclasses add their own, e.g. PPO's
+    adaptive KL coefficient).
+    """
+
+    RESUME_ATTRS: tuple[str, ...] = ("tokens_trained", "tokens_generated", "gen_seconds")
 
     def __init__(self, optim: OptimConfig, max_steps: int) -> None:
         super().__init__()
@@ -29,6 +37,28 @@ class AlignmentModule(L.LightningModule):
 
     def trainable_modules(self) -> list[torch.nn.Module]:
         raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from harness.resume import rng_states
+
+        checkpoint["harness"] = {
+            "rng": rng_states(),
+            "generators": {k: v.get_state() for k, v in vars(self).items()
+                           if isinstance(v, torch.Generator)},
+            "attrs": {k: getattr(self, k) for k in self.RESUME_ATTRS},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from harness.resume import set_rng_states
+
+        state = checkpoint.get("harness")
+        if state is None:  # a checkpoint from before resume existed: weights only
+            return
+        set_rng_states(state["rng"])
+        for k, v in state["generators"].items():
+            getattr(self, k).set_state(v)
+        for k, v in state["attrs"].items():
+            setattr(self, k, v)
 
     def configure_optimizers(self):
         return build_optimizer(self.trainable_modules(), self.optim_cfg, self.max_steps)

@@ -93,6 +93,8 @@ def critic_values(critic: ScalarHead, ro_input_ids: torch.Tensor, attention_mask
 class PPOModule(OnPolicyModule):
     """Policy + critic (its own network) updated together from each rollout batch."""
 
+    RESUME_ATTRS = (*OnPolicyModule.RESUME_ATTRS, "beta")  # the adaptive KL coefficient
+
     def __init__(self, policy: CausalLM, reference: CausalLM, critic: ScalarHead, tokenizer,
                  cfg: PPOConfig, score_fn: Callable, seed: int) -> None:
         n_mb = max(1, -(-cfg.rollout.prompts_per_batch // cfg.minibatch_size))
