@@ -186,6 +186,12 @@ class TrainerConfig:
             fail(prefix, "threads", self.threads, "must be >= 1 or null (torch's default)")
         if self.resume_every < 0:
             fail(prefix, "resume_every", self.resume_every, "must be >= 0 (0: no resume checkpoints)")
+        if str(self.strategy).startswith(("fsdp", "deepspeed")):
+            import torch
+
+            if self.accelerator == "cpu" or (self.accelerator == "auto" and not torch.cuda.is_available()):
+                fail(prefix, "strategy", self.strategy,
+                     "Lightning's FSDP and DeepSpeed strategies need GPUs; on CPU use trainer=ddp")
 
     def kwargs(self) -> dict[str, Any]:
         """The ``lightning.Trainer`` arguments (everything but ``threads`` and ``resume_every``)."""

@@ -275,3 +275,33 @@ def test_every_method_runs_under_two_process_ddp_and_reports_once(method, tmp_pa
     assert not list((tmp_path / "cache" / "resume").glob("*/*"))  # finished stages leave none
     committed = list((tmp_path / "cache" / "stages").glob("*/stage.json"))
     assert {p.parent.name.split("-")[0] for p in committed} == ({"sft", "rm"} if method == "ppo" else {"sft"})
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
+    """SFT then DPO under DDP: 2 ranks of batch B against 1 rank of batch 2B (the same
+    DistributedSampler order, so the same global batches). Gradients are all-reduced and every
+    logged metric is reduced over the ranks, so the metrics agree to float rounding (1e-5
+    absolute: the ranks sum half-batch gradients where one process sums one batch)."""
+    common = ["method=dpo", "trainer=ddp", "model=llama_tiny", "sft.max_steps=6",
+              "method.max_steps=4", "eval.limit=8", "logger=none", "eval.lm_eval.enabled=false",
+              "dataset.n_train=2000", "dataset.n_pairs=400", "trainer.enable_progress_bar=false",
+              "results_dir=null"]
+    summaries = {}
+    for devices, sft_batch, dpo_batch in ((1, 16, 8), (2, 8, 4)):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "WANDB_MODE": "offline"}
+        run_dir = tmp_path / f"devices{devices}"
+        out = subprocess.run([sys.executable, "-m", "harness", *common, f"trainer.devices={devices}",
+                              f"sft.batch_size={sft_batch}", f"method.batch_size={dpo_batch}",
+                              f"cache_dir={tmp_path}/cache{devices}", f"hydra.run.dir={run_dir}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, out.stderr[-3000:]
+        summaries[devices] = json.loads((run_dir / "summary.json").read_text())
+    one, two = summaries[1], summaries[2]
+    sft1, sft2 = one["stages"]["sft"]["metrics"], two["stages"]["sft"]["metrics"]
+    assert sft2["train/loss"] == pytest.approx(sft1["train/loss"], abs=1e-5)
+    keys = [k for k in one["metrics"] if k.startswith(("train/", "eval/")) and "per_s" not in k]
+    assert {"train/loss", "train/rewards_margin", "eval/kl", "eval/gold_reward"} <= set(keys)
+    for k in keys:
+        assert two["metrics"][k] == pytest.approx(one["metrics"][k], abs=1e-5), k

@@ -30,6 +30,8 @@ BAD_OVERRIDES: list[tuple[str, str]] = [  # (overrides, what the message must na
     ("logger.kind=wandb logger.offline=false", "logger.offline=False"),
     ("+method.foo=1 method=grpo", "method.foo"),
     ("+trainer.foo=1", "trainer.foo"),
+    ("trainer.resume_every=-1", "trainer.resume_every"),
+    ("trainer.strategy=fsdp trainer.accelerator=cpu", "trainer.strategy"),
     ("method=grpo method.foo=1", "method.foo"),
     ("sft.max_steps=0", "sft.max_steps"),
     ("sft.optim.lr=-1", "sft.optim.lr"),

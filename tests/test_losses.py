@@ -526,3 +526,28 @@ def test_rloo_policy_loss_clips_and_adds_the_k3_term():
                                  torch.log(torch.tensor([[2.0]])), torch.zeros(1), one, 0.2, beta=0.1)
     assert float(kl) == pytest.approx(0.0306853, abs=1e-6)
     assert float(stats["kl_k3"]) == pytest.approx(0.306853, abs=1e-5)
+
+
+def test_sft_loss_under_ddp_is_the_mean_over_every_token_of_the_global_batch():
+    from harness.methods.sft import sft_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, 11)
+    labels = torch.randint(0, 11, (4, 6))
+    labels[:, :2] = -100                 # prompts
+    labels[0, 2:] = -100                 # rank 0's first example has no response at all
+    labels[1, 5] = -100                  # rank 0: 3 + 0 response tokens; rank 1: 4 + 4
+    one, n = sft_loss(logits, labels)
+    assert n == 11
+    # by hand: -mean of the 11 response tokens' log-probabilities
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    mask = labels[:, 1:] != -100
+    assert one.item() == pytest.approx(-(logp[mask]).mean().item(), rel=1e-6)
+    # two ranks of 2 examples: DDP averages their losses (and gradients)
+    shards = [(logits[:2], labels[:2]), (logits[2:], labels[2:])]
+    total = torch.tensor(float(n))
+    ranks = [sft_loss(lg, lb, global_tokens=total, world=2)[0] for lg, lb in shards]
+    assert (sum(ranks) / 2).item() == pytest.approx(one.item(), rel=1e-6)
+    # each rank's own token mean would weight rank 0's 3 tokens like rank 1's 8
+    naive = sum(sft_loss(lg, lb)[0] for lg, lb in shards) / 2
+    assert abs(naive.item() - one.item()) > 1e-3

@@ -38,6 +38,21 @@ class AlignmentModule(L.LightningModule):
     def trainable_modules(self) -> list[torch.nn.Module]:
         raise NotImplementedError
 
+    @property
+    def _multi_process(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def log(self, name: str, value, *args, **kwargs) -> None:
+        """Lightning's ``log``; under DDP every metric is the mean over the ranks (``sync_dist``),
+        so the run's metrics describe the global batch, not rank 0's share of it."""
+        kwargs.setdefault("sync_dist", self._multi_process)
+        super().log(name, value, *args, **kwargs)
+
+    def log_dict(self, dictionary, *args, **kwargs) -> None:
+        """Lightning's ``log_dict``, reduced over the ranks like :meth:`log`."""
+        kwargs.setdefault("sync_dist", self._multi_process)
+        super().log_dict(dictionary, *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from harness.resume import rng_states
 

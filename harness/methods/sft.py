@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from harness.config import OptimConfig, one_of, positive
+from harness.distributed import all_reduce_sum, world_size
 from harness.methods.base import AlignmentModule
 from harness.methods.losses import masked_mean, token_logprobs
 from harness.models.llama import CausalLM
@@ -41,16 +42,25 @@ class SFTConfig:
         self.optim.check(f"{prefix}.optim")
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor,
+             global_tokens: torch.Tensor | None = None, world: int = 1,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean negative log-likelihood of response tokens.
 
     logits: [B, T, V] for input positions; labels: [B, T] aligned with the inputs, -100 where
     masked. Position t predicts labels[t + 1]. Returns (loss, number of response tokens).
+
+    Under DDP (``world`` ranks, ``global_tokens`` = response tokens of the global batch) the loss is
+    ``world · Σ nll / global_tokens``: DDP averages the ranks' gradients, so the update is that of
+    the mean over every token of the global batch, as in one process (each rank's own mean would
+    weight a rank's tokens by its share of them; transformers' ``num_items_in_batch`` does the same).
     """
     targets = labels[:, 1:]
     mask = (targets != -100).float()
     logps = token_logprobs(logits[:, :-1], targets, mask)
-    return -masked_mean(logps, mask), mask.sum()
+    if global_tokens is None or world == 1:
+        return -masked_mean(logps, mask), mask.sum()
+    return -(logps * mask).sum() * world / global_tokens.clamp(min=1.0), mask.sum()
 
 
 class SFTModule(AlignmentModule):
@@ -66,7 +76,9 @@ class SFTModule(AlignmentModule):
 
     def training_step(self, batch, batch_idx):
         out = self.policy(batch["input_ids"])
-        nll, n_tokens = sft_loss(out.logits, batch["labels"])
+        world = world_size()
+        tokens = all_reduce_sum((batch["labels"][:, 1:] != -100).sum().float()) if world > 1 else None
+        nll, n_tokens = sft_loss(out.logits, batch["labels"], tokens, world)
         loss = self.checked("train/loss", nll + out.aux_loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/nll", nll.detach(), on_step=True, on_epoch=False)
