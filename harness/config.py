@@ -305,6 +305,23 @@ def to_dataclass(schema: type, node: Any, prefix: str | None = None) -> Any:
     return schema(**kwargs)
 
 
+def model_config(node: DictConfig) -> ModelConfig:
+    """The ``model`` section as a validated :class:`ModelConfig`: from its preset's fields, or, with
+    ``model.pretrained``, from the checkpoint's ``config.json`` (:mod:`harness.models.pretrained`).
+    Raises :class:`ConfigError` naming the field."""
+    if node.get("pretrained") is not None:  # the checkpoint's config.json decides the shape
+        from harness.models.pretrained import pretrained_config
+
+        return pretrained_config(OmegaConf.to_container(node, resolve=True))[0]
+    if missing := sorted(OmegaConf.missing_keys(node)):
+        if node.get("name") == "hf":
+            raise ConfigError("model.pretrained: missing; model=hf needs model.pretrained=<a "
+                              "local Hugging Face model folder or a Hub id>")
+        raise ConfigError(f"{missing[0]}: missing; the model preset must set "
+                          f"{', '.join(missing)} (or name a checkpoint: model.pretrained=...)")
+    return to_dataclass(ModelConfig, node, "model")  # __post_init__ validates
+
+
 def validate(cfg: DictConfig) -> Settings:
     """Check every group of a composed config; returns them as dataclasses. Raises ConfigError."""
     from harness.data.tasks import task_config
@@ -317,7 +334,7 @@ def validate(cfg: DictConfig) -> Settings:
     top = to_dataclass(RunSchema, {k: cfg[k] for k in ("seed", "group", "cache_dir",
                                                        "force_retrain", "results_dir")})
     top.check()
-    model = to_dataclass(ModelConfig, cfg.model, "model")  # __post_init__ validates
+    model = model_config(cfg.model)
     name = cfg.method.name
     if name not in stage_names():
         raise ConfigError(f"method.name={name!r}: unknown method; known: {', '.join(stage_names())}")

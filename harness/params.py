@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from harness.conf_path import config_dir
-from harness.config import ModelConfig, register_configs, to_dataclass
+from harness.config import ModelConfig, model_config, register_configs
 from harness.models.param_count import format_breakdown, meta_model, parameter_breakdown
 
 register_configs()  # the model presets name the `base_model` schema: register before composing
@@ -20,7 +20,7 @@ register_configs()  # the model presets name the `base_model` schema: register b
 
 def report(cfg: DictConfig) -> str:
     """The breakdown text for the composed config (``model`` + ``default_vocab_size``)."""
-    model_cfg: ModelConfig = to_dataclass(ModelConfig, cfg.model)
+    model_cfg: ModelConfig = model_config(cfg.model)
     note = ""
     if model_cfg.vocab_size is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=int(cfg.default_vocab_size))

@@ -139,12 +139,23 @@ class Run:
         self.loggers = RunLoggers(resolved, run_dir, settings.method_name)
         task = build_task(settings.dataset, cache_dir=self.cache.root / "data")
         model_cfg = settings.model
-        tokenizer = load_or_build_tokenizer(task, resolved["dataset"], self.cache.root / "tokenizers",
-                                            model_max_length=model_cfg.max_seq_len)
+        #: a pretrained checkpoint's folder and weights sha256 (harness.models.pretrained)
+        self.pretrained: tuple[Path, str] | None = None
+        if model_cfg.pretrained is not None:
+            from harness.models.pretrained import pretrained_tokenizer, resolve, weights_identity
+
+            folder = resolve(model_cfg.pretrained, model_cfg.revision)
+            self.pretrained = (folder, weights_identity(folder))
+            tokenizer = pretrained_tokenizer(folder, model_cfg.max_seq_len)
+        else:
+            tokenizer = load_or_build_tokenizer(task, resolved["dataset"],
+                                                self.cache.root / "tokenizers",
+                                                model_max_length=model_cfg.max_seq_len)
         if model_cfg.vocab_size is None:
             model_cfg.vocab_size = len(tokenizer)
         self.ctx = StageContext(task=task, tokenizer=tokenizer, model_cfg=model_cfg,
-                                seed=settings.seed)
+                                seed=settings.seed,
+                                pretrained=self.pretrained[0] if self.pretrained else None)
 
     @property
     def task(self):
@@ -189,7 +200,12 @@ class Run:
         """What decides a base stage's output (its cache key's input): the backbone, the data, the
         stage's config, the seed, the numerics, and the stages it builds on (key and training id)."""
         t = self.cfg["trainer"]
-        return {"model": asdict(self.s.model), "dataset": self.cfg["dataset"],
+        # a pretrained model is identified by its weights, not by where they were found (and a
+        # model trained from scratch keeps the key it had before pretrained models existed)
+        model = {k: v for k, v in asdict(self.s.model).items() if k not in ("pretrained", "revision")}
+        if self.pretrained is not None:
+            model["pretrained_sha256"] = self.pretrained[1]
+        return {"model": model, "dataset": self.cfg["dataset"],
                 "data_fingerprint": self.task.fingerprint, "config": asdict(cfg),
                 "seed": self.s.seed, "precision": t["precision"], "devices": t["devices"],
                 "inputs": {n: [b.record.key, b.record.trained_id] for n, b in inputs.items()}}

@@ -41,9 +41,16 @@ class StageContext:
     tokenizer: Any
     model_cfg: ModelConfig
     seed: int
+    #: the folder of ``model.pretrained`` (None: the backbone starts from a fresh initialisation)
+    pretrained: Path | None = None
 
     def new_policy(self) -> CausalLM:
-        """A freshly initialised backbone (initialised from the global RNG, seeded per stage)."""
+        """The backbone SFT starts from: the pretrained weights of ``model.pretrained``, else a
+        fresh initialisation (from the global RNG, seeded per stage)."""
+        if self.pretrained is not None:
+            from harness.models.pretrained import load_pretrained
+
+            return load_pretrained(self.pretrained, self.model_cfg)
         return CausalLM(self.model_cfg)
 
     def datamodule(self, kind: str, c: Any) -> AlignmentDataModule:

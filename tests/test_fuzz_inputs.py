@@ -37,6 +37,8 @@ BAD_OVERRIDES: list[tuple[str, str]] = [  # (overrides, what the message must na
     ("sft.optim.lr=-1", "sft.optim.lr"),
     ("method=ppo rm.pooling=max", "rm.pooling"),
     ("model.n_heads=0", "model.n_heads"),
+    ("model=hf", "model.pretrained"),
+    ("model=hf model.pretrained=/nope/model", "model.pretrained"),
     ("model.n_kv_heads=3", "model.n_kv_heads"),
     ("model=moe_small model.top_k=9", "model.top_k"),
     ("dataset.max_operand=0", "dataset.max_operand"),

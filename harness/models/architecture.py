@@ -43,6 +43,10 @@ class ModelConfig:
     gating: str = "softmax"  # "softmax" (softmax over the top-k logits) | "noisy_top_k" (Shazeer)
     aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
+    # a pretrained checkpoint (``model=hf``; harness.models.pretrained): a local folder or a Hub
+    # id, whose config.json then decides every field above
+    pretrained: str | None = None
+    revision: str | None = None
 
     @property
     def kv_heads(self) -> int:

@@ -1,0 +1,118 @@
+"""Pretrained checkpoints as the backbone (``model=hf model.pretrained=...``), on tiny random Llama
+and Mixtral folders built here with ``transformers`` (no download): the checkpoint decides the
+shape, its weights start SFT, its tokenizer replaces the task's, its weights are in the cache key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_methods import TINY_SFT, composed
+
+from harness.data.tasks import build_task
+from harness.data.tokenizer import build_tokenizer
+from harness.models.architecture import ConfigError
+from harness.pipeline import run
+
+
+def write_folder(folder: Path, moe: bool = False, seed: int = 0) -> Path:
+    """A random tiny Llama (or Mixtral) with an arith tokenizer, as ``save_pretrained`` writes it."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    task = build_task({"name": "arith", "seed": 0, "n_train": 200, "n_pairs": 32, "n_eval": 16},
+                      cache_dir=folder.parent / "task")
+    tok = build_tokenizer(task.corpus(), vocab_size=300)
+    common = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = (MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))
+             if moe else LlamaForCausalLM(LlamaConfig(**common)))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("pre") / "tiny-llama")
+
+
+def test_the_checkpoint_decides_the_shape_and_the_name(llama_folder):
+    from harness.config import validate
+
+    s = validate(composed(["model=hf", f"model.pretrained={llama_folder}"]))
+    m = s.model
+    assert (m.d_model, m.n_layers, m.n_heads, m.kv_heads, m.d_ff) == (32, 2, 4, 2, 64)
+    assert m.name == "tiny-llama" and m.pretrained == str(llama_folder)
+    named = validate(composed(["model=hf", f"model.pretrained={llama_folder}", "model.name=mine"]))
+    assert named.model.name == "mine"
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_the_pretrained_backbone_gives_transformers_logits(tmp_path, moe):
+    from transformers import AutoModelForCausalLM
+
+    from harness.config import validate
+    from harness.pipeline import Run
+
+    folder = write_folder(tmp_path / ("tiny-mixtral" if moe else "tiny-llama"), moe=moe)
+    cfg = composed(["model=hf", f"model.pretrained={folder}", f"cache_dir={tmp_path}/c"])
+    from omegaconf import OmegaConf
+    r = Run(validate(cfg), OmegaConf.to_container(cfg, resolve=True), tmp_path / "run")
+    assert r.tokenizer.vocab_size == r.ctx.model_cfg.vocab_size  # the checkpoint's tokenizer
+    ours = r.ctx.new_policy().eval()
+    theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(4, r.ctx.model_cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-4)
+
+
+def test_grpo_runs_end_to_end_on_a_pretrained_folder_and_the_weights_key_the_cache(tmp_path):
+    folder = write_folder(tmp_path / "tiny-llama")
+    overrides = [*TINY_SFT, "model=hf", f"model.pretrained={folder}", "method=grpo",
+                 "method.n_iterations=2", "method.group_size=4", "sft.max_steps=4",
+                 f"cache_dir={tmp_path}/cache", "results_dir=null"]
+    first = run(composed(overrides), tmp_path / "r1")
+    assert first["status"] == "ok" and first["model"] == "tiny-llama"
+    assert 0.0 <= first["metrics"]["eval/gold_reward"] <= 1.0
+    saved = json.loads((Path(first["checkpoint"]) / "config.json").read_text())
+    assert saved["hidden_size"] == 32 and (Path(first["checkpoint"]) / "tokenizer.json").is_file()
+    # the same folder: the cached SFT base; other weights under the same path: a new one
+    again = run(composed(overrides), tmp_path / "r2")
+    assert again["cache_keys"]["sft"] == first["cache_keys"]["sft"]
+    assert again["stages"]["sft"]["cached"] is True
+    write_folder(folder, seed=1)
+    other = run(composed(overrides), tmp_path / "r3")
+    assert other["cache_keys"]["sft"] != first["cache_keys"]["sft"]
+
+
+def test_a_missing_or_unreachable_pretrained_model_is_one_clear_error(tmp_path):
+    from harness.config import validate
+
+    with pytest.raises(ConfigError, match=r"model.pretrained='/nope/model': no such folder"):
+        validate(composed(["model=hf", "model.pretrained=/nope/model"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        validate(composed(["model=hf", f"model.pretrained={tmp_path / 'empty'}"]))
+    # a Hub id while offline (the tests run with HF_HUB_OFFLINE=1) and not in the local cache
+    with pytest.raises(ConfigError, match=r"model.pretrained='someone/not-cached-model'.*HF_HUB_OFFLINE"):
+        validate(composed(["model=hf", "model.pretrained=someone/not-cached-model"]))
+    with pytest.raises(ConfigError, match="model.pretrained: missing; model=hf needs"):
+        validate(composed(["model=hf"]))
+
+
+def test_the_parameter_breakdown_counts_the_checkpoint(llama_folder):
+    from hydra import compose, initialize_config_dir
+    from test_methods import CONF
+    from transformers import AutoModelForCausalLM
+
+    from harness.params import report
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="params", overrides=["model=hf", f"model.pretrained={llama_folder}"])
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(llama_folder).parameters())
+    assert report(cfg).splitlines()[-1] == f"total {total}"
