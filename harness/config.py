@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.utils import to_absolute_path
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from harness.models.architecture import ConfigError, ModelConfig
@@ -305,14 +306,14 @@ def to_dataclass(schema: type, node: Any, prefix: str | None = None) -> Any:
     return schema(**kwargs)
 
 
-def model_config(node: DictConfig) -> ModelConfig:
+def model_config(node: DictConfig, cache_dir: str | None = None) -> ModelConfig:
     """The ``model`` section as a validated :class:`ModelConfig`: from its preset's fields, or, with
     ``model.pretrained``, from the checkpoint's ``config.json`` (:mod:`harness.models.pretrained`).
     Raises :class:`ConfigError` naming the field."""
     if node.get("pretrained") is not None:  # the checkpoint's config.json decides the shape
         from harness.models.pretrained import pretrained_config
 
-        return pretrained_config(OmegaConf.to_container(node, resolve=True))[0]
+        return pretrained_config(OmegaConf.to_container(node, resolve=True), cache_dir)[0]
     if missing := sorted(OmegaConf.missing_keys(node)):
         if node.get("name") == "hf":
             raise ConfigError("model.pretrained: missing; model=hf needs model.pretrained=<a "
@@ -334,7 +335,7 @@ def validate(cfg: DictConfig) -> Settings:
     top = to_dataclass(RunSchema, {k: cfg[k] for k in ("seed", "group", "cache_dir",
                                                        "force_retrain", "results_dir")})
     top.check()
-    model = model_config(cfg.model)
+    model = model_config(cfg.model, to_absolute_path(top.cache_dir))
     name = cfg.method.name
     if name not in stage_names():
         raise ConfigError(f"method.name={name!r}: unknown method; known: {', '.join(stage_names())}")

@@ -144,7 +144,7 @@ class Run:
         if model_cfg.pretrained is not None:
             from harness.models.pretrained import pretrained_tokenizer, resolve, weights_identity
 
-            folder = resolve(model_cfg.pretrained, model_cfg.revision)
+            folder = resolve(model_cfg.pretrained, model_cfg.revision, self.cache.root)
             self.pretrained = (folder, weights_identity(folder))
             tokenizer = pretrained_tokenizer(folder, model_cfg.max_seq_len)
         else:

