@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from harness import resume
 from harness.atomic import check_writable, write_json
 from harness.cache import StageCache, StageRecord, stage_key
-from harness.config import Settings, TrainerConfig, validate
+from harness.config import ConfigError, Settings, TrainerConfig, validate
+from harness.data.prompt_format import FormattedTask, effective_format
 from harness.data.tasks import build_task
 from harness.data.tokenizer import load_or_build_tokenizer
 from harness.distributed import broadcast_from_rank_zero, is_rank_zero
@@ -153,6 +154,13 @@ class Run:
                                                 model_max_length=model_cfg.max_seq_len)
         if model_cfg.vocab_size is None:
             model_cfg.vocab_size = len(tokenizer)
+        #: the prompt format in effect (``auto`` resolved for the tokenizer)
+        try:
+            self.prompt_format = effective_format(settings.dataset.prompt_format, tokenizer)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if self.prompt_format != "raw":
+            task = FormattedTask(task, self.prompt_format, tokenizer)
         self.ctx = StageContext(task=task, tokenizer=tokenizer, model_cfg=model_cfg,
                                 seed=settings.seed,
                                 pretrained=self.pretrained[0] if self.pretrained else None)
@@ -205,7 +213,11 @@ class Run:
         model = {k: v for k, v in asdict(self.s.model).items() if k not in ("pretrained", "revision")}
         if self.pretrained is not None:
             model["pretrained_sha256"] = self.pretrained[1]
-        return {"model": model, "dataset": self.cfg["dataset"],
+        # prompt_format enters only when it changes the prompts, so raw runs keep their keys
+        dataset = {k: v for k, v in self.cfg["dataset"].items() if k != "prompt_format"}
+        if self.prompt_format != "raw":
+            dataset["prompt_format"] = self.prompt_format
+        return {"model": model, "dataset": dataset,
                 "data_fingerprint": self.task.fingerprint, "config": asdict(cfg),
                 "seed": self.s.seed, "precision": t["precision"], "devices": t["devices"],
                 "inputs": {n: [b.record.key, b.record.trained_id] for n, b in inputs.items()}}
@@ -217,6 +229,14 @@ class Run:
         """
         decides = self.decides(stage, cfg, inputs)
         key = stage_key(stage.name, decides)
+        model = stage.untrained(self.ctx, cfg)
+        if model is not None and self.pretrained is not None:
+            folder, sha = self.pretrained
+            log.info("%s stage: not trained (%s.enabled=false): the pretrained model %s is the base",
+                     stage.name.upper(), stage.name, folder)
+            self.costs[stage.name] = StageCost(cached=True)
+            record = StageRecord(key=key, path=folder, cached=True, decides=decides, trained_id=sha)
+            return Built(stage.name, cfg, model, record, folder)
         with self.cache.lock(key):
             found = None if self.s.force_retrain else self.cache.load(key)
             model = None

@@ -151,6 +151,11 @@ class Stage:
     def build(self, ctx: StageContext, cfg: Any, inputs: Mapping[str, Built]) -> Fit:
         raise NotImplementedError
 
+    def untrained(self, ctx: StageContext, cfg: Any) -> nn.Module | None:
+        """The stage's model when ``cfg`` says not to train it (e.g. ``sft.enabled=false``: the
+        pretrained model itself), else None (the stage trains)."""
+        return None
+
     def sized(self, cfg: Any, batch: int, n_batches: int) -> Any:
         """``cfg`` with only its sizes changed so one training batch forwards ``batch`` sequences
         and training lasts ``n_batches`` batches (the bench's comparable step)."""

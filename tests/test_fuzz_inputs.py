@@ -38,6 +38,7 @@ BAD_OVERRIDES: list[tuple[str, str]] = [  # (overrides, what the message must na
     ("method=ppo rm.pooling=max", "rm.pooling"),
     ("model.n_heads=0", "model.n_heads"),
     ("model=hf", "model.pretrained"),
+    ("sft.enabled=false", "sft.enabled"),
     ("model=hf model.pretrained=/nope/model", "model.pretrained"),
     ("model.n_kv_heads=3", "model.n_kv_heads"),
     ("model=moe_small model.top_k=9", "model.top_k"),

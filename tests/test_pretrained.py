@@ -17,13 +17,17 @@ from harness.models.architecture import ConfigError
 from harness.pipeline import run
 
 
-def write_folder(folder: Path, moe: bool = False, seed: int = 0) -> Path:
-    """A random tiny Llama (or Mixtral) with an arith tokenizer, as ``save_pretrained`` writes it."""
+def write_folder(folder: Path, moe: bool = False, seed: int = 0, chat: bool = False) -> Path:
+    """A random tiny Llama (or Mixtral) with an arith tokenizer (and a ChatML-like template), as
+    ``save_pretrained`` writes it."""
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     task = build_task({"name": "arith", "seed": 0, "n_train": 200, "n_pairs": 32, "n_eval": 16},
                       cache_dir=folder.parent / "task")
     tok = build_tokenizer(task.corpus(), vocab_size=300)
+    if chat:
+        tok.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}<eos>\n"
+                             "{% endfor %}{% if add_generation_prompt %}<bos>assistant\n{% endif %}")
     common = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
                   rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
@@ -151,3 +155,32 @@ def test_smollm2_converts_once_and_matches_transformers(tmp_path, monkeypatch):
     with torch.no_grad():
         theirs = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
         assert torch.allclose(ours(ids).logits, theirs, atol=1e-4)
+
+
+def test_an_instruct_model_is_asked_through_its_chat_template(tmp_path):
+    folder = write_folder(tmp_path / "tiny-instruct", chat=True)
+    overrides = [*TINY_SFT, "model=hf", f"model.pretrained={folder}", "method=grpo",
+                 "method.n_iterations=2", "method.group_size=4", "sft.max_steps=2",
+                 f"cache_dir={tmp_path}/cache", "results_dir=null"]
+    chat = run(composed(overrides), tmp_path / "chat")
+    assert chat["status"] == "ok"
+    shown = chat["samples"][0]["prompt"]
+    assert shown.startswith("<bos>user\nWhat is ") and shown.endswith("<bos>assistant\n")
+    raw = run(composed([*overrides, "dataset.prompt_format=raw"]), tmp_path / "raw")
+    assert raw["samples"][0]["prompt"].endswith("=")
+    assert raw["cache_keys"]["sft"] != chat["cache_keys"]["sft"]  # other prompts, other stage
+
+
+def test_sft_disabled_aligns_the_pretrained_model_itself(tmp_path):
+    folder = write_folder(tmp_path / "tiny-instruct", chat=True)
+    overrides = [*TINY_SFT, "model=hf", f"model.pretrained={folder}", "sft.enabled=false",
+                 f"cache_dir={tmp_path}/cache", "results_dir=null"]
+    base = run(composed([*overrides, "method=sft"]), tmp_path / "base")
+    assert base["status"] == "ok" and base["checkpoint"] == str(folder)  # nothing trained
+    assert base["stages"]["sft"]["cached"] is True and base["stages"]["sft"]["metrics"] == {}
+    grpo = run(composed([*overrides, "method=grpo", "method.n_iterations=2", "method.group_size=4"]),
+               tmp_path / "grpo")
+    assert grpo["status"] == "ok" and grpo["stages"]["sft"]["checkpoint"] == str(folder)
+    # the reference is the pretrained model: its gold reward is the base run's
+    assert grpo["metrics"]["eval/ref_gold_reward"] == base["metrics"]["eval/gold_reward"]
+    assert not list((tmp_path / "cache" / "stages").glob("sft-*"))  # no SFT stage was written

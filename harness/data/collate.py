@@ -53,6 +53,12 @@ def _check(max_len: int, overflow: str) -> None:
         raise ValueError(f"max_len={max_len}: must be >= 2 (bos + one response token)")
 
 
+def _without_bos(bos: int, prompt_ids: list[int]) -> list[int]:
+    """The prompt ids without a leading BOS: a chat template may open with the token the collators
+    add anyway (SmolLM2's ``<|im_start|>``), which must not appear twice."""
+    return prompt_ids[1:] if prompt_ids[:1] == [bos] else prompt_ids
+
+
 def _fit_prompt(prompt_ids: list[int], max_len: int, overflow: str) -> tuple[list[int], bool] | None:
     """The prompt ids kept so that bos + prompt + one response token fit (None: skip)."""
     room = max_len - 2
@@ -65,7 +71,7 @@ def _fit_prompt(prompt_ids: list[int], max_len: int, overflow: str) -> tuple[lis
 
 def _sft_from_ids(bos: int, eos: int, prompt_ids: list[int], response_ids: list[int],
                   max_len: int, overflow: str) -> dict[str, Any] | None:
-    fitted = _fit_prompt(prompt_ids, max_len, overflow)
+    fitted = _fit_prompt(_without_bos(bos, prompt_ids), max_len, overflow)
     if fitted is None:
         return None
     p, truncated = fitted
@@ -93,8 +99,9 @@ def encode_prompt(tokenizer: Any, prompt: str, max_len: int) -> list[int]:
     if max_len < 1:
         raise ValueError(f"max_len={max_len}: must be >= 1")
     (p,) = _ids(tokenizer, [prompt])
+    p = _without_bos(tokenizer.bos_token_id, p)
     keep = max_len - 1
-    return [tokenizer.bos_token_id, *p[len(p) - keep:]] if keep else [tokenizer.bos_token_id]
+    return [tokenizer.bos_token_id, *p[max(0, len(p) - keep):]] if keep else [tokenizer.bos_token_id]
 
 
 def decode_responses(tokenizer: Any, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -175,10 +182,10 @@ def tokenize_dataset(ds: Dataset, tokenizer: Any, kind: Kind, max_len: int,
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        prompts = _ids(tokenizer, batch["prompt"])
+        prompts = [_without_bos(bos, p) for p in _ids(tokenizer, batch["prompt"])]
         if kind == "prompts":
             keep = max_len - 1
-            return {"input_ids": [[bos, *p[len(p) - keep:]] if keep else [bos] for p in prompts],
+            return {"input_ids": [[bos, *p[max(0, len(p) - keep):]] if keep else [bos] for p in prompts],
                     "prompt": batch["prompt"],
                     "truncated": [len(p) > keep for p in prompts]}
         if kind == "sft":

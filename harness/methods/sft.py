@@ -25,10 +25,13 @@ class SFTConfig:
 
     ``max_steps`` suits the default task (arith); ``conf/experiment/`` sets other budgets.
     ``overflow``: prompts longer than ``max_len`` are truncated or skipped. The matrices get
-    LLaMA's decoupled weight decay 0.1.
+    LLaMA's decoupled weight decay 0.1. ``enabled=false`` (pretrained models only) trains nothing:
+    the pretrained model itself is the SFT base and the reference, as when aligning an instruct
+    model directly.
     """
 
     name: str = "sft"
+    enabled: bool = True
     max_steps: int = 2000
     batch_size: int = 64
     max_len: int = 128
@@ -103,6 +106,9 @@ class SFTStage(Stage):
 
     def needs(self, cfg: SFTConfig) -> tuple[str, ...]:
         return ()
+
+    def untrained(self, ctx, cfg: SFTConfig) -> CausalLM | None:
+        return None if cfg.enabled else ctx.new_policy()
 
     def build(self, ctx, cfg: SFTConfig, inputs) -> Fit:
         policy = ctx.new_policy()

@@ -322,6 +322,17 @@ class ArithTask(Task):
                 "carry": [needs_carry(a, b, self.width) for a, b in problems]}
 
     # -- reward and corpus
+    def instruction(self, prompt: str) -> str:
+        """``"037+048="`` -> ``"What is 37+48? Answer with the number only."``"""
+        a, b = parse_prompt(prompt)
+        return f"What is {a}+{b}? Answer with the number only."
+
+    def normalize_answer(self, response: str) -> str:
+        """The last number of a free-form answer (``"71 + 55 = 126."`` -> ``"126"``): instruct
+        models echo the question, so the first number is an operand; "" when there is none."""
+        numbers = re.findall(r"\d+", response.replace(",", ""))
+        return numbers[-1] if numbers else ""
+
     def reward(self, prompt: str, response: str) -> float:
         """1.0 if ``response.strip()`` is the correct sum written in digits, else 0.0."""
         a, b = parse_prompt(prompt)

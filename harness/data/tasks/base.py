@@ -51,9 +51,11 @@ class TaskConfig:
     name: str = ""
     seed: int = 0
     vocab_size: int = 512
+    #: how prompts reach the model (harness.data.prompt_format): auto | raw | alpaca | chat
+    prompt_format: str = "auto"
 
     #: Fields that do not change the data (left out of the fingerprint).
-    NON_DATA_FIELDS: ClassVar[tuple[str, ...]] = ("vocab_size",)
+    NON_DATA_FIELDS: ClassVar[tuple[str, ...]] = ("vocab_size", "prompt_format")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> Self:
@@ -69,6 +71,11 @@ class TaskConfig:
 
     def validate(self) -> None:
         """Check the values; raise :class:`ConfigError` naming the field. Subclasses extend."""
+        from harness.data.prompt_format import FORMATS
+
+        if self.prompt_format not in FORMATS:
+            raise ConfigError(f"dataset.prompt_format={self.prompt_format!r}: must be one of "
+                              f"{list(FORMATS)}")
         if self.vocab_size is not None and int(self.vocab_size) < 260:
             raise ConfigError(f"dataset.vocab_size={self.vocab_size}: must be >= 260 "
                               "(256 bytes + 4 special tokens)")
@@ -183,6 +190,15 @@ class Task(ABC):
     @abstractmethod
     def _build_eval(self) -> Mapping[str, Sequence[Any]]:
         """Generate the held-out evaluation prompts."""
+
+    def instruction(self, prompt: str) -> str:
+        """``prompt`` as a question in words, for chat and Alpaca prompts (default: as is)."""
+        return prompt
+
+    def normalize_answer(self, response: str) -> str:
+        """A free-form answer (an instruct model's) reduced to what :meth:`reward` grades
+        (default: as is). Used only for formatted prompts (harness.data.prompt_format)."""
+        return response
 
     @abstractmethod
     def reward(self, prompt: str, response: str) -> float:
