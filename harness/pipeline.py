@@ -210,7 +210,8 @@ class Run:
         t = self.cfg["trainer"]
         # a pretrained model is identified by its weights, not by where they were found (and a
         # model trained from scratch keeps the key it had before pretrained models existed)
-        model = {k: v for k, v in asdict(self.s.model).items() if k not in ("pretrained", "revision")}
+        model = {k: v for k, v in asdict(self.s.model).items()
+                 if k not in ("pretrained", "revision") and not (k == "upcycle_experts" and not v)}
         if self.pretrained is not None:
             model["pretrained_sha256"] = self.pretrained[1]
         # prompt_format enters only when it changes the prompts, so raw runs keep their keys
@@ -229,6 +230,7 @@ class Run:
         """
         decides = self.decides(stage, cfg, inputs)
         key = stage_key(stage.name, decides)
+        seed_stage(self.s.seed)  # an untrained stage may still draw (an upcycled model's routers)
         model = stage.untrained(self.ctx, cfg)
         if model is not None and self.pretrained is not None:
             folder, sha = self.pretrained

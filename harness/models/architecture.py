@@ -47,6 +47,9 @@ class ModelConfig:
     # id, whose config.json then decides every field above
     pretrained: str | None = None
     revision: str | None = None
+    # sparse upcycling of a dense pretrained checkpoint (harness.models.upcycle): this many experts,
+    # each a copy of its layer's MLP, ``top_k`` per token, routed by ``gating``; 0 = none
+    upcycle_experts: int = 0
 
     @property
     def kv_heads(self) -> int:
@@ -88,6 +91,11 @@ class ModelConfig:
             bad("rope_theta", "must be > 0")
         if self.n_experts < 0:
             bad("n_experts", "must be >= 0 (0 = dense MLP)")
+        if self.upcycle_experts < 0:
+            bad("upcycle_experts", "must be >= 0 (0 = no upcycling)")
+        if self.upcycle_experts and self.pretrained is None:
+            bad("upcycle_experts", "upcycles a pretrained dense checkpoint: set model.pretrained "
+                "(a model trained from scratch takes model.n_experts instead)")
         if self.is_moe:
             if not 1 <= self.top_k <= self.n_experts:
                 bad("top_k", f"must be between 1 and n_experts={self.n_experts}")

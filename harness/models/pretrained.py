@@ -134,6 +134,16 @@ def pretrained_config(model: dict[str, Any], cache_dir: Path | str | None = None
     ours = {k: model[k] for k in HARNESS_ONLY if model.get(k) is not None}
     if ours.get("name") in (None, "hf"):
         ours["name"] = Path(str(model["pretrained"])).name.removesuffix(".gguf")
+    experts = int(model.get("upcycle_experts") or 0)
+    if experts:
+        from harness.models.upcycle import upcycled_config
+
+        try:
+            cfg = upcycled_config(cfg, experts, int(model.get("top_k", 2)),
+                                  str(model.get("gating", "softmax")))
+        except ValueError as err:
+            raise ConfigError(f"model.upcycle_experts={experts}: {err}") from err
+        ours["upcycle_experts"] = experts
     return replace(cfg, **ours), folder
 
 
@@ -179,4 +189,9 @@ def load_pretrained(folder: Path, cfg: ModelConfig):
                                                                 cfg.vocab_size):
         raise ConfigError(f"model.pretrained={str(folder)!r}: the checkpoint changed since the run "
                           "started")
-    return model.to(torch.float32).train()
+    model = model.to(torch.float32)
+    if cfg.upcycle_experts:  # the dense checkpoint becomes the MoE of cfg (fresh routers)
+        from harness.models.upcycle import upcycle
+
+        model = upcycle(model, cfg)
+    return model.train()
