@@ -210,8 +210,7 @@ class Run:
         t = self.cfg["trainer"]
         # a pretrained model is identified by its weights, not by where they were found (and a
         # model trained from scratch keeps the key it had before pretrained models existed)
-        model = {k: v for k, v in asdict(self.s.model).items()
-                 if k not in ("pretrained", "revision") and not (k == "upcycle_experts" and not v)}
+        model = self.s.model.key_fields()
         if self.pretrained is not None:
             model["pretrained_sha256"] = self.pretrained[1]
         # prompt_format enters only when it changes the prompts, so raw runs keep their keys

@@ -17,10 +17,18 @@ from harness.models.architecture import ConfigError
 from harness.pipeline import run
 
 
-def write_folder(folder: Path, moe: bool = False, seed: int = 0, chat: bool = False) -> Path:
+def write_folder(folder: Path, moe: bool = False, seed: int = 0, chat: bool = False,
+                 qwen2: bool = False) -> Path:
     """A random tiny Llama (or Mixtral) with an arith tokenizer (and a ChatML-like template), as
     ``save_pretrained`` writes it."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     task = build_task({"name": "arith", "seed": 0, "n_train": 200, "n_pairs": 32, "n_eval": 16},
                       cache_dir=folder.parent / "task")
@@ -33,8 +41,16 @@ def write_folder(folder: Path, moe: bool = False, seed: int = 0, chat: bool = Fa
                   rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
-    model = (MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))
-             if moe else LlamaForCausalLM(LlamaConfig(**common)))
+    if qwen2:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+        with torch.no_grad():  # Qwen2 initialises its biases to zero: make them count
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    elif moe:
+        model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -56,14 +72,15 @@ def test_the_checkpoint_decides_the_shape_and_the_name(llama_folder):
     assert named.model.name == "mine"
 
 
-@pytest.mark.parametrize("moe", [False, True])
-def test_the_pretrained_backbone_gives_transformers_logits(tmp_path, moe):
+@pytest.mark.parametrize("layout", ["llama", "mixtral", "qwen2"])
+def test_the_pretrained_backbone_gives_transformers_logits(tmp_path, layout):
     from transformers import AutoModelForCausalLM
 
     from harness.config import validate
     from harness.pipeline import Run
 
-    folder = write_folder(tmp_path / ("tiny-mixtral" if moe else "tiny-llama"), moe=moe)
+    folder = write_folder(tmp_path / f"tiny-{layout}", moe=layout == "mixtral",
+                          qwen2=layout == "qwen2")
     cfg = composed(["model=hf", f"model.pretrained={folder}", f"cache_dir={tmp_path}/c"])
     from omegaconf import OmegaConf
     r = Run(validate(cfg), OmegaConf.to_container(cfg, resolve=True), tmp_path / "run")
@@ -184,3 +201,19 @@ def test_sft_disabled_aligns_the_pretrained_model_itself(tmp_path):
     # the reference is the pretrained model: its gold reward is the base run's
     assert grpo["metrics"]["eval/ref_gold_reward"] == base["metrics"]["eval/gold_reward"]
     assert not list((tmp_path / "cache" / "stages").glob("sft-*"))  # no SFT stage was written
+
+
+def test_a_qwen2_layout_exports_and_reloads_in_transformers(tmp_path):
+    """q/k/v biases survive the harness's HF export: transformers opens it as Qwen2."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.models.hf import load_checkpoint, save_checkpoint
+
+    ours, tok, cfg = load_checkpoint(write_folder(tmp_path / "tiny-qwen2", qwen2=True))
+    assert cfg.qkv_bias
+    save_checkpoint(ours, tmp_path / "export", tokenizer=tok)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert type(theirs).__name__ == "Qwen2ForCausalLM"
+    ids = torch.randint(4, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-4)

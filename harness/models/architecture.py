@@ -7,8 +7,8 @@ with a message naming the field before any work starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
 
 
 class ConfigError(ValueError):
@@ -34,6 +34,8 @@ class ModelConfig:
     vocab_size: int | None = None
     n_kv_heads: int | None = None
     norm_eps: float = 1e-5
+    #: biases on the q, k and v projections (Qwen2's attention; LLaMA has none)
+    qkv_bias: bool = False
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -50,6 +52,18 @@ class ModelConfig:
     # sparse upcycling of a dense pretrained checkpoint (harness.models.upcycle): this many experts,
     # each a copy of its layer's MLP, ``top_k`` per token, routed by ``gating``; 0 = none
     upcycle_experts: int = 0
+
+    #: fields added after stage keys were first computed, with the value that means "absent":
+    #: left out of :meth:`key_fields` at that value, so earlier runs keep their cache keys
+    LATER_FIELDS: ClassVar[dict[str, Any]] = {"qkv_bias": False, "pretrained": None,
+                                               "revision": None, "upcycle_experts": 0}
+
+    def key_fields(self) -> dict[str, Any]:
+        """The fields as a dict for cache keys (:attr:`LATER_FIELDS` at their defaults left out;
+        ``pretrained`` and ``revision`` always: a checkpoint is keyed by its weights' hash)."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("pretrained", "revision")
+                and not (k in self.LATER_FIELDS and v == self.LATER_FIELDS[k])}
 
     @property
     def kv_heads(self) -> int:
@@ -91,6 +105,8 @@ class ModelConfig:
             bad("rope_theta", "must be > 0")
         if self.n_experts < 0:
             bad("n_experts", "must be >= 0 (0 = dense MLP)")
+        if self.qkv_bias and (self.is_moe or self.upcycle_experts):
+            bad("qkv_bias", "q/k/v biases (Qwen2) are supported in dense models only")
         if self.upcycle_experts < 0:
             bad("upcycle_experts", "must be >= 0 (0 = no upcycling)")
         if self.upcycle_experts and self.pretrained is None:

@@ -112,6 +112,11 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Any = None) -> Any:
             architectures=["MixtralForCausalLM"],
             **extras,
         )
+    if cfg.qkv_bias:  # Qwen2's layout: a Llama with q/k/v biases
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**common, use_sliding_window=False, architectures=["Qwen2ForCausalLM"],
+                           **extras)
     return LlamaConfig(**common, attention_bias=False, mlp_bias=False,
                        architectures=["LlamaForCausalLM"], **extras)
 
@@ -124,8 +129,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     hidden_size / num_attention_heads``. Raises ``ValueError`` otherwise.
     """
     model_type = hf.get("model_type")
-    if model_type not in ("llama", "mixtral"):
-        raise ValueError(f"model_type={model_type!r}: only 'llama' and 'mixtral' are supported")
+    if model_type not in ("llama", "mixtral", "qwen2"):
+        raise ValueError(f"model_type={model_type!r}: only 'llama', 'mixtral' and 'qwen2' are "
+                         "supported")
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ValueError("use_sliding_window=true: sliding-window attention is not supported")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
@@ -134,7 +142,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r}: only silu is supported")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("attention_bias / mlp_bias: biases are not supported")
+        raise ValueError("attention_bias / mlp_bias: biases are not supported (Qwen2's q/k/v "
+                         "biases are: model_type qwen2)")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, d // heads):
         raise ValueError(f"head_dim={hf['head_dim']}: must equal hidden_size / num_attention_heads")
@@ -151,6 +160,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope_theta=float(theta),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=hf.get("initializer_range", 0.02),
+        qkv_bias=model_type == "qwen2",
     )
     if model_type == "mixtral":
         fields.update(n_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],

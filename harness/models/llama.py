@@ -115,9 +115,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -233,10 +233,12 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for every matrix, ones for the norm gains."""
+        """Normal(0, init_std) for every matrix, ones for the norm gains, zeros for biases."""
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "model.norm.weight":
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=self.cfg.init_std)
 
