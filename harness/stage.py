@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from harness.cache import StageRecord
 from harness.data.datamodule import AlignmentDataModule
 from harness.data.resumable import ResumableLoader
-from harness.models.architecture import ModelConfig
+from harness.models.architecture import LoRASettings, ModelConfig
 from harness.models.hf import load_checkpoint, save_checkpoint
 from harness.models.llama import CausalLM
 from harness.seeding import generator
@@ -170,18 +170,39 @@ class Stage:
         return {k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))}
 
     def save(self, model: nn.Module, path: Path, tokenizer: Any, resolved: dict) -> None:
-        """Write the stage's model as a Hugging Face folder at ``path``."""
-        save_checkpoint(model, path, tokenizer=tokenizer, resolved_config=resolved)
+        """Write the stage's model as a Hugging Face folder at ``path``; a LoRA-adapted model
+        merged (loadable as it is), with its adapter in ``path/adapter``."""
+        from harness.models.lora import has_lora, merged, save_adapter
+
+        if has_lora(model):
+            save_checkpoint(merged(model), path, tokenizer=tokenizer, resolved_config=resolved)
+            save_adapter(model, path / "adapter")
+        else:
+            save_checkpoint(model, path, tokenizer=tokenizer, resolved_config=resolved)
 
     def load(self, path: Path) -> nn.Module:
         """The model :meth:`save` wrote."""
         return load_checkpoint(path)[0]
 
 
-def policy_from(inputs: Mapping[str, Built]) -> tuple[CausalLM, CausalLM]:
-    """(trainable copy of the SFT base, the SFT base as the frozen reference)."""
-    reference = inputs["sft"].model
-    return copy.deepcopy(reference), reference
+def policy_from(inputs: Mapping[str, Built], lora: LoRASettings | None = None,
+                ) -> tuple[CausalLM, nn.Module]:
+    """(the policy to train, the frozen reference), both from the SFT base.
+
+    Full fine-tuning: a trainable copy of the SFT base, and the base itself as the reference.
+    With LoRA (``lora.r > 0``): the SFT base itself gets the adapters (base weights frozen), and
+    the reference is the same model with its adapters off (:class:`~harness.models.lora.AdaptersOff`)
+    -- no second copy of the weights; the SFT stage's entry then holds that view, so the run's
+    evaluation compares against the base too.
+    """
+    base = inputs["sft"]
+    if lora is None or not lora.r:
+        return copy.deepcopy(base.model), base.model
+    from harness.models.lora import AdaptersOff, add_lora
+
+    policy = add_lora(base.model, lora)
+    base.model = AdaptersOff(policy)
+    return policy, base.model
 
 
 @dataclass

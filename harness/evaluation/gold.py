@@ -34,7 +34,7 @@ def complete(model: CausalLM, tokenizer, prompts: Sequence[str], max_new_tokens:
              batch_size: int, max_len: int, greedy: bool = True, temperature: float = 1.0,
              generator: torch.Generator | None = None, progress: bool = False) -> list[str]:
     """Decode responses for ``prompts`` in batches with the KV-cached sampler."""
-    device = next(model.parameters()).device
+    device = model.device
     out: list[str] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, leave=False):

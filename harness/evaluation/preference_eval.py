@@ -36,7 +36,7 @@ def pair_logps_table(model: CausalLM, tokenizer, prompts: Sequence[str], chosen:
             raise ValueError(f"preference pair {i} cannot be encoded within max_len={max_len}")
         rows.append({**enc, "index": i})
     collate = PairCollator(pad_id=tokenizer.pad_token_id)
-    device = next(model.parameters()).device
+    device = model.device
     out = torch.empty(len(rows), 2)
     for start in tqdm(range(0, len(rows), batch_size), desc="pair log-probs", leave=False):
         batch = collate(rows[start:start + batch_size])

@@ -143,7 +143,7 @@ class DPOStage(Stage):
         table = reference_logps(sft, dm.reference_dataloader("train"), dm.n_train)
         val_table = reference_logps(sft, dm.reference_dataloader("validation"),
                                     dm.n_examples("validation"))
-        policy, reference = policy_from(inputs)
+        policy, reference = policy_from(inputs, ctx.model_cfg.lora)
         return Fit(DPOModule(policy, table, cfg, val_table), dm,
                    Budget(max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
                           val_every=cfg.val_every),

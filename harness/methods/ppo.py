@@ -171,7 +171,7 @@ class PPOStage(OnPolicyStage):
     def build(self, ctx, cfg: PPOConfig, inputs) -> Fit:
         rm, sft = inputs["rm"].model, inputs["sft"].model
         critic = copy.deepcopy(rm) if cfg.critic_init == "rm" else ScalarHead(copy.deepcopy(sft))
-        policy, reference = policy_from(inputs)
+        policy, reference = policy_from(inputs, ctx.model_cfg.lora)
         module = PPOModule(policy, reference, critic, ctx.tokenizer, cfg,
                            self.scorer(ctx, cfg, inputs), ctx.seed)
         n = cfg.rollout.prompts_per_batch

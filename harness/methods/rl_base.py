@@ -241,7 +241,7 @@ class GroupStage(OnPolicyStage):
 
     def build(self, ctx, cfg, inputs) -> Fit:
         score = self.scorer(ctx, cfg, inputs)
-        policy, reference = policy_from(inputs)
+        policy, reference = policy_from(inputs, ctx.model_cfg.lora)
         module = self.module(policy, reference, ctx.tokenizer, cfg, score, ctx.seed)
         p, g = cfg.rollout.prompts_per_batch, cfg.group_size
         networks = {"policy": policy, "reference": reference}

@@ -91,7 +91,7 @@ def sample_with_reference(policy: CausalLM, reference: CausalLM, tokenizer, prom
     """Sample one response per prompt from ``policy`` (KV-cached sampler), then the reference's
     log-probabilities of the same tokens (one forward, no gradients): what a rollout and the KL
     estimate both need."""
-    device = next(policy.parameters()).device
+    device = policy.device
     ids, pmask = encode_prompts(tokenizer, prompts, max_len - max_new_tokens)
     ids, pmask = ids.to(device), pmask.to(device)
     t0 = time.perf_counter()

@@ -112,6 +112,10 @@ class SFTStage(Stage):
 
     def build(self, ctx, cfg: SFTConfig, inputs) -> Fit:
         policy = ctx.new_policy()
+        if ctx.model_cfg.lora.r:  # adapters on the (pretrained) backbone; saved merged
+            from harness.models.lora import add_lora
+
+            add_lora(policy, ctx.model_cfg.lora)
         return Fit(SFTModule(policy, cfg), ctx.datamodule("sft", cfg),
                    Budget(max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
                           val_every=cfg.val_every),

@@ -7,12 +7,26 @@ with a message naming the field before any work starts.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+#: the backbone's linear layers an adapter may target (transformers' Llama names)
+LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRASettings:
+    """LoRA adapters (harness.models.lora): ``r`` = 0 trains every weight (no adapters)."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LINEAR_LAYERS))
 
 
 @dataclass
@@ -52,6 +66,8 @@ class ModelConfig:
     # sparse upcycling of a dense pretrained checkpoint (harness.models.upcycle): this many experts,
     # each a copy of its layer's MLP, ``top_k`` per token, routed by ``gating``; 0 = none
     upcycle_experts: int = 0
+    #: LoRA on the trained policy (SFT and the aligning methods); r = 0: full fine-tuning
+    lora: LoRASettings = field(default_factory=LoRASettings)
 
     #: fields added after stage keys were first computed, with the value that means "absent":
     #: left out of :meth:`key_fields` at that value, so earlier runs keep their cache keys
@@ -63,7 +79,8 @@ class ModelConfig:
         ``pretrained`` and ``revision`` always: a checkpoint is keyed by its weights' hash)."""
         return {k: v for k, v in asdict(self).items()
                 if k not in ("pretrained", "revision")
-                and not (k in self.LATER_FIELDS and v == self.LATER_FIELDS[k])}
+                and not (k in self.LATER_FIELDS and v == self.LATER_FIELDS[k])
+                and not (k == "lora" and not self.lora.r)}
 
     @property
     def kv_heads(self) -> int:
@@ -107,6 +124,23 @@ class ModelConfig:
             bad("n_experts", "must be >= 0 (0 = dense MLP)")
         if self.qkv_bias and (self.is_moe or self.upcycle_experts):
             bad("qkv_bias", "q/k/v biases (Qwen2) are supported in dense models only")
+        if isinstance(self.lora, dict):  # from a plain mapping (ModelConfig.from_dict)
+            self.lora = LoRASettings(**self.lora)
+        lora = self.lora
+        if lora.r < 0:
+            raise ConfigError(f"model.lora.r={lora.r}: must be >= 0 (0 = no adapters)")
+        if lora.r and lora.alpha <= 0:
+            raise ConfigError(f"model.lora.alpha={lora.alpha}: must be > 0")
+        if not 0.0 <= lora.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout={lora.dropout}: must be in [0, 1)")
+        unknown = sorted(set(lora.target_modules) - set(LINEAR_LAYERS))
+        if lora.r and (unknown or not lora.target_modules):
+            raise ConfigError(f"model.lora.target_modules={list(lora.target_modules)}: must be a "
+                              f"non-empty subset of {list(LINEAR_LAYERS)}")
+        if lora.r and self.is_moe and set(lora.target_modules) & {"gate_proj", "up_proj", "down_proj"}:
+            raise ConfigError("model.lora.target_modules: MoE experts are fused tensors, not linear "
+                              "layers; target the attention projections (q_proj, k_proj, v_proj, "
+                              "o_proj) in an MoE model")
         if self.upcycle_experts < 0:
             bad("upcycle_experts", "must be >= 0 (0 = no upcycling)")
         if self.upcycle_experts and self.pretrained is None:

@@ -243,6 +243,11 @@ class CausalLM(nn.Module):
                 nn.init.normal_(p, std=self.cfg.init_std)
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights are (inputs go there)."""
+        return self.lm_head.weight.device
+
+    @property
     def moe_layers(self) -> list[MoEFeedForward]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEFeedForward)]
 
