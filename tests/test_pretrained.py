@@ -18,7 +18,7 @@ from harness.pipeline import run
 
 
 def write_folder(folder: Path, moe: bool = False, seed: int = 0, chat: bool = False,
-                 qwen2: bool = False) -> Path:
+                 qwen2: bool = False, **config: object) -> Path:
     """A random tiny Llama (or Mixtral) with an arith tokenizer (and a ChatML-like template), as
     ``save_pretrained`` writes it."""
     from transformers import (
@@ -39,7 +39,7 @@ def write_folder(folder: Path, moe: bool = False, seed: int = 0, chat: bool = Fa
     common = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
                   rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **config)
     torch.manual_seed(seed)
     if qwen2:
         model = Qwen2ForCausalLM(Qwen2Config(**common))
@@ -217,3 +217,31 @@ def test_a_qwen2_layout_exports_and_reloads_in_transformers(tmp_path):
     ids = torch.randint(4, cfg.vocab_size, (2, 9))
     with torch.no_grad():
         assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", [
+    {"head_dim": 16},                                         # wider heads than hidden / heads
+    {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+], ids=["head_dim", "linear", "llama3"])
+def test_rope_scaling_and_head_dim_come_from_the_checkpoint(tmp_path, config):
+    """Llama 3.1-style and linear RoPE scaling and an explicit head_dim: transformers' logits, at
+    positions past the original context where the scaling matters, and back through export."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from harness.models.hf import load_checkpoint, save_checkpoint
+
+    folder = write_folder(tmp_path / "tiny", rope_theta=500.0, **copy.deepcopy(config))  # HF edits it
+    ours, tok, cfg = load_checkpoint(folder)
+    assert cfg.rope_scaling == config.get("rope_scaling")
+    assert cfg.head_dim == config.get("head_dim", 32 // 4)
+    ids = torch.randint(4, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+        assert torch.allclose(ours(ids).logits, reference, atol=1e-4)
+        save_checkpoint(ours, tmp_path / "export", tokenizer=tok)
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()(ids).logits
+        assert torch.allclose(again, reference, atol=1e-4)

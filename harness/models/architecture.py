@@ -48,6 +48,12 @@ class ModelConfig:
     vocab_size: int | None = None
     n_kv_heads: int | None = None
     norm_eps: float = 1e-5
+    #: the attention heads' width when it is not d_model / n_heads (e.g. Qwen3); None: derived
+    attn_head_dim: int | None = None
+    #: RoPE scaling as transformers writes it: {"rope_type": "linear", "factor": f} or
+    #: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    #: "original_max_position_embeddings"}; None: plain RoPE
+    rope_scaling: dict[str, Any] | None = None
     #: biases on the q, k and v projections (Qwen2's attention; LLaMA has none)
     qkv_bias: bool = False
     rope_theta: float = 10000.0
@@ -72,7 +78,8 @@ class ModelConfig:
     #: fields added after stage keys were first computed, with the value that means "absent":
     #: left out of :meth:`key_fields` at that value, so earlier runs keep their cache keys
     LATER_FIELDS: ClassVar[dict[str, Any]] = {"qkv_bias": False, "pretrained": None,
-                                               "revision": None, "upcycle_experts": 0}
+                                               "revision": None, "upcycle_experts": 0,
+                                               "attn_head_dim": None, "rope_scaling": None}
 
     def key_fields(self) -> dict[str, Any]:
         """The fields as a dict for cache keys (:attr:`LATER_FIELDS` at their defaults left out;
@@ -88,7 +95,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim if self.attn_head_dim is not None else self.d_model // self.n_heads
 
     @property
     def is_moe(self) -> bool:
@@ -112,8 +119,18 @@ class ModelConfig:
             bad("n_kv_heads", "must be a positive integer (or null for multi-head attention)")
         if self.n_heads % self.kv_heads != 0:
             bad("n_kv_heads", f"n_heads={self.n_heads} must be divisible by n_kv_heads")
-        if self.d_model % self.n_heads != 0:
+        if self.attn_head_dim is None and self.d_model % self.n_heads != 0:
             bad("n_heads", f"d_model={self.d_model} must be divisible by n_heads")
+        if self.attn_head_dim is not None and self.attn_head_dim <= 0:
+            bad("attn_head_dim", "must be a positive integer (or null: d_model / n_heads)")
+        if self.rope_scaling is not None:
+            kind = dict(self.rope_scaling).get("rope_type")
+            need = {"linear": {"factor"}, "llama3": {"factor", "low_freq_factor", "high_freq_factor",
+                                                     "original_max_position_embeddings"}}
+            if kind not in need:
+                bad("rope_scaling", "rope_type must be 'linear' or 'llama3' (or null: plain RoPE)")
+            if missing := sorted(need[kind] - set(self.rope_scaling)):
+                bad("rope_scaling", f"rope_type {kind!r} needs {missing}")
         if self.head_dim % 2 != 0:
             bad("n_heads", f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE")
         if self.norm_eps <= 0:

@@ -93,7 +93,8 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Any = None) -> Any:
         hidden_act="silu",
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta),
+                         **(cfg.rope_scaling or {})},
         tie_word_embeddings=cfg.tie_embeddings,
         initializer_range=cfg.init_std,
         attention_dropout=0.0,
@@ -125,8 +126,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Inverse of :func:`to_hf_config` from a ``config.json`` dict.
 
     Works for checkpoints not written by the harness too (plain Llama / Mixtral), as long as the
-    architecture is one the harness implements: default RoPE, SiLU, no biases, ``head_dim =
-    hidden_size / num_attention_heads``. Raises ``ValueError`` otherwise.
+    architecture is one the harness implements: default, linear or llama3 RoPE, SiLU, no biases
+    but Qwen2's q/k/v ones, any ``head_dim``. Raises ``ValueError`` otherwise.
     """
     model_type = hf.get("model_type")
     if model_type not in ("llama", "mixtral", "qwen2"):
@@ -134,19 +135,24 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                          "supported")
     if model_type == "qwen2" and hf.get("use_sliding_window"):
         raise ValueError("use_sliding_window=true: sliding-window attention is not supported")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope_type={rope_type!r}: only default RoPE is supported")
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"rope_type={rope_type!r}: only default, linear and llama3 RoPE are "
+                         "supported")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = None
+    if rope_type != "default":
+        keys = ("factor",) if rope_type == "linear" else (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        scaling = {"rope_type": rope_type, **{k: rope[k] for k in keys if k in rope}}
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r}: only silu is supported")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("attention_bias / mlp_bias: biases are not supported (Qwen2's q/k/v "
                          "biases are: model_type qwen2)")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, d // heads):
-        raise ValueError(f"head_dim={hf['head_dim']}: must equal hidden_size / num_attention_heads")
+    head_dim = hf.get("head_dim")
     kv = hf.get("num_key_value_heads") or heads
     fields: dict[str, Any] = dict(
         vocab_size=hf["vocab_size"],
@@ -161,6 +167,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=hf.get("initializer_range", 0.02),
         qkv_bias=model_type == "qwen2",
+        attn_head_dim=None if head_dim in (None, d // heads) else int(head_dim),
+        rope_scaling=scaling,
     )
     if model_type == "mixtral":
         fields.update(n_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],

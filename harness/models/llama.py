@@ -9,6 +9,7 @@ export to a Hugging Face checkpoint is a plain state-dict copy (see :mod:`harnes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -80,15 +81,38 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """RoPE frequencies [d/2] under ``scaling`` (transformers' ``rope_parameters``).
+
+    ``linear`` (position interpolation): every frequency / factor. ``llama3`` (Llama 3.1):
+    wavelengths ``2π/f`` above ``L / low_freq_factor`` (L = original context) are stretched by
+    ``factor``, those below ``L / high_freq_factor`` kept, and the band between interpolated with
+    ``s = (L / wavelength - low) / (high - low)``: ``(1 - s) f / factor + s f``.
+    """
+    if not scaling:
+        return inv_freq
+    kind, factor = scaling["rope_type"], float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    out = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, (1 - smooth) * out / factor + smooth * out, out)
+
+
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                 dtype: torch.dtype, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables for positions [B, T] -> (cos, sin) each [B, T, head_dim].
 
-    Frequencies ``theta^(-2i/d)``, i < d/2, duplicated over both halves (the "rotate half" layout
-    used by LLaMA checkpoints in ``transformers``).
+    Frequencies ``theta^(-2i/d)``, i < d/2 (scaled by :func:`scaled_inv_freq`), duplicated over
+    both halves (the "rotate half" layout used by LLaMA checkpoints in ``transformers``).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
-                                             dtype=torch.float32) / head_dim))
+    inv_freq = scaled_inv_freq(1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
+                                                             dtype=torch.float32) / head_dim)),
+                               scaling)
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -273,7 +297,8 @@ class CausalLM(nn.Module):
         mask = build_attention_mask(attention_mask, t, past_len + t, input_ids.device)
         pos = positions_from_mask(attention_mask, b, t, past_len, input_ids.device)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype,
+                                self.cfg.rope_scaling)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, past)
         if past is not None:
