@@ -482,7 +482,9 @@ def record_for(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                       cost=summary.get("cost", {}), cache_keys=summary.get("cache_keys", {}),
                       config=cfg, history=summary.get("history"),
                       platform=summary.get("platform"), per_prompt=summary.get("per_prompt"),
-                      reward_source=summary.get("reward_source"))
+                      reward_source=summary.get("reward_source"),
+                      # the code's commit, wherever the command was started from
+                      repo_path=Path(__file__).resolve().parent)
 
 
 def write_outputs(summary: dict[str, Any], run_dir: Path) -> None:

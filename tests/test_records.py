@@ -212,3 +212,15 @@ def test_the_summary_is_written_when_the_record_cannot_be(tmp_path: Path, capsys
     summary["config"]["results_dir"] = str(tmp_path / "results")  # and the ordinary case: both
     write_outputs(summary, run_dir)
     assert Path(json.loads((run_dir / "summary.json").read_text())["record"]).is_file()
+
+
+def test_a_run_started_outside_the_repository_records_the_codes_commit(tmp_path, monkeypatch):
+    """The commit comes from where the harness's code is, not from the current directory."""
+    from harness.pipeline import record_for
+
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    summary = {"method": "grpo", "model": "m", "dataset": "arith", "seed": 0, "status": "ok",
+               "config": {"group": "g"}, "metrics": {}, "cost": {}}
+    record = record_for(summary, tmp_path / "outputs" / "run")
+    assert record["git_commit"] == git_commit(Path(__file__).parent)
+    assert record["git_commit"] is not None
