@@ -336,9 +336,6 @@ def validate(cfg: DictConfig) -> Settings:
                                                        "force_retrain", "results_dir")})
     top.check()
     model = model_config(cfg.model, to_absolute_path(top.cache_dir))
-    if not cfg.sft.get("enabled", True) and model.pretrained is None:
-        raise ConfigError("sft.enabled=False: needs a pretrained model (model=hf "
-                          "model.pretrained=...); a fresh initialisation is no SFT base")
     name = cfg.method.name
     if name not in stage_names():
         raise ConfigError(f"method.name={name!r}: unknown method; known: {', '.join(stage_names())}")
@@ -346,6 +343,9 @@ def validate(cfg: DictConfig) -> Settings:
     for base in base_stages():
         stages[base] = to_dataclass(get_stage(base).config, cfg[base], base)
         stages[base].check(base)
+    if not stages["sft"].enabled and model.pretrained is None:
+        raise ConfigError("sft.enabled=False: needs a pretrained model (model=hf "
+                          "model.pretrained=...); a fresh initialisation is no SFT base")
     method = to_dataclass(StageRef if name in stages else get_stage(name).config, cfg.method,
                           "method")
     method.check("method")

@@ -231,7 +231,7 @@ class Run:
         key = stage_key(stage.name, decides)
         seed_stage(self.s.seed)  # an untrained stage may still draw (an upcycled model's routers)
         model = stage.untrained(self.ctx, cfg)
-        if model is not None and self.pretrained is not None:
+        if model is not None:  # validate() allows it only with a pretrained model
             folder, sha = self.pretrained
             log.info("%s stage: not trained (%s.enabled=false): the pretrained model %s is the base",
                      stage.name.upper(), stage.name, folder)

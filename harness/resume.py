@@ -121,7 +121,7 @@ def resumable(ckpt_dir: Path) -> Path | None:
 
 def checkpoint_batch(path: Path) -> int:
     """How many training batches the checkpoint at ``path`` had trained (for the log)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no tensor reads
     progress = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
     return int(progress["processed"])
 

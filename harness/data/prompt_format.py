@@ -15,11 +15,11 @@ unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from datasets import Dataset
 
+from harness.data.tasks.base import Task
 from harness.data.templates import alpaca_prompt
 
 FORMATS = ("auto", "raw", "alpaca", "chat")
@@ -84,7 +84,4 @@ class FormattedTask:
     def reward(self, prompt: str, response: str) -> float:
         return self.inner.reward(self.raw(prompt), self.inner.normalize_answer(response))
 
-    def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        if len(prompts) != len(responses):
-            raise ValueError(f"rewards: {len(prompts)} prompts but {len(responses)} responses")
-        return [float(self.reward(p, r)) for p, r in zip(prompts, responses, strict=True)]
+    rewards = Task.rewards  # the task's batch form of reward(), over the formatted prompts

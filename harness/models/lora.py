@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,10 @@ def add_lora(model: nn.Module, settings: LoRASettings) -> nn.Module:
 
 
 @contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Within the block ``model`` computes its base (every adapter switched off)."""
-    layers = _tuner_layers(model)
+def adapters_disabled(model: nn.Module, layers: Sequence[Any] | None = None) -> Iterator[None]:
+    """Within the block ``model`` computes its base (every adapter switched off); ``layers``:
+    its adapter layers when the caller already has them."""
+    layers = _tuner_layers(model) if layers is None else layers
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -79,6 +80,7 @@ class AdaptersOff(nn.Module):
     def __init__(self, policy: nn.Module) -> None:
         super().__init__()
         self._policy = (policy,)
+        self._layers = tuple(_tuner_layers(policy))  # looked up once: forward runs per token
 
     @property
     def policy(self) -> nn.Module:
@@ -100,7 +102,7 @@ class AdaptersOff(nn.Module):
         was = policy.training
         policy.train(self.training)
         try:
-            with adapters_disabled(policy):
+            with adapters_disabled(policy, self._layers):
                 return policy(*args, **kwargs)
         finally:
             policy.train(was)

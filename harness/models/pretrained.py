@@ -16,6 +16,7 @@ under the same name never reuses another's stages.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -25,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from harness.cache import file_digest
 from harness.models.architecture import ConfigError, ModelConfig
 
 log = logging.getLogger("harness")
@@ -59,11 +61,7 @@ def gguf_folder(gguf: Path, cache_dir: Path) -> Path:
     ``save_pretrained`` on a GGUF-loaded model, so its state dict is copied into a fresh model of
     the same config first; the tokenizer (with its chat template) comes from the GGUF as well.
     """
-    digest = hashlib.sha256()
-    with gguf.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    folder = Path(cache_dir).expanduser() / "models" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+    folder = Path(cache_dir).expanduser() / "models" / f"{gguf.stem}-{file_digest(gguf)[:12]}"
     if (folder / "config.json").is_file():
         return folder
     if importlib.util.find_spec("gguf") is None:
@@ -84,6 +82,7 @@ def gguf_folder(gguf: Path, cache_dir: Path) -> Path:
     return publish_dir(folder, build, replace=False)
 
 
+@functools.lru_cache(maxsize=8)  # validate() and the run both ask: one download / conversion
 def resolve(pretrained: str, revision: str | None = None, cache_dir: Path | str | None = None) -> Path:
     """The local folder of ``pretrained``: a folder; a ``.gguf`` file (or ``pkg:<package>/<file>``
     naming one inside an installed package), converted once into ``cache_dir``; or a Hub id,
@@ -148,17 +147,11 @@ def pretrained_config(model: dict[str, Any], cache_dir: Path | str | None = None
 
 
 def weights_identity(folder: Path) -> str:
-    """sha256 over the names and bytes of the folder's ``*.safetensors`` files (sorted)."""
-    digest = hashlib.sha256()
+    """sha256 over the names and sha256s of the folder's ``*.safetensors`` files (sorted)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"model.pretrained={str(folder)!r}: no *.safetensors weights in the folder")
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return hashlib.sha256("".join(f"{p.name}:{file_digest(p)}\n" for p in files).encode()).hexdigest()
 
 
 def pretrained_tokenizer(folder: Path, model_max_length: int):
