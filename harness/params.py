@@ -13,7 +13,12 @@ from omegaconf import DictConfig
 
 from harness.conf_path import config_dir
 from harness.config import ModelConfig, model_config, register_configs
-from harness.models.param_count import format_breakdown, meta_model, parameter_breakdown
+from harness.models.param_count import (
+    format_breakdown,
+    format_transformers_breakdown,
+    meta_model,
+    parameter_breakdown,
+)
 
 register_configs()  # the model presets name the `base_model` schema: register before composing
 
@@ -21,6 +26,8 @@ register_configs()  # the model presets name the `base_model` schema: register b
 def report(cfg: DictConfig) -> str:
     """The breakdown text for the composed config (``model`` + ``default_vocab_size``)."""
     model_cfg: ModelConfig = model_config(cfg.model)
+    if model_cfg.via_transformers:
+        return format_transformers_breakdown(model_cfg)
     note = ""
     if model_cfg.vocab_size is None:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=int(cfg.default_vocab_size))

@@ -72,6 +72,11 @@ class ModelConfig:
     # sparse upcycling of a dense pretrained checkpoint (harness.models.upcycle): this many experts,
     # each a copy of its layer's MLP, ``top_k`` per token, routed by ``gating``; 0 = none
     upcycle_experts: int = 0
+    #: what runs the checkpoint: ``native`` (the harness's own decoder: Llama, Mixtral and Qwen2
+    #: layouts) or ``transformers`` (any other causal LM through
+    #: :class:`harness.models.adapter.TransformersCausalLM`); ``auto`` picks native where the
+    #: layout allows and is resolved when the checkpoint is read (harness.models.pretrained)
+    backend: str = "auto"
     #: LoRA on the trained policy (SFT and the aligning methods); r = 0: full fine-tuning
     lora: LoRASettings = field(default_factory=LoRASettings)
 
@@ -79,7 +84,8 @@ class ModelConfig:
     #: left out of :meth:`key_fields` at that value, so earlier runs keep their cache keys
     LATER_FIELDS: ClassVar[dict[str, Any]] = {"qkv_bias": False, "pretrained": None,
                                                "revision": None, "upcycle_experts": 0,
-                                               "attn_head_dim": None, "rope_scaling": None}
+                                               "attn_head_dim": None, "rope_scaling": None,
+                                               "backend": "native"}
 
     def key_fields(self) -> dict[str, Any]:
         """The fields as a dict for cache keys (:attr:`LATER_FIELDS` at their defaults left out;
@@ -101,7 +107,14 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
+    @property
+    def via_transformers(self) -> bool:
+        """Whether a ``transformers`` model runs behind the adapter (not the harness's decoder)."""
+        return self.backend == "transformers"
+
     def __post_init__(self) -> None:
+        if self.backend == "auto" and self.pretrained is None:
+            self.backend = "native"  # only a checkpoint can need the adapter
         self.validate()
 
     def validate(self) -> None:
@@ -131,7 +144,14 @@ class ModelConfig:
                 bad("rope_scaling", "rope_type must be 'linear' or 'llama3' (or null: plain RoPE)")
             if missing := sorted(need[kind] - set(self.rope_scaling)):
                 bad("rope_scaling", f"rope_type {kind!r} needs {missing}")
-        if self.head_dim % 2 != 0:
+        if self.backend not in ("auto", "native", "transformers"):
+            bad("backend", "must be 'auto', 'native' or 'transformers'")
+        if self.via_transformers and self.pretrained is None:
+            bad("backend", "runs a pretrained checkpoint through transformers: set model.pretrained")
+        if self.via_transformers and self.upcycle_experts:
+            bad("upcycle_experts", "upcycling builds the harness's own MoE decoder: it needs "
+                "model.backend=native (a Llama-layout checkpoint)")
+        if self.head_dim % 2 != 0 and not self.via_transformers:
             bad("n_heads", f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE")
         if self.norm_eps <= 0:
             bad("norm_eps", "must be > 0")
@@ -151,6 +171,8 @@ class ModelConfig:
         if not 0.0 <= lora.dropout < 1.0:
             raise ConfigError(f"model.lora.dropout={lora.dropout}: must be in [0, 1)")
         unknown = sorted(set(lora.target_modules) - set(LINEAR_LAYERS))
+        if self.via_transformers:  # the model's own layer names (adapter.lora_targets)
+            unknown = []
         if lora.r and (unknown or not lora.target_modules):
             raise ConfigError(f"model.lora.target_modules={list(lora.target_modules)}: must be a "
                               f"non-empty subset of {list(LINEAR_LAYERS)}")

@@ -17,8 +17,9 @@ A checkpoint folder written by :func:`save_checkpoint` is a regular HF model fol
     router_noise.safetensors  Shazeer noise weights ``mlp.gate.noise.weight`` [E, D] per layer
                               (``gating: noisy_top_k`` only; training-only, so HF does without)
 
-:func:`load_checkpoint` reads such a folder (or any plain Llama / Mixtral folder with default RoPE
-and no biases) back into a :class:`~harness.models.llama.CausalLM`.
+:func:`load_checkpoint` reads such a folder (or any plain Llama / Mixtral / Qwen2 folder) back into
+a :class:`~harness.models.llama.CausalLM`; a folder saved through the transformers adapter
+(:mod:`harness.models.adapter`: any other architecture) back into the adapter.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from harness.atomic import publish_dir
 from harness.models.architecture import ModelConfig
@@ -228,17 +230,26 @@ def _write_resolved_config(resolved_config: Any, path: Path) -> None:
     OmegaConf.save(OmegaConf.to_container(node, resolve=True), path)
 
 
-def save_checkpoint(model: CausalLM, out_dir: str | os.PathLike, tokenizer: Any = None,
+def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
                     resolved_config: Any = None) -> Path:
     """Write ``model`` as a Hugging Face checkpoint folder (see the module docstring); returns it.
+
+    ``model``: a :class:`CausalLM` (exported by :func:`to_hf_model`) or a
+    :class:`~harness.models.adapter.TransformersCausalLM` (its own ``save_pretrained``).
 
     The folder is written in full next to ``out_dir`` first and then renamed into place, so a
     crash never leaves a half-written checkpoint and an existing one is replaced whole.
     ``resolved_config``: the run's Hydra config (dict or DictConfig) -> ``harness_config.yaml``.
     """
+    from harness.models.adapter import TransformersCausalLM, save_transformers
+
     def build(tmp: Path) -> None:
-        hf = to_hf_model(model, tokenizer)
-        hf.save_pretrained(tmp)
+        if isinstance(model, TransformersCausalLM):  # already a transformers model: save it
+            save_transformers(model, tmp)
+            hf = model.hf
+        else:
+            hf = to_hf_model(model, tokenizer)
+            hf.save_pretrained(tmp)
         if not (tmp / "generation_config.json").exists():
             from transformers import GenerationConfig
 
@@ -301,8 +312,12 @@ def _hf_to_harness(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
     return out
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[CausalLM, Any, ModelConfig]:
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, Any, ModelConfig]:
     """Reload a checkpoint folder: ``(model in eval mode, tokenizer or None, ModelConfig)``.
+
+    A folder a run through the transformers adapter saved (``harness.backend`` in its
+    ``config.json``) comes back as a :class:`~harness.models.adapter.TransformersCausalLM`;
+    every other as a :class:`CausalLM`:
 
     The ModelConfig comes from ``config.json`` plus its ``harness`` extras, the weights from
     ``model.safetensors`` (names mapped back by :func:`_hf_to_harness`), the router noise weights
@@ -310,7 +325,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[CausalLM, Any, ModelConfig
     freshly initialised noise weights). Raises ``RuntimeError`` on missing or unexpected weights.
     """
     path = Path(path)
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    hf_cfg = json.loads((path / "config.json").read_text())
+    if (hf_cfg.get(HARNESS_KEY) or {}).get("backend") == "transformers":
+        from harness.models.adapter import load_transformers
+
+        adapted = load_transformers(path)
+        return adapted.eval(), _tokenizer(path), adapted.cfg
+    cfg = config_from_hf(hf_cfg)
     state = _hf_to_harness(_load_weights(path), cfg)
     if (path / NOISE_FILE).exists():
         state.update(load_file(path / NOISE_FILE))
@@ -327,10 +348,14 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[CausalLM, Any, ModelConfig
     if missing or result.unexpected_keys:
         raise RuntimeError(f"{path}: missing weights {sorted(missing)}, "
                            f"unexpected weights {sorted(result.unexpected_keys)}")
-    tokenizer = None
-    if any((path / f).exists() for f in _TOKENIZER_FILES):
-        from transformers import AutoTokenizer
+    return model.eval(), _tokenizer(path), cfg
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer, cfg
+
+def _tokenizer(path: Path) -> Any:
+    """The folder's tokenizer, or None when it has none."""
+    if not any((path / f).exists() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 

@@ -144,3 +144,30 @@ def format_breakdown(breakdown: dict[str, int], cfg: ModelConfig) -> str:
                          breakdown["active"]))
     lines.append(f"total {total}")
     return "\n".join(lines)
+
+
+def format_transformers_breakdown(cfg: ModelConfig) -> str:
+    """Parameter counts of a checkpoint run through the transformers adapter, built on the meta
+    device from its ``config.json``: one row per top-level module of the wrapped model (its names,
+    e.g. GPT-2's ``transformer.wte`` ... ``transformer.h``), then ``total <N>`` (every distinct
+    parameter; a tied output head counted once)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harness.models.pretrained import resolve
+
+    folder = resolve(str(cfg.pretrained), cfg.revision)
+    hf_cfg = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+    rows: dict[str, int] = {}
+    for name, p in model.named_parameters():  # a tied tensor is listed once
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] == model.base_model_prefix else parts[0]
+        rows[key] = rows.get(key, 0) + p.numel()
+    total = sum(rows.values())
+    lines = [f"{cfg.name}: {hf_cfg.model_type} through transformers ({type(model).__name__}), "
+             f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+             f"vocab {cfg.vocab_size}{', tied embeddings' if cfg.tie_embeddings else ''}"]
+    lines += [f"{key:<40}{n:>14d}  {100.0 * n / total:6.2f}%" for key, n in rows.items()]
+    lines.append(f"total {total}")
+    return "\n".join(lines)

@@ -35,7 +35,7 @@ log = logging.getLogger("harness")
 HUB_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
              "special_tokens_map.json", "vocab.json", "merges.txt", "generation_config.json")
 #: the ModelConfig fields taken from the preset for a pretrained model; the checkpoint sets the rest
-HARNESS_ONLY = ("name", "pretrained", "revision", "lora")
+HARNESS_ONLY = ("name", "pretrained", "revision", "lora", "backend")
 
 
 def package_file(spec: str) -> Path:
@@ -121,18 +121,34 @@ def pretrained_config(model: dict[str, Any], cache_dir: Path | str | None = None
     """The :class:`ModelConfig` of the checkpoint ``model["pretrained"]`` and its folder.
 
     ``model`` is the composed ``model`` section: only the fields in :data:`HARNESS_ONLY` are taken
-    from it; the shape, vocabulary, RoPE and MoE layout come from the checkpoint.
+    from it; the shape, vocabulary, RoPE and MoE layout come from the checkpoint. ``backend``
+    (``model.backend``): ``native`` reads it into the harness's decoder (an error when its layout
+    is not one the decoder implements), ``transformers`` runs it through the adapter
+    (:mod:`harness.models.adapter`), ``auto`` is native where the layout allows, else the adapter.
     """
-    from harness.models.hf import config_from_hf
+    from harness.models.hf import HARNESS_KEY, config_from_hf
 
     folder = resolve(str(model["pretrained"]), model.get("revision"), cache_dir)
-    try:
-        cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
-    except ValueError as err:
-        raise ConfigError(f"model.pretrained={model['pretrained']!r}: {err}") from err
+    hf = json.loads((folder / "config.json").read_text())
     ours = {k: model[k] for k in HARNESS_ONLY if model.get(k) is not None}
     if ours.get("name") in (None, "hf"):
         ours["name"] = Path(str(model["pretrained"])).name.removesuffix(".gguf")
+    backend = str(model.get("backend") or "auto")
+    if backend not in ("auto", "native", "transformers"):
+        raise ConfigError(f"model.backend={backend!r}: must be 'auto', 'native' or 'transformers'")
+    if backend == "transformers" or (backend == "auto" and (hf.get(HARNESS_KEY) or {}).get(
+            "backend") == "transformers"):  # a checkpoint a run through the adapter saved
+        return _adapted(hf, {**model, **ours}), folder
+    try:
+        cfg = config_from_hf(hf)
+    except ValueError as err:
+        if backend == "native":
+            raise ConfigError(f"model.pretrained={model['pretrained']!r}: {err} "
+                              "(model.backend=transformers runs it through transformers)") from err
+        log.info("model.pretrained=%r: %s; it runs through transformers (model.backend=auto)",
+                 model["pretrained"], err)
+        return _adapted(hf, {**model, **ours}), folder
+    ours["backend"] = "native"
     experts = int(model.get("upcycle_experts") or 0)
     if experts:
         from harness.models.upcycle import upcycled_config
@@ -144,6 +160,19 @@ def pretrained_config(model: dict[str, Any], cache_dir: Path | str | None = None
             raise ConfigError(f"model.upcycle_experts={experts}: {err}") from err
         ours["upcycle_experts"] = experts
     return replace(cfg, **ours), folder
+
+
+def _adapted(hf: dict[str, Any], model: dict[str, Any]) -> ModelConfig:
+    """:func:`harness.models.adapter.adapter_config`, its errors as :class:`ConfigError`."""
+    from harness.models.adapter import adapter_config
+
+    try:
+        return adapter_config(hf, model)
+    except ConfigError:
+        raise
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"model.pretrained={model['pretrained']!r}: its config.json cannot be "
+                          f"read as a causal LM's ({err})") from err
 
 
 def weights_identity(folder: Path) -> str:
@@ -177,6 +206,10 @@ def load_pretrained(folder: Path, cfg: ModelConfig):
 
     from harness.models.hf import load_checkpoint
 
+    if cfg.via_transformers:
+        from harness.models.adapter import load_transformers
+
+        return load_transformers(folder, cfg)
     model, _, loaded = load_checkpoint(folder)
     if (loaded.d_model, loaded.n_layers, loaded.vocab_size) != (cfg.d_model, cfg.n_layers,
                                                                 cfg.vocab_size):
