@@ -280,7 +280,12 @@ class Run:
             if is_rank_zero():  # the other ranks of a DDP run hold the same weights
                 stage.save(job.model, checkpoint, self.tokenizer, self.cfg)
         self.loggers.close(stage.name)
-        return Built(stage.name, cfg, job.model, record, checkpoint)
+        model = job.model
+        if stage.base:  # what later stages build on is what the cache would give them: merged
+            from harness.models.lora import has_lora, merged
+
+            model = merged(model) if has_lora(model) else model
+        return Built(stage.name, cfg, model, record, checkpoint)
 
     def fit(self, stage: Stage, job: Fit, path: Path, key: str | None,
             decides: dict, resume_dir: Path) -> StageRecord:

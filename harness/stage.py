@@ -29,7 +29,7 @@ from harness.data.datamodule import AlignmentDataModule
 from harness.data.resumable import ResumableLoader
 from harness.models.architecture import LoRASettings, ModelConfig
 from harness.models.hf import load_checkpoint, save_checkpoint
-from harness.models.llama import CausalLM
+from harness.models.llama import CausalLM, ScalarHead
 from harness.seeding import generator
 
 
@@ -183,6 +183,18 @@ class Stage:
     def load(self, path: Path) -> nn.Module:
         """The model :meth:`save` wrote."""
         return load_checkpoint(path)[0]
+
+
+def scalar_head(backbone: nn.Module, lora: LoRASettings | None = None) -> ScalarHead:
+    """A reward model or critic on a copy of ``backbone``: every weight trainable, or, with
+    ``lora.reward_and_critic`` (and ``lora.r > 0``), LoRA adapters on the backbone and the
+    score head in full."""
+    head = ScalarHead(copy.deepcopy(backbone))
+    if lora is not None and lora.r and lora.reward_and_critic:
+        from harness.models.lora import add_lora
+
+        add_lora(head.backbone, lora)  # freezes the backbone's own weights, not the score head
+    return head
 
 
 def policy_from(inputs: Mapping[str, Built], lora: LoRASettings | None = None,

@@ -87,3 +87,49 @@ def test_a_lora_run_trains_adapters_and_saves_a_merged_checkpoint(method, tmp_pa
         # only the adapted layers moved: the embeddings and norms are the base's
         assert torch.equal(theirs.model.embed_tokens.weight, base.model.embed_tokens.weight)
     assert summary["metrics"]["eval/kl"] == summary["metrics"]["eval/kl"]  # computed, not NaN
+
+
+def test_a_lora_sft_base_trained_in_this_run_is_the_one_the_cache_gives(tmp_path):
+    """Later stages build on the merged SFT base whether it was trained in this process or read
+    from the cache: the reward model trained on either is the same."""
+    folder = write_folder(tmp_path / "tiny-llama")
+    common = [*TINY_SFT, "model=hf", f"model.pretrained={folder}", "model.lora.r=4",
+              "sft.max_steps=4", "rm.max_steps=4", "results_dir=null"]
+    fresh = run(composed([*common, "method=rm", f"cache_dir={tmp_path}/a"]), tmp_path / "fresh")
+    run(composed([*common, "method=sft", f"cache_dir={tmp_path}/b"]), tmp_path / "sft")
+    cached = run(composed([*common, "method=rm", f"cache_dir={tmp_path}/b"]), tmp_path / "cached")
+    assert fresh["stages"]["sft"]["cached"] is False and cached["stages"]["sft"]["cached"] is True
+    trained = sorted(k for k in fresh["stages"]["rm"]["metrics"] if k.startswith("train/"))
+    assert "train/loss" in trained
+    for key in trained:
+        assert fresh["stages"]["rm"]["metrics"][key] == pytest.approx(
+            cached["stages"]["rm"]["metrics"][key], abs=1e-6), key
+
+
+def test_the_reward_model_and_the_critic_can_train_adapters_too(tmp_path):
+    from harness.config import validate
+    from harness.models.hf import load_checkpoint
+    from harness.stage import scalar_head
+
+    with pytest.raises(ConfigError, match="model.lora.reward_and_critic=true: .* model.lora.r > 0"):
+        validate(composed(["model=llama_tiny", "model.lora.reward_and_critic=true"]))
+    settings = LoRASettings(r=4, reward_and_critic=True)
+    torch.manual_seed(0)
+    head = scalar_head(CausalLM(CFG), settings)
+    trainable = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("score.") for n in trainable)
+    assert {"score.weight", "score.bias"} <= trainable
+    full = scalar_head(CausalLM(CFG), LoRASettings(r=4))  # default: the heads train in full
+    assert not has_lora(full) and all(p.requires_grad for n, p in full.named_parameters()
+                                      if not n.startswith("backbone.lm_head"))
+    # end to end: PPO's reward model (saved merged, adapter beside) and critic on adapters
+    folder = write_folder(tmp_path / "tiny-llama")
+    summary = run(composed([*TINY_SFT, "model=hf", f"model.pretrained={folder}", "sft.enabled=false",
+                            "model.lora.r=4", "model.lora.reward_and_critic=true", "method=ppo",
+                            "rm.max_steps=4", "method.n_iterations=2",
+                            f"cache_dir={tmp_path}/cache", "results_dir=null"]), tmp_path / "run")
+    assert summary["status"] == "ok", summary.get("error")
+    rm_dir = Path(summary["stages"]["rm"]["checkpoint"])
+    assert (rm_dir / "adapter" / "adapter_model.safetensors").is_file()
+    backbone, _, _ = load_checkpoint(rm_dir)
+    assert not has_lora(backbone)  # merged

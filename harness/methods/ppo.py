@@ -35,7 +35,7 @@ from harness.methods.optim import build_optimizer
 from harness.methods.rl_base import OnPolicyModule, OnPolicyStage
 from harness.methods.rollout import minibatches, response_logprobs
 from harness.models.llama import CausalLM, ScalarHead
-from harness.stage import Fit, policy_from
+from harness.stage import Fit, policy_from, scalar_head
 
 
 @dataclass
@@ -170,7 +170,15 @@ class PPOStage(OnPolicyStage):
 
     def build(self, ctx, cfg: PPOConfig, inputs) -> Fit:
         rm, sft = inputs["rm"].model, inputs["sft"].model
-        critic = copy.deepcopy(rm) if cfg.critic_init == "rm" else ScalarHead(copy.deepcopy(sft))
+        lora = ctx.model_cfg.lora
+        if cfg.critic_init == "rm":
+            critic = copy.deepcopy(rm)
+            if lora.r and lora.reward_and_critic:
+                from harness.models.lora import add_lora
+
+                add_lora(critic.backbone, lora)
+        else:
+            critic = scalar_head(sft, lora)
         policy, reference = policy_from(inputs, ctx.model_cfg.lora)
         module = PPOModule(policy, reference, critic, ctx.tokenizer, cfg,
                            self.scorer(ctx, cfg, inputs), ctx.seed)

@@ -8,7 +8,6 @@ the head's outputs over the response tokens (``pooling: mean``); ``last`` is the
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from harness.methods.losses import (
 )
 from harness.models.hf import load_checkpoint, save_checkpoint
 from harness.models.llama import ScalarHead
-from harness.stage import Budget, Built, Fit, Stage
+from harness.stage import Budget, Built, Fit, Stage, scalar_head
 
 SCORE_HEAD_FILE = "score_head.pt"
 
@@ -148,7 +147,7 @@ class RewardStage(Stage):
     reference = None
 
     def build(self, ctx, cfg: RMConfig, inputs) -> Fit:
-        rm = ScalarHead(copy.deepcopy(inputs["sft"].model))
+        rm = scalar_head(inputs["sft"].model, ctx.model_cfg.lora)
         return Fit(RewardModule(rm, cfg), ctx.datamodule("pairs", cfg),
                    Budget(max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
                           val_every=cfg.val_every),
@@ -165,8 +164,15 @@ class RewardStage(Stage):
         return out
 
     def save(self, model: ScalarHead, path: Path, tokenizer, resolved: dict) -> None:
-        """The backbone as an HF folder plus ``score_head.pt`` for the scalar head."""
-        save_checkpoint(model.backbone, path, tokenizer=tokenizer, resolved_config=resolved)
+        """The backbone as an HF folder (merged, its adapter in ``adapter/``, when it has LoRA
+        adapters) plus ``score_head.pt`` for the scalar head."""
+        from harness.models.lora import has_lora, merged, save_adapter
+
+        backbone = model.backbone
+        save_checkpoint(merged(backbone) if has_lora(backbone) else backbone, path,
+                        tokenizer=tokenizer, resolved_config=resolved)
+        if has_lora(backbone):
+            save_adapter(backbone, path / "adapter")
         torch.save(model.score.state_dict(), path / SCORE_HEAD_FILE)
 
     def load(self, path: Path) -> ScalarHead:

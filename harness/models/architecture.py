@@ -27,6 +27,9 @@ class LoRASettings:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(LINEAR_LAYERS))
+    #: adapters on the reward model's and PPO's critic's backbones too (their score heads train in
+    #: full); false: those two train every weight
+    reward_and_critic: bool = False
 
 
 @dataclass
@@ -90,10 +93,13 @@ class ModelConfig:
     def key_fields(self) -> dict[str, Any]:
         """The fields as a dict for cache keys (:attr:`LATER_FIELDS` at their defaults left out;
         ``pretrained`` and ``revision`` always: a checkpoint is keyed by its weights' hash)."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in ("pretrained", "revision")
-                and not (k in self.LATER_FIELDS and v == self.LATER_FIELDS[k])
-                and not (k == "lora" and not self.lora.r)}
+        out = {k: v for k, v in asdict(self).items()
+               if k not in ("pretrained", "revision")
+               and not (k in self.LATER_FIELDS and v == self.LATER_FIELDS[k])
+               and not (k == "lora" and not self.lora.r)}
+        if "lora" in out and not out["lora"]["reward_and_critic"]:  # added later: keys unchanged
+            del out["lora"]["reward_and_critic"]
+        return out
 
     @property
     def kv_heads(self) -> int:
@@ -168,6 +174,9 @@ class ModelConfig:
             raise ConfigError(f"model.lora.r={lora.r}: must be >= 0 (0 = no adapters)")
         if lora.r and lora.alpha <= 0:
             raise ConfigError(f"model.lora.alpha={lora.alpha}: must be > 0")
+        if lora.reward_and_critic and not lora.r:
+            raise ConfigError("model.lora.reward_and_critic=true: puts adapters on the reward model "
+                              "and the critic; set model.lora.r > 0")
         if not 0.0 <= lora.dropout < 1.0:
             raise ConfigError(f"model.lora.dropout={lora.dropout}: must be in [0, 1)")
         unknown = sorted(set(lora.target_modules) - set(LINEAR_LAYERS))

@@ -325,13 +325,16 @@ class ScalarHead(nn.Module):
     def __init__(self, backbone: CausalLM) -> None:
         super().__init__()
         self.backbone = backbone
-        if not backbone.cfg.tie_embeddings:
-            # the scalar head reads hidden states, never the LM head: frozen, it is not a trainable
-            # parameter without a gradient (which DDP's gradient all-reduce refuses)
-            backbone.lm_head.requires_grad_(False)
+        self.freeze_unused()
         self.score = nn.Linear(backbone.cfg.d_model, 1, bias=True)
         nn.init.normal_(self.score.weight, std=1.0 / (backbone.cfg.d_model + 1) ** 0.5)
         nn.init.zeros_(self.score.bias)
+
+    def freeze_unused(self) -> None:
+        """Freeze the backbone's LM head: the scalar head reads hidden states, never the LM head,
+        and a trainable parameter without a gradient is what DDP's gradient all-reduce refuses."""
+        if not self.backbone.cfg.tie_embeddings:
+            self.backbone.lm_head.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

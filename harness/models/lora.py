@@ -122,8 +122,13 @@ def merged(model: nn.Module) -> nn.Module:
             setattr(parent, child, module.get_base_layer())
     for p in out.parameters():
         p.requires_grad_(True)
-    if hasattr(out, "lora_config"):
-        del out.lora_config
+    for module in out.modules():
+        if hasattr(module, "lora_config"):
+            del module.lora_config
+    from harness.models.llama import ScalarHead
+
+    if isinstance(out, ScalarHead):  # a reward model / critic with adapters on its backbone
+        out.freeze_unused()
     return out
 
 
