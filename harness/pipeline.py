@@ -46,7 +46,7 @@ from harness.evaluation.platform import platform_info
 from harness.models.llama import CausalLM
 from harness.registry import get_stage
 from harness.seeding import seed_stage, stream_seed
-from harness.stage import Budget, Built, Fit, Stage, StageContext
+from harness.stage import Budget, Built, Fit, Stage, StageContext, set_gradient_checkpointing
 from harness.tracking.loggers import RunLoggers
 
 log = logging.getLogger("harness")
@@ -272,6 +272,7 @@ class Run:
         with self.meter(stage.name):
             seed_stage(self.s.seed)
             job = stage.build(self.ctx, cfg, inputs)
+            set_gradient_checkpointing(job.trainable, self.ctx.model_cfg.gradient_checkpointing)
             path = self.cache.path(key) if key else self.run_dir / stage.name
             # keyed by what decides the stage, so the same command finds it from a new run dir
             resume_key = key or stage_key(stage.name, self.decides(stage, cfg, inputs))

@@ -185,6 +185,17 @@ class Stage:
         return load_checkpoint(path)[0]
 
 
+def set_gradient_checkpointing(networks: list[nn.Module], on: bool) -> None:
+    """``model.gradient_checkpointing`` on every backbone of ``networks`` (the ones a stage
+    trains), including backbones loaded from checkpoints, whose saved config does not carry it."""
+    from harness.models.adapter import TransformersCausalLM
+
+    for net in networks:
+        for module in net.modules():
+            if isinstance(module, CausalLM | TransformersCausalLM):
+                module.set_gradient_checkpointing(on)
+
+
 def scalar_head(backbone: nn.Module, lora: LoRASettings | None = None) -> ScalarHead:
     """A reward model or critic on a copy of ``backbone``: every weight trainable, or, with
     ``lora.reward_and_critic`` (and ``lora.r > 0``), LoRA adapters on the backbone and the

@@ -163,3 +163,19 @@ def test_the_parameter_breakdown_counts_a_gpt2_checkpoint(folder):
     total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
     assert text.splitlines()[-1] == f"total {total}"  # the tied head counted once
     assert "gpt2 through transformers (GPT2LMHeadModel)" in text and "transformer.wte" in text
+
+
+def test_gradient_checkpointing_through_the_adapter_keeps_the_gradients(folder, tmp_path):
+    import copy
+
+    policy = _run_of(folder, tmp_path).ctx.new_policy().train()
+    recomputing = copy.deepcopy(policy)
+    recomputing.set_gradient_checkpointing(True)
+    assert recomputing.hf.is_gradient_checkpointing and not policy.hf.is_gradient_checkpointing
+    ids = torch.randint(4, policy.cfg.vocab_size, (2, 10))
+    grads = []
+    for model in (policy, recomputing):
+        model(ids).logits.logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-7) for n in grads[0])

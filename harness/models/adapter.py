@@ -76,7 +76,8 @@ def adapter_config(hf: dict[str, Any], model: dict[str, Any]) -> ModelConfig:
     if d % heads:
         fields["attn_head_dim"] = int(hf.get("head_dim") or 2)  # shape bookkeeping only
     ours = {k: v for k, v in model.items() if k in ("name", "pretrained", "revision", "lora",
-                                                     "upcycle_experts") and v is not None}
+                                                     "upcycle_experts", "gradient_checkpointing")
+            and v is not None}
     lora = dict(ours.get("lora") or {})
     if lora.get("r") and list(lora.get("target_modules") or LINEAR_LAYERS) == list(LINEAR_LAYERS):
         lora["target_modules"] = lora_targets(str(hf.get("model_type")))
@@ -125,6 +126,7 @@ class TransformersCausalLM(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.cfg = cfg
+        self.set_gradient_checkpointing(cfg.gradient_checkpointing)
         import inspect
 
         # transformers 5.x renames ``past_key_values`` to ``cache``; take whichever it has
@@ -134,6 +136,14 @@ class TransformersCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """transformers' own gradient checkpointing of the wrapped model, on or off."""
+        if on:
+            self.hf.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif getattr(self.hf, "is_gradient_checkpointing", False):
+            self.hf.gradient_checkpointing_disable()
 
     @property
     def lm_head(self) -> nn.Module:

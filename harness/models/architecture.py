@@ -80,6 +80,9 @@ class ModelConfig:
     #: :class:`harness.models.adapter.TransformersCausalLM`); ``auto`` picks native where the
     #: layout allows and is resolved when the checkpoint is read (harness.models.pretrained)
     backend: str = "auto"
+    #: recompute each decoder layer's activations in the backward pass instead of keeping them
+    #: (less activation memory, one more forward per step; the same numbers, so not in cache keys)
+    gradient_checkpointing: bool = False
     #: LoRA on the trained policy (SFT and the aligning methods); r = 0: full fine-tuning
     lora: LoRASettings = field(default_factory=LoRASettings)
 
@@ -92,9 +95,10 @@ class ModelConfig:
 
     def key_fields(self) -> dict[str, Any]:
         """The fields as a dict for cache keys (:attr:`LATER_FIELDS` at their defaults left out;
-        ``pretrained`` and ``revision`` always: a checkpoint is keyed by its weights' hash)."""
+        ``pretrained`` and ``revision`` always: a checkpoint is keyed by its weights' hash;
+        ``gradient_checkpointing`` always: it changes memory, not the numbers)."""
         out = {k: v for k, v in asdict(self).items()
-               if k not in ("pretrained", "revision")
+               if k not in ("pretrained", "revision", "gradient_checkpointing")
                and not (k in self.LATER_FIELDS and v == self.LATER_FIELDS[k])
                and not (k == "lora" and not self.lora.r)}
         if "lora" in out and not out["lora"]["reward_and_critic"]:  # added later: keys unchanged

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from harness.models.architecture import ModelConfig
@@ -255,6 +256,11 @@ class CausalLM(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Recompute each layer's activations in backward (``model.gradient_checkpointing``)."""
+        self.gradient_checkpointing = on
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for every matrix, ones for the norm gains, zeros for biases."""
@@ -299,8 +305,13 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype,
                                 self.cfg.rope_scaling)
+        recompute = self.gradient_checkpointing and past is None and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, past)
+            if recompute:  # keep only the layer's input; its activations are recomputed in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, past)
         if past is not None:
             past.length = past_len + t
         hidden = self.model.norm(x)

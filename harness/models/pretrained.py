@@ -35,7 +35,7 @@ log = logging.getLogger("harness")
 HUB_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
              "special_tokens_map.json", "vocab.json", "merges.txt", "generation_config.json")
 #: the ModelConfig fields taken from the preset for a pretrained model; the checkpoint sets the rest
-HARNESS_ONLY = ("name", "pretrained", "revision", "lora", "backend")
+HARNESS_ONLY = ("name", "pretrained", "revision", "lora", "backend", "gradient_checkpointing")
 
 
 def package_file(spec: str) -> Path:
