@@ -363,3 +363,27 @@ def test_lm_eval_completions_equal_the_harness_completions(trained):
     lm_eval_responses = [s["filtered_resps"][0] for s in samples]
     assert lm_eval_responses == _harness_greedy(model, tok, prompts)
     assert [s["gold_reward"] for s in samples] == task.rewards(prompts, lm_eval_responses)
+
+
+def test_chat_formatted_prompts_export_the_task_and_grade_like_the_harness(tmp_path):
+    from test_prompt_format import CHATML
+
+    from harness.data.prompt_format import FormattedTask
+    from harness.data.tasks import build_task
+    from harness.evaluation.tasks.functions import RAW_PROMPT_FIELD, TASK_CLASS_FIELD
+
+    task = build_task({"name": "arith", "seed": 0, "n_train": 200, "n_pairs": 32, "n_eval": 8},
+                      cache_dir=tmp_path / "data")
+    tok = build_tokenizer(task.corpus(), vocab_size=300)
+    tok.chat_template = CHATML
+    chat = FormattedTask(task, "chat", tok)
+    include = export_task_data(chat, tmp_path / "tasks", tokenizer=tok)
+    row = _rows(include, "gold")[0]
+    assert row[TASK_CLASS_FIELD] == "harness.data.tasks.arith:ArithTask"  # rebuilt as the task
+    assert row["prompt"].startswith("<bos>user\nWhat is ") and row[RAW_PROMPT_FIELD].endswith("=")
+    assert row["context"] == row["prompt"]  # the template's BOS, not a second one
+    a, b = (int(x) for x in row[RAW_PROMPT_FIELD].rstrip("=").split("+"))
+    for answer in (f"{a} + {b} = {a + b}", f"{a + b + 1}"):  # an instruct model's free form
+        assert gold_process_results(row, [answer]) == {"gold_reward": chat.reward(row["prompt"],
+                                                                                  answer)}
+    assert gold_process_results(row, [f"{a} + {b} = {a + b}"]) == {"gold_reward": 1.0}

@@ -245,3 +245,15 @@ def test_rope_scaling_and_head_dim_come_from_the_checkpoint(tmp_path, config):
         save_checkpoint(ours, tmp_path / "export", tokenizer=tok)
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()(ids).logits
         assert torch.allclose(again, reference, atol=1e-4)
+
+
+def test_lm_eval_scores_an_instruct_model_on_its_chat_prompts_as_the_harness_does(tmp_path):
+    folder = write_folder(tmp_path / "tiny-instruct", chat=True)
+    overrides = [*TINY_SFT, "model=hf", f"model.pretrained={folder}", "sft.enabled=false",
+                 "method=sft", "eval.lm_eval.enabled=true", "eval.limit=16", "eval.lm_eval.limit=16",
+                 f"cache_dir={tmp_path}/cache", "results_dir=null"]
+    out = run(composed(overrides), tmp_path / "run")
+    assert out["status"] == "ok", out.get("error")
+    m = out["metrics"]
+    gold = [v for k, v in m.items() if k.startswith("eval/harness_arith_gold/gold_reward")]
+    assert gold and gold[0] == pytest.approx(m["eval/gold_reward"], abs=1e-9), sorted(m)

@@ -41,7 +41,12 @@ from string import Template
 from typing import Any
 
 from harness.atomic import write_text
-from harness.evaluation.tasks.functions import CACHE_DIR_FIELD, TASK_CLASS_FIELD, TASK_CONFIG_FIELD
+from harness.evaluation.tasks.functions import (
+    CACHE_DIR_FIELD,
+    RAW_PROMPT_FIELD,
+    TASK_CLASS_FIELD,
+    TASK_CONFIG_FIELD,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,7 @@ TEMPLATE_DIR = Path(__file__).resolve().parent
 DEFAULT_BOS, DEFAULT_EOS = "<bos>", "<eos>"
 #: Fields the export adds to the rows; a task column of the same name is an error.
 _RESERVED = frozenset({"context", "target", "choices", "label", "text",
-                       TASK_CLASS_FIELD, TASK_CONFIG_FIELD, CACHE_DIR_FIELD})
+                       TASK_CLASS_FIELD, TASK_CONFIG_FIELD, CACHE_DIR_FIELD, RAW_PROMPT_FIELD})
 
 
 def group_name(task_name: str) -> str:
@@ -92,6 +97,13 @@ def _config_json(task: Any) -> str:
                         "dataclass or a mapping")
     data.setdefault("name", task.name)
     return json.dumps(data, sort_keys=True)
+
+
+def _context(bos: str, prompt: str) -> str:
+    """What the model sees before its answer: ``bos + prompt``, as the harness encodes prompts
+    (:func:`harness.data.collate.encode_prompt`), which also keeps a chat template's own leading
+    BOS single."""
+    return prompt if prompt.startswith(bos) else bos + prompt
 
 
 def _reference(row: Mapping[str, Any]) -> str:
@@ -148,22 +160,27 @@ def export_task_data(task: Any, out_dir: str | os.PathLike, *, limit: int | None
     data_dir = out / name
     data_dir.mkdir(parents=True, exist_ok=True)
 
-    cls_path, cfg_json = task_class_path(task), _config_json(task)
-    cache_root = getattr(task, "cache_root", None)
+    # a FormattedTask (chat / alpaca prompts) is rebuilt as the task it formats; each gold row
+    # keeps the task's own prompt beside the formatted one (functions.gold_process_results)
+    source = getattr(task, "inner", task)
+    cls_path, cfg_json = task_class_path(source), _config_json(source)
+    cache_root = getattr(source, "cache_root", None)
     kinds = [k for k in KINDS if k != "gold" or getattr(task, "has_gold_reward", False)]
     counts: dict[str, int] = {}
 
     if "gold" in kinds:
         rows = _rows(task.eval_dataset(), limit)
         for r in rows:
-            r.update(context=bos + r["prompt"], target=_reference(r))
+            r.update(context=_context(bos, r["prompt"]), target=_reference(r))
             r[TASK_CLASS_FIELD], r[TASK_CONFIG_FIELD] = cls_path, cfg_json
             r[CACHE_DIR_FIELD] = str(cache_root) if cache_root is not None else ""
+            if source is not task:
+                r[RAW_PROMPT_FIELD] = task.raw(r["prompt"])
         _write_jsonl(data_dir / "gold.jsonl", rows)
         counts["gold"] = len(rows)
     rows = _rows(task.preference_dataset("validation"), limit)
     for r in rows:
-        r.update(context=bos + r["prompt"], choices=[r["chosen"] + eos, r["rejected"] + eos], label=0)
+        r.update(context=_context(bos, r["prompt"]), choices=[r["chosen"] + eos, r["rejected"] + eos], label=0)
     _write_jsonl(data_dir / "pref.jsonl", rows)
     counts["pref"] = len(rows)
     rows = _rows(task.sft_dataset("validation"), limit)

@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["CACHE_DIR_FIELD", "TASK_CLASS_FIELD", "TASK_CONFIG_FIELD", "gold_process_results",
+__all__ = ["CACHE_DIR_FIELD", "RAW_PROMPT_FIELD", "TASK_CLASS_FIELD", "TASK_CONFIG_FIELD", "gold_process_results",
            "rebuild_task", "task_from_row"]
 
 #: Row field: ``"package.module:ClassName"`` of the harness task that generated the row.
@@ -27,6 +27,10 @@ TASK_CLASS_FIELD = "harness_task_class"
 TASK_CONFIG_FIELD = "harness_task_config"
 #: Row field: the task's data cache folder (passed to the constructor; the reward never reads it).
 CACHE_DIR_FIELD = "harness_cache_dir"
+#: Row field of a task whose prompts were formatted (``dataset.prompt_format`` alpaca or chat:
+#: :class:`harness.data.prompt_format.FormattedTask`): the task's own prompt behind the formatted
+#: one; the completion is then graded as the harness grades it, ``normalize_answer`` first.
+RAW_PROMPT_FIELD = "harness_raw_prompt"
 
 
 @functools.lru_cache(maxsize=32)
@@ -70,4 +74,7 @@ def gold_process_results(doc: Mapping[str, Any], results: Sequence[str]) -> dict
     if len(results) != 1:
         raise ValueError(f"gold_process_results: expected one completion, got {len(results)}")
     task = task_from_row(doc)
+    if doc.get(RAW_PROMPT_FIELD):  # a formatted prompt: the task's own, the answer normalised
+        return {"gold_reward": float(task.reward(doc[RAW_PROMPT_FIELD],
+                                                 task.normalize_answer(results[0])))}
     return {"gold_reward": float(task.reward(doc["prompt"], results[0]))}
