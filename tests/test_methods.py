@@ -14,7 +14,13 @@ from harness.config import RolloutConfig, register_configs
 from harness.data.datamodule import AlignmentDataModule
 from harness.data.tasks import build_task
 from harness.data.tokenizer import build_tokenizer
-from harness.methods.dpo import DPOConfig, DPOModule, pair_logps, reference_logps
+from harness.methods.dpo import (
+    DPOConfig,
+    DPOModule,
+    ReferenceLogps,
+    pair_logps,
+    reference_logps,
+)
 from harness.methods.grpo import GRPOConfig, GRPOModule
 from harness.methods.losses import NonFiniteError
 from harness.models.architecture import ModelConfig
@@ -147,14 +153,25 @@ def test_dpo_reference_table_is_computed_once_and_matches(tiny_task):
     ref = tiny_model(tok).eval()
     dm = AlignmentDataModule(task, tok, kind="pairs", batch_size=16, max_len=32, seed=0)
     dm.setup("fit")
-    table = reference_logps(ref, dm.reference_dataloader(), dm.n_train)
+    table = reference_logps(ref, dm)
     assert table.shape == (dm.n_train, 2) and torch.isfinite(table).all()
+    # up front, in the in-order batches of the reference loader
+    for batch in dm.reference_dataloader():
+        c, r, _ = pair_logps(ref, batch)
+        assert torch.equal(table[batch["index"]], torch.stack((c, r), 1))
     batch = next(iter(dm.train_dataloader()))
     c, r, _ = pair_logps(ref, batch)
     torch.testing.assert_close(table[batch["index"], 0], c, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(table[batch["index"], 1], r, atol=1e-5, rtol=1e-5)
+    # lazily: only the in-order batches a training batch touches, with the very same numbers
+    lazy = ReferenceLogps(ref, dm.datasets["train"], dm.collate, dm.batch_size)
+    first = batch["index"][:2]
+    assert torch.equal(lazy.lookup(first), table[first])
+    touched = {int(i) // 16 for i in first}
+    assert lazy.computed == sum(min(16, dm.n_train - 16 * k) for k in touched) < dm.n_train
+    assert torch.equal(lazy.lookup(batch["index"]), table[batch["index"]])
     # the module holds no reference network: only the table (and the policy's parameters)
-    module = DPOModule(tiny_model(tok), table, DPOConfig())
+    module = DPOModule(tiny_model(tok), lazy, DPOConfig())
     assert sum(p.numel() for p in module.parameters()) == sum(
         p.numel() for p in module.policy.parameters())
     loss, rc, rr, _ = module._losses(batch)

@@ -2,8 +2,10 @@
 
     L_DPO = -log sigma( beta [log pi(y_w|x)/pi_ref(y_w|x) - log pi(y_l|x)/pi_ref(y_l|x)] )
 
-The reference log-probabilities of every pair are computed once before training
-(:func:`reference_logps`) and looked up by example index; the reference model is not run again.
+The reference log-probabilities of a pair are computed once, the first time a batch holds it
+(:class:`ReferenceLogps`, in the in-order batches of computing them all up front, so the same
+numbers), and looked up by example index after that; a run that sees part of the data pays for
+that part only.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
-from tqdm.auto import tqdm
 
 from harness.config import OptimConfig, in_range, one_of, positive
 from harness.methods.base import AlignmentModule
@@ -69,38 +70,84 @@ def pair_logps(model: CausalLM, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     return seq[:b], seq[b:], out.aux_loss
 
 
-@torch.no_grad()
-def reference_logps(reference: CausalLM, loader, n_examples: int) -> torch.Tensor:
-    """Reference log-probs of every pair once: [n_examples, 2] (chosen, rejected), by ``index``."""
-    reference.eval()
-    table = torch.full((n_examples, 2), float("nan"))
-    for batch in tqdm(loader, desc="DPO reference log-probs", leave=False):
-        c, r, _ = pair_logps(reference, batch)
-        table[batch["index"], 0] = c.float().cpu()
-        table[batch["index"], 1] = r.float().cpu()
-    if torch.isnan(table).any():
-        raise RuntimeError("DPO reference cache: some pairs were not scored")
-    return table
+class ReferenceLogps:
+    """Reference log-probs [n, 2] (chosen, rejected) of a split's pairs by ``index``, each computed
+    once, when a batch first needs it.
+
+    Rows are computed a whole in-order batch at a time -- batch ``k`` holds pairs
+    ``k·B .. (k+1)·B - 1``, exactly the batches of ``reference_dataloader`` -- so every value equals
+    the one computing the whole table up front would give, while a run whose budget covers a part
+    of the data (a real model, a few steps) pays for that part only. The reference runs in eval
+    mode under ``no_grad`` on the device of the batch that asks; it is held outside the module
+    tree (not a trained or saved network).
+    """
+
+    def __init__(self, reference: torch.nn.Module, dataset, collate, batch_size: int) -> None:
+        self._reference = (reference,)
+        self.dataset, self.collate, self.batch_size = dataset, collate, batch_size
+        self.table = torch.full((len(dataset), 2), float("nan"))
+
+    @property
+    def computed(self) -> int:
+        """How many pairs have their reference log-probs so far."""
+        return int((~torch.isnan(self.table[:, 0])).sum())
+
+    @torch.no_grad()
+    def _compute_batch(self, k: int, device: torch.device) -> None:
+        rows = range(k * self.batch_size, min(len(self.dataset), (k + 1) * self.batch_size))
+        batch = self.collate([self.dataset[i] for i in rows])
+        batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
+        reference = self._reference[0]
+        was = reference.training
+        reference.to(device).eval()
+        try:
+            c, r, _ = pair_logps(reference, batch)
+        finally:
+            reference.train(was)
+        self.table[batch["index"].cpu(), 0] = c.float().cpu()
+        self.table[batch["index"].cpu(), 1] = r.float().cpu()
+
+    def lookup(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows of ``index`` [B] -> [B, 2] on ``index``'s device, computing missing ones."""
+        idx = index.cpu()
+        missing = idx[torch.isnan(self.table[idx, 0])]
+        for k in sorted({int(i) // self.batch_size for i in missing}):
+            self._compute_batch(k, index.device)
+        if torch.isnan(self.table[idx]).any():
+            raise RuntimeError("DPO reference log-probs: some pairs were not scored")
+        return self.table[idx].to(index.device)
+
+    def fill(self) -> torch.Tensor:
+        """Every row (the whole table [n, 2]), computed where missing."""
+        for k in range((len(self.dataset) + self.batch_size - 1) // self.batch_size):
+            if torch.isnan(self.table[k * self.batch_size:(k + 1) * self.batch_size]).any():
+                self._compute_batch(k, torch.device("cpu"))
+        return self.table
+
+
+def reference_logps(reference: torch.nn.Module, datamodule, split: str = "train") -> torch.Tensor:
+    """Reference log-probs of every pair of ``split`` [n, 2] (chosen, rejected), by ``index``."""
+    return ReferenceLogps(reference, datamodule.datasets[split], datamodule.collate,
+                          datamodule.batch_size).fill()
 
 
 class DPOModule(AlignmentModule):
     """Thin Lightning shell around :func:`harness.methods.losses.dpo_loss`."""
 
-    def __init__(self, policy: CausalLM, ref_table: torch.Tensor, cfg: DPOConfig,
-                 val_ref_table: torch.Tensor | None = None) -> None:
-        """ref_table / val_ref_table: [n, 2] reference log-probs of the train / validation pairs."""
+    def __init__(self, policy: CausalLM, ref: ReferenceLogps, cfg: DPOConfig,
+                 val_ref: ReferenceLogps | None = None) -> None:
+        """ref / val_ref: the reference log-probs of the train / validation pairs."""
         super().__init__(cfg.optim, cfg.max_steps)
         self.policy = policy
-        self.register_buffer("ref_table", ref_table, persistent=False)
-        self.register_buffer("val_ref_table", val_ref_table, persistent=False)
+        self.ref, self.val_ref = ref, val_ref
         self.cfg = cfg
 
     def trainable_modules(self):
         return [self.policy]
 
-    def _losses(self, batch, table: torch.Tensor | None = None):
+    def _losses(self, batch, table: ReferenceLogps | None = None):
+        ref = (self.ref if table is None else table).lookup(batch["index"])
         pc, pr, aux = pair_logps(self.policy, batch)
-        ref = (self.ref_table if table is None else table)[batch["index"]]
         losses, rc, rr = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], self.cfg.beta,
                                   self.cfg.label_smoothing, self.cfg.loss_type)
         return losses.mean(), rc, rr, aux
@@ -121,16 +168,16 @@ class DPOModule(AlignmentModule):
         return total
 
     def validation_step(self, batch, batch_idx):
-        if self.val_ref_table is None:
+        if self.val_ref is None:
             return
-        loss, rc, rr, _ = self._losses(batch, self.val_ref_table)
+        loss, rc, rr, _ = self._losses(batch, self.val_ref)
         b = rc.shape[0]
         self.log_dict({"val/loss": loss, "val/rewards_acc": pairwise_accuracy(rc, rr)},
                       on_step=False, on_epoch=True, batch_size=b)
 
 
 class DPOStage(Stage):
-    """DPO from the SFT base: the reference log-probabilities of every pair are computed first."""
+    """DPO from the SFT base: each pair's reference log-probabilities computed once, when needed."""
 
     data = "pairs"
     name = "dpo"
@@ -139,12 +186,10 @@ class DPOStage(Stage):
     def build(self, ctx, cfg: DPOConfig, inputs) -> Fit:
         dm = ctx.datamodule("pairs", cfg)
         dm.setup("fit")
-        sft = inputs["sft"].model
-        table = reference_logps(sft, dm.reference_dataloader("train"), dm.n_train)
-        val_table = reference_logps(sft, dm.reference_dataloader("validation"),
-                                    dm.n_examples("validation"))
         policy, reference = policy_from(inputs, ctx.model_cfg.lora)
-        return Fit(DPOModule(policy, table, cfg, val_table), dm,
+        ref, val_ref = (ReferenceLogps(reference, dm.datasets[split], dm.collate, dm.batch_size)
+                        for split in ("train", "validation"))
+        return Fit(DPOModule(policy, ref, cfg, val_ref), dm,
                    Budget(max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
                           val_every=cfg.val_every),
                    model=policy, networks={"policy": policy, "reference": reference},
