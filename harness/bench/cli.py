@@ -12,12 +12,18 @@ Three sections, each printed as a table per model preset (``--json PATH`` also d
 3. **memory**: peak memory of PPO against GRPO at the same number of sequences per rollout: the
    model state computed from the tensors (parameters of every network held, gradients, AdamW
    states) and the measured peak (CUDA allocator, or peak RSS of a fresh subprocess on CPU).
+4. **--vs trl** (:mod:`harness.bench.vs_trl`): GRPO and DPO steps beside TRL's ``GRPOTrainer`` /
+   ``DPOTrainer`` at the same settings, interleaved over ``--rounds`` rounds in this process, with
+   the machine's fp32 matmul peak and each step's achieved FLOP/s. It needs the ``trl`` extra and
+   runs alone unless ``--sections`` names others; its defaults are the comparison's settings
+   (``llama_trl_bench``, 64 = 8 prompts x 8 sequences of 16 new tokens, 8 DPO pairs, 2 threads).
 
 Examples::
 
     python -m harness.bench                                  # llama_small and moe_small, batch 64
     python -m harness.bench --quick --models llama_tiny      # seconds, for a smoke test
     python -m harness.bench --sections sampler --new-tokens 64 --json bench.json
+    python -m harness.bench --vs trl                         # needs pip install -e '.[trl]'
 """
 
 from __future__ import annotations
@@ -58,14 +64,21 @@ from harness.bench.steps import STEP_COLUMNS, bench_method_steps, prepare_data, 
 
 QUICK = {"batch": 16, "prompt_len": 8, "new_tokens": 16, "iters": 2, "warmup": 1, "mem_iters": 1}
 DEFAULTS = {"batch": 64, "prompt_len": 8, "new_tokens": 32, "iters": 5, "warmup": 1, "mem_iters": 2}
+VS_TRL = {"models": ["llama_trl_bench"], "batch": 64, "new_tokens": 16, "pairs": 8, "rounds": 3,
+          "iters": 5, "warmup": 1, "threads": 2}
+"""``--vs trl``'s settings (issue 14): the TRL-benchmark shape, GRPO 8 prompts x 8 completions x
+16 new tokens in one minibatch, DPO 8 pairs, 2 threads, 3 interleaved rounds."""
+VS_TRL_QUICK = {**VS_TRL, "models": ["llama_tiny"], "batch": 8, "new_tokens": 4, "pairs": 2,
+                "rounds": 1, "iters": 1}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; unset sizes take ``--quick``'s values or the defaults."""
     p = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
-                   help="model presets from conf/model (default: llama_small moe_small)")
+    p.add_argument("--models", nargs="+",
+                   help="model presets from conf/model (default: llama_small moe_small; "
+                        "--vs trl: llama_trl_bench)")
     p.add_argument("--batch", type=int, help="sequences per batch / rollout (default 64; quick 16)")
     p.add_argument("--prompt-len", type=int, help="sampler prompt length (default 8)")
     p.add_argument("--new-tokens", type=int, help="sampler new tokens (default 32; quick 16)")
@@ -75,7 +88,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=512, help="sampler vocabulary size (default 512)")
     p.add_argument("--methods", nargs="+", default=list(methods()), choices=methods(),
                    help="methods timed in the steps section (default: every registered stage)")
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--sections", nargs="+", choices=SECTIONS,
+                   help="default: all three; none with --vs")
+    p.add_argument("--vs", choices=("trl",),
+                   help="time GRPO and DPO steps beside TRL's trainers (needs the trl extra)")
+    p.add_argument("--rounds", type=int, help="--vs: interleaved rounds (default 3; quick 1)")
+    p.add_argument("--pairs", type=int, help="--vs: DPO pairs per step (default 8; quick 2)")
     p.add_argument("--minibatch", type=int, help="override PPO/GRPO minibatch_size (default: conf)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -87,8 +105,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=argparse.SUPPRESS)
     p.add_argument("--_n-examples", dest="n_examples", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for k, v in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, k) is None:
+    unset = {**(QUICK if args.quick else DEFAULTS), "models": list(DEFAULT_MODELS),
+             "sections": [] if args.vs else list(SECTIONS)}
+    if args.vs:
+        unset.update(VS_TRL_QUICK if args.quick else VS_TRL)
+    for k, v in unset.items():
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
     return args
 
@@ -114,6 +136,10 @@ def _memory_child(args: argparse.Namespace) -> None:
 def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the chosen sections for every model, printing each table as it is done."""
     device = resolve_device(args.device)
+    if args.vs == "trl":
+        from harness.bench.vs_trl import require_trl
+
+        require_trl()  # before any work: the one message naming the extra
     busy = load_note() if device.type == "cpu" else None
     if busy:
         out(busy + "\n")
@@ -133,7 +159,7 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
             result["sampler"] = rows
             out(format_table("1. Sampler throughput: ours (KV cache) vs transformers.generate",
                              rows, SAMPLER_COLUMNS, sampler_notes(device)) + "\n")
-        need_data = {"steps", "memory"} & set(args.sections)
+        need_data = bool({"steps", "memory"} & set(args.sections)) or args.vs is not None
         task = tok = None
         if need_data:
             with quiet():
@@ -165,6 +191,14 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
             out(format_table(f"3. Peak memory, PPO vs GRPO at {args.batch} sequences per rollout",
                              memory_table_rows(rows), MEMORY_COLUMNS, memory_notes(device, rows)))
             out("\n" + format_table("3b. GRPO / PPO", ratios, RATIO_COLUMNS) + "\n")
+        if args.vs == "trl":
+            from harness.bench.vs_trl import compare_with_trl
+
+            result["vs_trl"] = [
+                compare_with_trl(model_config(m, len(tok)), task, tok, args.batch, args.new_tokens,
+                                 args.pairs, args.rounds, args.iters, args.warmup, args.seed,
+                                 device, out)
+                for m in args.models]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str))

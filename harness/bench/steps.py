@@ -42,10 +42,12 @@ def prepare_data(n_examples: int, cache_dir: Path, seed: int = 0,
 def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
                  n_batches: int, seed: int = 0, device: torch.device | None = None,
                  minibatch: int | None = None,
-                 before_models: Callable[[], None] | None = None) -> Any:
+                 before_models: Callable[[], None] | None = None,
+                 overrides: Sequence[str] = ()) -> Any:
     """The stage's :class:`~harness.stage.Fit` as the pipeline builds it, from random-init inputs.
 
-    The stage's config is its default (``conf/``) with only its sizes changed
+    The stage's config is its default (``conf/``, composed with the Hydra ``overrides``, e.g.
+    ``method.rollout.max_new_tokens=16``) with only its sizes changed
     (:meth:`~harness.stage.Stage.sized`: ``batch`` sequences per batch, ``n_batches`` batches)
     and, if given, its ``minibatch_size``; ``before_models()`` runs before any network is built.
     The stages it needs (the SFT base, the reward model) are random-init networks of the preset.
@@ -55,7 +57,7 @@ def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch
     from harness.stage import Built, StageContext
 
     device = device or resolve_device()
-    settings = validate(compose_config([f"method={method}"]))
+    settings = validate(compose_config([f"method={method}", *overrides]))
     stage = get_stage(method)
     cfg = stage.sized(settings.stage_config(method), batch, n_batches)
     if minibatch is not None and hasattr(cfg, "minibatch_size"):
@@ -131,12 +133,21 @@ def fit(setup: Any, n_batches: int, device: torch.device, root: Path,
 def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
                        iters: int = 5, warmup: int = 1, seed: int = 0,
                        device: torch.device | None = None, minibatch: int | None = None,
-                       root: Path | None = None) -> dict[str, Any]:
-    """Median seconds per training batch of ``method`` over ``iters`` batches after ``warmup``."""
+                       root: Path | None = None, overrides: Sequence[str] = (),
+                       before_fit: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Median seconds per training batch of ``method`` over ``iters`` batches after ``warmup``.
+
+    ``overrides``: Hydra overrides of the method's config (:func:`build_method`);
+    ``before_fit(setup)`` sees the built :class:`~harness.stage.Fit` before it trains (the
+    comparison with TRL exports the initial policy there).
+    """
     device = device or resolve_device()
     n = warmup + iters
     with quiet(), tempfile.TemporaryDirectory() as tmp:
-        setup = build_method(method, model_cfg, task, tok, batch, n, seed, device, minibatch)
+        setup = build_method(method, model_cfg, task, tok, batch, n, seed, device, minibatch,
+                             overrides=overrides)
+        if before_fit is not None:
+            before_fit(setup)
         timer = StepTimer(device)
         fit(setup, n, device, Path(root or tmp), [timer])
     if len(timer.times) != n:
@@ -169,8 +180,9 @@ def step_notes(device: torch.device, vocab: int) -> list[str]:
         "s/batch: median wall time of one Lightning training batch (on_train_batch_start -> _end),",
         "after the warm-up batch(es); includes the method's logging. Random-init policy, arith task,",
         f"vocab {vocab} (its tokenizer); each stage's default config with only its sizes set (Stage.sized).",
-        "sft/rm/dpo: one batch = one optimiser step (rm/dpo: B/2 pairs = B sequences; DPO's reference",
-        "log-probs are precomputed before training, untimed). ppo/grpo/rloo: one batch = one rollout",
+        "sft/rm/dpo: one batch = one optimiser step (rm/dpo: B/2 pairs = B sequences; DPO scores the",
+        "reference log-probs of a pair when a batch first needs it, inside the timed batches).",
+        "ppo/grpo/rloo: one batch = one rollout",
         "(sampling + reference and reward scoring + every optimisation pass over it); 'opt steps' counts",
         "the policy optimiser's steps (PPO steps its critic alongside); s/opt step = s/batch / opt steps.",
         f"device {device}, torch threads {torch.get_num_threads()}.",
