@@ -94,7 +94,7 @@ def test_a_lora_sft_base_trained_in_this_run_is_the_one_the_cache_gives(tmp_path
     from the cache: the reward model trained on either is the same."""
     folder = write_folder(tmp_path / "tiny-llama")
     common = [*TINY_SFT, "model=hf", f"model.pretrained={folder}", "model.lora.r=4",
-              "sft.max_steps=4", "rm.max_steps=4", "results_dir=null"]
+              "sft.max_steps=4", "rm.max_steps=4", "results_dir=null", "dataset.n_train=300", "dataset.n_pairs=96"]
     fresh = run(composed([*common, "method=rm", f"cache_dir={tmp_path}/a"]), tmp_path / "fresh")
     run(composed([*common, "method=sft", f"cache_dir={tmp_path}/b"]), tmp_path / "sft")
     cached = run(composed([*common, "method=rm", f"cache_dir={tmp_path}/b"]), tmp_path / "cached")
