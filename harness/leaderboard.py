@@ -33,8 +33,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "one given last time, kept in OUT/leaderboard_header.json, else a multirun "
                              "command derived from the records)")
     parser.add_argument("--group", default=None,
-                        help="the records' group for the tables (default: 'compare' when any record "
-                             "has it, else all records); the reward-KL plot uses every group")
+                        help="the records' group for the tables, several comma-separated "
+                             "(compare,smollm2) (default: the one given last time, kept in "
+                             "OUT/leaderboard_header.json, else 'compare' when any record has it, "
+                             "else all records; '' clears it); the reward-KL plot uses every group")
     parser.add_argument("--note", default=None,
                         help="a note on the rows' settings for the header, e.g. 'beta and lr tuned on "
                              "the validation split' (default: the one given last time, kept in "

@@ -112,7 +112,8 @@ def test_every_method_runs_on_gpt2_and_its_checkpoints_reload_in_transformers(fo
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
     base = [*TINY_SFT, "model=hf", f"model.pretrained={folder}", "sft.max_steps=4",
-            "rm.max_steps=4", f"cache_dir={tmp_path}/cache", "results_dir=null", "dataset.n_train=300", "dataset.n_pairs=96"]
+            "rm.max_steps=4", f"cache_dir={tmp_path}/cache", "results_dir=null",
+            "dataset.n_train=300", "dataset.n_pairs=96"]
     budget = {"grpo": ["method.n_iterations=2", "method.group_size=4"],
               "ppo": ["method.n_iterations=2"], "dpo": ["method.max_steps=4"]}
     for method, extra in budget.items():

@@ -54,7 +54,8 @@ def test_a_run_with_gradient_checkpointing_shares_the_cache_key_and_the_numbers(
     original = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
-    common = [*TINY_SFT, "method=sft", "sft.max_steps=6", "results_dir=null", "dataset.n_train=300", "dataset.n_pairs=96"]
+    common = [*TINY_SFT, "method=sft", "sft.max_steps=6", "results_dir=null",
+              "dataset.n_train=300", "dataset.n_pairs=96"]
     plain = run(composed([*common, f"cache_dir={tmp_path}/a"]), tmp_path / "a")
     assert not calls
     recomputed = run(composed([*common, "model.gradient_checkpointing=true",

@@ -537,6 +537,21 @@ def test_build_leaderboard_uses_the_compare_group(tmp_path: Path) -> None:
     assert "| 0.100 |" in md and "--group tune" in md
 
 
+def test_several_groups_show_together_and_the_choice_is_kept(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    write_record(rec("dpo", 0, {"eval/gold_reward": 0.7}, group="compare"), runs)
+    write_record(rec("grpo", 0, {"eval/gold_reward": 0.3}, group="smollm2", suffix="-s"), runs)
+    write_record(rec("dpo", 0, {"eval/gold_reward": 0.1}, group="tune", suffix="-t"), runs)
+    md = build_leaderboard(runs, out, group="compare,smollm2", screenshot=False)["markdown"]
+    text = md.read_text()
+    assert "| 0.700 |" in text and "| 0.300 |" in text and "| 0.100 |" not in text
+    assert "groups `compare`, `smollm2`" in text and "`tune` 1" in text
+    again = build_leaderboard(runs, out, screenshot=False)["markdown"].read_text()  # kept
+    assert "| 0.300 |" in again and "--group compare,smollm2" in again
+    reset = build_leaderboard(runs, out, group="", screenshot=False)["markdown"].read_text()
+    assert "| 0.300 |" not in reset and "group `compare`" in reset
+
+
 def test_empty_runs_dir_writes_empty_leaderboard(tmp_path: Path) -> None:
     (tmp_path / "runs").mkdir()
     paths = build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False)

@@ -244,13 +244,15 @@ def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 # --------------------------------------------------------------------------- selecting and aggregating
 def select_group(records: Sequence[Mapping[str, Any]], group: str | None = None
                  ) -> tuple[list[Mapping[str, Any]], str | None]:
-    """The records of the main table and the group they come from: ``group`` when given, else
-    ``"compare"`` when any record has it, else all records (group ``None``)."""
+    """The records of the main table and the group they come from: ``group`` when given (several
+    comma-separated: ``"compare,smollm2"``), else ``"compare"`` when any record has it, else all
+    records (group ``None``)."""
     if group is None and any(r.get("group") == DEFAULT_GROUP for r in records):
         group = DEFAULT_GROUP
     if group is None:
         return list(records), None
-    return [r for r in records if r.get("group") == group], group
+    groups = {g.strip() for g in group.split(",") if g.strip()}  # "compare,smollm2": both
+    return [r for r in records if r.get("group") in groups], group
 
 
 def _setting_of(record: Mapping[str, Any]) -> tuple[float | None, float | None]:
@@ -991,8 +993,10 @@ def _shown(path: Path) -> Path:
 HEADER_FILE = "leaderboard_header.json"
 
 
-def header_settings(out_dir: Path, command: str | None, note: str | None) -> tuple[str | None, str | None]:
-    """The header's ``command`` and ``note``, kept across rebuilds in ``out_dir/leaderboard_header.json``.
+def header_settings(out_dir: Path, command: str | None, note: str | None,
+                    group: str | None = None) -> tuple[str | None, str | None, str | None]:
+    """The header's ``command``, ``note`` and the tables' ``group``, kept across rebuilds in
+    ``out_dir/leaderboard_header.json``.
 
     A value given (even ``""``) replaces the stored one and is written back; a value not given
     (``None``) is read from the file, so ``python -m harness.leaderboard`` with no ``--note``
@@ -1009,14 +1013,17 @@ def header_settings(out_dir: Path, command: str | None, note: str | None) -> tup
         if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
             raise ValueError(f"{path}: expected a JSON object of strings "
                              '{"command": "...", "note": "..."}; delete it or fix it')
-    given = {k: v for k, v in (("command", command), ("note", note)) if v is not None}
+    given = {k: v for k, v in (("command", command), ("note", note), ("group", group))
+             if v is not None}
     if given:
-        merged = {**{k: v for k, v in stored.items() if k in ("command", "note")}, **given}
+        merged = {**{k: v for k, v in stored.items() if k in ("command", "note", "group")},
+                  **given}
         if merged != stored:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             write_text(path, json.dumps(merged, indent=1, ensure_ascii=False) + "\n")
         stored = merged
-    return (stored.get("command") or None, stored.get("note") or None)
+    return (stored.get("command") or None, stored.get("note") or None,
+            stored.get("group") or None)
 
 
 def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | None = None, *,
@@ -1028,8 +1035,9 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     ``leaderboard.png`` (the HTML in a 1,400-pixel window). Returns ``{"markdown", "csv",
     "paired_csv", "html", "reward_kl", "training_curves"[, "screenshot"]}`` → path.
 
-    The tables use the records of ``group`` (default ``"compare"`` when any record has it, else
-    all); the reward–KL plot uses all records. ``note`` is shown in the header (e.g. "β and lr
+    The tables use the records of ``group`` (comma-separated for several; default: the one given
+    last time, else ``"compare"`` when any record has it, else all); the reward–KL plot uses all
+    records. ``note`` is shown in the header (e.g. "β and lr
     tuned on the validation split"). ``command`` is the command that reproduces the runs; by
     default a multirun command is derived from the records. Both are kept for later rebuilds in
     ``out_dir/leaderboard_header.json`` (see :func:`header_settings`). ``n_boot`` and ``seed`` set the
@@ -1037,7 +1045,7 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     with an empty table and a note.
     """
     runs_dir, out_dir = _shown(Path(runs_dir)), _shown(Path(out_dir))
-    command, note = header_settings(out_dir, command, note)
+    command, note, group = header_settings(out_dir, command, note, group)
     all_records = load_records(runs_dir)
     records, chosen = select_group(all_records, group)
     rows = build_table(records)
@@ -1058,10 +1066,12 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
         prov = f"{len(records)} run records ({n_failed} failed) from `{runs_dir}`"
         if chosen is not None:
             others = defaultdict(int)
+            shown = {g.strip() for g in chosen.split(",")}
             for r in all_records:
-                if r.get("group") != chosen:
+                if r.get("group") not in shown:
                     others[str(r.get("group"))] += 1
-            prov += f", group `{chosen}`"
+            prov += f", group{'s' if len(shown) > 1 else ''} " \
+                    + ", ".join(f"`{g}`" for g in sorted(shown))
             if others:
                 prov += " (other groups, used only in the reward–KL plot: " \
                         + ", ".join(f"`{g}` {n}" for g, n in sorted(others.items())) + ")"
@@ -1070,7 +1080,7 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
         if commits:
             prov += f"; commits {', '.join(commits)}"
         header.append(prov + ".")
-        where = f"the `{chosen}` sweep" if chosen else "their runs"
+        where = f"the `{chosen}` sweep" if chosen and "," not in chosen else "their runs"
         header.append(f"Methods are shown at the setting {where} ran (columns β and lr)"
                       + (f": {note}" if note else "") + ".")
         platforms = table_platforms(records)
