@@ -80,3 +80,21 @@ def test_memory_section_runs_children(tmp_path):
     assert rows["ppo"]["peak_bytes"] > 0 and rows["ppo"]["from_tensors_after_training"]
     (ratio,) = result["memory_ratios"]
     assert 0.4 < ratio["state_ratio"] < 0.6
+
+
+def test_memory_of_any_method_with_and_without_lora(tmp_path):
+    """``--lora R`` puts adapters on the trained policy: its gradients and AdamW state shrink to
+    the adapters'; SFT holds the base plus the adapters, DPO no second copy for its reference."""
+    rows = {}
+    for r in (0, 4):
+        result = bench.main([*TINY, "--sections", "memory", "--memory-methods", "sft", "dpo",
+                             "--lora", str(r), "--cache-dir", str(tmp_path / "cache")])
+        rows[r] = {row["method"]: row for row in result["memory"]}
+    assert set(rows[4]) == {"sft", "dpo"}
+    for method in ("sft", "dpo"):
+        full, lora = rows[0][method], rows[4][method]
+        assert lora["grad_bytes"] < 0.5 * full["grad_bytes"]
+        assert lora["adamw_bytes"] < 0.5 * full["adamw_bytes"]
+    assert rows[4]["sft"]["param_bytes"] > rows[0]["sft"]["param_bytes"]  # + the adapters
+    assert rows[4]["dpo"]["param_bytes"] < 0.6 * rows[0]["dpo"]["param_bytes"]  # shared reference
+    assert bench.model_config("llama_tiny", 300, lora=4).lora.r == 4

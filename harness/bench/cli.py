@@ -95,13 +95,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="--vs: interleaved rounds (default 3; quick 1)")
     p.add_argument("--pairs", type=int, help="--vs: DPO pairs per step (default 8; quick 2)")
     p.add_argument("--minibatch", type=int, help="override PPO/GRPO minibatch_size (default: conf)")
+    p.add_argument("--memory-methods", nargs="+", default=["ppo", "grpo"], choices=methods(),
+                   help="methods measured in the memory section (default: ppo grpo)")
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="LoRA adapters of rank R on the trained policy (model.lora.r; default 0: "
+                        "full fine-tuning)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, help="task/tokenizer cache (default: a temp dir)")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    p.add_argument("--_memory-child", dest="memory_child", choices=("ppo", "grpo"),
+    p.add_argument("--_memory-child", dest="memory_child", choices=methods(),
                    help=argparse.SUPPRESS)
     p.add_argument("--_n-examples", dest="n_examples", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -128,8 +133,8 @@ def _memory_child(args: argparse.Namespace) -> None:
     preset = args.models[0]
     with quiet():
         task, tok = prepare_data(data_size(args), args.cache_dir, args.seed)
-    row = measure_memory(args.memory_child, model_config(preset, len(tok)), task, tok, args.batch,
-                         args.mem_iters, args.seed, device, args.minibatch)
+    row = measure_memory(args.memory_child, model_config(preset, len(tok), args.lora), task, tok,
+                         args.batch, args.mem_iters, args.seed, device, args.minibatch)
     print(MEMORY_MARK + json.dumps(row), flush=True)
 
 
@@ -167,7 +172,7 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
         if "steps" in args.sections:
             rows = []
             for m in args.models:
-                mcfg = model_config(m, len(tok))
+                mcfg = model_config(m, len(tok), args.lora)
                 rows += [bench_method_steps(meth, mcfg, task, tok, args.batch, args.iters,
                                             args.warmup, args.seed, device, args.minibatch)
                          for meth in args.methods]
@@ -177,18 +182,20 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
         if "memory" in args.sections:
             rows = []
             for m in args.models:
-                for meth in ("ppo", "grpo"):
+                for meth in args.memory_methods:
                     if device.type == "cuda":
-                        rows.append(measure_memory(meth, model_config(m, len(tok)), task, tok,
+                        rows.append(measure_memory(meth, model_config(m, len(tok), args.lora), task, tok,
                                                    args.batch, args.mem_iters, args.seed, device,
                                                    args.minibatch))
                     else:
                         rows.append(memory_in_subprocess(meth, m, args.batch, args.mem_iters,
                                                          args.seed, cache, data_size(args),
-                                                         args.minibatch, args.threads))
+                                                         args.minibatch, args.threads, args.lora))
             ratios = memory_ratios(rows)
             result["memory"], result["memory_ratios"] = rows, ratios
-            out(format_table(f"3. Peak memory, PPO vs GRPO at {args.batch} sequences per rollout",
+            what = " vs ".join(m.upper() for m in args.memory_methods)
+            lora = f", LoRA r={args.lora}" if args.lora else ""
+            out(format_table(f"3. Peak memory, {what} at {args.batch} sequences per batch{lora}",
                              memory_table_rows(rows), MEMORY_COLUMNS, memory_notes(device, rows)))
             out("\n" + format_table("3b. GRPO / PPO", ratios, RATIO_COLUMNS) + "\n")
         if args.vs == "trl":

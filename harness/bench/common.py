@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from harness.conf_path import config_dir
-from harness.config import ModelConfig, register_configs, to_dataclass
+from harness.config import ModelConfig, register_configs
 
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 """Set (unless already set) by :func:`main`: the bench builds every model locally."""
@@ -84,10 +84,23 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         return compose(config_name="config", overrides=["logger=none", *overrides])
 
 
-def model_config(preset: str, vocab_size: int) -> ModelConfig:
-    """The ``conf/model/<preset>.yaml`` preset with ``vocab_size`` set."""
+def model_config(preset: str, vocab_size: int, lora: int = 0) -> ModelConfig:
+    """The ``conf/model/<preset>.yaml`` preset with ``vocab_size`` set and, with ``lora`` > 0,
+    LoRA adapters of that rank on the trained policy (``model.lora.r``).
+
+    A pretrained preset (``smollm2_135m``) gives its checkpoint's shape (read from its
+    ``config.json``), and the bench builds a random-init model of that shape with the task's
+    vocabulary: time and memory, not the weights, are what it measures.
+    """
+    from harness.config import model_config as composed_model
+
     cfg = compose_config([f"model={preset}"])
-    return dataclasses.replace(to_dataclass(ModelConfig, cfg.model), vocab_size=int(vocab_size))
+    shape = composed_model(cfg.model, cfg.get("cache_dir"))
+    shape = dataclasses.replace(shape, pretrained=None, revision=None, backend="native",
+                                upcycle_experts=0, vocab_size=int(vocab_size))
+    if lora:
+        shape = dataclasses.replace(shape, lora=dataclasses.replace(shape.lora, r=int(lora)))
+    return shape
 
 
 def methods() -> tuple[str, ...]:

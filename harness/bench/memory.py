@@ -138,7 +138,7 @@ def measure_memory(method: str, model_cfg: ModelConfig, task: Any, tok: Any, bat
 
 def memory_in_subprocess(method: str, preset: str, batch: int, iters: int, seed: int,
                          cache_dir: Path, n_examples: int, minibatch: int | None = None,
-                         threads: int | None = None) -> dict[str, Any]:
+                         threads: int | None = None, lora: int = 0) -> dict[str, Any]:
     """:func:`measure_memory` in a fresh ``python -m harness.bench --_memory-child`` process.
 
     ``n_examples`` must be the parent's, so the child loads the same cached task and tokenizer.
@@ -150,6 +150,8 @@ def memory_in_subprocess(method: str, preset: str, batch: int, iters: int, seed:
         cmd += ["--minibatch", str(minibatch)]
     if threads is not None:
         cmd += ["--threads", str(threads)]
+    if lora:
+        cmd += ["--lora", str(lora)]
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
