@@ -133,3 +133,20 @@ def test_the_reward_model_and_the_critic_can_train_adapters_too(tmp_path):
     assert (rm_dir / "adapter" / "adapter_model.safetensors").is_file()
     backbone, _, _ = load_checkpoint(rm_dir)
     assert not has_lora(backbone)  # merged
+
+
+def test_an_moe_model_merges_right_after_a_training_step():
+    """The MoE layers keep their last auxiliary loss, a graph tensor after a step with gradients:
+    deep copies (the merged checkpoint of a LoRA run) must not trip over it."""
+    import copy
+
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64,
+                      n_experts=4, top_k=2)
+    torch.manual_seed(0)
+    model = add_lora(CausalLM(cfg), LoRASettings(r=4, target_modules=["q_proj", "v_proj"]))
+    out = model(torch.randint(0, 50, (2, 8)))
+    (out.logits.mean() + out.aux_loss).backward()
+    assert not model.moe_layers[0].aux_loss.is_leaf  # what deepcopy used to refuse
+    plain = merged(model)
+    assert not has_lora(plain) and copy.deepcopy(model) is not None
+    assert model.moe_layers[0].aux_loss.requires_grad  # the original is left as it was

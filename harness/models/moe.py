@@ -112,6 +112,16 @@ class MoEFeedForward(nn.Module):
         self.z_loss = torch.zeros(())
         self.expert_load = torch.zeros(cfg.n_experts)
 
+    def __getstate__(self) -> dict:
+        """The module's state for ``copy.deepcopy`` / pickling, with the last forward's loss terms
+        detached: after a training step they are graph tensors, which ``deepcopy`` refuses (a
+        LoRA checkpoint is merged into a copy right after training)."""
+        state = dict(super().__getstate__())
+        for key in ("aux_loss", "load_balancing", "z_loss"):
+            if torch.is_tensor(state.get(key)):
+                state[key] = state[key].detach()
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         flat = x.reshape(-1, d)
