@@ -73,8 +73,8 @@ def adapter_config(hf: dict[str, Any], model: dict[str, Any]) -> ModelConfig:
         backend="transformers",
     )
     heads = fields["n_heads"]
-    if d % heads:
-        fields["attn_head_dim"] = int(hf.get("head_dim") or 2)  # shape bookkeeping only
+    if d % heads:  # bookkeeping only (the wrapped model decides): keeps the config valid
+        fields["attn_head_dim"] = int(hf.get("head_dim") or max(1, d // heads))
     ours = {k: v for k, v in model.items() if k in ("name", "pretrained", "revision", "lora",
                                                      "upcycle_experts", "gradient_checkpointing")
             and v is not None}
