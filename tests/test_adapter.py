@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from test_methods import TINY_SFT, composed
+from test_pretrained import arith_tokenizer
 
-from harness.data.tasks import build_task
-from harness.data.tokenizer import build_tokenizer
 from harness.models.architecture import ConfigError
 from harness.pipeline import run
 
@@ -23,9 +22,7 @@ def gpt2_folder(folder: Path, seed: int = 0) -> Path:
     with an arith tokenizer, as ``save_pretrained`` writes it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    task = build_task({"name": "arith", "seed": 0, "n_train": 200, "n_pairs": 32, "n_eval": 16},
-                      cache_dir=folder.parent / "task")
-    tok = build_tokenizer(task.corpus(), vocab_size=300)
+    tok = arith_tokenizer(folder)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,

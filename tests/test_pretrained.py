@@ -17,6 +17,13 @@ from harness.models.architecture import ConfigError
 from harness.pipeline import run
 
 
+def arith_tokenizer(folder: Path):
+    """A small tokenizer built on the arith task's text (the task cached beside ``folder``)."""
+    task = build_task({"name": "arith", "seed": 0, "n_train": 200, "n_pairs": 32, "n_eval": 16},
+                      cache_dir=folder.parent / "task")
+    return build_tokenizer(task.corpus(), vocab_size=300)
+
+
 def write_folder(folder: Path, moe: bool = False, seed: int = 0, chat: bool = False,
                  qwen2: bool = False, **config: object) -> Path:
     """A random tiny Llama (or Mixtral) with an arith tokenizer (and a ChatML-like template), as
@@ -30,9 +37,7 @@ def write_folder(folder: Path, moe: bool = False, seed: int = 0, chat: bool = Fa
         Qwen2ForCausalLM,
     )
 
-    task = build_task({"name": "arith", "seed": 0, "n_train": 200, "n_pairs": 32, "n_eval": 16},
-                      cache_dir=folder.parent / "task")
-    tok = build_tokenizer(task.corpus(), vocab_size=300)
+    tok = arith_tokenizer(folder)
     if chat:
         tok.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}<eos>\n"
                              "{% endfor %}{% if add_generation_prompt %}<bos>assistant\n{% endif %}")
