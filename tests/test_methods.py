@@ -155,10 +155,18 @@ def test_dpo_reference_table_is_computed_once_and_matches(tiny_task):
     dm.setup("fit")
     table = reference_logps(ref, dm)
     assert table.shape == (dm.n_train, 2) and torch.isfinite(table).all()
-    # up front, in the in-order batches of the reference loader
+    # up front, in the in-order batches of the reference loader; under no_grad the LM head
+    # skips the prompt columns every row shares (the sums agree with the full head's to rounding)
+    rows: list[int] = []
+    hook = ref.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
     for batch in dm.reference_dataloader():
+        with torch.no_grad():
+            assert torch.equal(torch.stack(pair_logps(ref, batch)[:2], 1), table[batch["index"]])
         c, r, _ = pair_logps(ref, batch)
-        assert torch.equal(table[batch["index"]], torch.stack((c, r), 1))
+        torch.testing.assert_close(table[batch["index"]], torch.stack((c, r), 1), atol=1e-5,
+                                   rtol=1e-6)
+        assert rows[-2] < rows[-1]  # the no_grad pass ran the head on fewer positions
+    hook.remove()
     batch = next(iter(dm.train_dataloader()))
     c, r, _ = pair_logps(ref, batch)
     torch.testing.assert_close(table[batch["index"], 0], c, atol=1e-5, rtol=1e-5)

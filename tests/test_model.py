@@ -243,3 +243,51 @@ def test_kv_cache_follows_the_dtype_of_the_keys():
     nxt = half(ids[:, :1], attention_mask=torch.ones(2, 6, dtype=torch.long), past=out.past,
                use_cache=True)
     assert nxt.past.length == 6 and nxt.logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("moe", [0, 4])
+def test_logits_to_keep_gives_the_logits_of_the_last_positions(moe):
+    """The same logits as the full head's last k; the head's matmul over fewer rows may take
+    another kernel, so agreement is to rounding, not always bit for bit."""
+    torch.manual_seed(0)
+    model = CausalLM(tiny(n_experts=moe)).eval()
+    ids = torch.randint(4, 40, (3, 7))
+    with torch.no_grad():
+        full = model(ids).logits
+        for k in (1, 3, 7):
+            kept = model(ids, logits_to_keep=k).logits
+            assert kept.shape == (3, k, 40)
+            torch.testing.assert_close(kept, full[:, -k:], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)
+
+
+def _head_rows(model: CausalLM) -> tuple[list[int], object]:
+    """Positions the LM head is run on, call by call (a forward hook on ``lm_head``)."""
+    rows: list[int] = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    return rows, handle
+
+
+def test_the_sampler_prefill_and_the_reference_pass_run_the_head_where_needed():
+    """The prefill needs the last position's logits, a response's log-probs the N + 1 last; with
+    autograd the head still runs on every position (its weight gradient keeps its rounding)."""
+    from harness.methods.rollout import response_logprobs
+
+    torch.manual_seed(2)
+    model = CausalLM(tiny()).eval()
+    ids = torch.randint(4, 40, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    rows, handle = _head_rows(model)
+    gen = generate(model, ids, mask, max_new_tokens=3, eos_token_id=-1, pad_token_id=0, greedy=True)
+    assert rows == [1, 1, 1]  # prefill, then one per new token but the last (nothing follows it)
+    seq, attn = gen.sequences, torch.cat((mask, gen.response_mask), 1)
+    rows.clear()
+    with torch.no_grad():
+        fast, _, _ = response_logprobs(model, seq, attn, 5)
+    full, _, _ = response_logprobs(model, seq, attn, 5)
+    handle.remove()
+    assert rows == [4, 8]
+    torch.testing.assert_close(fast, full.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fast, gen.logprobs, atol=1e-5, rtol=1e-5)

@@ -63,9 +63,16 @@ def pair_logps(model: CausalLM, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
     ids = torch.cat((pad(c_ids, 0), pad(r_ids, 0)))
     labels = torch.cat((pad(c_lab, -100), pad(r_lab, -100)))[:, 1:]
-    out = model(ids)
     mask = (labels != -100).float()
-    seq = sequence_logprobs(token_logprobs(out.logits[:, :-1].float(), labels, mask), mask)
+    # without autograd (the reference) the LM head skips the columns before the first answer
+    # token of the batch; their zero log-probs are put back, so the sums run over the same
+    # [2B, T - 1] as with autograd (the logits agree to rounding: response_logprobs)
+    start = 0 if torch.is_grad_enabled() else int((labels != -100).any(0).int().argmax())
+    out = model(ids, logits_to_keep=t - start)
+    lp = token_logprobs(out.logits[:, :-1].float(), labels[:, start:], mask[:, start:])
+    if start:
+        lp = torch.nn.functional.pad(lp, (start, 0))
+    seq = sequence_logprobs(lp, mask)
     b = c_ids.shape[0]
     return seq[:b], seq[b:], out.aux_loss
 

@@ -57,9 +57,17 @@ def response_logprobs(model: CausalLM, input_ids: torch.Tensor, attention_mask: 
     Returns (logp [B, N], entropy [B, N] or None, MoE auxiliary loss). Position P - 1 + t of the
     full sequence predicts response token t. ``entropy_grad=False`` computes the entropy without
     autograd (for logging only, as in GRPO; PPO's entropy bonus needs the gradient).
+
+    Without autograd (the reference's and the evaluation's passes) the LM head runs on the N + 1
+    last positions only (:meth:`~harness.models.llama.CausalLM.forward`'s ``logits_to_keep``):
+    the same logits up to rounding (a matmul over fewer rows may take another kernel; on the
+    harness's presets every run metric came out unchanged). With autograd it runs on every
+    position, so the head's weight gradient sums over the same rows in the same order as ever.
     """
-    out = model(input_ids, attention_mask=attention_mask)
-    logits = out.logits[:, prompt_len - 1:-1].float() / temperature
+    n = input_ids.shape[1] - prompt_len
+    keep = 0 if torch.is_grad_enabled() else n + 1
+    out = model(input_ids, attention_mask=attention_mask, logits_to_keep=keep)
+    logits = out.logits[:, -(n + 1):-1].float() / temperature
     response = input_ids[:, prompt_len:]
     mask = attention_mask[:, prompt_len:]
     logp = token_logprobs(logits, response, mask)

@@ -5,7 +5,7 @@ and Qwen2 layouts. Every other ``AutoModelForCausalLM`` (GPT-2, GPT-NeoX, OPT, P
 through :class:`TransformersCausalLM`, a thin wrapper that offers what the methods, the sampler
 and the checkpoints use of a backbone:
 
-* ``forward(input_ids [B, T], attention_mask [B, S], past, use_cache, return_logits)`` ->
+* ``forward(input_ids [B, T], attention_mask [B, S], past, use_cache, return_logits, logits_to_keep)`` ->
   :class:`~harness.models.llama.CausalLMOutput` (logits [B, T, V], hidden [B, T, D] after the
   final norm, a zero auxiliary loss, the cache). Positions count real tokens only
   (:func:`~harness.models.llama.positions_from_mask`), so left-padded prompts in the KV-cached
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from harness.models.architecture import LINEAR_LAYERS, ConfigError, ModelConfig
-from harness.models.llama import CausalLMOutput, positions_from_mask
+from harness.models.llama import CausalLMOutput, last_positions, positions_from_mask
 
 log = logging.getLogger("harness")
 
@@ -159,9 +159,9 @@ class TransformersCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past: TransformersCache | None = None, use_cache: bool = False,
-                return_logits: bool = True) -> CausalLMOutput:
-        """input_ids [B, T]; attention_mask [B, S] (S = cached length + T; 1 = real token), as
-        :meth:`harness.models.llama.CausalLM.forward`."""
+                return_logits: bool = True, logits_to_keep: int = 0) -> CausalLMOutput:
+        """input_ids [B, T]; attention_mask [B, S] (S = cached length + T; 1 = real token);
+        ``logits_to_keep``: as :meth:`harness.models.llama.CausalLM.forward`."""
         b, t = input_ids.shape
         if use_cache and past is None:
             past = self.new_cache(t)
@@ -173,8 +173,9 @@ class TransformersCausalLM(nn.Module):
         hidden = out.last_hidden_state
         if past is not None:
             past.length = past_len + t
-        return CausalLMOutput(logits=self.lm_head(hidden) if return_logits else None,
-                              hidden=hidden, aux_loss=hidden.new_zeros(()), past=past)
+        logits = self.lm_head(last_positions(hidden, logits_to_keep)) if return_logits else None
+        return CausalLMOutput(logits=logits, hidden=hidden, aux_loss=hidden.new_zeros(()),
+                              past=past)
 
 
 def _check_logits(model: TransformersCausalLM, folder: Path) -> None:

@@ -55,11 +55,11 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
     b = input_ids.shape[0]
     mask = attention_mask.long()
     cache = model.new_cache(input_ids.shape[1] + max_new_tokens)
-    out = model(input_ids, attention_mask=mask, past=cache, use_cache=True)
+    out = model(input_ids, attention_mask=mask, past=cache, use_cache=True, logits_to_keep=1)
     past, logits = out.past, out.logits[:, -1]
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     tokens, logps, alive = [], [], []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         scaled = logits.float() / (1.0 if greedy else temperature)
         logp_all = torch.log_softmax(scaled, dim=-1)
         if greedy:
@@ -72,8 +72,8 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
         tokens.append(nxt)
         logps.append(logp_all.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(done, 0.0))
         done = done | (nxt == eos_token_id)
-        if bool(done.all()):
-            break
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break  # the last token needs no forward: nothing is sampled after it
         mask = torch.cat((mask, mask.new_ones(b, 1)), dim=1)
         out = model(nxt[:, None], attention_mask=mask, past=past, use_cache=True)
         past, logits = out.past, out.logits[:, -1]

@@ -243,6 +243,13 @@ def positions_from_mask(attention_mask: torch.Tensor | None, b: int, t: int, pas
     return pos.clamp(min=0)[:, -t:]
 
 
+def last_positions(hidden: torch.Tensor, k: int) -> torch.Tensor:
+    """hidden [B, T, D] -> its last ``k`` positions [B, k, D] (all T when k is 0)."""
+    if k < 0:
+        raise ValueError(f"logits_to_keep={k}: must be >= 0 (0 keeps every position)")
+    return hidden[:, -k:] if k else hidden
+
+
 class CausalLM(nn.Module):
     """The policy backbone: ``forward`` -> logits (+ hidden states, + MoE auxiliary loss, + cache)."""
 
@@ -287,14 +294,16 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past: KVCache | None = None, use_cache: bool = False,
-                return_logits: bool = True) -> CausalLMOutput:
+                return_logits: bool = True, logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids: [B, T]; attention_mask: [B, S] with S = cached length + T (1 = real token).
 
         Training batches are right-padded and need no mask (causality keeps real tokens from seeing
         the padding after them); generation passes the mask for left-padded prompts.
         ``past`` (a :class:`KVCache`, updated in place) holds the earlier positions; with
         ``use_cache`` and no ``past`` a cache sized for these T positions is started. The output's
-        ``past`` is that cache.
+        ``past`` is that cache. ``logits_to_keep`` k > 0 (``transformers``' argument): logits of
+        the last k positions only, [B, k, V] (the LM head is a fifth of SmolLM2's weights; the
+        sampler's prefill needs one position, a response's log-probs its N + 1 last).
         """
         b, t = input_ids.shape
         if use_cache and past is None:
@@ -318,7 +327,7 @@ class CausalLM(nn.Module):
         moe = self.moe_layers
         aux = torch.stack([m.aux_loss for m in moe]).sum() if moe else hidden.new_zeros(())
         return CausalLMOutput(
-            logits=self.lm_head(hidden) if return_logits else None,
+            logits=self.lm_head(last_positions(hidden, logits_to_keep)) if return_logits else None,
             hidden=hidden,
             aux_loss=aux,
             past=past,
