@@ -257,3 +257,40 @@ def test_same_seed_same_metrics_and_sft_reused(tmp_path):
     assert a["stages"]["sft"]["cached"] is False and b["stages"]["sft"]["cached"] is True
     for key in ("eval/gold_reward", "eval/kl", "eval/win_rate", "train/reward"):
         assert a["metrics"][key] == pytest.approx(b["metrics"][key], abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_a_zero_kl_coefficient_skips_the_reference_pass(tiny_task, method):
+    """beta = 0: nothing reads the reference's log-probs, so the rollout runs no reference forward
+    (a sixth of a GRPO step) and logs no train/kl; beta > 0 runs it once per rollout."""
+    from harness.methods.rloo import RLOOConfig, RLOOModule
+
+    task, tok = tiny_task
+    config, module_cls = (GRPOConfig, GRPOModule) if method == "grpo" else (RLOOConfig, RLOOModule)
+
+    def gold(prompts, responses, *_):
+        return torch.as_tensor(task.rewards(prompts, responses), dtype=torch.float32)
+
+    for beta, calls in ((0.0, 0), (0.05, 1)):
+        policy, ref = tiny_model(tok), tiny_model(tok)
+        seen: list[int] = []
+        ref.register_forward_hook(lambda *_, seen=seen: seen.append(1))
+        cfg = config(group_size=2, beta=beta,
+                     rollout=RolloutConfig(prompts_per_batch=2, max_new_tokens=3))
+        ro = module_cls(policy, ref, tok, cfg, gold, seed=0).group_rollout(["1+2=", "3+4="])
+        assert len(seen) == calls and (ro.ref_logp is None) == (beta == 0)
+
+
+def test_the_rloo_loss_without_a_reference_is_its_loss_at_zero_beta():
+    from harness.methods.losses import rloo_policy_loss
+
+    g = torch.Generator().manual_seed(0)
+    logp, old, ref = (torch.randn(4, 5, generator=g) * 0.1 - 1 for _ in range(3))
+    adv, mask = torch.randn(4, generator=g), torch.ones(4, 5)
+    mask[0, 3:] = 0
+    with_ref, stats = rloo_policy_loss(logp, old, ref, adv, mask, 0.2, 0.0)
+    without, stats0 = rloo_policy_loss(logp, old, None, adv, mask, 0.2, 0.0)
+    assert torch.equal(with_ref, without) and "kl_k3" in stats and "kl_k3" not in stats0
+    with pytest.raises(ValueError, match="beta"):
+        rloo_policy_loss(logp, old, None, adv, mask, 0.2, 0.1)
+

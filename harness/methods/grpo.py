@@ -63,9 +63,12 @@ class GRPOModule(GroupModule):
             pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], a, mask, cfg.clip_eps,
                                               cfg.clip_eps_high, aggregation=cfg.loss_type,
                                               max_len=cfg.rollout.max_new_tokens, n_active=n_active)
+            stats.update(pg_loss=pg.detach())
+            if ro.ref_logp is None:  # beta = 0: no reference pass, no KL term (pg + 0 * KL = pg)
+                return pg, stats
             kl = aggregate_loss(kl_k3(logp, ro.ref_logp[idx]), mask, cfg.loss_type,
                                 max_len=cfg.rollout.max_new_tokens, n_active=n_active)
-            stats.update(kl_k3_per_token=kl.detach(), pg_loss=pg.detach())
+            stats.update(kl_k3_per_token=kl.detach())
             return pg + cfg.beta * kl, stats
 
         self.update(ro, adv, batch_idx, policy_loss)

@@ -488,7 +488,7 @@ def sequence_kl_shaped_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, m
     return scores - beta * masked_sum(kl_log_ratio(logp, ref_logp), mask, dim=-1)
 
 
-def rloo_policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor,
+def rloo_policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor,
                      mask: Tensor, clip_eps: float, beta: float = 0.0) -> tuple[Tensor, dict]:
     """RLOO's policy loss: the sequence-level REINFORCE objective with PPO's ratio clipping, plus an
     optional k3 KL term in the loss (``kl_penalty: loss``; 0 when the KL is in the reward):
@@ -500,7 +500,8 @@ def rloo_policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantage
     Summing over a response's tokens makes the gradient at c = 1 that of REINFORCE on the sequence
     log-probability, ``-A_i grad log pi(y_i|x)`` (Ahmadian et al.); TRL's RLOO averages over tokens
     instead, which weights short responses more. logp, old_logp, ref_logp, mask: [B, T];
-    advantages: [B]. Returns (loss, stats with ``pg_loss``, ``kl_k3`` per sequence, ``clip_frac``).
+    advantages: [B]. Returns (loss, stats with ``pg_loss``, ``kl_k3`` per sequence, ``clip_frac``);
+    ``ref_logp`` None (no reference pass, ``beta`` 0): no KL term and no ``kl_k3`` stat.
     """
     a = advantages[:, None].to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
@@ -508,10 +509,15 @@ def rloo_policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantage
     per_token = -torch.minimum(ratio * a, clipped * a)
     rows = max(int(mask.shape[0]), 1)
     pg = masked_sum(per_token, mask) / rows
-    kl = masked_sum(kl_k3(logp, ref_logp), mask) / rows
     clip_frac = masked_mean(((ratio - 1.0).abs() > clip_eps).to(logp.dtype), mask)
-    loss = pg + beta * kl
-    return loss, {"pg_loss": pg.detach(), "kl_k3": kl.detach(), "clip_frac": clip_frac.detach()}
+    stats = {"pg_loss": pg.detach(), "clip_frac": clip_frac.detach()}
+    if ref_logp is None:
+        if beta:
+            raise ValueError(f"rloo_policy_loss: beta={beta} needs the reference log-probs")
+        return pg, stats
+    kl = masked_sum(kl_k3(logp, ref_logp), mask) / rows
+    stats["kl_k3"] = kl.detach()
+    return pg + beta * kl, stats
 
 
 # --------------------------------------------------------------------------------------------

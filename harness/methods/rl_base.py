@@ -54,10 +54,12 @@ class OnPolicyModule(AlignmentModule):
     def trainable_modules(self):
         return [self.policy]
 
-    def rollout(self, prompts: list[str], max_len: int, score_fn) -> Rollout:
-        """Sample and score one rollout batch from the policy; counts its generated tokens."""
-        ro = make_rollout(self.policy, self.reference, self.tokenizer, prompts, self.rollout_cfg,
-                          max_len, score_fn, self.generator)
+    def rollout(self, prompts: list[str], max_len: int, score_fn,
+                with_reference: bool = True) -> Rollout:
+        """Sample and score one rollout batch from the policy; counts its generated tokens.
+        ``with_reference=False`` skips the reference pass (``ro.ref_logp`` is None)."""
+        ro = make_rollout(self.policy, self.reference if with_reference else None, self.tokenizer,
+                          prompts, self.rollout_cfg, max_len, score_fn, self.generator)
         self.tokens_generated += int(ro.mask.sum())
         self.gen_seconds += ro.gen_s
         return ro
@@ -86,17 +88,18 @@ class OnPolicyModule(AlignmentModule):
                     iteration: int) -> None:
         """Log the DESIGN.md metric names for one rollout batch and the update made from it."""
         now = time.perf_counter()
-        k1 = kl_log_ratio(ro.old_logp, ro.ref_logp)
         metrics = {
             "train/reward": ro.scores.mean(),
             "train/reward_std": ro.scores.std() if len(ro) > 1 else torch.zeros(()),
-            # KL(pi_old || pi_ref): the sequence-level k1 sum (nats per response), as eval/kl
-            "train/kl": (k1 * ro.mask).sum(-1).mean(),
-            "train/kl_per_token": masked_mean(k1, ro.mask),
             "train/response_len": ro.mask.sum(-1).mean(),
             "train/adv_mean": adv.mean(),
             "train/adv_std": adv.std() if adv.numel() > 1 else torch.zeros(()),
         }
+        if ro.ref_logp is not None:  # without a reference pass (beta = 0) eval/kl still measures it
+            k1 = kl_log_ratio(ro.old_logp, ro.ref_logp)
+            # KL(pi_old || pi_ref): the sequence-level k1 sum (nats per response), as eval/kl
+            metrics["train/kl"] = (k1 * ro.mask).sum(-1).mean()
+            metrics["train/kl_per_token"] = masked_mean(k1, ro.mask)
         for k, vs in stats.items():
             metrics[f"train/{k}"] = torch.stack(vs).mean()
         if self._t_iter is not None:
@@ -125,8 +128,9 @@ class OnPolicyModule(AlignmentModule):
 class GroupConfig:
     """What the group methods (GRPO, RLOO) share: ``n_iterations`` rollout batches of
     ``rollout.prompts_per_batch`` prompts x ``group_size`` completions, ``update_epochs`` passes of
-    minibatches over each, ratio clipping at ``clip_eps``, the KL coefficient ``beta``, rewards
-    from the task's gold reward (``reward_source: gold``) or the reward model (``rm``)."""
+    minibatches over each, ratio clipping at ``clip_eps``, the KL coefficient ``beta`` (0: no
+    reference pass at all), rewards from the task's gold reward (``reward_source: gold``) or the
+    reward model (``rm``)."""
 
     name: str = MISSING
     n_iterations: int = 300
@@ -168,7 +172,8 @@ class GroupModule(OnPolicyModule):
         cfg = self.cfg
         self.policy.eval()  # deterministic routing: a sampled MoE route would make ratios random
         prompts = [p for p in batch for _ in range(cfg.group_size)]
-        ro = self.rollout(prompts, cfg.max_len, self.score_fn)
+        # beta = 0: nothing reads the reference's log-probs, so its forward pass is skipped
+        ro = self.rollout(prompts, cfg.max_len, self.score_fn, with_reference=cfg.beta > 0)
         check_finite("train/reward", ro.scores)
         return ro
 

@@ -53,13 +53,14 @@ class RLOOModule(GroupModule):
         cfg = self.cfg
         ro = self.group_rollout(batch)
         in_reward = cfg.kl_penalty == "reward"
-        rewards = (sequence_kl_shaped_rewards(ro.scores, ro.old_logp, ro.ref_logp, ro.mask, cfg.beta)
-                   if in_reward else ro.scores)
+        ref = ro.ref_logp  # None at beta = 0: the KL term is 0 wherever it sits
+        rewards = (sequence_kl_shaped_rewards(ro.scores, ro.old_logp, ref, ro.mask, cfg.beta)
+                   if in_reward and ref is not None else ro.scores)
         adv = rloo_advantages(rewards, cfg.group_size)
 
         def policy_loss(idx, logp, mask):
-            return rloo_policy_loss(logp, ro.old_logp[idx], ro.ref_logp[idx], adv[idx], mask,
-                                    cfg.clip_eps, 0.0 if in_reward else cfg.beta)
+            return rloo_policy_loss(logp, ro.old_logp[idx], None if ref is None else ref[idx],
+                                    adv[idx], mask, cfg.clip_eps, 0.0 if in_reward else cfg.beta)
 
         self.update(ro, adv, batch_idx, policy_loss)
 

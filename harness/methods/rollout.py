@@ -28,8 +28,9 @@ class Rollout:
     """One batch of sampled responses and everything the update reads.
 
     input_ids / attention_mask: [B, P + N]; prompt_len: P; response / mask / old_logp /
-    ref_logp: [B, N]; scores: [B] sequence-level rewards; texts for logging; gen_s: seconds the
-    sampler took (the stage's generation throughput).
+    ref_logp: [B, N] (ref_logp None when no reference pass ran: a KL coefficient of 0);
+    scores: [B] sequence-level rewards; texts for logging; gen_s: seconds the sampler took (the
+    stage's generation throughput).
     """
 
     input_ids: torch.Tensor
@@ -38,7 +39,7 @@ class Rollout:
     response: torch.Tensor
     mask: torch.Tensor
     old_logp: torch.Tensor
-    ref_logp: torch.Tensor
+    ref_logp: torch.Tensor | None
     scores: torch.Tensor
     prompts: list[str]
     responses: list[str]
@@ -82,23 +83,25 @@ def response_logprobs(model: CausalLM, input_ids: torch.Tensor, attention_mask: 
 class Sampled:
     """Responses sampled from a policy and scored by the reference, in the rollout's shapes:
     ``gen`` (:class:`~harness.models.generation.Generation`), ``attention_mask`` [B, P + N],
-    ``prompt_len`` P, ``ref_logp`` [B, N] and ``gen_s`` (seconds the sampler took)."""
+    ``prompt_len`` P, ``ref_logp`` [B, N] (None without a reference) and ``gen_s`` (seconds the
+    sampler took)."""
 
     gen: Any
     attention_mask: torch.Tensor
     prompt_len: int
-    ref_logp: torch.Tensor
+    ref_logp: torch.Tensor | None
     gen_s: float
 
 
 @torch.no_grad()
-def sample_with_reference(policy: CausalLM, reference: CausalLM, tokenizer, prompts: Sequence[str],
+def sample_with_reference(policy: CausalLM, reference: CausalLM | None, tokenizer,
+                          prompts: Sequence[str],
                           max_new_tokens: int, max_len: int, temperature: float = 1.0,
                           top_k: int = 0, top_p: float = 1.0,
                           generator: torch.Generator | None = None) -> Sampled:
     """Sample one response per prompt from ``policy`` (KV-cached sampler), then the reference's
     log-probabilities of the same tokens (one forward, no gradients): what a rollout and the KL
-    estimate both need."""
+    estimate both need. ``reference=None`` skips the reference pass (``ref_logp`` None)."""
     device = policy.device
     ids, pmask = encode_prompts(tokenizer, prompts, max_len - max_new_tokens)
     ids, pmask = ids.to(device), pmask.to(device)
@@ -111,12 +114,14 @@ def sample_with_reference(policy: CausalLM, reference: CausalLM, tokenizer, prom
     gen_s = time.perf_counter() - t0
     attn = torch.cat((pmask, gen.response_mask), dim=1)
     p = ids.shape[1]
-    ref_logp, _, _ = response_logprobs(reference, gen.sequences, attn, p, temperature)
+    ref_logp = None
+    if reference is not None:
+        ref_logp, _, _ = response_logprobs(reference, gen.sequences, attn, p, temperature)
     return Sampled(gen, attn, p, ref_logp, gen_s)
 
 
 @torch.no_grad()
-def make_rollout(policy: CausalLM, reference: CausalLM, tokenizer, prompts: Sequence[str],
+def make_rollout(policy: CausalLM, reference: CausalLM | None, tokenizer, prompts: Sequence[str],
                  cfg: RolloutConfig, max_len: int,
                  score_fn: Callable[[list[str], list[str], torch.Tensor, torch.Tensor, int],
                                     torch.Tensor],
@@ -124,7 +129,8 @@ def make_rollout(policy: CausalLM, reference: CausalLM, tokenizer, prompts: Sequ
     """Sample one response per prompt (repeat prompts for groups), then score and reference them.
 
     ``score_fn(prompts, responses, input_ids, attention_mask, prompt_len) -> [B]`` gives the
-    sequence reward (the task's gold reward, or a reward model's score).
+    sequence reward (the task's gold reward, or a reward model's score). ``reference=None``: no
+    reference pass (a method whose KL coefficient is 0 reads no reference log-probs).
     """
     s = sample_with_reference(policy, reference, tokenizer, prompts, cfg.max_new_tokens, max_len,
                               cfg.temperature, cfg.top_k, cfg.top_p, generator)
