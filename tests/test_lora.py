@@ -99,7 +99,8 @@ def test_a_lora_sft_base_trained_in_this_run_is_the_one_the_cache_gives(tmp_path
     run(composed([*common, "method=sft", f"cache_dir={tmp_path}/b"]), tmp_path / "sft")
     cached = run(composed([*common, "method=rm", f"cache_dir={tmp_path}/b"]), tmp_path / "cached")
     assert fresh["stages"]["sft"]["cached"] is False and cached["stages"]["sft"]["cached"] is True
-    trained = sorted(k for k in fresh["stages"]["rm"]["metrics"] if k.startswith("train/"))
+    trained = sorted(k for k in fresh["stages"]["rm"]["metrics"]  # wall-clock rates aside
+                     if k.startswith("train/") and not k.endswith("tokens_per_s"))
     assert "train/loss" in trained
     for key in trained:
         assert fresh["stages"]["rm"]["metrics"][key] == pytest.approx(

@@ -294,3 +294,18 @@ def test_the_rloo_loss_without_a_reference_is_its_loss_at_zero_beta():
     with pytest.raises(ValueError, match="beta"):
         rloo_policy_loss(logp, old, None, adv, mask, 0.2, 0.1)
 
+
+def test_the_reward_model_counts_the_tokens_it_trains_on(tiny_task):
+    """cost/rm/train_tokens(_per_s): the RM stage counted none, so its cost read 0 tokens/s."""
+    from harness.methods.reward import RewardModule, RMConfig
+    from harness.models.llama import ScalarHead
+
+    task, tok = tiny_task
+    dm = AlignmentDataModule(task, tok, kind="pairs", batch_size=8, max_len=32, seed=0)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = RewardModule(ScalarHead(tiny_model(tok)), RMConfig())
+    module.training_step(batch, 0)
+    tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+    assert module.tokens_trained == tokens > 0
+    assert module.throughput(2.0)["cost/train_tokens_per_s"] == tokens / 2.0

@@ -110,6 +110,8 @@ class RewardModule(AlignmentModule):
                  on_epoch=False, batch_size=b)
         self.log("train/rewards_margin", (rc - rr).mean().detach(), on_step=True, on_epoch=False,
                  batch_size=b)
+        self.log_throughput(int(batch["chosen_attention_mask"].sum()
+                                + batch["rejected_attention_mask"].sum()))
         return loss
 
     def validation_step(self, batch, batch_idx):
