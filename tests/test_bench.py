@@ -98,3 +98,18 @@ def test_memory_of_any_method_with_and_without_lora(tmp_path):
     assert rows[4]["sft"]["param_bytes"] > rows[0]["sft"]["param_bytes"]  # + the adapters
     assert rows[4]["dpo"]["param_bytes"] < 0.6 * rows[0]["dpo"]["param_bytes"]  # shared reference
     assert bench.model_config("llama_tiny", 300, lora=4).lora.r == 4
+
+
+def test_a_pretrained_preset_is_benched_with_its_own_vocabulary(tmp_path):
+    """The random-init stand-in of a checkpoint keeps the checkpoint's embedding and LM head (a
+    fifth of SmolLM2's weights), not the task tokenizer's few hundred rows."""
+    from test_pretrained import write_folder
+
+    folder = write_folder(tmp_path / "tiny-llama")
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    cfg = bench.model_config("hf", 20, overrides=[f"model.pretrained={folder}"])
+    assert cfg.vocab_size == vocab > 20 and cfg.d_model == 32 and cfg.pretrained is None
+    assert bench.model_config("hf", vocab + 7, overrides=[f"model.pretrained={folder}"]
+                              ).vocab_size == vocab + 7  # a larger task vocabulary still fits
+    assert bench.model_config("llama_tiny", 20).vocab_size == 20
+

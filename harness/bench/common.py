@@ -84,20 +84,27 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         return compose(config_name="config", overrides=["logger=none", *overrides])
 
 
-def model_config(preset: str, vocab_size: int, lora: int = 0) -> ModelConfig:
-    """The ``conf/model/<preset>.yaml`` preset with ``vocab_size`` set and, with ``lora`` > 0,
-    LoRA adapters of that rank on the trained policy (``model.lora.r``).
+def model_config(preset: str, vocab_size: int, lora: int = 0,
+                 overrides: Sequence[str] = ()) -> ModelConfig:
+    """The ``conf/model/<preset>.yaml`` preset (with the Hydra ``overrides``, e.g.
+    ``model.pretrained=<folder>``) with ``vocab_size`` set and, with ``lora`` > 0, LoRA adapters of
+    that rank on the trained policy (``model.lora.r``).
 
     A pretrained preset (``smollm2_135m``) gives its checkpoint's shape (read from its
-    ``config.json``), and the bench builds a random-init model of that shape with the task's
-    vocabulary: time and memory, not the weights, are what it measures.
+    ``config.json``), vocabulary included (its embedding and LM head are a fifth of SmolLM2's
+    weights; the task's token ids are a subset, and sampled ids the task's tokenizer lacks
+    decode to nothing), and the bench builds a random-init model of that shape: time and memory,
+    not the weights, are what it measures.
     """
     from harness.config import model_config as composed_model
 
-    cfg = compose_config([f"model={preset}"])
+    cfg = compose_config([f"model={preset}", *overrides])
     shape = composed_model(cfg.model, cfg.get("cache_dir"))
+    vocab = int(vocab_size)
+    if shape.pretrained is not None and shape.vocab_size is not None:
+        vocab = max(vocab, int(shape.vocab_size))
     shape = dataclasses.replace(shape, pretrained=None, revision=None, backend="native",
-                                upcycle_experts=0, vocab_size=int(vocab_size))
+                                upcycle_experts=0, vocab_size=vocab)
     if lora:
         shape = dataclasses.replace(shape, lora=dataclasses.replace(shape.lora, r=int(lora)))
     return shape

@@ -158,16 +158,20 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
     if opt < 1:
         raise RuntimeError(f"{method}: no optimiser step was taken in a batch")
     return {
-        "model": model_cfg.name, "method": method, "layout": setup.layout,
+        "model": model_cfg.name, "vocab": model_cfg.vocab_size, "method": method,
+        "layout": setup.layout,
         "sequences": setup.sequences, "minibatch": setup.minibatch,
         "passes": setup.passes, "s_per_batch": s_batch, "opt_steps_per_batch": opt,
+        # tokens trained on per batch (attention-mask tokens, summed over optimisation passes)
+        "tokens_per_batch": setup.module.tokens_trained / n,
         "s_per_opt_step": s_batch / opt, "seq_per_s": setup.sequences / s_batch,
         "times": times, "iters": iters, "device": str(device),
     }
 
 
 STEP_COLUMNS: list[Column] = [
-    ("model", "model", ""), ("method", "method", ""), ("layout", "one batch", ""),
+    ("model", "model", ""), ("vocab", "vocab", "d"), ("method", "method", ""),
+    ("layout", "one batch", ""),
     ("sequences", "seqs", "d"), ("minibatch", "minibatch", "d"), ("passes", "passes", "d"),
     ("s_per_batch", "s/batch", ".4f"), ("opt_steps_per_batch", "opt steps/batch", "d"),
     ("s_per_opt_step", "s/opt step", ".4f"), ("seq_per_s", "seqs/s", ",.1f"),
@@ -179,7 +183,8 @@ def step_notes(device: torch.device, vocab: int) -> list[str]:
     return [
         "s/batch: median wall time of one Lightning training batch (on_train_batch_start -> _end),",
         "after the warm-up batch(es); includes the method's logging. Random-init policy, arith task,",
-        f"vocab {vocab} (its tokenizer); each stage's default config with only its sizes set (Stage.sized).",
+        f"token ids from its {vocab}-token tokenizer (vocab: the model's; a pretrained preset keeps its",
+        "checkpoint's); each stage's default config with only its sizes set (Stage.sized).",
         "sft/rm/dpo: one batch = one optimiser step (rm/dpo: B/2 pairs = B sequences; DPO scores the",
         "reference log-probs of a pair when a batch first needs it, inside the timed batches).",
         "ppo/grpo/rloo: one batch = one rollout",
