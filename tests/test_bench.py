@@ -113,3 +113,48 @@ def test_a_pretrained_preset_is_benched_with_its_own_vocabulary(tmp_path):
                               ).vocab_size == vocab + 7  # a larger task vocabulary still fits
     assert bench.model_config("llama_tiny", 20).vocab_size == 20
 
+
+def test_a_power_law_fit_recovers_exponent_and_constant():
+    from harness.bench.curves import fit_power_law
+
+    a, c = fit_power_law([1, 2, 4, 8], [3 * x**2 for x in (1, 2, 4, 8)])
+    assert a == pytest.approx(2.0) and c == pytest.approx(3.0)
+    a, _ = fit_power_law([10, 100], [5.0, 50.0])  # linear growth
+    assert a == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="distinct"):
+        fit_power_law([2, 2], [1.0, 3.0])
+
+
+def test_cost_curves_write_every_axis_with_a_fitted_growth(tmp_path, capsys):
+    out = tmp_path / "curves"
+    result = bench.main(["--curves", str(out), "--quick", "--threads", "1", "--device", "cpu",
+                         "--cache-dir", str(tmp_path / "cache")])
+    curves = result["curves"]
+    axes = {(p["axis"], p["method"]) for p in curves["points"]}
+    # sft has no response-length axis: it reads its lengths from the data
+    assert axes == {("params", "sft"), ("params", "grpo"), ("batch", "sft"), ("batch", "grpo"),
+                    ("new_tokens", "grpo")}
+    for p in curves["points"]:
+        assert p["s_per_step"] > 0 and p["tokens_per_step"] > 0 and p["tokens_per_s"] > 0
+    sizes = sorted({p["x"] for p in curves["points"] if p["axis"] == "params"})
+    assert sizes == [35_232, 60_320]  # llama_tiny, moe_tiny parameters
+    assert {(g["axis"], g["method"]) for g in curves["growth"]} == axes
+    # the base point (llama_tiny, 4 sequences, 2 new tokens) lies on every axis: its repeats
+    reps = {r["method"]: r for r in curves["repeats"]}
+    assert len(reps["grpo"]["s"]) == 3 and len(reps["sft"]["s"]) == 2
+    assert reps["grpo"]["spread"] >= 1.0 and "Run-to-run spread" in (out / "cost_curves.md").read_text()
+    md = (out / "cost_curves.md").read_text()
+    assert "python -m harness.bench --curves" in md and "s/step ∝ x^a" in md
+    assert json.loads((out / "cost_curves.json").read_text())["points"] == curves["points"]
+    assert (out / "cost_curves.png").stat().st_size > 10_000
+    assert "5. Cost curves" in capsys.readouterr().out
+
+
+def test_cost_curve_settings_are_checked_before_any_work():
+    from harness.bench.curves import CurveSettings
+
+    with pytest.raises(ValueError, match="kto"):
+        CurveSettings(methods=("sft", "kto")).check()
+    CurveSettings(methods=("sft", "rm")).check()  # every stage counts the tokens it trains on
+    with pytest.raises(ValueError, match="batches"):
+        CurveSettings(batches=(8,)).check()

@@ -18,7 +18,8 @@ from harness.bench.flops import (
     matmul_gflops,
     matmul_params,
 )
-from harness.bench.vs_trl import MISSING_TRL, precompute_reference
+from harness.bench.steps import precompute_reference
+from harness.bench.vs_trl import MISSING_TRL
 from harness.config import ModelConfig
 from harness.models.llama import CausalLM
 

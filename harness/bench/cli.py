@@ -18,12 +18,18 @@ Three sections, each printed as a table per model preset (``--json PATH`` also d
    runs alone unless ``--sections`` names others; its defaults are the comparison's settings
    (``llama_trl_bench``, 64 = 8 prompts x 8 sequences of 16 new tokens, 8 DPO pairs, 2 threads).
 
+5. **--curves DIR** (:mod:`harness.bench.curves`): seconds per step and tokens/s of SFT, DPO, GRPO
+   and PPO against model size (llama_tiny, llama_small, llama_25m, smollm2_135m), batch and
+   response length, with fitted power-law growth, written to ``DIR/cost_curves.{md,json,png}``
+   (runs alone unless ``--sections`` names others; ``--quick``: a smoke-sized sweep).
+
 Examples::
 
     python -m harness.bench                                  # llama_small and moe_small, batch 64
     python -m harness.bench --quick --models llama_tiny      # seconds, for a smoke test
     python -m harness.bench --sections sampler --new-tokens 64 --json bench.json
     python -m harness.bench --vs trl                         # needs pip install -e '.[trl]'
+    python -m harness.bench --curves results/cost_curves     # ~5 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,6 +100,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="default: all three; none with --vs")
     p.add_argument("--vs", choices=("trl",),
                    help="time GRPO and DPO steps beside TRL's trainers (needs the trl extra)")
+    p.add_argument("--curves", type=Path, metavar="DIR",
+                   help="cost curves against model size, batch and response length, written to "
+                        "DIR/cost_curves.{md,json,png}")
     p.add_argument("--rounds", type=int, help="--vs: interleaved rounds (default 3; quick 1)")
     p.add_argument("--pairs", type=int, help="--vs: DPO pairs per step (default 8; quick 2)")
     p.add_argument("--minibatch", type=int, help="override PPO/GRPO minibatch_size (default: conf)")
@@ -110,8 +121,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=argparse.SUPPRESS)
     p.add_argument("--_n-examples", dest="n_examples", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command, for reports
     unset = {**(QUICK if args.quick else DEFAULTS), "models": list(DEFAULT_MODELS),
-             "sections": [] if args.vs else list(SECTIONS)}
+             "sections": [] if args.vs or args.curves else list(SECTIONS)}
     if args.vs:
         unset.update(VS_TRL_QUICK if args.quick else VS_TRL)
     for k, v in unset.items():
@@ -206,6 +218,17 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
                                  args.pairs, args.rounds, args.iters, args.warmup, args.seed,
                                  device, out)
                 for m in args.models]
+        if args.curves:
+            from harness.bench.curves import QUICK as QUICK_CURVES
+            from harness.bench.curves import CurveSettings, write_curves
+
+            settings = QUICK_CURVES if args.quick else CurveSettings()
+            settings.check()
+            with quiet():
+                ctask, ctok = prepare_data(settings.n_examples, cache, args.seed)
+            command = "python -m harness.bench " + shlex.join(args.argv)
+            result["curves"] = write_curves(args.curves, settings, ctask, ctok, args.seed, device,
+                                            command, out)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str))

@@ -130,6 +130,15 @@ def fit(setup: Any, n_batches: int, device: torch.device, root: Path,
     return trainer
 
 
+def precompute_reference(module: Any, device: torch.device) -> None:
+    """Score every pair's reference log-probs before the clock starts (DPO's ``ref``,
+    :class:`harness.methods.dpo.ReferenceLogps`, otherwise scores them when a batch first needs
+    them): TRL's ``precompute_ref_log_probs=True`` does the same before its training loop."""
+    ref = getattr(module, "ref", None)
+    if ref is not None:
+        ref.lookup(torch.arange(len(ref.table), device=device))
+
+
 def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
                        iters: int = 5, warmup: int = 1, seed: int = 0,
                        device: torch.device | None = None, minibatch: int | None = None,

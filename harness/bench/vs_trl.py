@@ -40,7 +40,7 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from harness.bench.common import Column, format_table, median, sync
 from harness.bench.flops import dpo_step_flops, grpo_step_flops, matmul_gflops, matmul_params
-from harness.bench.steps import bench_method_steps
+from harness.bench.steps import bench_method_steps, precompute_reference
 from harness.config import ModelConfig, OptimConfig
 
 TRL_SERIES = "1.16"
@@ -264,15 +264,6 @@ def step_flops(method: str, model_cfg: ModelConfig, cfg: Any, seq_len: int) -> f
 def harness_overrides(method: str, new_tokens: int) -> list[str]:
     """The Hydra overrides of the compared configs: GRPO samples ``new_tokens`` tokens."""
     return [f"method.rollout.max_new_tokens={new_tokens}"] if method == "grpo" else []
-
-
-def precompute_reference(module: Any, device: torch.device) -> None:
-    """Score every pair's reference log-probs before the clock starts (DPO's ``ref``,
-    :class:`harness.methods.dpo.ReferenceLogps`, otherwise scores them when a batch first needs
-    them): TRL's ``precompute_ref_log_probs=True`` does the same before its training loop."""
-    ref = getattr(module, "ref", None)
-    if ref is not None:
-        ref.lookup(torch.arange(len(ref.table), device=device))
 
 
 def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
