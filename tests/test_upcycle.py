@@ -61,3 +61,5 @@ def test_grpo_trains_an_upcycled_pretrained_model(tmp_path):
                           if not o.startswith(("model.upcycle_experts", "model.gating"))]),
                 tmp_path / "dense")
     assert dense["cache_keys"]["sft"] != summary["cache_keys"]["sft"]
+    # the MoE arm is a model of its own in records and on the leaderboard
+    assert (summary["model"], dense["model"]) == ("tiny-llama_moe4", "tiny-llama")

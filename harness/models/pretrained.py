@@ -159,6 +159,8 @@ def pretrained_config(model: dict[str, Any], cache_dir: Path | str | None = None
         except ValueError as err:
             raise ConfigError(f"model.upcycle_experts={experts}: {err}") from err
         ours["upcycle_experts"] = experts
+        # its own name, so records and the leaderboard keep the MoE arm apart from the dense model
+        ours["name"] = f"{ours['name']}_moe{experts}"
     return replace(cfg, **ours), folder
 
 
