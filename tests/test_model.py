@@ -291,3 +291,41 @@ def test_the_sampler_prefill_and_the_reference_pass_run_the_head_where_needed():
     assert rows == [4, 8]
     torch.testing.assert_close(fast, full.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(fast, gen.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_inverse_cdf_sampling_by_hand_and_in_law():
+    from harness.models.generation import inverse_cdf_sample
+
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]]).expand(5, 4)
+    u = torch.tensor([0.0, 0.1, 0.2, 0.69, 0.71])
+    # cdf 0.2, 0.2, 0.7, 1.0: the first token whose cdf exceeds u; token 1 has no mass
+    assert inverse_cdf_sample(probs, u).tolist() == [0, 0, 2, 2, 3]
+    # u * total rounding up to the total takes the last token with mass, not a filtered one
+    tail = torch.tensor([[0.5, 0.5, 0.0]])
+    assert inverse_cdf_sample(tail, torch.tensor([1.0])).tolist() == [1]
+    g = torch.Generator().manual_seed(0)
+    draws = inverse_cdf_sample(probs[:1].expand(40_000, 4), torch.rand(40_000, generator=g))
+    freq = torch.bincount(draws, minlength=4).float() / 40_000
+    torch.testing.assert_close(freq, probs[0], atol=0.01, rtol=0)
+
+
+def test_a_row_with_its_own_noise_samples_the_same_tokens_in_any_batch():
+    """generate(noise=...): row i's tokens depend on its prompt and its noise row only, so a
+    row sampled alone or beside others (as on a DDP rank or in one process) gets the same tokens;
+    the generator's multinomial draws do not have that property."""
+    torch.manual_seed(1)
+    model = CausalLM(tiny()).eval()
+    ids = torch.randint(4, 40, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.long)
+    noise = torch.rand(3, 6, generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, eos_token_id=-1, pad_token_id=0, temperature=1.0)
+    batch = generate(model, ids, mask, noise=noise, **kw).response
+    for i in range(3):
+        alone = generate(model, ids[i:i + 1], mask[i:i + 1], noise=noise[i:i + 1], **kw).response
+        assert torch.equal(alone[0], batch[i])
+    g = torch.Generator().manual_seed(2)
+    alone = generate(model, ids[2:], mask[2:], generator=g, **kw).response
+    g = torch.Generator().manual_seed(2)
+    assert not torch.equal(alone[0], generate(model, ids, mask, generator=g, **kw).response[2])
+    with pytest.raises(ValueError, match="noise"):
+        generate(model, ids, mask, noise=noise[:, :2], **kw)

@@ -42,12 +42,38 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: row i takes the first token whose cumulative probability exceeds
+    ``u_i`` times the row's total. probs [B, V] (rows need not be normalised; filtered tokens have
+    0 and are never taken), u [B] uniforms in [0, 1) -> token ids [B].
+
+    The same law as ``torch.multinomial(probs, 1)``, but the draw is a function of the row's own
+    uniform: a row samples the same token wherever it sits in a batch, which is what lets DDP
+    ranks reproduce a one-process run (:func:`generate`'s ``noise``).
+    """
+    cdf = probs.cumsum(-1)
+    x = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    # u * total can round up to the total: take the last token with mass instead of running off
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
+    return torch.minimum(idx, last)
+
+
 @torch.no_grad()
 def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              max_new_tokens: int, eos_token_id: int, pad_token_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             greedy: bool = False, generator: torch.Generator | None = None) -> Generation:
-    """Sample continuations of left-padded prompts input_ids [B, P] (attention_mask [B, P])."""
+             greedy: bool = False, generator: torch.Generator | None = None,
+             noise: torch.Tensor | None = None) -> Generation:
+    """Sample continuations of left-padded prompts input_ids [B, P] (attention_mask [B, P]).
+
+    ``noise`` [B, max_new_tokens] of uniforms in [0, 1): new token t of row i is drawn by
+    :func:`inverse_cdf_sample` from ``noise[i, t]`` instead of ``torch.multinomial`` from
+    ``generator``, so each row's tokens depend on its own noise only (not on the batch around it).
+    """
+    if noise is not None and tuple(noise.shape) != (input_ids.shape[0], max_new_tokens):
+        raise ValueError(f"noise: shape {tuple(noise.shape)}, expected "
+                         f"{(input_ids.shape[0], max_new_tokens)} (rows x max_new_tokens)")
     if temperature <= 0 and not greedy:
         raise ValueError("temperature must be > 0 for sampling (use greedy=True for argmax)")
     was_training = model.training
@@ -66,7 +92,10 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
             nxt = scaled.argmax(-1)
         else:
             probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            if noise is None:
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                nxt = inverse_cdf_sample(probs, noise[:, step])
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         alive.append(~done)
         tokens.append(nxt)
