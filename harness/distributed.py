@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 #: environment variables that carry a process's global rank, as Lightning reads them
 RANK_ENV = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
@@ -57,3 +59,17 @@ def all_reduce_sum(value: Any) -> Any:
     total = value.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
+
+
+def global_std(x: torch.Tensor) -> torch.Tensor:
+    """The sample standard deviation (Bessel's n - 1, as ``torch.std``) of ``x``'s elements over
+    every rank, from all-reduced n, sum and sum of squares; 0 for fewer than 2 elements. Without
+    a process group: ``x.std()``."""
+    if world_size() == 1:
+        return x.std() if x.numel() > 1 else x.new_zeros(())
+    xf = x.detach().double().reshape(-1)
+    n, s, sq = all_reduce_sum(torch.stack((xf.new_tensor(float(xf.numel())), xf.sum(),
+                                           (xf * xf).sum()))).unbind()
+    if n < 2:
+        return x.new_zeros(())
+    return ((sq - s * s / n) / (n - 1)).clamp(min=0).sqrt().to(x.dtype)

@@ -6,6 +6,9 @@ Streams and where they are drawn:
   reseeded with :func:`seed_stage` at the start of every stage (so a stage's stream does not
   depend on what ran before it in the same process, e.g. earlier jobs of a multirun sweep);
 * ``rollout``: the on-policy methods' sampler and minibatch order (a dedicated generator);
+* ``rollout_noise``: under a multi-process strategy (``trainer=ddp``), the uniforms of the global
+  rollout batch that every rank draws in full and slices (token-level equality across device
+  counts: :meth:`harness.methods.rl_base.OnPolicyModule.sampling_noise`);
 * ``eval_kl``: the responses sampled to estimate KL(pi || pi_ref) at evaluation;
 * ``prompts``: the order in which RL stages draw training prompts.
 
@@ -19,7 +22,7 @@ import hashlib
 
 import torch
 
-STREAMS = ("stage", "rollout", "eval_kl", "prompts")
+STREAMS = ("stage", "rollout", "rollout_noise", "eval_kl", "prompts")
 
 
 def stream_seed(seed: int, name: str) -> int:

@@ -305,3 +305,43 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     assert {"train/loss", "train/rewards_margin", "eval/kl", "eval/gold_reward"} <= set(keys)
     for k in keys:
         assert two["metrics"][k] == pytest.approx(one["metrics"][k], abs=1e-5), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_on_policy_ddp_samples_and_updates_as_one_process(method, tmp_path):
+    """GRPO and PPO under DDP: 2 ranks of half the prompts against 1 rank of the global batch
+    (minibatch = the rank's rollout). Every rank draws the global batch's sampling noise and keeps
+    its rows, advantages are whitened and token losses normalised over the global batch, so the
+    rollouts are the same tokens and the updates the same steps: every train and eval metric
+    agrees to 1e-5 (float rounding of half-batch sums). Rewards come from a reward model, whose
+    scores differ between responses even on a barely trained policy (gold rewards would all be 0,
+    a test of nothing)."""
+    common = [f"method={method}", "trainer=ddp", "model=llama_tiny", "sft.max_steps=6",
+              "method.n_iterations=3", "rm.max_steps=4", "eval.limit=8",
+              "logger=none", "eval.lm_eval.enabled=false", "dataset.n_train=2000",
+              "dataset.n_pairs=400", "trainer.enable_progress_bar=false", "results_dir=null"]
+    if method == "grpo":  # PPO always scores with the reward model
+        common += ["method.group_size=4", "method.reward_source=rm"]
+    prompts = {"grpo": 4, "ppo": 8}[method]
+    rows = prompts * (4 if method == "grpo" else 1)
+    summaries = {}
+    for devices in (1, 2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "WANDB_MODE": "offline"}
+        run_dir = tmp_path / f"devices{devices}"
+        out = subprocess.run([sys.executable, "-m", "harness", *common, f"trainer.devices={devices}",
+                              f"sft.batch_size={16 // devices}", f"rm.batch_size={8 // devices}",
+                              f"method.rollout.prompts_per_batch={prompts // devices}",
+                              f"method.minibatch_size={rows // devices}",
+                              f"cache_dir={tmp_path}/cache{devices}", f"hydra.run.dir={run_dir}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, out.stderr[-3000:]
+        summaries[devices] = json.loads((run_dir / "summary.json").read_text())
+    one, two = summaries[1]["metrics"], summaries[2]["metrics"]
+    keys = [k for k in one if k.startswith(("train/", "eval/")) and "per_s" not in k]
+    assert {"train/loss", "train/reward", "train/reward_std", "train/adv_std", "train/kl",
+            "eval/kl"} <= set(keys)
+    assert one["train/reward_std"] > 0.1  # the rewards differ: the update has something to fit
+    for k in keys:
+        assert two[k] == pytest.approx(one[k], abs=1e-5), k

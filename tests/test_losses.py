@@ -551,3 +551,56 @@ def test_sft_loss_under_ddp_is_the_mean_over_every_token_of_the_global_batch():
     # each rank's own token mean would weight rank 0's 3 tokens like rank 1's 8
     naive = sum(sft_loss(lg, lb)[0] for lg, lb in shards) / 2
     assert abs(naive.item() - one.item()) > 1e-3
+
+
+def _two_rank_statistics(rank: int, init: str, out: str) -> None:
+    """One of two gloo ranks: the batch's statistics from its half (rank 0: rows 0-1, rank 1:
+    rows 2-4) through the all-reduce, saved for the test to read."""
+    import torch.distributed as dist
+
+    from harness.distributed import all_reduce_sum, global_std
+    from harness.methods.losses import explained_variance, masked_moments, masked_whiten
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    x, mask, values = _batch()
+    rows = slice(0, 2) if rank == 0 else slice(2, 5)
+    x, mask, values = x[rows], mask[rows], values[rows]
+    torch.save({"moments": masked_moments(x, mask, sum_fn=all_reduce_sum),
+                "whiten": masked_whiten(x, mask, sum_fn=all_reduce_sum),
+                "ev": explained_variance(values, x, mask, sum_fn=all_reduce_sum),
+                "std": global_std(x[:, 0])}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, generator=g) * 2 + 1
+    x[2:] += 3  # the ranks' parts differ: each part's own moments are not the batch's
+    mask = torch.ones(5, 4)
+    mask[0, 2:] = 0
+    mask[3, 1:] = 0
+    return x, mask, x + 0.3 * torch.randn(5, 4, generator=g)
+
+
+def test_batch_statistics_over_two_ranks_equal_those_of_the_whole_batch(tmp_path):
+    """masked_moments / masked_whiten / explained_variance with sum_fn = the all-reduce, and
+    global_std, on 2 gloo processes holding uneven parts of a batch: the whole batch's values (a
+    mean of the ranks' own statistics would not be)."""
+    import torch.multiprocessing as mp
+
+    from harness.methods.losses import explained_variance, masked_moments, masked_whiten
+
+    mp.spawn(_two_rank_statistics, args=(f"file://{tmp_path}/init", str(tmp_path)), nprocs=2)
+    x, mask, values = _batch()
+    mean, var = masked_moments(x, mask)
+    assert float(mean) == pytest.approx(float(x[mask.bool()].mean()), rel=1e-6)
+    assert float(var) == pytest.approx(float(x[mask.bool()].var()), rel=1e-6)  # Bessel
+    whole = masked_whiten(x, mask)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for r, p in enumerate(parts):
+        torch.testing.assert_close(torch.stack(p["moments"]), torch.stack((mean, var)))
+        torch.testing.assert_close(p["whiten"], whole[:2] if r == 0 else whole[2:])
+        torch.testing.assert_close(p["ev"], explained_variance(values, x, mask))
+        torch.testing.assert_close(p["std"], x[:, 0].std())
+    own = masked_moments(x[:2], mask[:2])[1]  # rank 0's own variance is another number
+    assert abs(float(own) - float(var)) > 0.1

@@ -309,3 +309,13 @@ def test_the_reward_model_counts_the_tokens_it_trains_on(tiny_task):
     tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
     assert module.tokens_trained == tokens > 0
     assert module.throughput(2.0)["cost/train_tokens_per_s"] == tokens / 2.0
+
+
+def test_global_rows_deal_prompts_to_ranks_in_turn_and_keep_groups_whole():
+    from harness.methods.rl_base import global_rows
+
+    # rank 1 of 2, 2 prompts of groups of 3: global prompts 1 and 3 -> rows 3-5 and 9-11
+    assert global_rows(2, 3, rank=1, world=2).tolist() == [3, 4, 5, 9, 10, 11]
+    assert global_rows(4, 1, rank=0, world=1).tolist() == [0, 1, 2, 3]
+    every = torch.cat([global_rows(3, 2, r, 3) for r in range(3)])
+    assert sorted(every.tolist()) == list(range(18))  # the ranks' rows partition the batch

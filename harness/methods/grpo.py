@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.config import fail, one_of
+from harness.distributed import all_reduce_sum, world_size
 from harness.methods.losses import (
     aggregate_loss,
     group_relative_advantages,
@@ -55,19 +56,26 @@ class GRPOModule(GroupModule):
         cfg = self.cfg
         ro = self.group_rollout(batch)
         adv = group_relative_advantages(ro.scores, cfg.group_size, scale_rewards=cfg.scale_rewards)
-        # dapo: every minibatch divides by the active tokens of the whole rollout batch
-        n_active = ro.mask.sum() if cfg.loss_type == "dapo" else None
+        # dapo: every minibatch divides by the active tokens of the whole rollout batch; under DDP
+        # the global batch's, over the world size, since DDP averages the ranks' gradients
+        n_active = (all_reduce_sum(ro.mask.sum()) / world_size() if cfg.loss_type == "dapo"
+                    else None)
+
+        sharded = self.ranks() is not None
 
         def policy_loss(idx, logp, mask):
             a = adv[idx, None].expand_as(logp)
+            agg, n = cfg.loss_type, n_active
+            if agg == "bnpo" and sharded:  # the global minibatch's token mean (as dapo above)
+                agg, n = "dapo", all_reduce_sum(mask.sum()) / world_size()
             pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], a, mask, cfg.clip_eps,
-                                              cfg.clip_eps_high, aggregation=cfg.loss_type,
-                                              max_len=cfg.rollout.max_new_tokens, n_active=n_active)
+                                              cfg.clip_eps_high, aggregation=agg,
+                                              max_len=cfg.rollout.max_new_tokens, n_active=n)
             stats.update(pg_loss=pg.detach())
             if ro.ref_logp is None:  # beta = 0: no reference pass, no KL term (pg + 0 * KL = pg)
                 return pg, stats
-            kl = aggregate_loss(kl_k3(logp, ro.ref_logp[idx]), mask, cfg.loss_type,
-                                max_len=cfg.rollout.max_new_tokens, n_active=n_active)
+            kl = aggregate_loss(kl_k3(logp, ro.ref_logp[idx]), mask, agg,
+                                max_len=cfg.rollout.max_new_tokens, n_active=n)
             stats.update(kl_k3_per_token=kl.detach())
             return pg + cfg.beta * kl, stats
 

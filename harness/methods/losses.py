@@ -17,6 +17,8 @@ Conventions shared by all functions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -39,6 +41,7 @@ __all__ = [
     "kl_penalized_rewards",
     "last_valid_index",
     "masked_mean",
+    "masked_moments",
     "masked_sum",
     "masked_var",
     "masked_whiten",
@@ -105,35 +108,52 @@ def masked_mean(x: Tensor, mask: Tensor, dim: Dim = None) -> Tensor:
     return torch.where(den > 0, num / safe, torch.zeros_like(num))
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Masked variance over all masked entries (as TRL's ``masked_var``).
+def masked_moments(x: Tensor, mask: Tensor, unbiased: bool = True,
+                   sum_fn: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Masked mean and variance over all masked entries (as TRL's ``masked_mean``/``masked_var``):
 
-        var = sum_i m_i (x_i - mu)^2 / sum_i m_i            (unbiased=False, population)
-        var = var * n / (n - 1),  n = sum_i m_i             (unbiased=True, Bessel)
+        mu  = sum_i m_i x_i / n,  n = sum_i m_i
+        var = sum_i m_i (x_i - mu)^2 / n                    (unbiased=False, population)
+        var = var * n / (n - 1)                             (unbiased=True, Bessel)
 
-    x, mask: same shape; returns a 0-dim tensor. Returns 0 when n = 0, and (unbiased) when n = 1,
-    instead of raising or returning NaN.
+    x, mask: same shape; returns two 0-dim tensors. The variance is 0 when n = 0, and (unbiased)
+    when n = 1, instead of raising or returning NaN. ``sum_fn`` (e.g.
+    :func:`harness.distributed.all_reduce_sum`) sums the partial sums over the parts of a batch
+    held elsewhere, so mu and var are those of the whole batch (DDP ranks); without it, this
+    batch's, computed as ever.
     """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
+    if sum_fn is None:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
         n = mask.to(x.dtype).sum()
+    else:
+        total, n = sum_fn(torch.stack((masked_sum(x, mask), mask.to(x.dtype).sum()))).unbind()
+        mean = total / n.clamp(min=1)
+        var = sum_fn(masked_sum((x - mean) ** 2, mask)) / n.clamp(min=1)
+    if unbiased:
         safe = torch.where(n > 1, n - 1, torch.ones_like(n))
         var = torch.where(n > 1, var * n / safe, torch.zeros_like(var))
-    return var
+    return mean, var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True,
+               sum_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The variance of :func:`masked_moments` (TRL's ``masked_var``); a 0-dim tensor."""
+    return masked_moments(x, mask, unbiased, sum_fn)[1]
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  sum_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Advantage whitening over the masked entries (TRL's ``masked_whiten``).
 
         x_hat = (x - mu) / sqrt(var + eps)        mu, var: masked mean and unbiased variance
         x_hat = x_hat + mu                         when shift_mean is False (scale only)
 
     x, mask: same shape (e.g. [B, T]); returns x's shape, 0 at masked-out positions (TRL leaves
-    them whitened; here they are zeroed so padding never leaks into sums).
+    them whitened; here they are zeroed so padding never leaks into sums). ``sum_fn``: moments of
+    the whole batch across DDP ranks (:func:`masked_moments`).
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    mean, var = masked_moments(x, mask, unbiased=True, sum_fn=sum_fn)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -372,34 +392,41 @@ def ppo_clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, ma
 
 
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-                       clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
+                       clip_range: float, n_tokens: Tensor | float | None = None,
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss (PPO2 / TRL):
 
         V_clip = clip(V, V_old - c, V_old + c)
         L_V    = 0.5 * masked_mean( max( (V - R)^2, (V_clip - R)^2 ) )
 
-    values, old_values, returns, mask: [B, T]. Returns (L_V 0-dim, {"value_clip_frac": fraction
-    of valid tokens where the clipped error is the larger, i.e. active, term}).
+    values, old_values, returns, mask: [B, T]. ``n_tokens``: divide the masked sum by this count
+    instead of the mask's (DDP: the global minibatch's tokens over the world size). Returns (L_V
+    0-dim, {"value_clip_frac": fraction of valid tokens where the clipped error is the larger,
+    i.e. active, term}).
     """
     v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     err = (values - returns) ** 2
     err_clipped = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    worse = torch.maximum(err, err_clipped)
+    loss = 0.5 * (masked_mean(worse, mask) if n_tokens is None
+                  else masked_sum(worse, mask) / torch.as_tensor(n_tokens, dtype=worse.dtype))
     with torch.no_grad():
         clip_frac = masked_mean((err_clipped > err).to(values.dtype), mask)
     return loss, {"value_clip_frac": clip_frac}
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor,
+                       sum_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Critic diagnostic  EV = 1 - Var[R - V] / Var[R]  over the valid entries.
 
     values, returns, mask: [B, T]. Returns a detached 0-dim tensor: 1 = perfect critic,
     0 = no better than a constant, < 0 = worse. When Var[R] = 0 (nothing to explain) it returns
     0 rather than NaN/inf. Population variances (the ratio does not depend on the correction).
+    ``sum_fn``: over the whole batch across DDP ranks (:func:`masked_moments`).
     """
     with torch.no_grad():
-        var_r = masked_var(returns.detach(), mask, unbiased=False)
-        var_res = masked_var((returns - values).detach(), mask, unbiased=False)
+        var_r = masked_var(returns.detach(), mask, unbiased=False, sum_fn=sum_fn)
+        var_res = masked_var((returns - values).detach(), mask, unbiased=False, sum_fn=sum_fn)
         safe = torch.where(var_r > 0, var_r, torch.ones_like(var_r))
         return torch.where(var_r > 0, 1.0 - var_res / safe, torch.zeros_like(var_r))
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from harness.config import OptimConfig, RolloutConfig, in_range, one_of, positive
+from harness.distributed import all_reduce_sum, world_size
 from harness.methods.losses import (
     adaptive_kl_coef,
     check_finite,
@@ -28,6 +29,7 @@ from harness.methods.losses import (
     kl_log_ratio,
     kl_penalized_rewards,
     masked_mean,
+    masked_sum,
     masked_whiten,
     ppo_clipped_surrogate,
 )
@@ -124,8 +126,11 @@ class PPOModule(OnPolicyModule):
             rewards = kl_penalized_rewards(ro.scores, ro.old_logp, ro.ref_logp, ro.mask,
                                            self.beta)
             adv, returns = gae_advantages(rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
+            # under DDP: statistics and token counts of the global batch (every rank holds a
+            # part), so a run on W ranks updates as the one-rank run at the same global batch
+            sum_fn = all_reduce_sum if self.ranks() is not None else None
             if cfg.whiten_advantages:
-                adv = masked_whiten(adv, ro.mask)
+                adv = masked_whiten(adv, ro.mask, sum_fn=sum_fn)
         (opt_p, opt_c), (sched_p, sched_c) = self.optimizers(), self.lr_schedulers()
         stats_acc: dict[str, list[torch.Tensor]] = {}
         for _ in range(cfg.update_epochs):
@@ -134,13 +139,19 @@ class PPOModule(OnPolicyModule):
                 logp, ent, aux_p = response_logprobs(
                     self.policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len,
                     cfg.rollout.temperature, with_entropy=True)
+                # DDP averages the ranks' gradients: token means divide by the global
+                # minibatch's tokens over the world size (the ranks' k-th minibatches form it)
+                n_tok = None if sum_fn is None else sum_fn(mask.sum()) / world_size()
                 pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], adv[idx], mask,
-                                                  cfg.clip_eps, aggregation="token")
-                entropy = masked_mean(ent, mask)
+                                                  cfg.clip_eps,
+                                                  aggregation="token" if n_tok is None else "dapo",
+                                                  n_active=n_tok)
+                entropy = (masked_mean(ent, mask) if n_tok is None
+                           else masked_sum(ent, mask) / n_tok)
                 values, aux_c = critic_values(self.critic, ro.input_ids[idx],
                                               ro.attention_mask[idx], ro.prompt_len, n_new)
                 vf, vstats = clipped_value_loss(values, old_values[idx], returns[idx], mask,
-                                                cfg.value_clip)
+                                                cfg.value_clip, n_tokens=n_tok)
                 loss = pg - cfg.ent_coef * entropy + cfg.vf_coef * vf + aux_p + aux_c
                 self.checked("train/loss", loss)
                 self.step(loss, (opt_p, sched_p, cfg.optim), (opt_c, sched_c, cfg.critic_optim))
@@ -150,8 +161,10 @@ class PPOModule(OnPolicyModule):
                 self.accumulate(stats_acc, stats)
         # minibatches partition the rollout: one host sync per rollout, not per minibatch
         self.tokens_trained += cfg.update_epochs * int(ro.attention_mask.sum())
-        observed_kl = float((kl_log_ratio(ro.old_logp, ro.ref_logp) * ro.mask).sum(-1).mean())
-        stats_acc["explained_var"] = [explained_variance(old_values, returns, ro.mask)]
+        kl_rows = (kl_log_ratio(ro.old_logp, ro.ref_logp) * ro.mask).sum(-1)
+        observed_kl = float(kl_rows.mean() if sum_fn is None
+                            else sum_fn(kl_rows.sum()) / (len(ro) * world_size()))
+        stats_acc["explained_var"] = [explained_variance(old_values, returns, ro.mask, sum_fn)]
         stats_acc["beta"] = [torch.tensor(self.beta)]
         if cfg.adaptive_kl:
             self.beta = adaptive_kl_coef(self.beta, observed_kl, cfg.target_kl,

@@ -11,16 +11,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import lightning as L
 import torch
 from omegaconf import MISSING
 
 from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
+from harness.distributed import global_std
 from harness.methods.base import AlignmentModule
 from harness.methods.losses import check_finite, kl_log_ratio, masked_mean
 from harness.methods.rollout import Rollout, make_rollout, minibatches, response_logprobs
 from harness.models.llama import CausalLM
 from harness.seeding import generator
 from harness.stage import Budget, Fit, Stage, policy_from
+
+
+def global_rows(n_prompts: int, rows_per_prompt: int, rank: int, world: int) -> torch.Tensor:
+    """Rows of the global rollout batch that rank ``rank`` of ``world`` holds, in its local order
+    [n_prompts * rows_per_prompt]: its prompt j is the global batch's prompt j * world + rank
+    (``DistributedSampler`` deals indices in turn), and a prompt's ``rows_per_prompt`` rows (a
+    group) are consecutive in both."""
+    prompt = torch.arange(n_prompts) * world + rank
+    return (prompt[:, None] * rows_per_prompt + torch.arange(rows_per_prompt)).reshape(-1)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -49,17 +60,47 @@ class OnPolicyModule(AlignmentModule):
         self.samples_every = samples_every
         #: the sampler's and the minibatch order's stream (``harness.seeding``, stream "rollout")
         self.generator = generator(seed, "rollout")
+        #: under a multi-process strategy: the global batch's sampling noise (``sampling_noise``)
+        self.noise_generator = generator(seed, "rollout_noise")
         self._t_iter: float | None = None
 
     def trainable_modules(self):
         return [self.policy]
 
+    def ranks(self) -> tuple[int, int] | None:
+        """(rank, world size) under a multi-process strategy (DDP, with any number of devices,
+        one included), else None."""
+        trainer = self._trainer
+        if trainer is None or not isinstance(trainer.strategy, L.pytorch.strategies.ParallelStrategy):
+            return None
+        return trainer.global_rank, trainer.world_size
+
+    def sampling_noise(self, n_rows: int, rows_per_prompt: int) -> torch.Tensor | None:
+        """This rank's rows of the global rollout batch's sampling noise, [n_rows, N] uniforms, or
+        None (plain runs: the sampler draws ``torch.multinomial`` from ``generator``, as ever).
+
+        Under DDP, Lightning's ``DistributedSampler`` deals the global batch's prompts to the ranks
+        in turn (prompt m to rank m mod W); every rank draws the whole batch's noise from one
+        stream and keeps the rows of its prompts (:func:`global_rows`), so each response is
+        sampled from the same uniforms whatever the number of devices, and a run on W ranks
+        samples the tokens of the one-rank run at the same global batch.
+        """
+        ranks = self.ranks()
+        if ranks is None:
+            return None
+        rank, world = ranks
+        n_new = self.rollout_cfg.max_new_tokens
+        full = torch.rand(n_rows * world, n_new, generator=self.noise_generator)
+        return full[global_rows(n_rows // rows_per_prompt, rows_per_prompt, rank, world)]
+
     def rollout(self, prompts: list[str], max_len: int, score_fn,
-                with_reference: bool = True) -> Rollout:
+                with_reference: bool = True, rows_per_prompt: int = 1) -> Rollout:
         """Sample and score one rollout batch from the policy; counts its generated tokens.
-        ``with_reference=False`` skips the reference pass (``ro.ref_logp`` is None)."""
+        ``with_reference=False`` skips the reference pass (``ro.ref_logp`` is None);
+        ``rows_per_prompt``: consecutive rows that share a prompt (a group)."""
         ro = make_rollout(self.policy, self.reference if with_reference else None, self.tokenizer,
-                          prompts, self.rollout_cfg, max_len, score_fn, self.generator)
+                          prompts, self.rollout_cfg, max_len, score_fn, self.generator,
+                          self.sampling_noise(len(prompts), rows_per_prompt))
         self.tokens_generated += int(ro.mask.sum())
         self.gen_seconds += ro.gen_s
         return ro
@@ -90,10 +131,11 @@ class OnPolicyModule(AlignmentModule):
         now = time.perf_counter()
         metrics = {
             "train/reward": ro.scores.mean(),
-            "train/reward_std": ro.scores.std() if len(ro) > 1 else torch.zeros(()),
+            # over the global batch under DDP (a mean of the ranks' stds is not the batch's std)
+            "train/reward_std": global_std(ro.scores),
             "train/response_len": ro.mask.sum(-1).mean(),
             "train/adv_mean": adv.mean(),
-            "train/adv_std": adv.std() if adv.numel() > 1 else torch.zeros(()),
+            "train/adv_std": global_std(adv),
         }
         if ro.ref_logp is not None:  # without a reference pass (beta = 0) eval/kl still measures it
             k1 = kl_log_ratio(ro.old_logp, ro.ref_logp)
@@ -173,7 +215,8 @@ class GroupModule(OnPolicyModule):
         self.policy.eval()  # deterministic routing: a sampled MoE route would make ratios random
         prompts = [p for p in batch for _ in range(cfg.group_size)]
         # beta = 0: nothing reads the reference's log-probs, so its forward pass is skipped
-        ro = self.rollout(prompts, cfg.max_len, self.score_fn, with_reference=cfg.beta > 0)
+        ro = self.rollout(prompts, cfg.max_len, self.score_fn, with_reference=cfg.beta > 0,
+                          rows_per_prompt=cfg.group_size)
         check_finite("train/reward", ro.scores)
         return ro
 

@@ -98,17 +98,20 @@ def sample_with_reference(policy: CausalLM, reference: CausalLM | None, tokenize
                           prompts: Sequence[str],
                           max_new_tokens: int, max_len: int, temperature: float = 1.0,
                           top_k: int = 0, top_p: float = 1.0,
-                          generator: torch.Generator | None = None) -> Sampled:
+                          generator: torch.Generator | None = None,
+                          noise: torch.Tensor | None = None) -> Sampled:
     """Sample one response per prompt from ``policy`` (KV-cached sampler), then the reference's
     log-probabilities of the same tokens (one forward, no gradients): what a rollout and the KL
-    estimate both need. ``reference=None`` skips the reference pass (``ref_logp`` None)."""
+    estimate both need. ``reference=None`` skips the reference pass (``ref_logp`` None);
+    ``noise`` [B, max_new_tokens]: per-row sampling noise (:func:`~harness.models.generation.generate`)."""
     device = policy.device
     ids, pmask = encode_prompts(tokenizer, prompts, max_len - max_new_tokens)
     ids, pmask = ids.to(device), pmask.to(device)
     t0 = time.perf_counter()
     gen = generate(policy, ids, pmask, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k,
-                   top_p=top_p, generator=generator)
+                   top_p=top_p, generator=generator,
+                   noise=None if noise is None else noise.to(device))
     if gen.response_mask.is_cuda:
         torch.cuda.synchronize()
     gen_s = time.perf_counter() - t0
@@ -125,15 +128,17 @@ def make_rollout(policy: CausalLM, reference: CausalLM | None, tokenizer, prompt
                  cfg: RolloutConfig, max_len: int,
                  score_fn: Callable[[list[str], list[str], torch.Tensor, torch.Tensor, int],
                                     torch.Tensor],
-                 generator: torch.Generator | None = None) -> Rollout:
+                 generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None) -> Rollout:
     """Sample one response per prompt (repeat prompts for groups), then score and reference them.
 
     ``score_fn(prompts, responses, input_ids, attention_mask, prompt_len) -> [B]`` gives the
     sequence reward (the task's gold reward, or a reward model's score). ``reference=None``: no
-    reference pass (a method whose KL coefficient is 0 reads no reference log-probs).
+    reference pass (a method whose KL coefficient is 0 reads no reference log-probs). ``noise``
+    [B, max_new_tokens]: each row's sampling noise instead of ``generator``'s multinomial draws.
     """
     s = sample_with_reference(policy, reference, tokenizer, prompts, cfg.max_new_tokens, max_len,
-                              cfg.temperature, cfg.top_k, cfg.top_p, generator)
+                              cfg.temperature, cfg.top_k, cfg.top_p, generator, noise)
     gen, attn, p = s.gen, s.attention_mask, s.prompt_len
     responses = decode_responses(tokenizer, gen.response, gen.response_mask)
     scores = score_fn(list(prompts), responses, gen.sequences, attn, p).to(attn.device).float()
