@@ -29,7 +29,7 @@ Examples::
     python -m harness.bench --quick --models llama_tiny      # seconds, for a smoke test
     python -m harness.bench --sections sampler --new-tokens 64 --json bench.json
     python -m harness.bench --vs trl                         # needs pip install -e '.[trl]'
-    python -m harness.bench --curves results/cost_curves     # ~5 min on 2 CPU cores
+    python -m harness.bench --curves results/cost_curves     # 5-9 min on 2 CPU cores
 """
 
 from __future__ import annotations
