@@ -17,9 +17,10 @@ from harness.bench.flops import (
     grpo_step_flops,
     matmul_gflops,
     matmul_params,
+    ppo_step_flops,
 )
 from harness.bench.steps import precompute_reference
-from harness.bench.vs_trl import MISSING_TRL
+from harness.bench.vs_trl import MISSING_PPO, MISSING_TRL, require_ppo_trainer
 from harness.config import ModelConfig
 from harness.models.llama import CausalLM
 
@@ -45,6 +46,11 @@ def test_step_flops_by_hand():
     assert grpo_step_flops(SMALL, 2, 3, epochs=2) == 8 * 2496
     # DPO, 1 pair = 2 sequences: forward + backward, the reference precomputed
     assert dpo_step_flops(SMALL, 1, 3) == 3 * 2496 == 7488
+    # PPO, 2 prompts, 1 epoch: F = 2496; the reward model and critic end in one scalar, so
+    # G = F - 2 d V B T = 2496 - 2*4*10*2*3 = 2016; sampling + reference (2F), RM + critic
+    # passes (2G), policy and critic forward + backward (3F + 3G)
+    assert ppo_step_flops(SMALL, 2, 3, epochs=1) == 2 * 2496 + 2 * 2016 + 3 * (2496 + 2016) == 22560
+    assert ppo_step_flops(SMALL, 2, 3, epochs=4) == 4992 + 4032 + 12 * 4512
 
 
 def test_matmul_params_are_the_linear_weights_of_the_model():
@@ -70,6 +76,8 @@ def test_vs_trl_takes_the_comparison_settings():
     assert args.models == ["llama_trl_bench"] and args.sections == [] and args.threads == 2
     assert (args.batch, args.new_tokens, args.pairs, args.rounds) == (64, 16, 8, 3)
     assert parse_args(["--vs", "trl", "--sections", "sampler", "--threads", "1"]).sections == ["sampler"]
+    assert args.vs_steps == ["grpo", "dpo"] and args.ppo_prompts == 8
+    assert parse_args(["--vs", "trl", "--vs-steps", "ppo"]).vs_steps == ["ppo"]
     plain = parse_args([])
     assert plain.vs is None and plain.sections == ["sampler", "steps", "memory"]
     assert plain.models == ["llama_small", "moe_small"] and plain.threads is None
@@ -121,3 +129,24 @@ def test_dpo_reference_is_scored_before_the_clock():
     precompute_reference(Module(), torch.device("cpu"))
     assert Module.ref.asked is not None and Module.ref.asked.tolist() == [0, 1, 2, 3, 4]
     precompute_reference(object(), torch.device("cpu"))  # no reference table (GRPO): nothing to do
+
+
+def test_without_a_ppo_trainer_the_bench_names_trl_1_12(monkeypatch):
+    """TRL dropped its PPO trainer after 1.12: the comparison names the environment it needs."""
+    monkeypatch.setitem(sys.modules, "trl.experimental.ppo", None)
+    with pytest.raises(SystemExit) as stop:
+        require_ppo_trainer()
+    assert str(stop.value) == MISSING_PPO and "trl==1.12.0" in MISSING_PPO
+
+
+def test_vs_trl_1_12_runs_ppo_on_both_sides_at_tiny_sizes(tmp_path, capsys):
+    """Runs where TRL 1.12 is installed (its own environment, README); skipped elsewhere."""
+    pytest.importorskip("trl.experimental.ppo")
+    result = bench.main(["--vs", "trl", "--vs-steps", "ppo", "--quick", "--device", "cpu",
+                         "--threads", "1", "--cache-dir", str(tmp_path / "cache")])
+    (vs,) = result["vs_trl"]
+    (ppo,) = vs["rounds"]
+    assert ppo["method"] == "ppo" and ppo["sequences"] == 2
+    assert ppo["layout"] == "2 prompts x 4 tokens, 4 epochs"
+    assert ppo["harness_s"] > 0 and ppo["trl_s"] > 0 and ppo["flops"] > 0
+    assert "PPO, 2 prompts x 4 tokens, 4 epochs" in capsys.readouterr().out

@@ -72,12 +72,13 @@ from harness.bench.steps import STEP_COLUMNS, bench_method_steps, prepare_data, 
 
 QUICK = {"batch": 16, "prompt_len": 8, "new_tokens": 16, "iters": 2, "warmup": 1, "mem_iters": 1}
 DEFAULTS = {"batch": 64, "prompt_len": 8, "new_tokens": 32, "iters": 5, "warmup": 1, "mem_iters": 2}
-VS_TRL = {"models": ["llama_trl_bench"], "batch": 64, "new_tokens": 16, "pairs": 8, "rounds": 3,
-          "iters": 5, "warmup": 1, "threads": 2}
+VS_TRL = {"models": ["llama_trl_bench"], "batch": 64, "new_tokens": 16, "pairs": 8,
+          "ppo_prompts": 8, "rounds": 3, "iters": 5, "warmup": 1, "threads": 2}
 """``--vs trl``'s settings (issue 14): the TRL-benchmark shape, GRPO 8 prompts x 8 completions x
-16 new tokens in one minibatch, DPO 8 pairs, 2 threads, 3 interleaved rounds."""
+16 new tokens in one minibatch, DPO 8 pairs, PPO 8 prompts x 16 tokens (4 epochs), 2 threads, 3
+interleaved rounds."""
 VS_TRL_QUICK = {**VS_TRL, "models": ["llama_tiny"], "batch": 8, "new_tokens": 4, "pairs": 2,
-                "rounds": 1, "iters": 1}
+                "ppo_prompts": 2, "rounds": 1, "iters": 1}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -103,6 +104,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--curves", type=Path, metavar="DIR",
                    help="cost curves against model size, batch and response length, written to "
                         "DIR/cost_curves.{md,json,png}")
+    p.add_argument("--vs-steps", nargs="+", default=["grpo", "dpo"], choices=("grpo", "dpo", "ppo"),
+                   help="--vs: the steps compared (default grpo dpo; ppo needs TRL 1.12 in an "
+                        "environment of its own, see README)")
+    p.add_argument("--ppo-prompts", type=int, help="--vs: PPO prompts per step (default 8; quick 2)")
     p.add_argument("--rounds", type=int, help="--vs: interleaved rounds (default 3; quick 1)")
     p.add_argument("--pairs", type=int, help="--vs: DPO pairs per step (default 8; quick 2)")
     p.add_argument("--minibatch", type=int, help="override PPO/GRPO minibatch_size (default: conf)")
@@ -216,7 +221,7 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
             result["vs_trl"] = [
                 compare_with_trl(model_config(m, len(tok)), task, tok, args.batch, args.new_tokens,
                                  args.pairs, args.rounds, args.iters, args.warmup, args.seed,
-                                 device, out)
+                                 device, out, steps=args.vs_steps, ppo_prompts=args.ppo_prompts)
                 for m in args.models]
         if args.curves:
             from harness.bench.curves import QUICK as QUICK_CURVES

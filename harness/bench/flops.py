@@ -17,6 +17,10 @@ costs twice its forward (gradients of activations and of weights), so forward + 
     GRPO / RLOO:  F = F_fwd (sampling)  +  F_fwd (reference)  +  3 * E * F_fwd (E policy passes)
                   with B = prompts x group, T = prompt + response tokens
     DPO:          F = 3 * F_fwd(2 * pairs, T)    (reference log-probs precomputed, not in the step)
+    PPO:          F = 2 F_fwd + 2 G_fwd + E (3 F_fwd + 3 G_fwd)
+                  sampling and the reference pass (the policy's size), the reward model's and the
+                  critic's passes over the rollout, E epochs of policy and critic forward +
+                  backward; G_fwd = F_fwd less the LM head's 2 d V B T (a scalar head instead)
 
 Sampling with a KV cache computes each position's projections once, so its weight term is one
 forward over the final sequences; its attention term is at most that (a cached position attends
@@ -54,6 +58,16 @@ def grpo_step_flops(cfg: ModelConfig, sequences: int, seq_len: int, epochs: int 
     """One rollout + update of a group method: sampling, the reference pass and ``epochs`` policy
     passes (forward + backward) over ``sequences`` x ``seq_len`` tokens: ``(2 + 3 E) F_fwd``."""
     return (2 + 3 * epochs) * forward_flops(cfg, sequences, seq_len)
+
+
+def ppo_step_flops(cfg: ModelConfig, prompts: int, seq_len: int, epochs: int) -> float:
+    """One PPO rollout + update (the module docstring's PPO line): ``2 F + 2 G + 3 E (F + G)``
+    with F = ``F_fwd(prompts, seq_len)`` and G the same without the LM head (the reward model
+    and the critic end in one scalar)."""
+    f = forward_flops(cfg, prompts, seq_len)
+    assert cfg.vocab_size is not None, "model_cfg.vocab_size must be set"
+    g = f - 2.0 * cfg.d_model * cfg.vocab_size * prompts * seq_len
+    return 2 * f + 2 * g + 3 * epochs * (f + g)
 
 
 def dpo_step_flops(cfg: ModelConfig, pairs: int, seq_len: int) -> float:

@@ -39,7 +39,13 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from harness.bench.common import Column, format_table, median, sync
-from harness.bench.flops import dpo_step_flops, grpo_step_flops, matmul_gflops, matmul_params
+from harness.bench.flops import (
+    dpo_step_flops,
+    grpo_step_flops,
+    matmul_gflops,
+    matmul_params,
+    ppo_step_flops,
+)
 from harness.bench.steps import bench_method_steps, precompute_reference
 from harness.config import ModelConfig, OptimConfig
 
@@ -50,6 +56,15 @@ MISSING_TRL = ("--vs trl needs TRL, an optional extra that the core install leav
 PEAK_SIZES: tuple[int, ...] = (256, 1024)
 """Square fp32 matmuls whose rate is the machine's peak; the last one is the % of peak column's."""
 STEPS: tuple[str, ...] = ("grpo", "dpo")
+"""The steps compared by default; ``ppo`` too with ``--vs-steps`` (TRL 1.12, :data:`MISSING_PPO`)."""
+PPO_SERIES = "1.12"
+"""The last TRL release with a PPO trainer (``trl.experimental.ppo``); later ones removed it."""
+MISSING_PPO = ("--vs trl --vs-steps ppo needs TRL's PPOTrainer, which TRL dropped after 1.12: in "
+               "an environment of its own, python3 -m venv .venv-trl112 && . .venv-trl112/bin/"
+               "activate && pip install torch==2.13.0 && pip install -e . trl==1.12.0 && python -m "
+               "harness.bench --vs trl --vs-steps ppo")
+EPOCHS_PPO = 4
+"""PPO's update epochs in the comparison (TRL's ``num_ppo_epochs`` default)."""
 
 
 def require_trl() -> str:
@@ -59,6 +74,15 @@ def require_trl() -> str:
     except ImportError as e:
         raise SystemExit(MISSING_TRL) from e
     return str(trl.__version__)
+
+
+def require_ppo_trainer() -> None:
+    """``SystemExit`` with :data:`MISSING_PPO` unless TRL's PPO trainer can be imported."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        from trl.experimental.ppo import PPOTrainer  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(MISSING_PPO) from e
 
 
 @contextlib.contextmanager
@@ -93,12 +117,18 @@ def quiet_trl() -> Iterator[None]:
 class StepClock(TrainerCallback):
     """Wall time of every optimisation step of a ``transformers.Trainer``: ``on_step_begin``
     (before the first micro-batch's ``training_step``) -> ``on_step_end`` (after the optimiser and
-    scheduler step and ``zero_grad``)."""
+    scheduler step and ``zero_grad``). TRL's PPO loop calls no ``on_step_begin``: a step there
+    runs from the previous ``on_step_end`` (or ``on_train_begin``) to its own, the whole update
+    (next batch, generation, scoring, every epoch's minibatches, the scheduler step)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.times: list[float] = []
         self._t0 = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        sync(self.device)
+        self._t0 = time.perf_counter()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         sync(self.device)
@@ -106,7 +136,9 @@ class StepClock(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         sync(self.device)
-        self.times.append(time.perf_counter() - self._t0)
+        now = time.perf_counter()
+        self.times.append(now - self._t0)
+        self._t0 = now
 
 
 # ------------------------------------------------------------------- TRL's arguments
@@ -167,6 +199,59 @@ def dpo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.devic
     )
 
 
+def ppo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.device) -> Any:
+    """``trl.experimental.ppo.PPOConfig`` (TRL 1.12) equal to the harness's
+    :class:`~harness.methods.ppo.PPOConfig` ``cfg``: ``prompts_per_batch`` prompts a step in one
+    minibatch, ``update_epochs`` epochs, the same response length, sampling temperature, KL
+    coefficient (k1 in the reward, as the harness's ``kl_penalized_rewards``), clip ranges, value
+    coefficient, gamma and lambda, responses cut at EOS; no reward whitening (the harness whitens
+    advantages, as TRL does too)."""
+    from trl.experimental.ppo import PPOConfig
+
+    prompts = cfg.rollout.prompts_per_batch
+    if cfg.minibatch_size < prompts:
+        raise ValueError("--vs trl compares PPO with one minibatch of the whole rollout: "
+                         f"minibatch_size={cfg.minibatch_size} < {prompts} prompts")
+    common = common_args(cfg.optim, steps, out_dir, seed, device)
+    common.pop("model_init_kwargs")
+    return PPOConfig(
+        **common, per_device_train_batch_size=prompts, gradient_accumulation_steps=1,
+        num_mini_batches=1, num_ppo_epochs=cfg.update_epochs, total_episodes=steps * prompts,
+        local_rollout_forward_batch_size=prompts, response_length=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature, stop_token="eos", missing_eos_penalty=None,
+        num_sample_generations=0, kl_coef=cfg.beta, kl_estimator="k1", cliprange=cfg.clip_eps,
+        cliprange_value=cfg.value_clip, vf_coef=cfg.vf_coef, gamma=cfg.gamma, lam=cfg.lam,
+        whiten_rewards=False,
+    )
+
+
+def ppo_trainer(cfg: Any, weights: Path, task: Any, tok: Any, steps: int, seed: int,
+                device: torch.device, root: Path, clock: StepClock) -> Any:
+    """TRL 1.12's ``PPOTrainer`` from the exported policy ``weights``: the reference a second copy,
+    the reward and value models the same backbone with a fresh one-output head
+    (``AutoModelForSequenceClassification``; the harness's are its reward model and a critic
+    initialised from it: the same matrix products, other values), prompts tokenized as
+    ``[bos] + prompt`` like the harness's."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl.experimental.ppo import PPOTrainer
+
+    ptok = left_padding(tok)
+    prompts = sorted(set(task.sft_dataset("train")["prompt"]))
+    ids = ptok([tok.bos_token + p for p in prompts], add_special_tokens=False)["input_ids"]
+    data = Dataset.from_dict({"input_ids": ids})
+    fp32 = {"dtype": torch.float32}
+    policy, ref = (AutoModelForCausalLM.from_pretrained(weights, **fp32) for _ in range(2))
+    value, reward = (AutoModelForSequenceClassification.from_pretrained(weights, num_labels=1, **fp32)
+                     for _ in range(2))
+    for m in (value, reward):
+        m.config.pad_token_id = tok.pad_token_id
+    return PPOTrainer(args=ppo_args(cfg, steps, root / "trl-ppo", seed, device),
+                      processing_class=ptok, model=policy, ref_model=ref, reward_model=reward,
+                      value_model=value, train_dataset=data, eval_dataset=data.select(range(2)),
+                      callbacks=[clock])
+
+
 # ------------------------------------------------------------------------ TRL's side
 def left_padding(tok: Any) -> Any:
     """A copy of the tokenizer that pads on the left (TRL's generation requires it)."""
@@ -217,13 +302,16 @@ def trl_step_times(method: str, cfg: Any, weights: Path, task: Any, tok: Any, st
                                                                    seed, device),
                                  train_dataset=data, processing_class=left_padding(tok),
                                  callbacks=[clock])
+        elif method == "ppo":
+            trainer = ppo_trainer(cfg, weights, task, tok, steps, seed, device, root, clock)
         else:
             raise ValueError(f"--vs trl: no TRL trainer for {method!r}")
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     if any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules()):
         raise RuntimeError("TRL's model has gradient checkpointing on; the comparison needs it off")
-    with quiet_trl():
+    # stdout: TRL's PPO loop prints its own banner (accelerator.print)
+    with quiet_trl(), contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     info = {"threads": torch.get_num_threads()}
@@ -246,7 +334,7 @@ def step_tokens(method: str, cfg: Any, task: Any, tok: Any) -> int:
     def n_tokens(texts: Sequence[str]) -> int:
         return max(len(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"])
 
-    if method == "grpo":
+    if method in ("grpo", "ppo"):
         return 1 + n_tokens(task.sft_dataset("train")["prompt"]) + cfg.rollout.max_new_tokens
     pairs = task.preference_dataset("train")
     return 2 + max(n_tokens([p + c for p, c in zip(pairs["prompt"], pairs[side], strict=True)])
@@ -258,11 +346,16 @@ def step_flops(method: str, model_cfg: ModelConfig, cfg: Any, seq_len: int) -> f
     if method == "grpo":
         return grpo_step_flops(model_cfg, cfg.rollout.prompts_per_batch * cfg.group_size, seq_len,
                                cfg.update_epochs)
+    if method == "ppo":
+        return ppo_step_flops(model_cfg, cfg.rollout.prompts_per_batch, seq_len, cfg.update_epochs)
     return dpo_step_flops(model_cfg, cfg.batch_size, seq_len)
 
 
 def harness_overrides(method: str, new_tokens: int) -> list[str]:
-    """The Hydra overrides of the compared configs: GRPO samples ``new_tokens`` tokens."""
+    """The Hydra overrides of the compared configs: GRPO and PPO sample ``new_tokens`` tokens;
+    PPO runs :data:`EPOCHS_PPO` epochs."""
+    if method == "ppo":
+        return [f"method.rollout.max_new_tokens={new_tokens}", f"method.update_epochs={EPOCHS_PPO}"]
     return [f"method.rollout.max_new_tokens={new_tokens}"] if method == "grpo" else []
 
 
@@ -282,7 +375,7 @@ def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: i
             to_hf_model(setup.model, tok).save_pretrained(weights)
         precompute_reference(setup.module, device)
 
-    minibatch = batch if method == "grpo" else None
+    minibatch = batch if method in ("grpo", "ppo") else None
     ours = bench_method_steps(method, model_cfg, task, tok, batch, iters, warmup, seed, device,
                               minibatch, root=root, overrides=harness_overrides(method, new_tokens),
                               before_fit=export)
@@ -290,7 +383,9 @@ def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: i
     cfg = setup.module.cfg
     theirs, info = trl_step_times(method, cfg, weights, task, tok, warmup + iters, seed, device,
                                   root)
-    layout = f"{setup.layout} x {new_tokens} tokens" if method == "grpo" else setup.layout
+    layout = {"grpo": f"{setup.layout} x {new_tokens} tokens",
+              "ppo": f"{setup.layout} x {new_tokens} tokens, {cfg.update_epochs} epochs",
+              }.get(method, setup.layout)
     row = {"method": method, "layout": layout, "sequences": setup.sequences,
            "harness_s": ours["s_per_batch"], "trl_s": median(theirs[warmup:]),
            "harness_times": ours["times"], "trl_times": theirs[warmup:],
@@ -306,28 +401,33 @@ def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: i
 
 def compare_with_trl(model_cfg: ModelConfig, task: Any, tok: Any, batch: int, new_tokens: int,
                      pairs: int, rounds: int, iters: int, warmup: int, seed: int,
-                     device: torch.device, out: Any = print) -> dict[str, Any]:
-    """The matmul peak, then ``rounds`` interleaved rounds of GRPO (``batch`` sequences,
-    ``new_tokens`` new tokens each, one minibatch) and DPO (``pairs`` pairs); prints the table.
+                     device: torch.device, out: Any = print, steps: Sequence[str] = STEPS,
+                     ppo_prompts: int = 8) -> dict[str, Any]:
+    """The matmul peak, then ``rounds`` interleaved rounds of the ``steps``: GRPO (``batch``
+    sequences, ``new_tokens`` new tokens each, one minibatch), DPO (``pairs`` pairs), PPO
+    (``ppo_prompts`` prompts, ``new_tokens`` new tokens, one minibatch, :data:`EPOCHS_PPO`
+    epochs; TRL 1.12 only); prints the table.
 
     Returns ``{"model", "params_mm", "peak_gflops": {n: GFLOP/s}, "rounds": [row, ...],
     "summary": [row, ...]}`` (rows as :func:`one_round`'s, plus achieved GFLOP/s and % of peak).
     """
     trl_version = require_trl()
+    if "ppo" in steps:
+        require_ppo_trainer()
     load_before = load_average()
     peak = {n: matmul_gflops(n, device=device) for n in PEAK_SIZES}
     rows: list[dict[str, Any]] = []
-    sizes = {"grpo": batch, "dpo": 2 * pairs}
+    sizes = {"grpo": batch, "dpo": 2 * pairs, "ppo": ppo_prompts}
     with tempfile.TemporaryDirectory(prefix="harness-vs-trl-") as tmp:
         for r in range(rounds):
-            for method in STEPS:
+            for method in steps:
                 root = Path(tmp) / f"round{r}"
                 row = one_round(method, model_cfg, task, tok, sizes[method], new_tokens, iters,
                                 warmup, seed, device, root)
                 row["round"] = r + 1
                 add_rates(row, peak[PEAK_SIZES[-1]])
                 rows.append(row)
-    summary = [summarise([x for x in rows if x["method"] == m]) for m in STEPS]
+    summary = [summarise([x for x in rows if x["method"] == m]) for m in steps]
     result = {"model": model_cfg.name, "params_mm": matmul_params(model_cfg), "trl": trl_version,
               "peak_gflops": peak, "rounds": rows, "summary": summary,
               "load_average": (load_before, load_average())}
@@ -379,7 +479,7 @@ def display_rows(result: dict[str, Any]) -> list[dict[str, str]]:
     """The table's rows as text: every round, then each method's range over the rounds."""
     out = []
     for r in [*result["rounds"], *result["summary"]]:
-        label = "GRPO" if r["method"] == "grpo" else "DPO"
+        label = r["method"].upper()
         out.append({
             "step": f"{label}, {r['layout']}",
             "round": str(r["round"]) if "round" in r else "all",
@@ -395,7 +495,9 @@ def display_rows(result: dict[str, Any]) -> list[dict[str, str]]:
 def format_report(result: dict[str, Any], device: torch.device) -> str:
     """The comparison table with the peak and what the figures mean."""
     peak = result["peak_gflops"]
-    grpo = next(r for r in result["rounds"] if r["method"] == "grpo")
+    grpo = next((r for r in result["rounds"] if r["method"] == "grpo"), {})
+    seq_len = next(r["seq_len"] for r in result["rounds"] if r["method"] in ("grpo", "ppo")
+                   ) if any(r["method"] in ("grpo", "ppo") for r in result["rounds"]) else "-"
     tokens = ""
     if grpo.get("trl_response_tokens") is not None:
         tokens = (f" Mean response tokens (round 1): harness {grpo['harness_response_tokens']:.1f}, "
@@ -410,19 +512,23 @@ def format_report(result: dict[str, Any], device: torch.device) -> str:
         "clipping, optimizer.step, scheduler, zero_grad). TRL/harness > 1: the harness is faster.",
         f"GFLOP/step (harness.bench.flops): N_mm = {result['params_mm']:,} matmul weights; F_fwd = "
         "2 N_mm B T + 4 L B T^2 d_attn; GRPO = 5 F_fwd (sampling, reference, policy fwd + bwd), "
-        f"T = {grpo['seq_len']}; DPO = 3 F_fwd(2 pairs, T), reference log-probs precomputed "
-        "(both sides).",
+        f"T = {seq_len}; DPO = 3 F_fwd(2 pairs, T), reference log-probs precomputed "
+        "(both sides); PPO = 2 F + 2 G + 3 E (F + G), G = F_fwd without the LM head (reward "
+        "model, critic).",
         "Same settings on both sides (TRL's from the harness's stage config): fp32, AdamW + grad "
         "clip, TRL gradient checkpointing off; GRPO loss_type, beta > 0 (both run the reference "
-        "pass), clip eps, group reward scaling, sampling temperature; DPO sigmoid loss, beta."
-        + tokens,
+        "pass), clip eps, group reward scaling, sampling temperature; DPO sigmoid loss, beta; PPO "
+        "epochs, one minibatch, k1 KL in the reward, clip ranges, vf_coef, gamma, lambda "
+        "(TRL: on_train_begin/on_step_end -> on_step_end, the whole update; its reward and value "
+        "models are the policy's backbone with a fresh scalar head)." + tokens,
         f"model {result['model']}, device {device}, torch threads {torch.get_num_threads()}, "
         f"TRL {result['trl']}; 1-min load average before / after: "
         + " / ".join("-" if x is None else f"{x:.1f}" for x in result["load_average"])
         + f" on {os.cpu_count()} cores.",
     ]
-    if not result["trl"].startswith(TRL_SERIES):
+    series = PPO_SERIES if any(r["method"] == "ppo" for r in result["rounds"]) else TRL_SERIES
+    if not result["trl"].startswith(series):
         notes.append(f"WARNING: TRL {result['trl']} is installed; the comparison is written for "
-                     f"TRL {TRL_SERIES} (pip install -e '.[trl]').")
+                     f"TRL {series} ({'pip install -e .[trl]' if series == TRL_SERIES else MISSING_PPO}).")
     title = f"4. Harness vs TRL {result['trl']}: seconds per optimisation step, same settings"
     return format_table(title, display_rows(result), VS_COLUMNS, notes)
