@@ -61,15 +61,9 @@ def all_reduce_sum(value: Any) -> Any:
     return total
 
 
-def global_std(x: torch.Tensor) -> torch.Tensor:
-    """The sample standard deviation (Bessel's n - 1, as ``torch.std``) of ``x``'s elements over
-    every rank, from all-reduced n, sum and sum of squares; 0 for fewer than 2 elements. Without
-    a process group: ``x.std()``."""
-    if world_size() == 1:
-        return x.std() if x.numel() > 1 else x.new_zeros(())
-    xf = x.detach().double().reshape(-1)
-    n, s, sq = all_reduce_sum(torch.stack((xf.new_tensor(float(xf.numel())), xf.sum(),
-                                           (xf * xf).sum()))).unbind()
-    if n < 2:
-        return x.new_zeros(())
-    return ((sq - s * s / n) / (n - 1)).clamp(min=0).sqrt().to(x.dtype)
+
+def share_per_rank(count: torch.Tensor) -> torch.Tensor:
+    """``count`` summed over every rank, divided by the world size: dividing a rank's loss sum by
+    it makes DDP's average of the ranks' gradients the gradient of the *global* mean (e.g. over
+    the global minibatch's tokens). Without a process group: ``count`` itself."""
+    return all_reduce_sum(count) / world_size()

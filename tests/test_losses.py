@@ -558,8 +558,8 @@ def _two_rank_statistics(rank: int, init: str, out: str) -> None:
     rows 2-4) through the all-reduce, saved for the test to read."""
     import torch.distributed as dist
 
-    from harness.distributed import all_reduce_sum, global_std
-    from harness.methods.losses import explained_variance, masked_moments, masked_whiten
+    from harness.distributed import all_reduce_sum
+    from harness.methods.losses import batch_std, explained_variance, masked_moments, masked_whiten
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     x, mask, values = _batch()
@@ -568,7 +568,7 @@ def _two_rank_statistics(rank: int, init: str, out: str) -> None:
     torch.save({"moments": masked_moments(x, mask, sum_fn=all_reduce_sum),
                 "whiten": masked_whiten(x, mask, sum_fn=all_reduce_sum),
                 "ev": explained_variance(values, x, mask, sum_fn=all_reduce_sum),
-                "std": global_std(x[:, 0])}, f"{out}/rank{rank}.pt")
+                "std": batch_std(x[:, 0], all_reduce_sum)}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -584,7 +584,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def test_batch_statistics_over_two_ranks_equal_those_of_the_whole_batch(tmp_path):
     """masked_moments / masked_whiten / explained_variance with sum_fn = the all-reduce, and
-    global_std, on 2 gloo processes holding uneven parts of a batch: the whole batch's values (a
+    batch_std, on 2 gloo processes holding uneven parts of a batch: the whole batch's values (a
     mean of the ranks' own statistics would not be)."""
     import torch.multiprocessing as mp
 

@@ -383,9 +383,11 @@ def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: i
     cfg = setup.module.cfg
     theirs, info = trl_step_times(method, cfg, weights, task, tok, warmup + iters, seed, device,
                                   root)
-    layout = {"grpo": f"{setup.layout} x {new_tokens} tokens",
-              "ppo": f"{setup.layout} x {new_tokens} tokens, {cfg.update_epochs} epochs",
-              }.get(method, setup.layout)
+    layout = setup.layout
+    if method in ("grpo", "ppo"):
+        layout += f" x {new_tokens} tokens"
+    if method == "ppo":
+        layout += f", {cfg.update_epochs} epochs"
     row = {"method": method, "layout": layout, "sequences": setup.sequences,
            "harness_s": ours["s_per_batch"], "trl_s": median(theirs[warmup:]),
            "harness_times": ours["times"], "trl_times": theirs[warmup:],
@@ -402,7 +404,7 @@ def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: i
 def compare_with_trl(model_cfg: ModelConfig, task: Any, tok: Any, batch: int, new_tokens: int,
                      pairs: int, rounds: int, iters: int, warmup: int, seed: int,
                      device: torch.device, out: Any = print, steps: Sequence[str] = STEPS,
-                     ppo_prompts: int = 8) -> dict[str, Any]:
+                     ppo_prompts: int | None = None) -> dict[str, Any]:
     """The matmul peak, then ``rounds`` interleaved rounds of the ``steps``: GRPO (``batch``
     sequences, ``new_tokens`` new tokens each, one minibatch), DPO (``pairs`` pairs), PPO
     (``ppo_prompts`` prompts, ``new_tokens`` new tokens, one minibatch, :data:`EPOCHS_PPO`
@@ -413,6 +415,8 @@ def compare_with_trl(model_cfg: ModelConfig, task: Any, tok: Any, batch: int, ne
     """
     trl_version = require_trl()
     if "ppo" in steps:
+        if not ppo_prompts or ppo_prompts < 1:
+            raise ValueError(f"--ppo-prompts={ppo_prompts}: PPO needs >= 1 prompt per step")
         require_ppo_trainer()
     load_before = load_average()
     peak = {n: matmul_gflops(n, device=device) for n in PEAK_SIZES}

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.config import fail, one_of
-from harness.distributed import all_reduce_sum, world_size
+from harness.distributed import share_per_rank
 from harness.methods.losses import (
     aggregate_loss,
     group_relative_advantages,
@@ -58,8 +58,7 @@ class GRPOModule(GroupModule):
         adv = group_relative_advantages(ro.scores, cfg.group_size, scale_rewards=cfg.scale_rewards)
         # dapo: every minibatch divides by the active tokens of the whole rollout batch; under DDP
         # the global batch's, over the world size, since DDP averages the ranks' gradients
-        n_active = (all_reduce_sum(ro.mask.sum()) / world_size() if cfg.loss_type == "dapo"
-                    else None)
+        n_active = share_per_rank(ro.mask.sum()) if cfg.loss_type == "dapo" else None
 
         sharded = self.ranks() is not None
 
@@ -67,7 +66,7 @@ class GRPOModule(GroupModule):
             a = adv[idx, None].expand_as(logp)
             agg, n = cfg.loss_type, n_active
             if agg == "bnpo" and sharded:  # the global minibatch's token mean (as dapo above)
-                agg, n = "dapo", all_reduce_sum(mask.sum()) / world_size()
+                agg, n = "dapo", share_per_rank(mask.sum())
             pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], a, mask, cfg.clip_eps,
                                               cfg.clip_eps_high, aggregation=agg,
                                               max_len=cfg.rollout.max_new_tokens, n_active=n)

@@ -28,6 +28,7 @@ __all__ = [
     "adaptive_kl_coef",
     "aggregate_loss",
     "bradley_terry_loss",
+    "batch_std",
     "check_finite",
     "clipped_value_loss",
     "dpo_loss",
@@ -134,6 +135,15 @@ def masked_moments(x: Tensor, mask: Tensor, unbiased: bool = True,
         safe = torch.where(n > 1, n - 1, torch.ones_like(n))
         var = torch.where(n > 1, var * n / safe, torch.zeros_like(var))
     return mean, var
+
+
+def batch_std(x: Tensor, sum_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The sample standard deviation (Bessel's n - 1, as ``torch.std``) of all of ``x``'s
+    elements, 0 for fewer than 2; with ``sum_fn`` over the parts of the batch other ranks hold too
+    (:func:`masked_moments`)."""
+    if sum_fn is None:
+        return x.std() if x.numel() > 1 else x.new_zeros(())
+    return masked_moments(x.detach(), torch.ones_like(x), unbiased=True, sum_fn=sum_fn)[1].sqrt()
 
 
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from harness.config import OptimConfig, RolloutConfig, in_range, one_of, positive
-from harness.distributed import all_reduce_sum, world_size
+from harness.distributed import all_reduce_sum, share_per_rank, world_size
 from harness.methods.losses import (
     adaptive_kl_coef,
     check_finite,
@@ -141,7 +141,7 @@ class PPOModule(OnPolicyModule):
                     cfg.rollout.temperature, with_entropy=True)
                 # DDP averages the ranks' gradients: token means divide by the global
                 # minibatch's tokens over the world size (the ranks' k-th minibatches form it)
-                n_tok = None if sum_fn is None else sum_fn(mask.sum()) / world_size()
+                n_tok = None if sum_fn is None else share_per_rank(mask.sum())
                 pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], adv[idx], mask,
                                                   cfg.clip_eps,
                                                   aggregation="token" if n_tok is None else "dapo",

@@ -16,9 +16,9 @@ import torch
 from omegaconf import MISSING
 
 from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
-from harness.distributed import global_std
+from harness.distributed import all_reduce_sum
 from harness.methods.base import AlignmentModule
-from harness.methods.losses import check_finite, kl_log_ratio, masked_mean
+from harness.methods.losses import batch_std, check_finite, kl_log_ratio, masked_mean
 from harness.methods.rollout import Rollout, make_rollout, minibatches, response_logprobs
 from harness.models.llama import CausalLM
 from harness.seeding import generator
@@ -129,13 +129,14 @@ class OnPolicyModule(AlignmentModule):
                     iteration: int) -> None:
         """Log the DESIGN.md metric names for one rollout batch and the update made from it."""
         now = time.perf_counter()
+        sum_fn = all_reduce_sum if self.ranks() is not None else None
         metrics = {
             "train/reward": ro.scores.mean(),
             # over the global batch under DDP (a mean of the ranks' stds is not the batch's std)
-            "train/reward_std": global_std(ro.scores),
+            "train/reward_std": batch_std(ro.scores, sum_fn),
             "train/response_len": ro.mask.sum(-1).mean(),
             "train/adv_mean": adv.mean(),
-            "train/adv_std": global_std(adv),
+            "train/adv_std": batch_std(adv, sum_fn),
         }
         if ro.ref_logp is not None:  # without a reference pass (beta = 0) eval/kl still measures it
             k1 = kl_log_ratio(ro.old_logp, ro.ref_logp)
