@@ -558,17 +558,33 @@ def _two_rank_statistics(rank: int, init: str, out: str) -> None:
     rows 2-4) through the all-reduce, saved for the test to read."""
     import torch.distributed as dist
 
-    from harness.distributed import all_reduce_sum
-    from harness.methods.losses import batch_std, explained_variance, masked_moments, masked_whiten
+    from harness.distributed import all_reduce_sum, share_per_rank
+    from harness.methods.losses import (
+        aggregate_loss,
+        batch_std,
+        explained_variance,
+        masked_moments,
+        masked_whiten,
+        token_normaliser,
+    )
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     x, mask, values = _batch()
     rows = slice(0, 2) if rank == 0 else slice(2, 5)
     x, mask, values = x[rows], mask[rows], values[rows]
+    # GRPO's token losses (x as the per-token loss): bnpo on the rank's part of one minibatch;
+    # dapo over two minibatches of the rank's rows, each divided by the rollout's tokens
+    def loss(rows: slice, loss_type: str, rollout_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        mode, n = token_normaliser(loss_type, mask[rows], rollout_tokens, share_per_rank)
+        return aggregate_loss(x[rows], mask[rows], mode, n_active=n)
+
+    bnpo = loss(slice(None), "bnpo")
+    dapo = sum(loss(mb, "dapo", share_per_rank(mask.sum())) for mb in (slice(0, 1), slice(1, None)))
     torch.save({"moments": masked_moments(x, mask, sum_fn=all_reduce_sum),
                 "whiten": masked_whiten(x, mask, sum_fn=all_reduce_sum),
                 "ev": explained_variance(values, x, mask, sum_fn=all_reduce_sum),
-                "std": batch_std(x[:, 0], all_reduce_sum)}, f"{out}/rank{rank}.pt")
+                "std": batch_std(x[:, 0], all_reduce_sum),
+                "bnpo": bnpo, "dapo": dapo}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -582,25 +598,53 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, mask, x + 0.3 * torch.randn(5, 4, generator=g)
 
 
-def test_batch_statistics_over_two_ranks_equal_those_of_the_whole_batch(tmp_path):
+@pytest.fixture(scope="module")
+def two_rank_parts(tmp_path_factory) -> list[dict]:
+    """What each of 2 gloo ranks computed in :func:`_two_rank_statistics` (one spawn per module)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("two_ranks")
+    mp.spawn(_two_rank_statistics, args=(f"file://{out}/init", str(out)), nprocs=2)
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
+def test_batch_statistics_over_two_ranks_equal_those_of_the_whole_batch(two_rank_parts):
     """masked_moments / masked_whiten / explained_variance with sum_fn = the all-reduce, and
     batch_std, on 2 gloo processes holding uneven parts of a batch: the whole batch's values (a
     mean of the ranks' own statistics would not be)."""
-    import torch.multiprocessing as mp
-
     from harness.methods.losses import explained_variance, masked_moments, masked_whiten
 
-    mp.spawn(_two_rank_statistics, args=(f"file://{tmp_path}/init", str(tmp_path)), nprocs=2)
     x, mask, values = _batch()
     mean, var = masked_moments(x, mask)
     assert float(mean) == pytest.approx(float(x[mask.bool()].mean()), rel=1e-6)
     assert float(var) == pytest.approx(float(x[mask.bool()].var()), rel=1e-6)  # Bessel
     whole = masked_whiten(x, mask)
-    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    for r, p in enumerate(parts):
+    for r, p in enumerate(two_rank_parts):
         torch.testing.assert_close(torch.stack(p["moments"]), torch.stack((mean, var)))
         torch.testing.assert_close(p["whiten"], whole[:2] if r == 0 else whole[2:])
         torch.testing.assert_close(p["ev"], explained_variance(values, x, mask))
         torch.testing.assert_close(p["std"], x[:, 0].std())
     own = masked_moments(x[:2], mask[:2])[1]  # rank 0's own variance is another number
     assert abs(float(own) - float(var)) > 0.1
+
+
+def test_grpo_token_losses_over_two_ranks_average_to_the_global_token_mean(two_rank_parts):
+    """GRPO bnpo and dapo under DDP (token_normaliser with share = share_per_rank), on 2 gloo ranks
+    whose rows hold different numbers of valid tokens (rank 0: 6, rank 1: 9): DDP's mean of the
+    ranks' losses is the whole batch's token mean sum(m l) / sum(m) = 55.7196 / 15, which the mean
+    of the ranks' own token means is not."""
+    from harness.methods.losses import aggregate_loss, token_normaliser
+
+    x, mask, _ = _batch()
+    parts = two_rank_parts
+    whole = float((x * mask).sum() / mask.sum())
+    assert mask[:2].sum() == 6 and mask[2:].sum() == 9
+    assert whole == pytest.approx(55.7196 / 15, rel=1e-5)
+    assert whole == pytest.approx(aggregate_loss(x, mask, "bnpo").item(), rel=1e-6)
+    for kind in ("bnpo", "dapo"):
+        assert float(sum(p[kind] for p in parts) / 2) == pytest.approx(whole, rel=1e-5), kind
+    own = (aggregate_loss(x[:2], mask[:2], "bnpo") + aggregate_loss(x[2:], mask[2:], "bnpo")) / 2
+    assert abs(float(own) - whole) > 0.1
+    # one process: nothing to share; the modes pass through (grpo and dr_grpo are global as is)
+    assert token_normaliser("bnpo", mask) == ("bnpo", None)
+    assert token_normaliser("grpo", mask, torch.tensor(3.0), lambda n: n) == ("grpo", None)

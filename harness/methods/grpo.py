@@ -22,6 +22,7 @@ from harness.methods.losses import (
     group_relative_advantages,
     kl_k3,
     ppo_clipped_surrogate,
+    token_normaliser,
 )
 from harness.methods.rl_base import GroupConfig, GroupModule, GroupStage
 
@@ -64,9 +65,8 @@ class GRPOModule(GroupModule):
 
         def policy_loss(idx, logp, mask):
             a = adv[idx, None].expand_as(logp)
-            agg, n = cfg.loss_type, n_active
-            if agg == "bnpo" and sharded:  # the global minibatch's token mean (as dapo above)
-                agg, n = "dapo", share_per_rank(mask.sum())
+            agg, n = token_normaliser(cfg.loss_type, mask, n_active,
+                                      share_per_rank if sharded else None)
             pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], a, mask, cfg.clip_eps,
                                               cfg.clip_eps_high, aggregation=agg,
                                               max_len=cfg.rollout.max_new_tokens, n_active=n)
