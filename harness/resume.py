@@ -107,7 +107,8 @@ class ResumeCheckpoint(Checkpoint):
         tmp = self.dirpath / f".{CKPT_NAME}.tmp"
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
+        # weights_only=False: the optimiser and loops too (and no log line at every save)
+        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls it; rank 0 writes
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         trainer.strategy.barrier("resume_checkpoint")

@@ -229,6 +229,7 @@ def test_kill_9_mid_stage_then_the_same_command_resumes(tmp_path):
 
     whole = cli("whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "`weights_only` was not set" not in whole.stdout + whole.stderr  # no line per save
     cli("killed", wait_for=f"{tmp_path}/killed/resume/grpo-*/resume.ckpt")
     again = cli("killed")
     assert again.returncode == 0, again.stderr[-3000:]
