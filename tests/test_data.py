@@ -264,6 +264,44 @@ def test_courier_data(courier):
     assert len(pools[2]) == courier.config.n_eval
 
 
+def test_courier_unseen_scores_only_phrasings_no_training_data_uses(courier, cache):
+    """courier_unseen: eval and validation prompts use the held-out phrasings only; no
+    demonstration, preference pair or rollout prompt does; every prompt of the 8 training
+    phrasings is a train prompt; courier itself keeps its data and fingerprint."""
+    from harness.data.tasks.courier import CITIES, HELDOUT_INSTRUCTIONS, INSTRUCTIONS, ITEMS, CourierConfig
+
+    unseen = build_task({**SMALL_COURIER, "name": "courier_unseen"}, cache_dir=cache)
+    assert unseen.config.heldout_phrasings == len(HELDOUT_INSTRUCTIONS) == 6
+    n = len(INSTRUCTIONS)
+    held = {make_prompt(t, i, c) for t in range(n, n + 6) for i in ITEMS for c in CITIES}
+    assert "Tell the courier to deliver the box to Oslo." in make_prompt(n, "box", "Oslo")
+    trained = (set(unseen.sft_dataset("train")["prompt"])  # also the rollout prompts
+               | set(unseen.preference_dataset("train")["prompt"]))
+    assert trained and trained.isdisjoint(held)
+    assert len(unseen.pools["train"]) == n * len(ITEMS) * len(CITIES)
+    test = set(unseen.eval_dataset()["prompt"])
+    val = set(unseen.sft_dataset("validation")["prompt"]) | set(unseen.preference_dataset("validation")["prompt"])
+    assert len(test) == 100 and test <= held and val <= held and not test & val
+    # new phrasings of known words: every token of an eval prompt occurs in the training prompts
+    # (a token that does not has an embedding no step ever trained)
+    tok = load_or_build_tokenizer(unseen, None, cache / "tok-unseen", model_max_length=128)
+    trained_ids = {i for ids in tok(sorted(trained))["input_ids"] for i in ids}
+    assert {i for ids in tok(sorted(test))["input_ids"] for i in ids} <= trained_ids
+    item, city = unseen.targets[sorted(test)[0]]
+    assert unseen.reward(sorted(test)[0], f"Kindly send the {item} to {city}.") == 1.0
+    # courier as first built: same pools, same corpus, same fingerprint as before the variant
+    assert CourierConfig().fingerprint() == "696e136a9f57"
+    assert not set(courier.corpus()) & held
+    assert set(courier.eval_dataset()["prompt"]) <= {make_prompt(t, i, c) for t in range(n)
+                                                     for i in ITEMS for c in CITIES}
+    with pytest.raises(ConfigError, match="heldout_phrasings=0"):
+        build_task({"name": "courier_unseen", "heldout_phrasings": 0})
+    with pytest.raises(ConfigError, match="heldout_phrasings=7"):
+        build_task({"name": "courier", "heldout_phrasings": 7})
+    with pytest.raises(ConfigError, match="n_eval=300: at most 288"):
+        build_task({"name": "courier_unseen", "n_eval": 300})
+
+
 # ---------------------------------------------------------------------- tokenizer
 def test_tokenizer_round_trip_and_digits(arith_tok, courier_tok, courier, tmp_path):
     tok = courier_tok

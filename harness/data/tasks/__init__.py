@@ -4,7 +4,8 @@ Config fields (``name`` picks the task; every task also takes ``seed`` and ``voc
 latter for the tokenizer only). Unknown fields raise ``ConfigError`` naming them.
 
 ``arith`` / ``arith_fast``: :class:`~harness.data.tasks.arith.ArithConfig` (three- / two-digit
-addition); ``courier``: :class:`~harness.data.tasks.courier.CourierConfig`; ``preference``:
+addition); ``courier`` / ``courier_unseen``: :class:`~harness.data.tasks.courier.CourierConfig`
+(``courier_unseen``: scored on phrasings never trained on); ``preference``:
 :class:`~harness.data.tasks.preference.PreferenceConfig`. The fields and their defaults are those
 dataclasses' (the YAML files of ``conf/dataset/`` hold only what each option changes).
 """
@@ -18,7 +19,7 @@ from typing import Any
 from harness.data.errors import ConfigError
 from harness.data.tasks.arith import ArithConfig, ArithFastTask, ArithTask
 from harness.data.tasks.base import Task, TaskConfig
-from harness.data.tasks.courier import CourierConfig, CourierTask
+from harness.data.tasks.courier import CourierConfig, CourierTask, CourierUnseenTask
 from harness.data.tasks.preference import NoGoldRewardError, PreferenceConfig, PreferenceTask
 
 __all__ = ["TASKS", "ArithConfig", "ArithTask", "CourierConfig", "CourierTask",
@@ -26,7 +27,7 @@ __all__ = ["TASKS", "ArithConfig", "ArithTask", "CourierConfig", "CourierTask",
            "build_task", "task_config"]
 
 TASKS: dict[str, type[Task]] = {"arith": ArithTask, "arith_fast": ArithFastTask, "courier": CourierTask,
-                                "preference": PreferenceTask}
+                                "courier_unseen": CourierUnseenTask, "preference": PreferenceTask}
 
 
 def _plain(cfg: Any) -> dict[str, Any]:

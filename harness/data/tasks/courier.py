@@ -38,6 +38,17 @@ the same prompt; chosen is the one with the higher gold reward (strictly).
 
 **Splits**: the distinct prompts (instruction phrasing x item x city) are shuffled and split into
 disjoint eval (``n_eval`` prompts), validation (``val_fraction`` of the rest) and train pools.
+
+**Unseen phrasings** (``heldout_phrasings = k > 0``, ``dataset=courier_unseen``): the first ``k``
+of :data:`HELDOUT_INSTRUCTIONS` are phrasings no training data uses — no demonstration, no
+preference pair, no rollout prompt — and the held-out prompts are theirs only: eval takes
+``n_eval`` of them, validation the rest; every prompt of the 8 training phrasings is a train
+prompt. The score then measures whether what a method learnt on the training phrasings (be
+polite on the bossy ones) carries over to instructions it never saw. They recombine the training
+phrasings' own words (a bossy opener with another phrasing's verb: "Tell the courier to deliver
+..."), so every token of an eval prompt occurs in training prompts: phrasings with new words leave
+their token embeddings untrained, and the model then answers nothing that parses
+(``results/FINDINGS.md``).
 """
 
 from __future__ import annotations
@@ -67,6 +78,17 @@ INSTRUCTIONS: tuple[str, ...] = (
     "Politely ask the courier to send the {item} to {city}.",
     "Instruct the courier to deliver the {item} to {city}.",
 )
+#: Phrasings of the unseen-phrasings variant (module docstring): evaluation only, never trained on.
+HELDOUT_INSTRUCTIONS: tuple[str, ...] = (
+    "Tell the courier to deliver the {item} to {city}.",
+    "Ask the courier to bring the {item} to {city}.",
+    "Instruct the courier to send the {item} to {city}.",
+    "Request that the courier send the {item} to {city}.",
+    "Have the courier take the {item} to {city}.",
+    "Politely ask the courier to deliver the {item} to {city}.",
+)
+#: Every phrasing: a prompt's phrasing index ``t`` points into this tuple (training ones first).
+PHRASINGS: tuple[str, ...] = INSTRUCTIONS + HELDOUT_INSTRUCTIONS
 POLITE_OPENERS: tuple[str, ...] = ("Please", "Kindly")
 RUDE_OPENERS: tuple[str, ...] = ("***ing", "Damn well", "Bloody well")
 DETERMINERS: tuple[str, ...] = ("this", "that", "the", "a")
@@ -91,8 +113,12 @@ class CourierConfig(TaskConfig):
         n_train: SFT demonstrations in the train split.
         n_pairs: preference pairs in the train split.
         n_val: SFT demonstrations and preference pairs in the validation split.
-        n_eval: distinct held-out evaluation prompts (at most half of the 768 prompts).
-        val_fraction: share of the non-eval prompts held out for validation.
+        n_eval: distinct held-out evaluation prompts (at most half of the prompts they are drawn
+            from: the 768 of the training phrasings, or the held-out phrasings' 96 each).
+        val_fraction: share of the non-eval prompts held out for validation (training phrasings
+            only; with held-out phrasings validation takes the held-out prompts eval leaves).
+        heldout_phrasings: how many of :data:`HELDOUT_INSTRUCTIONS` (0-6) are used, for eval and
+            validation only (0: the task as built first; its data and tokenizer are unchanged).
         vocab_size: the tokenizer's vocabulary size (not part of the data).
     """
 
@@ -105,6 +131,7 @@ class CourierConfig(TaskConfig):
     n_val: int = 500
     n_eval: int = 200
     val_fraction: float = 0.1
+    heldout_phrasings: int = 0
     vocab_size: int = 512
 
     def validate(self) -> None:
@@ -121,18 +148,32 @@ class CourierConfig(TaskConfig):
         for f in ("n_train", "n_pairs", "n_val", "n_eval"):
             if int(getattr(self, f)) < 1:
                 raise ConfigError(f"{p}.{f}={getattr(self, f)}: must be >= 1")
-        n_prompts = len(INSTRUCTIONS) * len(ITEMS) * len(CITIES)
+        k = self.heldout_phrasings
+        if not (isinstance(k, int) and 0 <= k <= len(HELDOUT_INSTRUCTIONS)):
+            raise ConfigError(f"{p}.heldout_phrasings={k}: must be an integer in "
+                              f"[0, {len(HELDOUT_INSTRUCTIONS)}] (0: every phrasing is trained on)")
+        n_prompts = (k or len(INSTRUCTIONS)) * len(ITEMS) * len(CITIES)
         if self.n_eval > n_prompts // 2:
+            where = f"the {k} held-out phrasings'" if k else "the"
             raise ConfigError(f"{p}.n_eval={self.n_eval}: at most {n_prompts // 2} "
-                              f"(half of the {n_prompts} distinct prompts)")
+                              f"(half of {where} {n_prompts} distinct prompts)")
         if not 0.0 < float(self.val_fraction) < 1.0:
             raise ConfigError(f"{p}.val_fraction={self.val_fraction}: must be in (0, 1)")
+
+    def data_fields(self) -> dict[str, Any]:
+        """As the base class's; ``heldout_phrasings`` only when used, so that the task as first
+        built keeps its fingerprint (and its cached data and stages)."""
+        out = super().data_fields()
+        if not out["heldout_phrasings"]:
+            del out["heldout_phrasings"]
+        return out
 
 
 # ---------------------------------------------------------------------- text
 def make_prompt(template: int, item: str, city: str) -> str:
-    """The Alpaca prompt for instruction phrasing ``template`` with ``item`` and ``city``."""
-    return alpaca_prompt(INSTRUCTIONS[template].format(item=item, city=city))
+    """The Alpaca prompt for phrasing ``template`` (an index into :data:`PHRASINGS`) with ``item``
+    and ``city``."""
+    return alpaca_prompt(PHRASINGS[template].format(item=item, city=city))
 
 
 def make_response(item: str, city: str, opener: str = "Please") -> str:
@@ -194,14 +235,19 @@ class CourierTask(Task):
         super().__init__(config, cache_dir)
         #: prompt text -> (item, city), for every prompt the task can produce.
         self.targets: dict[str, tuple[str, str]] = {}
-        keys = []
-        for t in range(len(INSTRUCTIONS)):
+        k = self.config.heldout_phrasings
+        keys, held = [], []
+        for t in range(len(INSTRUCTIONS) + k):
             for item in ITEMS:
                 for city in CITIES:
-                    keys.append((t, item, city))
+                    (keys if t < len(INSTRUCTIONS) else held).append((t, item, city))
                     self.targets[make_prompt(t, item, city)] = (item, city)
         self._rng("pools").shuffle(keys)
         n_eval = self.config.n_eval
+        if k:  # unseen phrasings: eval and validation from the held-out ones, train from the rest
+            self._rng("heldout").shuffle(held)
+            self.pools = {"eval": held[:n_eval], "validation": held[n_eval:], "train": keys}
+            return
         n_val = max(1, round(self.config.val_fraction * (len(keys) - n_eval)))
         self.pools: dict[str, list[tuple[int, str, str]]] = {
             "eval": keys[:n_eval], "validation": keys[n_eval:n_eval + n_val],
@@ -280,3 +326,26 @@ class CourierTask(Task):
             for city in CITIES:
                 out += [make_response(item, city, o) for o in POLITE_OPENERS + RUDE_OPENERS]
         return out
+
+
+@dataclasses.dataclass
+class CourierUnseenConfig(CourierConfig):
+    """Config of :class:`CourierUnseenTask`: :class:`CourierConfig` with every held-out phrasing in
+    use (at least one)."""
+
+    name: str = "courier_unseen"
+    heldout_phrasings: int = len(HELDOUT_INSTRUCTIONS)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.heldout_phrasings < 1:
+            raise ConfigError(f"dataset.heldout_phrasings={self.heldout_phrasings}: courier_unseen "
+                              "needs at least 1 (with 0 it is dataset=courier)")
+
+
+class CourierUnseenTask(CourierTask):
+    """``courier_unseen``: courier scored on phrasings no training data uses (module docstring), under
+    its own name so that records and the leaderboard keep it apart from ``courier``."""
+
+    name = "courier_unseen"
+    config_class = CourierUnseenConfig
