@@ -258,9 +258,9 @@ def test_courier_data(courier):
         chosen = courier.rewards(pairs["prompt"], pairs["chosen"])
         rejected = courier.rewards(pairs["prompt"], pairs["rejected"])
         assert all(c > r for c, r in zip(chosen, rejected, strict=True))
-    pools = [set(courier.sft_dataset("train")["prompt"]) | set(pairs["prompt"]),
-             set(courier.sft_dataset("validation")["prompt"]), set(courier.eval_dataset()["prompt"])]
-    assert not pools[0] & pools[2] and not pools[1] & pools[2]
+    pools = [set(courier.sft_dataset(split)["prompt"]) | set(courier.preference_dataset(split)["prompt"])
+             for split in ("train", "validation")] + [set(courier.eval_dataset()["prompt"])]
+    assert not pools[0] & pools[1] and not pools[0] & pools[2] and not pools[1] & pools[2]
     assert len(pools[2]) == courier.config.n_eval
 
 
