@@ -22,7 +22,7 @@ from harness.data.tasks.base import Task, TaskConfig
 from harness.data.tasks.courier import CourierConfig, CourierTask, CourierUnseenTask
 from harness.data.tasks.preference import NoGoldRewardError, PreferenceConfig, PreferenceTask
 
-__all__ = ["TASKS", "ArithConfig", "ArithTask", "CourierConfig", "CourierTask",
+__all__ = ["TASKS", "ArithConfig", "ArithTask", "CourierConfig", "CourierTask", "CourierUnseenTask",
            "NoGoldRewardError", "PreferenceConfig", "PreferenceTask", "Task", "TaskConfig",
            "build_task", "task_config"]
 

@@ -244,14 +244,14 @@ class CourierTask(Task):
                     self.targets[make_prompt(t, item, city)] = (item, city)
         self._rng("pools").shuffle(keys)
         n_eval = self.config.n_eval
+        self.pools: dict[str, list[tuple[int, str, str]]]
         if k:  # unseen phrasings: eval and validation from the held-out ones, train from the rest
             self._rng("heldout").shuffle(held)
             self.pools = {"eval": held[:n_eval], "validation": held[n_eval:], "train": keys}
-            return
-        n_val = max(1, round(self.config.val_fraction * (len(keys) - n_eval)))
-        self.pools: dict[str, list[tuple[int, str, str]]] = {
-            "eval": keys[:n_eval], "validation": keys[n_eval:n_eval + n_val],
-            "train": keys[n_eval + n_val:]}
+        else:
+            n_val = max(1, round(self.config.val_fraction * (len(keys) - n_eval)))
+            self.pools = {"eval": keys[:n_eval], "validation": keys[n_eval:n_eval + n_val],
+                          "train": keys[n_eval + n_val:]}
 
     def _rng(self, purpose: str) -> random.Random:
         return random.Random(f"courier/{self.config.seed}/{purpose}")
