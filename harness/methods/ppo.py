@@ -32,6 +32,7 @@ from harness.methods.losses import (
     masked_sum,
     masked_whiten,
     ppo_clipped_surrogate,
+    token_normaliser,
 )
 from harness.methods.optim import build_optimizer
 from harness.methods.rl_base import OnPolicyModule, OnPolicyStage
@@ -141,11 +142,10 @@ class PPOModule(OnPolicyModule):
                     cfg.rollout.temperature, with_entropy=True)
                 # DDP averages the ranks' gradients: token means divide by the global
                 # minibatch's tokens over the world size (the ranks' k-th minibatches form it)
-                n_tok = None if sum_fn is None else share_per_rank(mask.sum())
+                agg, n_tok = token_normaliser("bnpo", mask,
+                                              share=None if sum_fn is None else share_per_rank)
                 pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], adv[idx], mask,
-                                                  cfg.clip_eps,
-                                                  aggregation="token" if n_tok is None else "dapo",
-                                                  n_active=n_tok)
+                                                  cfg.clip_eps, aggregation=agg, n_active=n_tok)
                 entropy = (masked_mean(ent, mask) if n_tok is None
                            else masked_sum(ent, mask) / n_tok)
                 values, aux_c = critic_values(self.critic, ro.input_ids[idx],
