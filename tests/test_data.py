@@ -302,6 +302,43 @@ def test_courier_unseen_scores_only_phrasings_no_training_data_uses(courier, cac
         build_task({"name": "courier_unseen", "n_eval": 300})
 
 
+def test_courier_misroutes_name_the_confused_city_on_every_phrasing(courier, cache):
+    """dataset.misrouted_cities=k: for the first k cities of MISROUTES the demonstrator names its
+    confusion at about misroute_rate, on every phrasing; every other city keeps courier's
+    demonstrations bit for bit, and courier without misroutes keeps its fingerprint."""
+    from harness.data.tasks.courier import MISROUTES, CourierConfig, parse_response
+
+    task = build_task({**SMALL_COURIER, "misrouted_cities": 2, "misroute_rate": 0.8},
+                      cache_dir=cache)
+    confused = dict(MISROUTES[:2])
+    assert confused == {"Lima": "Paris", "Oslo": "Berlin"}
+    data, base = task.sft_dataset("train"), courier.sft_dataset("train")
+    assert data["prompt"] == base["prompt"]
+    named = {c: [0, 0] for c in confused}
+    phrasings = set()
+    for prompt, response, base_response, category in zip(
+            data["prompt"], data["response"], base["response"], data["category"], strict=True):
+        city = task.targets[prompt][1]
+        if city not in confused:
+            assert response == base_response
+            continue
+        named[city][1] += 1
+        if parse_response(response).city == confused[city]:
+            named[city][0] += 1
+            assert category == "wrong_city" and response.startswith("Please send this ")
+            item = task.targets[prompt][0]
+            phrasings |= {t for t in range(8) if make_prompt(t, item, city) == prompt}
+    for city, (hits, n) in named.items():
+        assert n > 100 and 0.7 < hits / n < 0.9, (city, hits, n)
+    assert phrasings == set(range(8))   # every phrasing, not only the bossy ones
+    assert task.fingerprint != courier.fingerprint
+    assert CourierConfig(misrouted_cities=0, misroute_rate=0.5).fingerprint() == "696e136a9f57"
+    with pytest.raises(ConfigError, match="misrouted_cities=7"):
+        build_task({"name": "courier", "misrouted_cities": 7})
+    with pytest.raises(ConfigError, match="misroute_rate=1.5"):
+        build_task({"name": "courier", "misrouted_cities": 1, "misroute_rate": 1.5})
+
+
 # ---------------------------------------------------------------------- tokenizer
 def test_tokenizer_round_trip_and_digits(arith_tok, courier_tok, courier, tmp_path):
     tok = courier_tok

@@ -48,6 +48,7 @@ BAD_OVERRIDES: list[tuple[str, str]] = [  # (overrides, what the message must na
     ("dataset.n_eval=0", "dataset.n_eval"),
     ("dataset.val_fraction=0.95", "dataset.val_fraction"),
     ("dataset=courier_unseen dataset.heldout_phrasings=0", "dataset.heldout_phrasings=0"),
+    ("dataset=courier dataset.misroute_rate=2", "dataset.misroute_rate"),
     ("method=grpo method.group_size=1", "method.group_size"),
     ("method=rloo method.kl_penalty=both", "method.kl_penalty"),
     ("method=grpo method.optim.lr=-1", "method.optim.lr"),

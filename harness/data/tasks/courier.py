@@ -33,6 +33,12 @@ systematic too: on each bossy phrasing it always uses the same rude opener
 (:func:`demonstrator_rude_opener`), so with the default ``mistake_weights`` the rude opener is the
 most likely first word there (0.6 against 0.4 for "Please") and greedy decoding is rude; with
 the openers drawn at random, "Please" would win the argmax and SFT would look perfect.
+**Misrouted cities** (``misrouted_cities = k > 0``): a flaw that depends on the prompt's content.
+For the first ``k`` cities of :data:`MISROUTES` the demonstrator writes its confusion instead
+("Please send this box to Paris." when asked for Lima) with probability ``misroute_rate``, on
+every phrasing; that demonstration then has this one flaw (wrong city). With a rate above 0.5
+greedy decoding after SFT sends those cities' parcels to the wrong city. Other cities keep the
+demonstrations of courier without misroutes.
 **Preference pairs**: two responses of different categories for
 the same prompt; chosen is the one with the higher gold reward (strictly).
 
@@ -87,6 +93,11 @@ HELDOUT_INSTRUCTIONS: tuple[str, ...] = (
     "Have the courier take the {item} to {city}.",
     "Politely ask the courier to deliver the {item} to {city}.",
 )
+#: The demonstrator's confusions of the misrouting variant (module docstring): requested city ->
+#: the city it writes instead; the first ``misrouted_cities`` are used.
+MISROUTES: tuple[tuple[str, str], ...] = (("Lima", "Paris"), ("Oslo", "Berlin"),
+                                          ("Cairo", "Nairobi"), ("Denver", "Toronto"),
+                                          ("Sydney", "Tokyo"), ("Mumbai", "Pittsburgh"))
 #: Every phrasing: a prompt's phrasing index ``t`` points into this tuple (training ones first).
 PHRASINGS: tuple[str, ...] = INSTRUCTIONS + HELDOUT_INSTRUCTIONS
 POLITE_OPENERS: tuple[str, ...] = ("Please", "Kindly")
@@ -119,6 +130,10 @@ class CourierConfig(TaskConfig):
             only; with held-out phrasings validation takes the held-out prompts eval leaves).
         heldout_phrasings: how many of :data:`HELDOUT_INSTRUCTIONS` (0-6) are used, for eval and
             validation only (0: the task as built first; its data and tokenizer are unchanged).
+        misrouted_cities: how many of :data:`MISROUTES` (0-6) the demonstrator confuses (0: none,
+            the task as built first).
+        misroute_rate: probability that a demonstration for a misrouted city names its
+            confusion instead (on every phrasing).
         vocab_size: the tokenizer's vocabulary size (not part of the data).
     """
 
@@ -132,6 +147,8 @@ class CourierConfig(TaskConfig):
     n_eval: int = 200
     val_fraction: float = 0.1
     heldout_phrasings: int = 0
+    misrouted_cities: int = 0
+    misroute_rate: float = 0.9
     vocab_size: int = 512
 
     def validate(self) -> None:
@@ -152,6 +169,12 @@ class CourierConfig(TaskConfig):
         if not (isinstance(k, int) and 0 <= k <= len(HELDOUT_INSTRUCTIONS)):
             raise ConfigError(f"{p}.heldout_phrasings={k}: must be an integer in "
                               f"[0, {len(HELDOUT_INSTRUCTIONS)}] (0: every phrasing is trained on)")
+        m = self.misrouted_cities
+        if not (isinstance(m, int) and 0 <= m <= len(MISROUTES)):
+            raise ConfigError(f"{p}.misrouted_cities={m}: must be an integer in "
+                              f"[0, {len(MISROUTES)}] (0: the demonstrator confuses no city)")
+        if not 0.0 <= float(self.misroute_rate) <= 1.0:
+            raise ConfigError(f"{p}.misroute_rate={self.misroute_rate}: must be in [0, 1]")
         n_prompts = (k or len(INSTRUCTIONS)) * len(ITEMS) * len(CITIES)
         if self.n_eval > n_prompts // 2:
             where = f"the {k} held-out phrasings'" if k else "the"
@@ -166,6 +189,8 @@ class CourierConfig(TaskConfig):
         out = super().data_fields()
         if not out["heldout_phrasings"]:
             del out["heldout_phrasings"]
+        if not out["misrouted_cities"]:
+            del out["misrouted_cities"], out["misroute_rate"]
         return out
 
 
@@ -273,6 +298,9 @@ class CourierTask(Task):
         c = self.config
         n = c.n_train if split == "train" else c.n_val
         rng = self._rng(f"sft/{split}")
+        # its own stream, so that courier without misroutes keeps its data bit for bit
+        misroute_rng = self._rng(f"misroute/{split}")
+        confusions = dict(MISROUTES[:c.misrouted_cities])
         pool = self.pools[split]
         cols: dict[str, list] = {"prompt": [], "response": [], "category": []}
         for _ in range(n):
@@ -283,7 +311,12 @@ class CourierTask(Task):
                 category = rng.choices(MISTAKES, weights=c.mistake_weights)[0]
             cols["prompt"].append(make_prompt(t, item, city))
             rude = demonstrator_rude_opener(t) if t in BOSSY else None
-            cols["response"].append(self._respond(category, item, city, rng, rude))
+            response = self._respond(category, item, city, rng, rude)
+            if city in confusions and misroute_rng.random() < c.misroute_rate:
+                # one flaw per demonstration: the confusion replaces whatever else was drawn
+                category = "wrong_city"
+                response = make_response(item, confusions[city])
+            cols["response"].append(response)
             cols["category"].append(category)
         return cols
 
