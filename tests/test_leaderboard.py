@@ -639,6 +639,28 @@ def test_header_note_and_command_survive_a_rebuild(records: list[dict], tmp_path
     assert "Traceback" not in proc.stderr
 
 
+def test_sweep_of_another_group_keeps_the_tables_command(tmp_path: Path) -> None:
+    """A tuning sweep's rebuild (group `tune`, not in the table) keeps the header's command for
+    the table's rows; a sweep of the table's group replaces it."""
+    import json
+
+    from harness.tracking.callbacks import build_leaderboard_after
+
+    out = tmp_path / "results"
+    (out / "runs").mkdir(parents=True)
+    (out / lb.HEADER_FILE).write_text(json.dumps({"command": "bash sweeps/compare.sh",
+                                                  "group": "compare,smollm2"}))
+
+    def stored() -> str:
+        return json.loads((out / lb.HEADER_FILE).read_text())["command"]
+
+    build_leaderboard_after(out, "python -m harness -m +sweep=tune_dpo", "tune")
+    assert stored() == "bash sweeps/compare.sh"
+    assert "Reproduce the runs: `bash sweeps/compare.sh`" in (out / "leaderboard.md").read_text()
+    build_leaderboard_after(out, "python -m harness -m +sweep=compare seed=3", "smollm2")
+    assert stored() == "python -m harness -m +sweep=compare seed=3"
+
+
 def test_wandb_table(records: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from omegaconf import OmegaConf
 

@@ -20,15 +20,34 @@ class LeaderboardCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from harness.evaluation.records import load_records
-        from harness.evaluation.standings import build_leaderboard
 
         results = Path(to_absolute_path(config.results_dir or "results"))
         command = "python -m harness " + " ".join(sys.argv[1:])
-        paths = build_leaderboard(results / "runs", results, command=command)
+        paths = build_leaderboard_after(results, command, str(config.group))
         log.info("leaderboard rebuilt: %s", paths.get("markdown"))
         print(f"leaderboard: {paths.get('markdown')}")
         if config.logger.kind == "wandb":
             log_leaderboard_table(config, load_records(results / "runs"))
+
+
+def build_leaderboard_after(results: Path, command: str, sweep_group: str) -> dict[str, Path]:
+    """Rebuild the leaderboard in ``results`` after a sweep of ``sweep_group`` ran ``command``.
+
+    The header's "Reproduce the runs" names ``command`` only when the sweep's records are in the
+    table (its group is one of the table's groups, or the table shows every record); a sweep of
+    another group (e.g. ``tune``, whose records only feed the reward–KL plot) keeps the command
+    stored for the table's rows.
+    """
+    from harness.evaluation.records import load_records
+    from harness.evaluation.standings import build_leaderboard, header_settings, select_group
+
+    _, _, stored_group = header_settings(results, None, None)
+    _, shown = select_group(load_records(results / "runs"), stored_group)
+    if shown is not None and sweep_group not in {g.strip() for g in shown.split(",")}:
+        log.info("leaderboard: sweep group %r is not in the table (groups %s); its header keeps "
+                 "its command", sweep_group, shown)
+        return build_leaderboard(results / "runs", results)
+    return build_leaderboard(results / "runs", results, command=command)
 
 
 def log_leaderboard_table(config: DictConfig, records: list[dict]) -> None:
