@@ -282,10 +282,14 @@ class Run:
                 stage.save(job.model, checkpoint, self.tokenizer, self.cfg)
         self.loggers.close(stage.name)
         model = job.model
-        if stage.base:  # what later stages build on is what the cache would give them: merged
+        if stage.base:  # what later stages build on is what the cache would give them: merged,
             from harness.models.lora import has_lora, merged
 
             model = merged(model) if has_lora(model) else model
+            # and in eval mode, as a loaded checkpoint is: Lightning keeps a module's mode, so a
+            # base left in training mode would train the next stage with noisy MoE routing when
+            # its base was trained in this process and without it when the base was cached
+            model.eval()
         return Built(stage.name, cfg, model, record, checkpoint)
 
     def fit(self, stage: Stage, job: Fit, path: Path, key: str | None,

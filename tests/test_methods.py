@@ -212,6 +212,25 @@ def test_failed_run_writes_a_failed_summary(tmp_path, monkeypatch):
     assert summary["status"] == "failed" and "train/reward" in summary["error"]
 
 
+def test_an_moe_sft_base_trained_in_this_run_trains_dpo_as_the_cached_one_does(tmp_path):
+    """A base stage trained in this process is handed on in eval mode, as a cached checkpoint is
+    loaded: with noisy top-k routing a base left in training mode gave DPO a noisy policy against
+    its deterministic reference (a non-zero margin at step 0) only when the SFT base was trained in
+    the same run."""
+    common = [*TINY_SFT, "model=moe_tiny", "method=dpo", "method.max_steps=3", "results_dir=null",
+              f"cache_dir={tmp_path}/cache"]
+    fresh = run(composed(common), tmp_path / "fresh")
+    cached = run(composed(common), tmp_path / "cached")
+    assert fresh["stages"]["sft"]["cached"] is False and cached["stages"]["sft"]["cached"] is True
+    assert fresh["status"] == cached["status"] == "ok"
+    trained = sorted(k for k in fresh["stages"]["dpo"]["metrics"]
+                     if k.startswith("train/") and not k.endswith("tokens_per_s"))
+    assert "train/rewards_margin" in trained
+    for key in trained:
+        assert fresh["stages"]["dpo"]["metrics"][key] == cached["stages"]["dpo"]["metrics"][key], key
+    assert fresh["metrics"]["eval/kl"] == cached["metrics"]["eval/kl"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["rm", "dpo", "grpo", "ppo", "rloo"])
 def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
