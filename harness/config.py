@@ -60,7 +60,14 @@ def one_of(obj: Any, prefix: str, name: str, choices: Sequence[Any]) -> None:
 # ------------------------------------------------------------------ shared sub-configs
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``; gradient clipping."""
+    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``; gradient clipping.
+
+    ``fused``: PyTorch's fused AdamW kernel (``torch.optim.AdamW(fused=True)``, TRL's
+    ``optim="adamw_torch_fused"``) instead of its default per-tensor loop. The same update, one
+    kernel over every tensor: faster, but it rounds differently, so the same seed gives other
+    weights after a few steps; off by default, so that runs repeat the records made without it.
+    A stage trained with it is cached under another key (:meth:`key_fields`).
+    """
 
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -69,6 +76,15 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    fused: bool = False
+
+    def key_fields(self) -> dict[str, Any]:
+        """The fields that decide a stage's output (its cache key): all of them, less ``fused``
+        when it is off, so stages cached before the option existed keep their keys."""
+        out = dataclasses.asdict(self)
+        if not self.fused:
+            del out["fused"]
+        return out
 
     def check(self, prefix: str) -> None:
         positive(self, prefix, "lr")

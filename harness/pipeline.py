@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness import resume
 from harness.atomic import check_writable, write_json
 from harness.cache import StageCache, StageRecord, stage_key
-from harness.config import ConfigError, Settings, TrainerConfig, validate
+from harness.config import ConfigError, OptimConfig, Settings, TrainerConfig, validate
 from harness.data.prompt_format import FormattedTask, effective_format
 from harness.data.tasks import build_task
 from harness.data.tokenizer import load_or_build_tokenizer
@@ -118,6 +118,16 @@ class HistoryRecorder(L.Callback):
             if value is not None:
                 self.history.setdefault(key, []).append([float(self._step), float(value)])
         self._step += 1
+
+
+def key_config(cfg: Any) -> dict[str, Any]:
+    """A stage config as its cache key reads it: ``asdict``, with every optimiser section
+    (``optim``, PPO's ``critic_optim``) as :meth:`OptimConfig.key_fields` gives it."""
+    out = asdict(cfg)
+    for name, value in vars(cfg).items():
+        if isinstance(value, OptimConfig):
+            out[name] = value.key_fields()
+    return out
 
 
 class Run:
@@ -218,7 +228,7 @@ class Run:
         if self.prompt_format != "raw":
             dataset["prompt_format"] = self.prompt_format
         return {"model": model, "dataset": dataset,
-                "data_fingerprint": self.task.fingerprint, "config": asdict(cfg),
+                "data_fingerprint": self.task.fingerprint, "config": key_config(cfg),
                 "seed": self.s.seed, "precision": t["precision"], "devices": t["devices"],
                 "inputs": {n: [b.record.key, b.record.trained_id] for n, b in inputs.items()}}
 

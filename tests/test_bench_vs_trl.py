@@ -83,6 +83,27 @@ def test_vs_trl_takes_the_comparison_settings():
     assert plain.models == ["llama_small", "moe_small"] and plain.threads is None
 
 
+def test_fused_adamw_reaches_both_sides_of_the_comparison(tmp_path):
+    """``--fused-adamw``: every optimiser of the harness's stage is fused (PPO's critic too) and
+    TRL's arguments ask for ``adamw_torch_fused``; without it both run the per-tensor loop."""
+    from harness.bench.steps import build_method, prepare_data
+    from harness.bench.vs_trl import common_args
+    from harness.config import OptimConfig
+
+    assert parse_args(["--vs", "trl", "--fused-adamw"]).fused_adamw
+    assert not parse_args(["--vs", "trl"]).fused_adamw
+    for fused, name in ((False, "adamw_torch"), (True, "adamw_torch_fused")):
+        assert common_args(OptimConfig(fused=fused), 3, tmp_path, 0, torch.device("cpu"))["optim"] == name
+    task, tok = prepare_data(16, tmp_path)
+    cfg = bench.model_config("llama_tiny", len(tok))
+    for fused in (False, True):
+        setup = build_method("ppo", cfg, task, tok, 4, 2, device=torch.device("cpu"),
+                             fused_adamw=fused)
+        assert setup.module.cfg.optim.fused is fused and setup.module.cfg.critic_optim.fused is fused
+        optimizers, _ = setup.module.configure_optimizers()
+        assert [bool(o.defaults["fused"]) for o in optimizers] == [fused, fused]
+
+
 def test_without_trl_the_bench_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
     cache = tmp_path / "cache"

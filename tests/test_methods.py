@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from torch import nn
 
 from harness.cache import stage_key
 from harness.config import RolloutConfig, register_configs
@@ -146,6 +147,47 @@ def test_sft_key_ignores_the_method_and_logger(tmp_path):
     r = _run(["model=llama_tiny", f"cache_dir={tmp_path}", "sft.max_steps=7", "method=dpo",
               "dataset.n_train=200", "dataset.n_pairs=50"], tmp_path)
     assert stage_key("sft", _decides(r, "sft")) not in keys
+
+
+def test_fused_adamw_is_off_in_the_cache_key_unless_set(tmp_path):
+    """``optim.fused`` off leaves a base stage's key what it was before the option existed (the
+    optimiser's seven fields); on, the stage (SFT, reward model) is another stage."""
+    base = ["method=ppo", "model=llama_tiny", f"cache_dir={tmp_path}", "dataset.n_train=200",
+            "dataset.n_pairs=50"]
+    plain = _run(base, tmp_path)
+    old_fields = {"lr", "weight_decay", "beta1", "beta2", "warmup_steps", "min_lr_ratio", "grad_clip"}
+    for name in ("sft", "rm"):
+        assert set(_decides(plain, name)["config"]["optim"]) == old_fields
+        fused = _run([*base, f"{name}.optim.fused=true"], tmp_path)
+        assert _decides(fused, name)["config"]["optim"]["fused"] is True
+        assert stage_key(name, _decides(fused, name)) != stage_key(name, _decides(plain, name))
+
+
+def test_fused_adamw_takes_the_same_step_as_the_per_tensor_loop():
+    """The same AdamW update (decoupled weight decay, bias-corrected moments) in one kernel:
+    parameters agree with the per-tensor loop's to rounding after a few steps."""
+    from harness.config import OptimConfig
+    from harness.methods.optim import build_optimizer
+
+    nets, opts = [], []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+        cfg = OptimConfig(lr=1e-2, weight_decay=0.1, warmup_steps=0, fused=fused)
+        nets.append(net)
+        opts.append(build_optimizer([net], cfg, max_steps=10)["optimizer"])
+    assert opts[1].defaults["fused"] is True and not opts[0].defaults["fused"]
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        for net, opt in zip(nets, opts, strict=True):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    for a, b, s in zip(nets[0].parameters(), nets[1].parameters(), start.parameters(), strict=True):
+        assert not torch.equal(a, s)                                   # the steps moved them
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_dpo_reference_table_is_computed_once_and_matches(tiny_task):

@@ -111,6 +111,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="--vs: interleaved rounds (default 3; quick 1)")
     p.add_argument("--pairs", type=int, help="--vs: DPO pairs per step (default 8; quick 2)")
     p.add_argument("--minibatch", type=int, help="override PPO/GRPO minibatch_size (default: conf)")
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="steps and --vs: every optimiser with optim.fused=true (TRL's side: "
+                        "adamw_torch_fused); default: the configs' per-tensor AdamW")
     p.add_argument("--memory-methods", nargs="+", default=["ppo", "grpo"], choices=methods(),
                    help="methods measured in the memory section (default: ppo grpo)")
     p.add_argument("--lora", type=int, default=0, metavar="R",
@@ -191,7 +194,8 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
             for m in args.models:
                 mcfg = model_config(m, len(tok), args.lora)
                 rows += [bench_method_steps(meth, mcfg, task, tok, args.batch, args.iters,
-                                            args.warmup, args.seed, device, args.minibatch)
+                                            args.warmup, args.seed, device, args.minibatch,
+                                            fused_adamw=args.fused_adamw)
                          for meth in args.methods]
             result["steps"] = rows
             out(format_table("2. Seconds per optimisation step", rows, STEP_COLUMNS,
@@ -221,7 +225,8 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
             result["vs_trl"] = [
                 compare_with_trl(model_config(m, len(tok)), task, tok, args.batch, args.new_tokens,
                                  args.pairs, args.rounds, args.iters, args.warmup, args.seed,
-                                 device, out, steps=args.vs_steps, ppo_prompts=args.ppo_prompts)
+                                 device, out, steps=args.vs_steps, ppo_prompts=args.ppo_prompts,
+                                 fused_adamw=args.fused_adamw)
                 for m in args.models]
         if args.curves:
             from harness.bench.curves import QUICK as QUICK_CURVES

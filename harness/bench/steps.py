@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from harness.bench.common import Column, compose_config, median, quiet, resolve_device, sync
-from harness.config import ModelConfig, validate
+from harness.config import ModelConfig, OptimConfig, validate
 from harness.models.llama import ScalarHead
 
 
@@ -43,13 +43,15 @@ def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch
                  n_batches: int, seed: int = 0, device: torch.device | None = None,
                  minibatch: int | None = None,
                  before_models: Callable[[], None] | None = None,
-                 overrides: Sequence[str] = ()) -> Any:
+                 overrides: Sequence[str] = (), fused_adamw: bool = False) -> Any:
     """The stage's :class:`~harness.stage.Fit` as the pipeline builds it, from random-init inputs.
 
     The stage's config is its default (``conf/``, composed with the Hydra ``overrides``, e.g.
     ``method.rollout.max_new_tokens=16``) with only its sizes changed
     (:meth:`~harness.stage.Stage.sized`: ``batch`` sequences per batch, ``n_batches`` batches)
-    and, if given, its ``minibatch_size``; ``before_models()`` runs before any network is built.
+    and, if given, its ``minibatch_size``; ``fused_adamw`` turns on ``fused`` in each of its
+    optimiser sections (``optim``, PPO's ``critic_optim``); ``before_models()`` runs before any
+    network is built.
     The stages it needs (the SFT base, the reward model) are random-init networks of the preset.
     """
     from harness.cache import StageRecord
@@ -62,6 +64,10 @@ def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch
     cfg = stage.sized(settings.stage_config(method), batch, n_batches)
     if minibatch is not None and hasattr(cfg, "minibatch_size"):
         cfg = dataclasses.replace(cfg, minibatch_size=minibatch)
+    if fused_adamw:
+        cfg = dataclasses.replace(cfg, **{
+            f.name: dataclasses.replace(getattr(cfg, f.name), fused=True)
+            for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), OptimConfig)})
     cfg.check(method)
     if before_models is not None:
         before_models()
@@ -143,10 +149,12 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
                        iters: int = 5, warmup: int = 1, seed: int = 0,
                        device: torch.device | None = None, minibatch: int | None = None,
                        root: Path | None = None, overrides: Sequence[str] = (),
-                       before_fit: Callable[[Any], None] | None = None) -> dict[str, Any]:
+                       before_fit: Callable[[Any], None] | None = None,
+                       fused_adamw: bool = False) -> dict[str, Any]:
     """Median seconds per training batch of ``method`` over ``iters`` batches after ``warmup``.
 
-    ``overrides``: Hydra overrides of the method's config (:func:`build_method`);
+    ``overrides``: Hydra overrides of the method's config, ``fused_adamw``: its optimisers fused
+    (:func:`build_method`);
     ``before_fit(setup)`` sees the built :class:`~harness.stage.Fit` before it trains (the
     comparison with TRL exports the initial policy there).
     """
@@ -154,7 +162,7 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
     n = warmup + iters
     with quiet(), tempfile.TemporaryDirectory() as tmp:
         setup = build_method(method, model_cfg, task, tok, batch, n, seed, device, minibatch,
-                             overrides=overrides)
+                             overrides=overrides, fused_adamw=fused_adamw)
         if before_fit is not None:
             before_fit(setup)
         timer = StepTimer(device)

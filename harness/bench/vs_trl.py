@@ -144,17 +144,19 @@ class StepClock(TrainerCallback):
 # ------------------------------------------------------------------- TRL's arguments
 def common_args(optim: OptimConfig, steps: int, out_dir: Path, seed: int,
                 device: torch.device) -> dict[str, Any]:
-    """``TrainingArguments`` shared by both trainers: the harness's AdamW (per-tensor
-    ``torch.optim.AdamW``, its betas, weight decay, warm-up then cosine to ``min_lr_ratio``, norm
-    clipping), fp32 (TRL's default is bf16), no gradient checkpointing (TRL's default is on), no
-    checkpoints, reports or progress bars, ``steps`` optimisation steps."""
+    """``TrainingArguments`` shared by both trainers: the harness's AdamW (``torch.optim.AdamW``,
+    per-tensor or, with ``optim.fused``, fused: TRL's ``adamw_torch`` / ``adamw_torch_fused``; its
+    betas, weight decay, warm-up then cosine to ``min_lr_ratio``, norm clipping), fp32 (TRL's
+    default is bf16), no gradient checkpointing (TRL's default is on), no checkpoints, reports or
+    progress bars, ``steps`` optimisation steps."""
     return dict(
         output_dir=str(out_dir), max_steps=steps, seed=seed, use_cpu=device.type == "cpu",
         learning_rate=optim.lr, adam_beta1=optim.beta1, adam_beta2=optim.beta2,
         weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps,
         lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": optim.min_lr_ratio},
-        max_grad_norm=optim.grad_clip or 0.0, optim="adamw_torch",
+        max_grad_norm=optim.grad_clip or 0.0,
+        optim="adamw_torch_fused" if optim.fused else "adamw_torch",
         bf16=False, fp16=False, gradient_checkpointing=False,
         logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, model_init_kwargs={"dtype": torch.float32},
@@ -361,9 +363,10 @@ def harness_overrides(method: str, new_tokens: int) -> list[str]:
 
 def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
               new_tokens: int, iters: int, warmup: int, seed: int, device: torch.device,
-              root: Path) -> dict[str, Any]:
+              root: Path, fused_adamw: bool = False) -> dict[str, Any]:
     """One interleaved round of ``method``: the harness's steps, then TRL's from the same initial
-    weights; medians over ``iters`` steps after ``warmup``."""
+    weights; medians over ``iters`` steps after ``warmup``. ``fused_adamw``: both sides step
+    with the fused AdamW kernel (:func:`common_args`)."""
     from harness.models.hf import to_hf_model
 
     weights = root / f"{method}-init"
@@ -378,7 +381,7 @@ def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: i
     minibatch = batch if method in ("grpo", "ppo") else None
     ours = bench_method_steps(method, model_cfg, task, tok, batch, iters, warmup, seed, device,
                               minibatch, root=root, overrides=harness_overrides(method, new_tokens),
-                              before_fit=export)
+                              before_fit=export, fused_adamw=fused_adamw)
     setup = built.pop("setup")
     cfg = setup.module.cfg
     theirs, info = trl_step_times(method, cfg, weights, task, tok, warmup + iters, seed, device,
@@ -404,11 +407,12 @@ def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: i
 def compare_with_trl(model_cfg: ModelConfig, task: Any, tok: Any, batch: int, new_tokens: int,
                      pairs: int, rounds: int, iters: int, warmup: int, seed: int,
                      device: torch.device, out: Any = print, steps: Sequence[str] = STEPS,
-                     ppo_prompts: int | None = None) -> dict[str, Any]:
+                     ppo_prompts: int | None = None, fused_adamw: bool = False) -> dict[str, Any]:
     """The matmul peak, then ``rounds`` interleaved rounds of the ``steps``: GRPO (``batch``
     sequences, ``new_tokens`` new tokens each, one minibatch), DPO (``pairs`` pairs), PPO
     (``ppo_prompts`` prompts, ``new_tokens`` new tokens, one minibatch, :data:`EPOCHS_PPO`
-    epochs; TRL 1.12 only); prints the table.
+    epochs; TRL 1.12 only); prints the table. ``fused_adamw``: both sides use the fused AdamW
+    kernel (TRL's default ``optim`` since torch 2.8; otherwise both run the per-tensor loop).
 
     Returns ``{"model", "params_mm", "peak_gflops": {n: GFLOP/s}, "rounds": [row, ...],
     "summary": [row, ...]}`` (rows as :func:`one_round`'s, plus achieved GFLOP/s and % of peak).
@@ -427,13 +431,14 @@ def compare_with_trl(model_cfg: ModelConfig, task: Any, tok: Any, batch: int, ne
             for method in steps:
                 root = Path(tmp) / f"round{r}"
                 row = one_round(method, model_cfg, task, tok, sizes[method], new_tokens, iters,
-                                warmup, seed, device, root)
+                                warmup, seed, device, root, fused_adamw)
                 row["round"] = r + 1
                 add_rates(row, peak[PEAK_SIZES[-1]])
                 rows.append(row)
     summary = [summarise([x for x in rows if x["method"] == m]) for m in steps]
     result = {"model": model_cfg.name, "params_mm": matmul_params(model_cfg), "trl": trl_version,
               "peak_gflops": peak, "rounds": rows, "summary": summary,
+              "adamw": "fused" if fused_adamw else "per-tensor",
               "load_average": (load_before, load_average())}
     out(format_report(result, device) + "\n")
     return result
@@ -519,7 +524,8 @@ def format_report(result: dict[str, Any], device: torch.device) -> str:
         f"T = {seq_len}; DPO = 3 F_fwd(2 pairs, T), reference log-probs precomputed "
         "(both sides); PPO = 2 F + 2 G + 3 E (F + G), G = F_fwd without the LM head (reward "
         "model, critic).",
-        "Same settings on both sides (TRL's from the harness's stage config): fp32, AdamW + grad "
+        "Same settings on both sides (TRL's from the harness's stage config): fp32, "
+        f"{result.get('adamw', 'per-tensor')} AdamW (--fused-adamw: both fused) + grad "
         "clip, TRL gradient checkpointing off; GRPO loss_type, beta > 0 (both run the reference "
         "pass), clip eps, group reward scaling, sampling temperature; DPO sigmoid loss, beta; PPO "
         "epochs, one minibatch, k1 KL in the reward, clip ranges, vf_coef, gamma, lambda "

@@ -35,11 +35,11 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
 
 def build_optimizer(modules: Iterable[nn.Module], cfg: OptimConfig, max_steps: int) -> dict:
     """Lightning ``configure_optimizers`` dict: AdamW + per-step warm-up/cosine scheduler."""
-    # PyTorch's default (per-tensor) AdamW: the fused kernel is faster on CPU but rounds
-    # differently, and arith's SFT (a task with a phase transition) is sensitive to that
+    # PyTorch's default (per-tensor) AdamW unless ``cfg.fused``: the fused kernel is faster but
+    # rounds differently, and arith's SFT (a task with a phase transition) is sensitive to that
     # (results/FINDINGS.md), so it is not switched on silently.
     opt = torch.optim.AdamW(param_groups(modules, cfg.weight_decay), lr=cfg.lr,
-                            betas=(cfg.beta1, cfg.beta2))
+                            betas=(cfg.beta1, cfg.beta2), fused=True if cfg.fused else None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, cfg.warmup_steps, max_steps, cfg.min_lr_ratio))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
