@@ -75,6 +75,12 @@ def test_a_gpt2_checkpoint_runs_through_transformers_and_says_what_it_lacks(fold
     assert len(said) == 1 and "GPT2LMHeadModel" in said[0] and "upcycling" in said[0]
 
 
+def test_dpo_with_a_shared_prompt_is_refused_through_transformers_before_work(folder, tmp_path):
+    with pytest.raises(ConfigError, match="method.share_prompt=true: the packed layout"):
+        _run_of(folder, tmp_path, "method=dpo", "method.share_prompt=true")
+    assert not list((tmp_path / "c").glob("stages/*"))   # no stage trained
+
+
 def test_the_adapter_gives_transformers_logits_and_samples_like_it(folder, tmp_path):
     from transformers import AutoModelForCausalLM
 

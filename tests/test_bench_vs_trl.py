@@ -104,6 +104,25 @@ def test_fused_adamw_reaches_both_sides_of_the_comparison(tmp_path):
         assert [bool(o.defaults["fused"]) for o in optimizers] == [fused, fused]
 
 
+def test_share_prompt_reaches_the_benched_dpo_stage(tmp_path):
+    """``--share-prompt``: the harness's DPO (steps and --vs) packs each pair with its prompt
+    once, policy and reference alike; other methods are untouched."""
+    from harness.bench.steps import build_method, prepare_data
+    from harness.bench.vs_trl import harness_overrides
+    from harness.methods.dpo import pair_logps, shared_prompt_pair_logps
+
+    assert parse_args(["--share-prompt"]).share_prompt and not parse_args([]).share_prompt
+    assert harness_overrides("dpo", 16, True) == ["method.share_prompt=true"]
+    assert harness_overrides("dpo", 16) == [] and "method.share_prompt=true" not in \
+        harness_overrides("grpo", 16, True)
+    task, tok = prepare_data(16, tmp_path)
+    cfg = bench.model_config("llama_tiny", len(tok))
+    for share, logps in ((False, pair_logps), (True, shared_prompt_pair_logps)):
+        setup = build_method("dpo", cfg, task, tok, 4, 2, device=torch.device("cpu"),
+                             overrides=harness_overrides("dpo", 16, share))
+        assert setup.module.cfg.share_prompt is share and setup.module.ref.logps is logps
+
+
 def test_without_trl_the_bench_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
     cache = tmp_path / "cache"

@@ -230,6 +230,89 @@ def test_dpo_reference_table_is_computed_once_and_matches(tiny_task):
     assert torch.allclose(rc, torch.zeros_like(rc), atol=1e-4)
 
 
+def test_a_shared_prompt_packs_each_pair_in_one_row_by_hand():
+    """[bos + prompt, chosen, rejected]: positions restart at P for the rejected tokens, which do
+    not see the chosen ones; both sides' first tokens are predicted from position P - 1."""
+    from harness.data.collate import PairCollator, _pair_from_ids
+    from harness.methods.dpo import pack_shared_prompt
+
+    rows = [_pair_from_ids(1, 2, [5, 6], [7], [8, 9], 64, "truncate"),      # P 3, C 2, R 3
+            _pair_from_ids(1, 2, [5], [7, 7], [9], 64, "truncate")]        # P 2, C 3, R 2
+    packed = pack_shared_prompt(PairCollator(0)(rows))
+    assert packed.ids.tolist() == [[1, 5, 6, 7, 2, 8, 9, 2], [1, 5, 7, 7, 2, 9, 2, 0]]
+    assert packed.positions.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5], [0, 1, 2, 3, 4, 2, 3, 0]]
+    assert packed.chosen_at.tolist() == [[2, 3, 0], [1, 2, 3]]
+    assert packed.chosen_tokens.tolist() == [[7, 2, 0], [7, 7, 2]]
+    assert packed.chosen_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert packed.rejected_at.tolist() == [[2, 5, 6], [1, 5, 0]]
+    assert packed.rejected_tokens.tolist() == [[8, 9, 2], [9, 2, 0]]
+    assert packed.rejected_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert packed.mask.shape == (2, 1, 8, 8)
+    # row 0: "8" (position 5) sees bos + prompt and itself; its EOS (7) sees 8 and 9 too
+    assert packed.mask[0, 0, 5].tolist() == [True, True, True, False, False, True, False, False]
+    assert packed.mask[0, 0, 7].tolist() == [True, True, True, False, False, True, True, True]
+    assert packed.mask[0, 0, 4].tolist() == [True] * 5 + [False] * 3       # chosen: causal
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_shared_prompt_log_probs_equal_the_two_row_layout(tiny_task, moe):
+    """The packed layout gives pair_logps' sums and gradients (to rounding), dense and MoE."""
+    from harness.methods.dpo import shared_prompt_pair_logps
+
+    _, tok = tiny_task
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4,
+                                 n_kv_heads=2, d_ff=64, max_seq_len=64,
+                                 n_experts=4 if moe else 0, top_k=2))
+    model.eval()  # deterministic routing
+    # pairs of random token ids with prompts and responses of 1-6 tokens each
+    from harness.data.collate import PairCollator, _pair_from_ids
+
+    g = torch.Generator().manual_seed(1)
+
+    def ids() -> list[int]:
+        n = int(torch.randint(1, 7, (1,), generator=g))
+        return torch.randint(3, len(tok), (n,), generator=g).tolist()
+
+    batch = PairCollator(0)([_pair_from_ids(1, 2, ids(), ids(), ids(), 32, "truncate")
+                             for _ in range(12)])
+    assert len(set(batch["prompt_len"].tolist())) > 2        # prompts of several lengths
+    grads = []
+    for logps in (pair_logps, shared_prompt_pair_logps):
+        model.zero_grad()
+        c, r, _ = logps(model, batch)
+        (c.sum() - 2 * r.sum()).backward()
+        grads.append(([c.detach(), r.detach()], [p.grad.clone() for p in model.parameters()]))
+    (two_rows, g2), (packed, g1) = grads
+    for a, b in zip(two_rows, packed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g2, g1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dpo_with_a_shared_prompt_scores_its_reference_the_same_way(tiny_task):
+    """policy == reference at step 0 gives a margin of exactly 0 (both packed) and the loss log 2;
+    the run's loss agrees with the two-row layout's to rounding."""
+    from harness.methods.dpo import shared_prompt_pair_logps
+
+    task, tok = tiny_task
+    ref = tiny_model(tok).eval()
+    dm = AlignmentDataModule(task, tok, kind="pairs", batch_size=16, max_len=32, seed=0)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    losses = []
+    for share in (True, False):
+        table = ReferenceLogps(ref, dm.datasets["train"], dm.collate, dm.batch_size,
+                               shared_prompt_pair_logps if share else None)
+        module = DPOModule(tiny_model(tok), table, DPOConfig(share_prompt=share))
+        loss, rc, rr, _ = module._losses(batch)
+        if share:
+            assert torch.equal(rc, torch.zeros_like(rc)) and torch.equal(rr, torch.zeros_like(rr))
+        losses.append(float(loss))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert losses[0] == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-6)
+
+
 def test_grpo_stops_on_non_finite_reward(tiny_task):
     task, tok = tiny_task
     policy, ref = tiny_model(tok), tiny_model(tok)

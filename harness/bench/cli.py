@@ -114,6 +114,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fused-adamw", action="store_true",
                    help="steps and --vs: every optimiser with optim.fused=true (TRL's side: "
                         "adamw_torch_fused); default: the configs' per-tensor AdamW")
+    p.add_argument("--share-prompt", action="store_true",
+                   help="steps and --vs: DPO scores each pair with its prompt once "
+                        "(method.share_prompt=true); default: chosen and rejected as two rows")
     p.add_argument("--memory-methods", nargs="+", default=["ppo", "grpo"], choices=methods(),
                    help="methods measured in the memory section (default: ppo grpo)")
     p.add_argument("--lora", type=int, default=0, metavar="R",
@@ -195,7 +198,10 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
                 mcfg = model_config(m, len(tok), args.lora)
                 rows += [bench_method_steps(meth, mcfg, task, tok, args.batch, args.iters,
                                             args.warmup, args.seed, device, args.minibatch,
-                                            fused_adamw=args.fused_adamw)
+                                            fused_adamw=args.fused_adamw,
+                                            overrides=(["method.share_prompt=true"]
+                                                       if args.share_prompt and meth == "dpo"
+                                                       else []))
                          for meth in args.methods]
             result["steps"] = rows
             out(format_table("2. Seconds per optimisation step", rows, STEP_COLUMNS,
@@ -226,7 +232,7 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
                 compare_with_trl(model_config(m, len(tok)), task, tok, args.batch, args.new_tokens,
                                  args.pairs, args.rounds, args.iters, args.warmup, args.seed,
                                  device, out, steps=args.vs_steps, ppo_prompts=args.ppo_prompts,
-                                 fused_adamw=args.fused_adamw)
+                                 fused_adamw=args.fused_adamw, share_prompt=args.share_prompt)
                 for m in args.models]
         if args.curves:
             from harness.bench.curves import QUICK as QUICK_CURVES

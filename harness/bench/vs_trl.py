@@ -353,9 +353,12 @@ def step_flops(method: str, model_cfg: ModelConfig, cfg: Any, seq_len: int) -> f
     return dpo_step_flops(model_cfg, cfg.batch_size, seq_len)
 
 
-def harness_overrides(method: str, new_tokens: int) -> list[str]:
+def harness_overrides(method: str, new_tokens: int, share_prompt: bool = False) -> list[str]:
     """The Hydra overrides of the compared configs: GRPO and PPO sample ``new_tokens`` tokens;
-    PPO runs :data:`EPOCHS_PPO` epochs."""
+    PPO runs :data:`EPOCHS_PPO` epochs; DPO scores each pair with its prompt once when
+    ``share_prompt`` (``method.share_prompt``)."""
+    if method == "dpo":
+        return ["method.share_prompt=true"] if share_prompt else []
     if method == "ppo":
         return [f"method.rollout.max_new_tokens={new_tokens}", f"method.update_epochs={EPOCHS_PPO}"]
     return [f"method.rollout.max_new_tokens={new_tokens}"] if method == "grpo" else []
@@ -363,10 +366,11 @@ def harness_overrides(method: str, new_tokens: int) -> list[str]:
 
 def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
               new_tokens: int, iters: int, warmup: int, seed: int, device: torch.device,
-              root: Path, fused_adamw: bool = False) -> dict[str, Any]:
+              root: Path, fused_adamw: bool = False, share_prompt: bool = False) -> dict[str, Any]:
     """One interleaved round of ``method``: the harness's steps, then TRL's from the same initial
     weights; medians over ``iters`` steps after ``warmup``. ``fused_adamw``: both sides step
-    with the fused AdamW kernel (:func:`common_args`)."""
+    with the fused AdamW kernel (:func:`common_args`); ``share_prompt``: the harness's DPO packs
+    each pair with its prompt once (TRL's runs its two rows)."""
     from harness.models.hf import to_hf_model
 
     weights = root / f"{method}-init"
@@ -380,7 +384,8 @@ def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: i
 
     minibatch = batch if method in ("grpo", "ppo") else None
     ours = bench_method_steps(method, model_cfg, task, tok, batch, iters, warmup, seed, device,
-                              minibatch, root=root, overrides=harness_overrides(method, new_tokens),
+                              minibatch, root=root,
+                              overrides=harness_overrides(method, new_tokens, share_prompt),
                               before_fit=export, fused_adamw=fused_adamw)
     setup = built.pop("setup")
     cfg = setup.module.cfg
@@ -407,12 +412,14 @@ def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: i
 def compare_with_trl(model_cfg: ModelConfig, task: Any, tok: Any, batch: int, new_tokens: int,
                      pairs: int, rounds: int, iters: int, warmup: int, seed: int,
                      device: torch.device, out: Any = print, steps: Sequence[str] = STEPS,
-                     ppo_prompts: int | None = None, fused_adamw: bool = False) -> dict[str, Any]:
+                     ppo_prompts: int | None = None, fused_adamw: bool = False,
+                     share_prompt: bool = False) -> dict[str, Any]:
     """The matmul peak, then ``rounds`` interleaved rounds of the ``steps``: GRPO (``batch``
     sequences, ``new_tokens`` new tokens each, one minibatch), DPO (``pairs`` pairs), PPO
     (``ppo_prompts`` prompts, ``new_tokens`` new tokens, one minibatch, :data:`EPOCHS_PPO`
     epochs; TRL 1.12 only); prints the table. ``fused_adamw``: both sides use the fused AdamW
-    kernel (TRL's default ``optim`` since torch 2.8; otherwise both run the per-tensor loop).
+    kernel (TRL's default ``optim`` since torch 2.8; otherwise both run the per-tensor loop);
+    ``share_prompt``: the harness's DPO runs each pair's prompt once (``method.share_prompt``).
 
     Returns ``{"model", "params_mm", "peak_gflops": {n: GFLOP/s}, "rounds": [row, ...],
     "summary": [row, ...]}`` (rows as :func:`one_round`'s, plus achieved GFLOP/s and % of peak).
@@ -431,14 +438,14 @@ def compare_with_trl(model_cfg: ModelConfig, task: Any, tok: Any, batch: int, ne
             for method in steps:
                 root = Path(tmp) / f"round{r}"
                 row = one_round(method, model_cfg, task, tok, sizes[method], new_tokens, iters,
-                                warmup, seed, device, root, fused_adamw)
+                                warmup, seed, device, root, fused_adamw, share_prompt)
                 row["round"] = r + 1
                 add_rates(row, peak[PEAK_SIZES[-1]])
                 rows.append(row)
     summary = [summarise([x for x in rows if x["method"] == m]) for m in steps]
     result = {"model": model_cfg.name, "params_mm": matmul_params(model_cfg), "trl": trl_version,
               "peak_gflops": peak, "rounds": rows, "summary": summary,
-              "adamw": "fused" if fused_adamw else "per-tensor",
+              "adamw": "fused" if fused_adamw else "per-tensor", "share_prompt": share_prompt,
               "load_average": (load_before, load_average())}
     out(format_report(result, device) + "\n")
     return result
@@ -526,9 +533,13 @@ def format_report(result: dict[str, Any], device: torch.device) -> str:
         "model, critic).",
         "Same settings on both sides (TRL's from the harness's stage config): fp32, "
         f"{result.get('adamw', 'per-tensor')} AdamW (--fused-adamw: both fused) + grad "
-        "clip, TRL gradient checkpointing off; GRPO loss_type, beta > 0 (both run the reference "
-        "pass), clip eps, group reward scaling, sampling temperature; DPO sigmoid loss, beta; PPO "
-        "epochs, one minibatch, k1 KL in the reward, clip ranges, vf_coef, gamma, lambda "
+        "clip, TRL gradient checkpointing off; the harness's DPO "
+        + ("packs each pair with its prompt once (--share-prompt: fewer FLOPs than the "
+           "GFLOP/step column, which counts the two-row layout); " if result.get("share_prompt")
+           else "runs chosen and rejected as two rows, as TRL does; ")
+        + "GRPO loss_type, beta > 0 (both run the reference pass), clip eps, group reward "
+        "scaling, sampling temperature; DPO sigmoid loss, beta; PPO epochs, one minibatch, k1 "
+        "KL in the reward, clip ranges, vf_coef, gamma, lambda "
         "(TRL: on_train_begin/on_step_end -> on_step_end, the whole update; its reward and value "
         "models are the policy's backbone with a fresh scalar head)." + tokens,
         f"model {result['model']}, device {device}, torch threads {torch.get_num_threads()}, "

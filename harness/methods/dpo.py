@@ -26,7 +26,10 @@ class DPOConfig:
     """DPO on the task's preference pairs against the frozen SFT reference.
 
     ``beta``: the KL coefficient (the temperature of the implicit reward); ``label_smoothing`` > 0
-    is conservative DPO; ``loss_type``: sigmoid (DPO) or ipo.
+    is conservative DPO; ``loss_type``: sigmoid (DPO) or ipo. ``share_prompt``: score a pair's
+    chosen and rejected responses in one packed row with the prompt once
+    (:func:`shared_prompt_pair_logps`; policy and reference alike): the same log-probs to
+    rounding for fewer FLOPs; off by default, so that runs repeat the records made without it.
     """
 
     name: str = "dpo"
@@ -38,6 +41,7 @@ class DPOConfig:
     beta: float = 0.5
     label_smoothing: float = 0.0
     loss_type: str = "sigmoid"      # sigmoid | ipo
+    share_prompt: bool = False
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20))
 
     def check(self, prefix: str = "method") -> None:
@@ -77,6 +81,98 @@ def pair_logps(model: CausalLM, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     return seq[:b], seq[b:], out.aux_loss
 
 
+@dataclass
+class SharedPromptPairs:
+    """A batch of pairs packed one row per pair, ``[bos + prompt, chosen, rejected, pad]``
+    (:func:`pack_shared_prompt`).
+
+    ids, positions: [B, L]; mask: [B, 1, L, L] boolean, True = may attend (causal, except that
+    no rejected token sees a chosen one); ``<side>_at`` [B, N_side]: the packed position whose
+    hidden state predicts each response token, ``<side>_tokens`` [B, N_side] those tokens,
+    ``<side>_mask`` [B, N_side] 1.0 on real ones (the side's EOS included).
+    """
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    chosen_at: torch.Tensor
+    chosen_tokens: torch.Tensor
+    chosen_mask: torch.Tensor
+    rejected_at: torch.Tensor
+    rejected_tokens: torch.Tensor
+    rejected_mask: torch.Tensor
+
+
+def pack_shared_prompt(batch: dict[str, torch.Tensor]) -> SharedPromptPairs:
+    """One row per pair with the prompt once: ``[bos + prompt (P), chosen (C), rejected (R)]``.
+
+    batch: :class:`~harness.data.collate.PairCollator`'s (right-padded sides whose first
+    ``prompt_len`` = P tokens are the same ``bos + prompt``). Positions run 0..P+C-1 over prompt
+    and chosen and restart at P for the rejected tokens, which attend to the prompt and to each
+    other only, so every response token sees exactly what it sees in its own sequence
+    ``[bos + prompt, response]``. The first token of each side is predicted from the prompt's last
+    position P - 1; a later token from the position before it. Row length P + C + R, padded with
+    id 0 to the batch's longest.
+    """
+    c_ids, r_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
+    p = batch["prompt_len"].to(c_ids.device)[:, None]                        # [B, 1]
+    c_end = batch["chosen_attention_mask"].sum(1, keepdim=True)              # P + C
+    r_len = batch["rejected_attention_mask"].sum(1, keepdim=True) - p        # R
+    end = c_end + r_len
+    width = int(end.max())
+    t = torch.arange(width, device=c_ids.device)[None, :]                    # [1, L]
+    in_rejected = (t >= c_end) & (t < end)
+    src_c = t.clamp(max=c_ids.shape[1] - 1).expand(c_ids.shape[0], -1)
+    src_r = (t - c_end + p).clamp(0, r_ids.shape[1] - 1)
+    ids = torch.where(t < c_end, c_ids.gather(1, src_c), 0)
+    ids = torch.where(in_rejected, r_ids.gather(1, src_r), ids)
+    positions = torch.where(in_rejected, t - c_end + p, torch.where(t < c_end, t, 0))
+    chosen_key = (t >= p) & (t < c_end)
+    causal = t[:, :, None] >= t[:, None, :]                                  # [1, L, L]
+    mask = causal & ~(in_rejected[:, :, None] & chosen_key[:, None, :])
+
+    def side(n: torch.Tensor, source: torch.Tensor, later_from: torch.Tensor):
+        """Predicting positions, tokens and mask of one side's n [B, 1] response tokens, token
+        j >= 1 predicted from ``later_from + j - 1``."""
+        width_side = int(n.max())
+        j = torch.arange(width_side, device=c_ids.device)[None, :]
+        real = j < n
+        at = torch.where(j == 0, p - 1, later_from + j - 1)
+        tokens = source.gather(1, (p + j).clamp(max=source.shape[1] - 1))
+        return (torch.where(real, at, 0), torch.where(real, tokens, 0), real.float())
+
+    c_at, c_tok, c_mask = side(c_end - p, c_ids, p)
+    r_at, r_tok, r_mask = side(r_len, r_ids, c_end)
+    return SharedPromptPairs(ids, positions, mask[:, None], c_at, c_tok, c_mask, r_at, r_tok,
+                             r_mask)
+
+
+def shared_prompt_pair_logps(model: CausalLM, batch: dict[str, torch.Tensor]
+                             ) -> tuple[torch.Tensor, ...]:
+    """:func:`pair_logps` with the prompt run once per pair (:func:`pack_shared_prompt`).
+
+    The same sums (chosen [B], rejected [B]) to rounding, over B rows of P + C + R tokens instead
+    of 2B rows of max(P + C, P + R): fewer FLOPs by about P / (2P + C + R) of them. The LM head
+    runs from the batch's shortest prompt's last position on (``logits_to_keep``). An MoE
+    model's auxiliary loss and expert load are taken over the packed tokens (each prompt token
+    once, not twice). ``model``: the harness's decoder (or a view of it that passes ``forward``'s
+    arguments on, such as the LoRA reference). Returns (chosen, rejected, aux).
+    """
+    packed = pack_shared_prompt(batch)
+    start = int(batch["prompt_len"].min()) - 1
+    out = model(packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
+                logits_to_keep=packed.ids.shape[1] - start)
+    logits = out.logits.float()
+
+    def side_logps(at: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        picked = logits.gather(1, (at - start).clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1]))
+        return sequence_logprobs(token_logprobs(picked, tokens, mask), mask)
+
+    return (side_logps(packed.chosen_at, packed.chosen_tokens, packed.chosen_mask),
+            side_logps(packed.rejected_at, packed.rejected_tokens, packed.rejected_mask),
+            out.aux_loss)
+
+
 class ReferenceLogps:
     """Reference log-probs [n, 2] (chosen, rejected) of a split's pairs by ``index``, each computed
     once, when a batch first needs it.
@@ -89,8 +185,12 @@ class ReferenceLogps:
     tree (not a trained or saved network).
     """
 
-    def __init__(self, reference: torch.nn.Module, dataset, collate, batch_size: int) -> None:
+    def __init__(self, reference: torch.nn.Module, dataset, collate, batch_size: int,
+                 logps=None) -> None:
+        """``logps``: how a batch is scored (:func:`pair_logps`, the default, or
+        :func:`shared_prompt_pair_logps`; the policy's own, so that they agree at step 0)."""
         self._reference = (reference,)
+        self.logps = logps or pair_logps
         self.dataset, self.collate, self.batch_size = dataset, collate, batch_size
         self.table = torch.full((len(dataset), 2), float("nan"))
 
@@ -108,7 +208,7 @@ class ReferenceLogps:
         was = reference.training
         reference.to(device).eval()
         try:
-            c, r, _ = pair_logps(reference, batch)
+            c, r, _ = self.logps(reference, batch)
         finally:
             reference.train(was)
         self.table[batch["index"].cpu(), 0] = c.float().cpu()
@@ -154,7 +254,8 @@ class DPOModule(AlignmentModule):
 
     def _losses(self, batch, table: ReferenceLogps | None = None):
         ref = (self.ref if table is None else table).lookup(batch["index"])
-        pc, pr, aux = pair_logps(self.policy, batch)
+        logps = shared_prompt_pair_logps if self.cfg.share_prompt else pair_logps
+        pc, pr, aux = logps(self.policy, batch)
         losses, rc, rr = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], self.cfg.beta,
                                   self.cfg.label_smoothing, self.cfg.loss_type)
         return losses.mean(), rc, rr, aux
@@ -194,7 +295,9 @@ class DPOStage(Stage):
         dm = ctx.datamodule("pairs", cfg)
         dm.setup("fit")
         policy, reference = policy_from(inputs, ctx.model_cfg.lora)
-        ref, val_ref = (ReferenceLogps(reference, dm.datasets[split], dm.collate, dm.batch_size)
+        logps = shared_prompt_pair_logps if cfg.share_prompt else pair_logps  # native only (Run)
+        ref, val_ref = (ReferenceLogps(reference, dm.datasets[split], dm.collate, dm.batch_size,
+                                       logps)
                         for split in ("train", "validation"))
         return Fit(DPOModule(policy, ref, cfg, val_ref), dm,
                    Budget(max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,

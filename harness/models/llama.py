@@ -220,8 +220,11 @@ def build_attention_mask(attention_mask: torch.Tensor | None, t: int, s: int,
 
     attention_mask: [B, S] (1 = real token) covering the cache and the T new tokens. Query rows
     that would see no key at all (left-padding positions) may attend to themselves, so softmax
-    never sees an empty row; their outputs are ignored downstream.
+    never sees an empty row; their outputs are ignored downstream. A boolean [B, 1, T, S] mask
+    (a layout of its own, e.g. DPO's shared prompt) is used as it is.
     """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()
     if attention_mask is None or bool(attention_mask.all()):
         if t == 1 or t == s:
             return None
@@ -294,8 +297,11 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past: KVCache | None = None, use_cache: bool = False,
-                return_logits: bool = True, logits_to_keep: int = 0) -> CausalLMOutput:
-        """input_ids: [B, T]; attention_mask: [B, S] with S = cached length + T (1 = real token).
+                return_logits: bool = True, logits_to_keep: int = 0,
+                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids: [B, T]; attention_mask: [B, S] with S = cached length + T (1 = real token),
+        or a boolean [B, 1, T, S] mask used as it is (then ``position_ids`` [B, T] too: a
+        packed layout's positions, which a 4-D mask does not determine).
 
         Training batches are right-padded and need no mask (causality keeps real tokens from seeing
         the padding after them); generation passes the mask for left-padded prompts.
@@ -310,7 +316,12 @@ class CausalLM(nn.Module):
             past = self.new_cache(t)
         past_len = past.length if past is not None else 0
         mask = build_attention_mask(attention_mask, t, past_len + t, input_ids.device)
-        pos = positions_from_mask(attention_mask, b, t, past_len, input_ids.device)
+        if position_ids is not None:
+            pos = position_ids
+        elif attention_mask is not None and attention_mask.dim() == 4:
+            raise ValueError("a [B, 1, T, S] attention mask needs position_ids")
+        else:
+            pos = positions_from_mask(attention_mask, b, t, past_len, input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype,
                                 self.cfg.rope_scaling)
