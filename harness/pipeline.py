@@ -171,11 +171,8 @@ class Run:
             raise ConfigError(str(err)) from err
         if self.prompt_format != "raw":
             task = FormattedTask(task, self.prompt_format, tokenizer)
-        if model_cfg.via_transformers and getattr(
-                settings.stage_config(settings.method_name), "share_prompt", False):
-            raise ConfigError("method.share_prompt=true: the packed layout needs the harness's own "
-                              f"decoder; {model_cfg.pretrained} runs through transformers "
-                              "(model.backend=transformers)")
+        get_stage(settings.method_name).check_model(settings.stage_config(settings.method_name),
+                                                    model_cfg)
         self.ctx = StageContext(task=task, tokenizer=tokenizer, model_cfg=model_cfg,
                                 seed=settings.seed,
                                 pretrained=self.pretrained[0] if self.pretrained else None)

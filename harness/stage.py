@@ -151,6 +151,10 @@ class Stage:
     def build(self, ctx: StageContext, cfg: Any, inputs: Mapping[str, Built]) -> Fit:
         raise NotImplementedError
 
+    def check_model(self, cfg: Any, model_cfg: ModelConfig) -> None:
+        """Raise :class:`~harness.models.architecture.ConfigError` (naming the field) when ``cfg``
+        asks for something the model ``model_cfg`` cannot do; the run calls it before any work."""
+
     def untrained(self, ctx: StageContext, cfg: Any) -> nn.Module | None:
         """The stage's model when ``cfg`` says not to train it (e.g. ``sft.enabled=false``: the
         pretrained model itself), else None (the stage trains)."""

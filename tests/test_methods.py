@@ -247,7 +247,7 @@ def test_a_shared_prompt_packs_each_pair_in_one_row_by_hand():
     assert packed.rejected_at.tolist() == [[2, 5, 6], [1, 5, 0]]
     assert packed.rejected_tokens.tolist() == [[8, 9, 2], [9, 2, 0]]
     assert packed.rejected_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
-    assert packed.mask.shape == (2, 1, 8, 8)
+    assert packed.mask.shape == (2, 1, 8, 8) and packed.first_at == 1      # shortest prompt: P 2
     # row 0: "8" (position 5) sees bos + prompt and itself; its EOS (7) sees 8 and 9 too
     assert packed.mask[0, 0, 5].tolist() == [True, True, True, False, False, True, False, False]
     assert packed.mask[0, 0, 7].tolist() == [True, True, True, False, False, True, True, True]

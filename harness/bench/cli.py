@@ -68,7 +68,13 @@ from harness.bench.memory import (
     memory_table_rows,
 )
 from harness.bench.sampler import SAMPLER_COLUMNS, bench_sampler, load_note, sampler_notes
-from harness.bench.steps import STEP_COLUMNS, bench_method_steps, prepare_data, step_notes
+from harness.bench.steps import (
+    STEP_COLUMNS,
+    bench_method_steps,
+    prepare_data,
+    share_prompt_overrides,
+    step_notes,
+)
 
 QUICK = {"batch": 16, "prompt_len": 8, "new_tokens": 16, "iters": 2, "warmup": 1, "mem_iters": 1}
 DEFAULTS = {"batch": 64, "prompt_len": 8, "new_tokens": 32, "iters": 5, "warmup": 1, "mem_iters": 2}
@@ -199,9 +205,8 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
                 rows += [bench_method_steps(meth, mcfg, task, tok, args.batch, args.iters,
                                             args.warmup, args.seed, device, args.minibatch,
                                             fused_adamw=args.fused_adamw,
-                                            overrides=(["method.share_prompt=true"]
-                                                       if args.share_prompt and meth == "dpo"
-                                                       else []))
+                                            overrides=share_prompt_overrides(meth,
+                                                                             args.share_prompt))
                          for meth in args.methods]
             result["steps"] = rows
             out(format_table("2. Seconds per optimisation step", rows, STEP_COLUMNS,

@@ -39,6 +39,12 @@ def prepare_data(n_examples: int, cache_dir: Path, seed: int = 0,
     return task, tok
 
 
+def share_prompt_overrides(method: str, on: bool) -> list[str]:
+    """The Hydra override that makes a benched DPO stage score each pair with its prompt once
+    (``method.share_prompt``); nothing for other methods or when ``on`` is false."""
+    return ["method.share_prompt=true"] if on and method == "dpo" else []
+
+
 def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
                  n_batches: int, seed: int = 0, device: torch.device | None = None,
                  minibatch: int | None = None,

@@ -46,7 +46,7 @@ from harness.bench.flops import (
     matmul_params,
     ppo_step_flops,
 )
-from harness.bench.steps import bench_method_steps, precompute_reference
+from harness.bench.steps import bench_method_steps, precompute_reference, share_prompt_overrides
 from harness.config import ModelConfig, OptimConfig
 
 TRL_SERIES = "1.16"
@@ -358,7 +358,7 @@ def harness_overrides(method: str, new_tokens: int, share_prompt: bool = False) 
     PPO runs :data:`EPOCHS_PPO` epochs; DPO scores each pair with its prompt once when
     ``share_prompt`` (``method.share_prompt``)."""
     if method == "dpo":
-        return ["method.share_prompt=true"] if share_prompt else []
+        return share_prompt_overrides(method, share_prompt)
     if method == "ppo":
         return [f"method.rollout.max_new_tokens={new_tokens}", f"method.update_epochs={EPOCHS_PPO}"]
     return [f"method.rollout.max_new_tokens={new_tokens}"] if method == "grpo" else []

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from harness.config import OptimConfig, in_range, one_of, positive
+from harness.config import ConfigError, ModelConfig, OptimConfig, in_range, one_of, positive
 from harness.methods.base import AlignmentModule
 from harness.methods.losses import dpo_loss, pairwise_accuracy, sequence_logprobs, token_logprobs
 from harness.models.llama import CausalLM
@@ -89,7 +89,8 @@ class SharedPromptPairs:
     ids, positions: [B, L]; mask: [B, 1, L, L] boolean, True = may attend (causal, except that
     no rejected token sees a chosen one); ``<side>_at`` [B, N_side]: the packed position whose
     hidden state predicts each response token, ``<side>_tokens`` [B, N_side] those tokens,
-    ``<side>_mask`` [B, N_side] 1.0 on real ones (the side's EOS included).
+    ``<side>_mask`` [B, N_side] 1.0 on real ones (the side's EOS included); ``first_at``: the
+    earliest predicting position (the shortest prompt's last), where the LM head can start.
     """
 
     ids: torch.Tensor
@@ -101,6 +102,7 @@ class SharedPromptPairs:
     rejected_at: torch.Tensor
     rejected_tokens: torch.Tensor
     rejected_mask: torch.Tensor
+    first_at: int
 
 
 def pack_shared_prompt(batch: dict[str, torch.Tensor]) -> SharedPromptPairs:
@@ -119,7 +121,9 @@ def pack_shared_prompt(batch: dict[str, torch.Tensor]) -> SharedPromptPairs:
     c_end = batch["chosen_attention_mask"].sum(1, keepdim=True)              # P + C
     r_len = batch["rejected_attention_mask"].sum(1, keepdim=True) - p        # R
     end = c_end + r_len
-    width = int(end.max())
+    # the widths and the shortest prompt in one host sync (this runs in every training step)
+    width, c_width, r_width, p_min = torch.stack(
+        (end.max(), (c_end - p).max(), r_len.max(), p.min())).tolist()
     t = torch.arange(width, device=c_ids.device)[None, :]                    # [1, L]
     in_rejected = (t >= c_end) & (t < end)
     src_c = t.clamp(max=c_ids.shape[1] - 1).expand(c_ids.shape[0], -1)
@@ -131,20 +135,19 @@ def pack_shared_prompt(batch: dict[str, torch.Tensor]) -> SharedPromptPairs:
     causal = t[:, :, None] >= t[:, None, :]                                  # [1, L, L]
     mask = causal & ~(in_rejected[:, :, None] & chosen_key[:, None, :])
 
-    def side(n: torch.Tensor, source: torch.Tensor, later_from: torch.Tensor):
-        """Predicting positions, tokens and mask of one side's n [B, 1] response tokens, token
-        j >= 1 predicted from ``later_from + j - 1``."""
-        width_side = int(n.max())
+    def side(n: torch.Tensor, width_side: int, source: torch.Tensor, later_from: torch.Tensor):
+        """Predicting positions, tokens and mask of one side's n [B, 1] response tokens (at most
+        ``width_side``), token j >= 1 predicted from ``later_from + j - 1``."""
         j = torch.arange(width_side, device=c_ids.device)[None, :]
         real = j < n
         at = torch.where(j == 0, p - 1, later_from + j - 1)
         tokens = source.gather(1, (p + j).clamp(max=source.shape[1] - 1))
         return (torch.where(real, at, 0), torch.where(real, tokens, 0), real.float())
 
-    c_at, c_tok, c_mask = side(c_end - p, c_ids, p)
-    r_at, r_tok, r_mask = side(r_len, r_ids, c_end)
+    c_at, c_tok, c_mask = side(c_end - p, c_width, c_ids, p)
+    r_at, r_tok, r_mask = side(r_len, r_width, r_ids, c_end)
     return SharedPromptPairs(ids, positions, mask[:, None], c_at, c_tok, c_mask, r_at, r_tok,
-                             r_mask)
+                             r_mask, p_min - 1)
 
 
 def shared_prompt_pair_logps(model: CausalLM, batch: dict[str, torch.Tensor]
@@ -159,7 +162,7 @@ def shared_prompt_pair_logps(model: CausalLM, batch: dict[str, torch.Tensor]
     arguments on, such as the LoRA reference). Returns (chosen, rejected, aux).
     """
     packed = pack_shared_prompt(batch)
-    start = int(batch["prompt_len"].min()) - 1
+    start = packed.first_at
     out = model(packed.ids, attention_mask=packed.mask, position_ids=packed.positions,
                 logits_to_keep=packed.ids.shape[1] - start)
     logits = out.logits.float()
@@ -295,7 +298,7 @@ class DPOStage(Stage):
         dm = ctx.datamodule("pairs", cfg)
         dm.setup("fit")
         policy, reference = policy_from(inputs, ctx.model_cfg.lora)
-        logps = shared_prompt_pair_logps if cfg.share_prompt else pair_logps  # native only (Run)
+        logps = shared_prompt_pair_logps if cfg.share_prompt else pair_logps  # check_model
         ref, val_ref = (ReferenceLogps(reference, dm.datasets[split], dm.collate, dm.batch_size,
                                        logps)
                         for split in ("train", "validation"))
@@ -305,6 +308,13 @@ class DPOStage(Stage):
                    model=policy, networks={"policy": policy, "reference": reference},
                    trainable=[policy], sequences=2 * cfg.batch_size,
                    layout=f"{cfg.batch_size} pairs")
+
+    def check_model(self, cfg: DPOConfig, model_cfg: ModelConfig) -> None:
+        """``share_prompt`` needs the harness's own decoder (its 4-D mask and position ids)."""
+        if cfg.share_prompt and model_cfg.via_transformers:
+            raise ConfigError("method.share_prompt=true: the packed layout needs the harness's own "
+                              f"decoder; {model_cfg.pretrained} runs through transformers "
+                              "(model.backend=transformers)")
 
     def sized(self, cfg: DPOConfig, batch: int, n_batches: int) -> DPOConfig:
         return replace(cfg, batch_size=max(1, batch // 2), max_steps=n_batches)
