@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from harness.cache import StageRecord
 from harness.data.datamodule import AlignmentDataModule
 from harness.data.resumable import ResumableLoader
-from harness.models.architecture import LoRASettings, ModelConfig
+from harness.models.architecture import ConfigError, LoRASettings, ModelConfig
 from harness.models.hf import load_checkpoint, save_checkpoint
 from harness.models.llama import CausalLM, ScalarHead
 from harness.seeding import generator
@@ -153,7 +153,13 @@ class Stage:
 
     def check_model(self, cfg: Any, model_cfg: ModelConfig) -> None:
         """Raise :class:`~harness.models.architecture.ConfigError` (naming the field) when ``cfg``
-        asks for something the model ``model_cfg`` cannot do; the run calls it before any work."""
+        asks for something the model ``model_cfg`` cannot do; the run calls it before any work.
+        By default: ``share_prompt`` (a packed layout, where a stage has it) needs the harness's
+        own decoder."""
+        if getattr(cfg, "share_prompt", False) and model_cfg.via_transformers:
+            raise ConfigError("method.share_prompt=true: the packed layout needs the harness's own "
+                              f"decoder (its 4-D mask and position ids); {model_cfg.pretrained} "
+                              "runs through transformers (model.backend=transformers)")
 
     def untrained(self, ctx: StageContext, cfg: Any) -> nn.Module | None:
         """The stage's model when ``cfg`` says not to train it (e.g. ``sft.enabled=false``: the

@@ -75,9 +75,10 @@ def test_a_gpt2_checkpoint_runs_through_transformers_and_says_what_it_lacks(fold
     assert len(said) == 1 and "GPT2LMHeadModel" in said[0] and "upcycling" in said[0]
 
 
-def test_dpo_with_a_shared_prompt_is_refused_through_transformers_before_work(folder, tmp_path):
+@pytest.mark.parametrize("method", ["dpo", "grpo", "rloo"])
+def test_a_shared_prompt_is_refused_through_transformers_before_work(folder, tmp_path, method):
     with pytest.raises(ConfigError, match="method.share_prompt=true: the packed layout"):
-        _run_of(folder, tmp_path, "method=dpo", "method.share_prompt=true")
+        _run_of(folder, tmp_path, f"method={method}", "method.share_prompt=true")
     assert not list((tmp_path / "c").glob("stages/*"))   # no stage trained
 
 

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from harness.cache import stage_key
-from harness.config import RolloutConfig, register_configs
+from harness.config import ConfigError, RolloutConfig, register_configs
 from harness.data.datamodule import AlignmentDataModule
 from harness.data.tasks import build_task
 from harness.data.tokenizer import build_tokenizer
@@ -426,6 +426,45 @@ def test_a_zero_kl_coefficient_skips_the_reference_pass(tiny_task, method):
         ro = module_cls(policy, ref, tok, cfg, gold, seed=0).group_rollout(["1+2=", "3+4="])
         assert len(seen) == calls and (ro.ref_logp is None) == (beta == 0)
 
+
+def test_a_packed_grpo_step_samples_the_same_rollout_and_loses_the_same(tiny_task):
+    """share_prompt changes how log-probs are computed, not what is sampled: the same tokens, the
+    same reference log-probs and loss to rounding, a reference and policy forward per group."""
+    task, tok = tiny_task
+
+    def gold(prompts, responses, *_):
+        return torch.as_tensor(task.rewards(prompts, responses), dtype=torch.float32)
+
+    runs = []
+    for share in (False, True):
+        policy, ref = tiny_model(tok), tiny_model(tok)
+        rows: list[int] = []
+        ref.register_forward_hook(lambda _m, args, _o, rows=rows: rows.append(args[0].shape[0]))
+        cfg = GRPOConfig(group_size=4, minibatch_size=8, share_prompt=share, beta=0.1,
+                         rollout=RolloutConfig(prompts_per_batch=2, max_new_tokens=5))
+        module = GRPOModule(policy, ref, tok, cfg, gold, seed=0)
+        ro = module.group_rollout(["1+2=", "13+4="])
+        logp, _, _ = module.logprobs(ro.input_ids, ro.attention_mask, ro.prompt_len)
+        runs.append((ro, logp.detach(), rows))
+    (ro_a, lp_a, rows_a), (ro_b, lp_b, rows_b) = runs
+    assert torch.equal(ro_a.input_ids, ro_b.input_ids) and ro_a.input_ids.shape[0] == 8
+    assert rows_a == [8] and rows_b == [2]           # the reference: 8 rows, or 2 packed groups
+    torch.testing.assert_close(ro_b.ref_logp, ro_a.ref_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp_b * ro_b.mask, lp_a * ro_a.mask, rtol=1e-5, atol=1e-5)
+
+
+def test_share_prompt_runs_from_the_entry_point_and_rejects_split_groups(tmp_path):
+    """``method.share_prompt=true`` through Hydra: a minibatch that would split a group is refused
+    before any stage trains; a whole-group one runs end to end."""
+    common = [*TINY_SFT, "method=rloo", "method.n_iterations=2", "method.group_size=4",
+              "method.share_prompt=true", "results_dir=null", f"cache_dir={tmp_path}/c"]
+    with pytest.raises(ConfigError, match="method.minibatch_size=6: must be a multiple of "
+                                          "group_size=4"):
+        run(composed([*common, "method.minibatch_size=6"]), tmp_path / "refused")
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").glob("stages/*"))
+    summary = run(composed([*common, "method.minibatch_size=8"]), tmp_path / "ok")
+    assert summary["status"] == "ok" and summary["config"]["method"]["share_prompt"] is True
+    assert "train/entropy" in summary["metrics"] and summary["metrics"]["eval/n_prompts"] == 16
 
 def test_the_rloo_loss_without_a_reference_is_its_loss_at_zero_beta():
     from harness.methods.losses import rloo_policy_loss

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from harness.config import ConfigError, ModelConfig, OptimConfig, in_range, one_of, positive
+from harness.config import OptimConfig, in_range, one_of, positive
 from harness.methods.base import AlignmentModule
 from harness.methods.losses import dpo_loss, pairwise_accuracy, sequence_logprobs, token_logprobs
 from harness.models.llama import CausalLM
@@ -298,7 +298,7 @@ class DPOStage(Stage):
         dm = ctx.datamodule("pairs", cfg)
         dm.setup("fit")
         policy, reference = policy_from(inputs, ctx.model_cfg.lora)
-        logps = shared_prompt_pair_logps if cfg.share_prompt else pair_logps  # check_model
+        logps = shared_prompt_pair_logps if cfg.share_prompt else pair_logps  # Stage.check_model
         ref, val_ref = (ReferenceLogps(reference, dm.datasets[split], dm.collate, dm.batch_size,
                                        logps)
                         for split in ("train", "validation"))
@@ -308,13 +308,6 @@ class DPOStage(Stage):
                    model=policy, networks={"policy": policy, "reference": reference},
                    trainable=[policy], sequences=2 * cfg.batch_size,
                    layout=f"{cfg.batch_size} pairs")
-
-    def check_model(self, cfg: DPOConfig, model_cfg: ModelConfig) -> None:
-        """``share_prompt`` needs the harness's own decoder (its 4-D mask and position ids)."""
-        if cfg.share_prompt and model_cfg.via_transformers:
-            raise ConfigError("method.share_prompt=true: the packed layout needs the harness's own "
-                              f"decoder; {model_cfg.pretrained} runs through transformers "
-                              "(model.backend=transformers)")
 
     def sized(self, cfg: DPOConfig, batch: int, n_batches: int) -> DPOConfig:
         return replace(cfg, batch_size=max(1, batch // 2), max_steps=n_batches)

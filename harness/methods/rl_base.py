@@ -18,6 +18,7 @@ from omegaconf import MISSING
 from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
 from harness.distributed import all_reduce_sum
 from harness.methods.base import AlignmentModule
+from harness.methods.group_packing import group_minibatches, packed_response_logprobs
 from harness.methods.losses import batch_std, check_finite, kl_log_ratio, masked_mean
 from harness.methods.rollout import Rollout, make_rollout, minibatches, response_logprobs
 from harness.models.llama import CausalLM
@@ -94,13 +95,16 @@ class OnPolicyModule(AlignmentModule):
         return full[global_rows(n_rows // rows_per_prompt, rows_per_prompt, rank, world)]
 
     def rollout(self, prompts: list[str], max_len: int, score_fn,
-                with_reference: bool = True, rows_per_prompt: int = 1) -> Rollout:
+                with_reference: bool = True, rows_per_prompt: int = 1,
+                packed: bool = False) -> Rollout:
         """Sample and score one rollout batch from the policy; counts its generated tokens.
         ``with_reference=False`` skips the reference pass (``ro.ref_logp`` is None);
-        ``rows_per_prompt``: consecutive rows that share a prompt (a group)."""
+        ``rows_per_prompt``: consecutive rows that share a prompt (a group); ``packed``: the
+        reference pass runs each group's prompt once (``share_prompt``)."""
         ro = make_rollout(self.policy, self.reference if with_reference else None, self.tokenizer,
                           prompts, self.rollout_cfg, max_len, score_fn, self.generator,
-                          self.sampling_noise(len(prompts), rows_per_prompt))
+                          self.sampling_noise(len(prompts), rows_per_prompt),
+                          packed_group=rows_per_prompt if packed else 0)
         self.tokens_generated += int(ro.mask.sum())
         self.gen_seconds += ro.gen_s
         return ro
@@ -173,7 +177,11 @@ class GroupConfig:
     ``rollout.prompts_per_batch`` prompts x ``group_size`` completions, ``update_epochs`` passes of
     minibatches over each, ratio clipping at ``clip_eps``, the KL coefficient ``beta`` (0: no
     reference pass at all), rewards from the task's gold reward (``reward_source: gold``) or the
-    reward model (``rm``)."""
+    reward model (``rm``). ``share_prompt``: the reference pass and the policy's forward and
+    backward run each group in one packed row with its prompt once
+    (:mod:`harness.methods.group_packing`): the same log-probs to rounding for fewer FLOPs; a
+    minibatch then holds whole groups (``minibatch_size`` a multiple of ``group_size``). Off by
+    default, so that runs repeat the records made without it."""
 
     name: str = MISSING
     n_iterations: int = 300
@@ -184,6 +192,7 @@ class GroupConfig:
     clip_eps: float = 0.2
     beta: float = 0.04
     reward_source: str = "gold"     # gold | rm
+    share_prompt: bool = False
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=8))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=5))
 
@@ -194,6 +203,10 @@ class GroupConfig:
             fail(prefix, "group_size", self.group_size, "must be >= 2 (advantages are relative)")
         in_range(self, prefix, "beta", 0.0, None)
         one_of(self, prefix, "reward_source", ("gold", "rm"))
+        if self.share_prompt and self.minibatch_size % self.group_size:
+            fail(prefix, "minibatch_size", self.minibatch_size,
+                 f"must be a multiple of group_size={self.group_size} with share_prompt=true "
+                 "(a minibatch holds whole groups)")
         self.rollout.check(f"{prefix}.rollout")
         self.optim.check(f"{prefix}.optim")
 
@@ -217,9 +230,28 @@ class GroupModule(OnPolicyModule):
         prompts = [p for p in batch for _ in range(cfg.group_size)]
         # beta = 0: nothing reads the reference's log-probs, so its forward pass is skipped
         ro = self.rollout(prompts, cfg.max_len, self.score_fn, with_reference=cfg.beta > 0,
-                          rows_per_prompt=cfg.group_size)
+                          rows_per_prompt=cfg.group_size, packed=cfg.share_prompt)
         check_finite("train/reward", ro.scores)
         return ro
+
+    def minibatches(self, n: int) -> list[torch.Tensor]:
+        """The rollout's random minibatches of rows (whole groups with ``share_prompt``)."""
+        cfg = self.cfg
+        if cfg.share_prompt:
+            return group_minibatches(n, cfg.group_size, cfg.minibatch_size, self.generator)
+        return minibatches(n, cfg.minibatch_size, self.generator)
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The policy's (logp [b, N], entropy [b, N] without its gradient, MoE aux loss) of a
+        minibatch's rows, packed by group with ``share_prompt``."""
+        cfg = self.cfg
+        if cfg.share_prompt:
+            return packed_response_logprobs(self.policy, input_ids, attention_mask, prompt_len,
+                                            cfg.group_size, cfg.rollout.temperature,
+                                            with_entropy=True, entropy_grad=False)
+        return response_logprobs(self.policy, input_ids, attention_mask, prompt_len,
+                                 cfg.rollout.temperature, with_entropy=True, entropy_grad=False)
 
     def update(self, ro: Rollout, adv: torch.Tensor, iteration: int,
                policy_loss: Callable[..., tuple[torch.Tensor, dict]]) -> None:
@@ -230,11 +262,10 @@ class GroupModule(OnPolicyModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         stats_acc: dict[str, list[torch.Tensor]] = {}
         for _ in range(cfg.update_epochs):
-            for idx in minibatches(len(ro), cfg.minibatch_size, self.generator):
+            for idx in self.minibatches(len(ro)):
                 mask = ro.mask[idx]
-                logp, ent, aux = response_logprobs(
-                    self.policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len,
-                    cfg.rollout.temperature, with_entropy=True, entropy_grad=False)
+                logp, ent, aux = self.logprobs(ro.input_ids[idx], ro.attention_mask[idx],
+                                               ro.prompt_len)
                 pg, stats = policy_loss(idx, logp, mask)
                 loss = self.checked("train/loss", pg + aux)
                 self.step(loss, (opt, sched, cfg.optim))

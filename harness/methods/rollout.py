@@ -18,6 +18,7 @@ import torch
 
 from harness.config import RolloutConfig
 from harness.data.collate import decode_responses, encode_prompts
+from harness.methods.group_packing import packed_response_logprobs
 from harness.methods.losses import entropy_from_logits, token_logprobs
 from harness.models.generation import generate
 from harness.models.llama import CausalLM
@@ -99,11 +100,14 @@ def sample_with_reference(policy: CausalLM, reference: CausalLM | None, tokenize
                           max_new_tokens: int, max_len: int, temperature: float = 1.0,
                           top_k: int = 0, top_p: float = 1.0,
                           generator: torch.Generator | None = None,
-                          noise: torch.Tensor | None = None) -> Sampled:
+                          noise: torch.Tensor | None = None, packed_group: int = 0) -> Sampled:
     """Sample one response per prompt from ``policy`` (KV-cached sampler), then the reference's
     log-probabilities of the same tokens (one forward, no gradients): what a rollout and the KL
     estimate both need. ``reference=None`` skips the reference pass (``ref_logp`` None);
-    ``noise`` [B, max_new_tokens]: per-row sampling noise (:func:`~harness.models.generation.generate`)."""
+    ``noise`` [B, max_new_tokens]: per-row sampling noise (:func:`~harness.models.generation.generate`).
+    ``packed_group`` G > 0: consecutive groups of G rows share a prompt, and the reference scores
+    each group in one packed row (:func:`~harness.methods.group_packing.packed_response_logprobs`).
+    """
     device = policy.device
     ids, pmask = encode_prompts(tokenizer, prompts, max_len - max_new_tokens)
     ids, pmask = ids.to(device), pmask.to(device)
@@ -118,7 +122,10 @@ def sample_with_reference(policy: CausalLM, reference: CausalLM | None, tokenize
     attn = torch.cat((pmask, gen.response_mask), dim=1)
     p = ids.shape[1]
     ref_logp = None
-    if reference is not None:
+    if reference is not None and packed_group:
+        ref_logp, _, _ = packed_response_logprobs(reference, gen.sequences, attn, p, packed_group,
+                                                  temperature)
+    elif reference is not None:
         ref_logp, _, _ = response_logprobs(reference, gen.sequences, attn, p, temperature)
     return Sampled(gen, attn, p, ref_logp, gen_s)
 
@@ -129,16 +136,18 @@ def make_rollout(policy: CausalLM, reference: CausalLM | None, tokenizer, prompt
                  score_fn: Callable[[list[str], list[str], torch.Tensor, torch.Tensor, int],
                                     torch.Tensor],
                  generator: torch.Generator | None = None,
-                 noise: torch.Tensor | None = None) -> Rollout:
+                 noise: torch.Tensor | None = None, packed_group: int = 0) -> Rollout:
     """Sample one response per prompt (repeat prompts for groups), then score and reference them.
 
     ``score_fn(prompts, responses, input_ids, attention_mask, prompt_len) -> [B]`` gives the
     sequence reward (the task's gold reward, or a reward model's score). ``reference=None``: no
     reference pass (a method whose KL coefficient is 0 reads no reference log-probs). ``noise``
     [B, max_new_tokens]: each row's sampling noise instead of ``generator``'s multinomial draws.
+    ``packed_group`` G > 0: the reference pass packs each group of G rows with its prompt once.
     """
     s = sample_with_reference(policy, reference, tokenizer, prompts, cfg.max_new_tokens, max_len,
-                              cfg.temperature, cfg.top_k, cfg.top_p, generator, noise)
+                              cfg.temperature, cfg.top_k, cfg.top_p, generator, noise,
+                              packed_group)
     gen, attn, p = s.gen, s.attention_mask, s.prompt_len
     responses = decode_responses(tokenizer, gen.response, gen.response_mask)
     scores = score_fn(list(prompts), responses, gen.sequences, attn, p).to(attn.device).float()
