@@ -44,6 +44,9 @@ def test_step_flops_by_hand():
     # GRPO: sampling + reference + one policy forward and backward (3x) = 5 forwards
     assert grpo_step_flops(SMALL, 2, 3) == 5 * 2496 == 12480
     assert grpo_step_flops(SMALL, 2, 3, epochs=2) == 8 * 2496
+    # the group's prompt (P 1) shared: reference + policy passes over 1 packed row of 1 + 2 * 2
+    # tokens: weights 2*184*1*5 = 1840, scores 4*1*1*25*4 = 400; sampling stays 2496
+    assert grpo_step_flops(SMALL, 2, 3, packed_group=2, prompt_len=1) == 2496 + 4 * 2240
     # DPO, 1 pair = 2 sequences: forward + backward, the reference precomputed
     assert dpo_step_flops(SMALL, 1, 3) == 3 * 2496 == 7488
     # PPO, 2 prompts, 1 epoch: F = 2496; the reward model and critic end in one scalar, so
@@ -104,9 +107,9 @@ def test_fused_adamw_reaches_both_sides_of_the_comparison(tmp_path):
         assert [bool(o.defaults["fused"]) for o in optimizers] == [fused, fused]
 
 
-def test_share_prompt_reaches_the_benched_dpo_stage(tmp_path):
+def test_share_prompt_reaches_the_benched_dpo_and_grpo_stages(tmp_path):
     """``--share-prompt``: the harness's DPO (steps and --vs) packs each pair with its prompt
-    once, policy and reference alike; other methods are untouched."""
+    once, policy and reference alike, GRPO each group; PPO is untouched."""
     from harness.bench.steps import build_method, prepare_data
     from harness.bench.vs_trl import harness_overrides
     from harness.methods.dpo import pair_logps, shared_prompt_pair_logps
@@ -114,13 +117,18 @@ def test_share_prompt_reaches_the_benched_dpo_stage(tmp_path):
     assert parse_args(["--share-prompt"]).share_prompt and not parse_args([]).share_prompt
     assert harness_overrides("dpo", 16, True) == ["method.share_prompt=true"]
     assert harness_overrides("dpo", 16) == [] and "method.share_prompt=true" not in \
-        harness_overrides("grpo", 16, True)
+        harness_overrides("ppo", 16, True) + harness_overrides("grpo", 16)
+    assert harness_overrides("grpo", 16, True) == ["method.rollout.max_new_tokens=16",
+                                                   "method.share_prompt=true"]
     task, tok = prepare_data(16, tmp_path)
     cfg = bench.model_config("llama_tiny", len(tok))
     for share, logps in ((False, pair_logps), (True, shared_prompt_pair_logps)):
         setup = build_method("dpo", cfg, task, tok, 4, 2, device=torch.device("cpu"),
                              overrides=harness_overrides("dpo", 16, share))
         assert setup.module.cfg.share_prompt is share and setup.module.ref.logps is logps
+        grpo = build_method("grpo", cfg, task, tok, 8, 2, device=torch.device("cpu"),
+                            overrides=harness_overrides("grpo", 4, share))
+        assert grpo.module.cfg.share_prompt is share
 
 
 def test_without_trl_the_bench_names_the_extra(tmp_path, monkeypatch):

@@ -121,8 +121,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="steps and --vs: every optimiser with optim.fused=true (TRL's side: "
                         "adamw_torch_fused); default: the configs' per-tensor AdamW")
     p.add_argument("--share-prompt", action="store_true",
-                   help="steps and --vs: DPO scores each pair with its prompt once "
-                        "(method.share_prompt=true); default: chosen and rejected as two rows")
+                   help="steps and --vs: DPO scores each pair, GRPO and RLOO each group, with "
+                        "its prompt once (method.share_prompt=true); default: a row per sequence")
     p.add_argument("--memory-methods", nargs="+", default=["ppo", "grpo"], choices=methods(),
                    help="methods measured in the memory section (default: ppo grpo)")
     p.add_argument("--lora", type=int, default=0, metavar="R",

@@ -15,7 +15,9 @@ costs twice its forward (gradients of activations and of weights), so forward + 
 ``3 * F_fwd``. Per step:
 
     GRPO / RLOO:  F = F_fwd (sampling)  +  F_fwd (reference)  +  3 * E * F_fwd (E policy passes)
-                  with B = prompts x group, T = prompt + response tokens
+                  with B = prompts x group, T = prompt + response tokens; with the group's
+                  prompt shared (``share_prompt``, P prompt tokens, G = group) the reference
+                  and policy passes run F_fwd(B / G, P + G (T - P)) instead
     DPO:          F = 3 * F_fwd(2 * pairs, T)    (reference log-probs precomputed, not in the step)
     PPO:          F = 2 F_fwd + 2 G_fwd + E (3 F_fwd + 3 G_fwd)
                   sampling and the reference pass (the policy's size), the reward model's and the
@@ -54,10 +56,17 @@ def forward_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
     return weights + scores
 
 
-def grpo_step_flops(cfg: ModelConfig, sequences: int, seq_len: int, epochs: int = 1) -> float:
+def grpo_step_flops(cfg: ModelConfig, sequences: int, seq_len: int, epochs: int = 1,
+                    packed_group: int = 0, prompt_len: int = 0) -> float:
     """One rollout + update of a group method: sampling, the reference pass and ``epochs`` policy
-    passes (forward + backward) over ``sequences`` x ``seq_len`` tokens: ``(2 + 3 E) F_fwd``."""
-    return (2 + 3 * epochs) * forward_flops(cfg, sequences, seq_len)
+    passes (forward + backward) over ``sequences`` x ``seq_len`` tokens: ``(2 + 3 E) F_fwd``.
+    ``packed_group`` G > 0: the reference and policy passes run each group's ``prompt_len``
+    prompt tokens once (``share_prompt``): ``F_fwd + (1 + 3 E) F_fwd(B / G, P + G (T - P))``."""
+    if not packed_group:
+        return (2 + 3 * epochs) * forward_flops(cfg, sequences, seq_len)
+    packed = forward_flops(cfg, sequences // packed_group,
+                           prompt_len + packed_group * (seq_len - prompt_len))
+    return forward_flops(cfg, sequences, seq_len) + (1 + 3 * epochs) * packed
 
 
 def ppo_step_flops(cfg: ModelConfig, prompts: int, seq_len: int, epochs: int) -> float:

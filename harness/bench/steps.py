@@ -40,9 +40,10 @@ def prepare_data(n_examples: int, cache_dir: Path, seed: int = 0,
 
 
 def share_prompt_overrides(method: str, on: bool) -> list[str]:
-    """The Hydra override that makes a benched DPO stage score each pair with its prompt once
-    (``method.share_prompt``); nothing for other methods or when ``on`` is false."""
-    return ["method.share_prompt=true"] if on and method == "dpo" else []
+    """The Hydra override that makes a benched DPO stage score each pair, a GRPO or RLOO stage
+    each group, with its prompt once (``method.share_prompt``); nothing for other methods or
+    when ``on`` is false."""
+    return ["method.share_prompt=true"] if on and method in ("dpo", "grpo", "rloo") else []
 
 
 def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,

@@ -347,7 +347,8 @@ def step_flops(method: str, model_cfg: ModelConfig, cfg: Any, seq_len: int) -> f
     """FLOPs of one step (:mod:`harness.bench.flops`) at the harness config ``cfg``'s sizes."""
     if method == "grpo":
         return grpo_step_flops(model_cfg, cfg.rollout.prompts_per_batch * cfg.group_size, seq_len,
-                               cfg.update_epochs)
+                               cfg.update_epochs, cfg.group_size if cfg.share_prompt else 0,
+                               seq_len - cfg.rollout.max_new_tokens)
     if method == "ppo":
         return ppo_step_flops(model_cfg, cfg.rollout.prompts_per_batch, seq_len, cfg.update_epochs)
     return dpo_step_flops(model_cfg, cfg.batch_size, seq_len)
@@ -355,13 +356,16 @@ def step_flops(method: str, model_cfg: ModelConfig, cfg: Any, seq_len: int) -> f
 
 def harness_overrides(method: str, new_tokens: int, share_prompt: bool = False) -> list[str]:
     """The Hydra overrides of the compared configs: GRPO and PPO sample ``new_tokens`` tokens;
-    PPO runs :data:`EPOCHS_PPO` epochs; DPO scores each pair with its prompt once when
-    ``share_prompt`` (``method.share_prompt``)."""
+    PPO runs :data:`EPOCHS_PPO` epochs; DPO scores each pair, GRPO each group, with its prompt
+    once when ``share_prompt`` (``method.share_prompt``)."""
     if method == "dpo":
         return share_prompt_overrides(method, share_prompt)
     if method == "ppo":
         return [f"method.rollout.max_new_tokens={new_tokens}", f"method.update_epochs={EPOCHS_PPO}"]
-    return [f"method.rollout.max_new_tokens={new_tokens}"] if method == "grpo" else []
+    if method == "grpo":
+        return [f"method.rollout.max_new_tokens={new_tokens}",
+                *share_prompt_overrides(method, share_prompt)]
+    return []
 
 
 def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
@@ -370,7 +374,7 @@ def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: i
     """One interleaved round of ``method``: the harness's steps, then TRL's from the same initial
     weights; medians over ``iters`` steps after ``warmup``. ``fused_adamw``: both sides step
     with the fused AdamW kernel (:func:`common_args`); ``share_prompt``: the harness's DPO packs
-    each pair with its prompt once (TRL's runs its two rows)."""
+    each pair, its GRPO each group, with its prompt once (TRL's runs a row per sequence)."""
     from harness.models.hf import to_hf_model
 
     weights = root / f"{method}-init"
@@ -419,7 +423,8 @@ def compare_with_trl(model_cfg: ModelConfig, task: Any, tok: Any, batch: int, ne
     (``ppo_prompts`` prompts, ``new_tokens`` new tokens, one minibatch, :data:`EPOCHS_PPO`
     epochs; TRL 1.12 only); prints the table. ``fused_adamw``: both sides use the fused AdamW
     kernel (TRL's default ``optim`` since torch 2.8; otherwise both run the per-tensor loop);
-    ``share_prompt``: the harness's DPO runs each pair's prompt once (``method.share_prompt``).
+    ``share_prompt``: the harness's DPO and GRPO run each pair's or group's prompt once
+    (``method.share_prompt``).
 
     Returns ``{"model", "params_mm", "peak_gflops": {n: GFLOP/s}, "rounds": [row, ...],
     "summary": [row, ...]}`` (rows as :func:`one_round`'s, plus achieved GFLOP/s and % of peak).
@@ -534,8 +539,9 @@ def format_report(result: dict[str, Any], device: torch.device) -> str:
         "Same settings on both sides (TRL's from the harness's stage config): fp32, "
         f"{result.get('adamw', 'per-tensor')} AdamW (--fused-adamw: both fused) + grad "
         "clip, TRL gradient checkpointing off; the harness's DPO "
-        + ("packs each pair with its prompt once (--share-prompt: fewer FLOPs than the "
-           "GFLOP/step column, which counts the two-row layout); " if result.get("share_prompt")
+        + ("packs each pair, its GRPO each group, with its prompt once (--share-prompt; "
+           "GRPO's GFLOP/step counts the packed passes, DPO's the two-row layout); "
+           if result.get("share_prompt")
            else "runs chosen and rejected as two rows, as TRL does; ")
         + "GRPO loss_type, beta > 0 (both run the reference pass), clip eps, group reward "
         "scaling, sampling temperature; DPO sigmoid loss, beta; PPO epochs, one minibatch, k1 "
