@@ -272,7 +272,9 @@ class GroupModule(OnPolicyModule):
                 stats.update(loss=loss.detach(), entropy=masked_mean(ent, mask),
                              moe_aux_loss=aux.detach())
                 self.accumulate(stats_acc, stats)
-        # minibatches partition the rollout: one host sync per rollout, not per minibatch
+        # minibatches partition the rollout: one host sync per rollout, not per minibatch; the
+        # sequences' tokens, a prompt once per row also when share_prompt runs it once per group,
+        # so that the throughput compares across layouts
         self.tokens_trained += cfg.update_epochs * int(ro.attention_mask.sum())
         self.log_rollout(ro, adv, stats_acc, iteration)
 
