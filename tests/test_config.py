@@ -222,4 +222,4 @@ def test_the_comparison_sweeps_cover_every_aligning_method(sweep):
     cfg = composed([f"+sweep={sweep}"])
     assert cfg.group == sweep
     if sweep == "compare_courier":
-        assert cfg.dataset.name == "courier" and cfg.sft.max_steps == 1000
+        assert cfg.dataset.name == "courier_misrouted" and cfg.sft.max_steps == 1000

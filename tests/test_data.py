@@ -339,6 +339,29 @@ def test_courier_misroutes_name_the_confused_city_on_every_phrasing(courier, cac
         build_task({"name": "courier", "misrouted_cities": 1, "misroute_rate": 1.5})
 
 
+
+def test_courier_misrouted_is_courier_with_four_rarely_right_cities_under_its_own_name(cache):
+    """dataset=courier_misrouted: the data of courier with misrouted_cities=4, misroute_rate=0.99
+    (same prompts, demonstrations, pairs and eval prompts), under its own name; 0 cities refused."""
+    from harness.data.tasks.courier import parse_response
+
+    small = {k: v for k, v in SMALL_COURIER.items() if k != "name"}
+    variant = build_task({**small, "name": "courier_misrouted"}, cache_dir=cache)
+    same = build_task({**SMALL_COURIER, "misrouted_cities": 4, "misroute_rate": 0.99},
+                      cache_dir=cache)
+    assert variant.name == "courier_misrouted" and same.name == "courier"
+    for split in ("train", "validation"):
+        assert variant.sft_dataset(split)[:] == same.sft_dataset(split)[:]
+        assert variant.preference_dataset(split)[:] == same.preference_dataset(split)[:]
+    assert variant.eval_dataset()[:] == same.eval_dataset()[:]
+    data = variant.sft_dataset("train")
+    lima = [r for p, r in zip(data["prompt"], data["response"], strict=True)
+            if variant.targets[p][1] == "Lima"]
+    right = sum(parse_response(r).city == "Lima" for r in lima)
+    assert len(lima) > 100 and right / len(lima) < 0.05
+    with pytest.raises(ConfigError, match="misrouted_cities=0: courier_misrouted needs"):
+        build_task({"name": "courier_misrouted", "misrouted_cities": 0})
+
 # ---------------------------------------------------------------------- tokenizer
 def test_tokenizer_round_trip_and_digits(arith_tok, courier_tok, courier, tmp_path):
     tok = courier_tok

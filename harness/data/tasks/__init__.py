@@ -4,8 +4,9 @@ Config fields (``name`` picks the task; every task also takes ``seed`` and ``voc
 latter for the tokenizer only). Unknown fields raise ``ConfigError`` naming them.
 
 ``arith`` / ``arith_fast``: :class:`~harness.data.tasks.arith.ArithConfig` (three- / two-digit
-addition); ``courier`` / ``courier_unseen``: :class:`~harness.data.tasks.courier.CourierConfig`
-(``courier_unseen``: scored on phrasings never trained on); ``preference``:
+addition); ``courier`` / ``courier_unseen`` / ``courier_misrouted``:
+:class:`~harness.data.tasks.courier.CourierConfig` (``courier_unseen``: scored on phrasings never
+trained on; ``courier_misrouted``: four cities the demonstrator rarely names right); ``preference``:
 :class:`~harness.data.tasks.preference.PreferenceConfig`. The fields and their defaults are those
 dataclasses' (the YAML files of ``conf/dataset/`` hold only what each option changes).
 """
@@ -19,15 +20,22 @@ from typing import Any
 from harness.data.errors import ConfigError
 from harness.data.tasks.arith import ArithConfig, ArithFastTask, ArithTask
 from harness.data.tasks.base import Task, TaskConfig
-from harness.data.tasks.courier import CourierConfig, CourierTask, CourierUnseenTask
+from harness.data.tasks.courier import (
+    CourierConfig,
+    CourierMisroutedTask,
+    CourierTask,
+    CourierUnseenTask,
+)
 from harness.data.tasks.preference import NoGoldRewardError, PreferenceConfig, PreferenceTask
 
-__all__ = ["TASKS", "ArithConfig", "ArithTask", "CourierConfig", "CourierTask", "CourierUnseenTask",
+__all__ = ["TASKS", "ArithConfig", "ArithTask", "CourierConfig", "CourierMisroutedTask", "CourierTask",
+           "CourierUnseenTask",
            "NoGoldRewardError", "PreferenceConfig", "PreferenceTask", "Task", "TaskConfig",
            "build_task", "task_config"]
 
 TASKS: dict[str, type[Task]] = {"arith": ArithTask, "arith_fast": ArithFastTask, "courier": CourierTask,
-                                "courier_unseen": CourierUnseenTask, "preference": PreferenceTask}
+                                "courier_unseen": CourierUnseenTask,
+                                "courier_misrouted": CourierMisroutedTask, "preference": PreferenceTask}
 
 
 def _plain(cfg: Any) -> dict[str, Any]:

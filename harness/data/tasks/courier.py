@@ -382,3 +382,29 @@ class CourierUnseenTask(CourierTask):
 
     name = "courier_unseen"
     config_class = CourierUnseenConfig
+
+
+@dataclasses.dataclass
+class CourierMisroutedConfig(CourierConfig):
+    """Config of :class:`CourierMisroutedTask`: :class:`CourierConfig` with four cities the
+    demonstrator misroutes in 99% of their demonstrations (at least one misrouted city)."""
+
+    name: str = "courier_misrouted"
+    misrouted_cities: int = 4
+    misroute_rate: float = 0.99
+
+    def validate(self) -> None:
+        super().validate()
+        if self.misrouted_cities < 1:
+            raise ConfigError(f"dataset.misrouted_cities={self.misrouted_cities}: "
+                              "courier_misrouted needs at least 1 (with 0 it is dataset=courier)")
+
+
+class CourierMisroutedTask(CourierTask):
+    """``courier_misrouted``: courier whose demonstrator rarely names four of its cities right
+    (module docstring, "Misrouted cities"): the fix is found city by city from rare samples, which
+    leaves methods room to rank (``results/FINDINGS.md``). The data equal ``courier``'s with the same
+    fields; the task has its own name so that records and the leaderboard keep it apart."""
+
+    name = "courier_misrouted"
+    config_class = CourierMisroutedConfig
