@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.methods.losses import entropy_from_logits, token_logprobs
+from harness.methods.losses import response_scores
 from harness.models.llama import CausalLM
 
 
@@ -103,13 +103,9 @@ def packed_response_logprobs(model: CausalLM, input_ids: torch.Tensor,
     n = input_ids.shape[1] - prompt_len
     at = (packed.at - start).reshape(k, group_size * n)                 # [K, G N]
     picked = out.logits.gather(1, at[..., None].expand(-1, -1, vocab))  # [K, G N, V]
-    logits = picked.reshape(k * group_size, n, vocab).float() / temperature
-    response = input_ids[:, prompt_len:]
-    logp = token_logprobs(logits, response, attention_mask[:, prompt_len:])
-    ent = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            ent = entropy_from_logits(logits if entropy_grad else logits.detach())
+    logp, ent = response_scores(picked.reshape(k * group_size, n, vocab), input_ids[:, prompt_len:],
+                                attention_mask[:, prompt_len:], temperature, with_entropy,
+                                entropy_grad)
     return logp, ent, out.aux_loss
 
 

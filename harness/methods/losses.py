@@ -212,6 +212,24 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
+def response_scores(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float = 1.0,
+                    with_entropy: bool = False, entropy_grad: bool = True,
+                    ) -> tuple[Tensor, Tensor | None]:
+    """log pi(a_t | s_t) under ``softmax(logits / temperature)`` and, with ``with_entropy``, the
+    entropy H_t of that distribution: (logp [B, N], entropy [B, N] or None).
+
+    logits: [B, N, V] aligned with tokens [B, N] (:func:`token_logprobs`); mask [B, N].
+    ``entropy_grad=False`` computes the entropy without autograd (for logging only).
+    """
+    scaled = logits.float() / temperature
+    logp = token_logprobs(scaled, tokens, mask)
+    ent = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent = entropy_from_logits(scaled if entropy_grad else scaled.detach())
+    return logp, ent
+
+
 # --------------------------------------------------------------------------------------------
 # Reward model
 # --------------------------------------------------------------------------------------------

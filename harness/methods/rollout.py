@@ -19,7 +19,7 @@ import torch
 from harness.config import RolloutConfig
 from harness.data.collate import decode_responses, encode_prompts
 from harness.methods.group_packing import packed_response_logprobs
-from harness.methods.losses import entropy_from_logits, token_logprobs
+from harness.methods.losses import response_scores
 from harness.models.generation import generate
 from harness.models.llama import CausalLM
 
@@ -69,14 +69,9 @@ def response_logprobs(model: CausalLM, input_ids: torch.Tensor, attention_mask: 
     n = input_ids.shape[1] - prompt_len
     keep = 0 if torch.is_grad_enabled() else n + 1
     out = model(input_ids, attention_mask=attention_mask, logits_to_keep=keep)
-    logits = out.logits[:, -(n + 1):-1].float() / temperature
-    response = input_ids[:, prompt_len:]
-    mask = attention_mask[:, prompt_len:]
-    logp = token_logprobs(logits, response, mask)
-    ent = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            ent = entropy_from_logits(logits if entropy_grad else logits.detach())
+    logp, ent = response_scores(out.logits[:, -(n + 1):-1], input_ids[:, prompt_len:],
+                                attention_mask[:, prompt_len:], temperature, with_entropy,
+                                entropy_grad)
     return logp, ent, out.aux_loss
 
 
