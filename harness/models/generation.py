@@ -1,10 +1,12 @@
 """Batched sampling with a KV cache for left-padded prompts of different lengths.
 
-One prefill forward over the prompts, then one single-token forward per new token that reuses the
+One prefill forward over the prompts, then one single-token step per new token that reuses the
 cached keys and values (a :class:`~harness.models.llama.KVCache` preallocated for prompt + new
-tokens, written in place: no per-step copy of the cache). Greedy, or temperature / top-k / top-p
-(nucleus) sampling; a row stops at EOS and is padded afterwards; the loop ends when every row has
-stopped.
+tokens, written in place: no per-step copy of the cache); for the harness's own model that step is
+a :class:`~harness.models.decoding.DecodeStep` (the forward's operations with its per-call
+constants prepared once: the same logits bit for bit), otherwise the model's ``forward``.
+Greedy, or temperature / top-k / top-p (nucleus) sampling; a row stops at EOS and is padded
+afterwards; the loop ends when every row has stopped.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.models.decoding import decode_step
 from harness.models.llama import CausalLM
 
 
@@ -83,6 +86,7 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
     cache = model.new_cache(input_ids.shape[1] + max_new_tokens)
     out = model(input_ids, attention_mask=mask, past=cache, use_cache=True, logits_to_keep=1)
     past, logits = out.past, out.logits[:, -1]
+    fast = decode_step(model, mask, past, max_new_tokens)
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     tokens, logps, alive = [], [], []
     for step in range(max_new_tokens):
@@ -103,6 +107,9 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
         done = done | (nxt == eos_token_id)
         if step == max_new_tokens - 1 or bool(done.all()):
             break  # the last token needs no forward: nothing is sampled after it
+        if fast is not None:
+            logits = fast(nxt)
+            continue
         mask = torch.cat((mask, mask.new_ones(b, 1)), dim=1)
         out = model(nxt[:, None], attention_mask=mask, past=past, use_cache=True)
         past, logits = out.past, out.logits[:, -1]

@@ -65,11 +65,19 @@ class KVCache:
         return buf_k[:, :, :end], buf_v[:, :, :end]
 
 
-class RMSNorm(nn.Module):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``y = gamma * x / sqrt(mean(x^2) + eps)`` over the last dim (seed, "Understanding RMSNorm").
 
-    x: [..., D] -> [..., D]; one learnable gain per dimension, no bias; computed in float32.
+    x: [..., D], weight (gamma): [D] -> [..., D]; the normalisation is computed in float32 (a
+    float32 x is used as it is: no cast ops on the decoding path).
     """
+    h = x if x.dtype == torch.float32 else x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (h if h.dtype == x.dtype else h.to(x.dtype))
+
+
+class RMSNorm(nn.Module):
+    """:func:`rms_norm` with one learnable gain per dimension, no bias. x: [..., D] -> [..., D]."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -77,9 +85,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:

@@ -1,0 +1,172 @@
+"""The sampler's one-token decoding step (harness.models.decoding) against the model's forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import harness.models.generation as generation
+from harness.models.architecture import LoRASettings, ModelConfig
+from harness.models.decoding import DecodeStep, decode_step, fast_path_ok
+from harness.models.generation import generate
+from harness.models.llama import CausalLM, rope_cos_sin
+from harness.models.lora import add_lora
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                max_seq_len=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+SHAPES = {
+    "gqa": {},
+    "mha": {"n_kv_heads": None},
+    "moe-softmax": {"n_experts": 4, "top_k": 2},
+    "moe-noisy": {"n_experts": 4, "top_k": 2, "gating": "noisy_top_k"},
+    "qkv-bias": {"qkv_bias": True},
+    "tied": {"tie_embeddings": True},
+    "head-dim": {"attn_head_dim": 16},
+    "llama3-rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 16}},
+}
+
+
+def model_of(shape: str) -> CausalLM:
+    torch.manual_seed(0)
+    model = CausalLM(tiny(**SHAPES[shape])).eval()
+    with torch.no_grad():  # biases are zeros at init: give them values that show up
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.5)
+    return model
+
+
+def left_padded(b: int = 3, p: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts [b, p] whose rows have 0, 2 and 4 padding tokens on the left."""
+    ids = torch.randint(4, 40, (b, p))
+    mask = torch.ones_like(ids)
+    for row in range(b):
+        mask[row, :2 * (row % 3)] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_a_decode_step_gives_the_forward_logits_bit_for_bit(shape, padded):
+    """Both paths from one prefill: each step's logits and the cached keys equal exactly."""
+    model = model_of(shape)
+    ids, mask = left_padded() if padded else (torch.randint(4, 40, (3, 6)), torch.ones(3, 6).long())
+    steps = 5
+    with torch.no_grad():
+        ref_cache = model(ids, attention_mask=mask, use_cache=True,
+                          past=model.new_cache(6 + steps)).past
+        fast_cache = model(ids, attention_mask=mask, use_cache=True,
+                           past=model.new_cache(6 + steps)).past
+        fast = DecodeStep(model, mask, fast_cache, steps)
+        grown = mask
+        tokens = torch.tensor([5, 6, 7])
+        for _ in range(steps):
+            grown = torch.cat((grown, torch.ones(3, 1, dtype=grown.dtype)), dim=1)
+            ref = model(tokens[:, None], attention_mask=grown, past=ref_cache,
+                        use_cache=True).logits[:, -1]
+            got = fast(tokens)
+            assert torch.equal(got, ref)
+            tokens = (ref.argmax(-1) + 3) % 40
+        assert fast_cache.length == ref_cache.length == 6 + steps
+        for layer in range(model.cfg.n_layers):
+            assert torch.equal(fast_cache.k[layer][:, :, :11], ref_cache.k[layer][:, :, :11])
+            assert torch.equal(fast_cache.v[layer][:, :, :11], ref_cache.v[layer][:, :, :11])
+
+
+def test_the_rope_table_equals_the_per_step_rotary_values():
+    """A table over positions 0..n-1, gathered, equals rope_cos_sin of each position on its own."""
+    positions = torch.arange(300)
+    table_cos, table_sin = rope_cos_sin(positions[None], 32, 10000.0, torch.float32)
+    for pos in (0, 1, 7, 63, 64, 255, 299):
+        cos, sin = rope_cos_sin(torch.tensor([[pos], [pos]]), 32, 10000.0, torch.float32)
+        assert torch.equal(cos[0, 0], table_cos[0, pos]) and torch.equal(sin[1, 0], table_sin[0, pos])
+
+
+def _no_fast_path(monkeypatch) -> None:
+    monkeypatch.setattr(generation, "decode_step", lambda *args, **kwargs: None)
+
+
+@pytest.mark.parametrize("shape", ["gqa", "moe-noisy"])
+def test_generate_samples_the_same_tokens_and_logprobs_either_way(shape, monkeypatch):
+    """Sampling (generator and per-row noise), greedy and EOS stops: identical with and without
+    the decode step."""
+    model = model_of(shape)
+    ids, mask = left_padded(4, 5)
+    noise = torch.rand(4, 7, generator=torch.Generator().manual_seed(3))
+
+    def runs() -> list:
+        outs = []
+        for kw in ({"temperature": 0.8, "generator": torch.Generator().manual_seed(1)},
+                   {"temperature": 1.3, "top_k": 10, "top_p": 0.9, "noise": noise},
+                   {"greedy": True}):
+            outs.append(generate(model, ids, mask, 7, eos_token_id=9, pad_token_id=0, **kw))
+        return outs
+
+    fast = runs()
+    _no_fast_path(monkeypatch)
+    slow = runs()
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a.sequences, b.sequences)
+        assert torch.equal(a.response_mask, b.response_mask)
+        assert torch.equal(a.logprobs, b.logprobs)
+
+
+def test_decoding_under_autocast_matches_the_forward(monkeypatch):
+    """bf16 autocast (bf16-mixed rollouts): the same tokens and log-probs either way."""
+    model = model_of("gqa")
+    ids, mask = left_padded(3, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = generate(model, ids, mask, 6, eos_token_id=-1, pad_token_id=0, greedy=True)
+        _no_fast_path(monkeypatch)
+        slow = generate(model, ids, mask, 6, eos_token_id=-1, pad_token_id=0, greedy=True)
+    assert torch.equal(fast.response, slow.response) and torch.equal(fast.logprobs, slow.logprobs)
+
+
+def test_models_it_cannot_reproduce_decode_through_forward():
+    """LoRA (peft wraps the projections), forward hooks, another module type: no decode step."""
+    model = model_of("gqa")
+    ids, mask = left_padded(2, 4)
+    cache = model(ids, attention_mask=mask, use_cache=True, past=model.new_cache(8)).past
+    assert fast_path_ok(model) and decode_step(model, mask, cache, 4) is not None
+    assert decode_step(model, mask, object(), 4) is None  # not the harness's cache
+    hooked = model_of("gqa")
+    handle = hooked.lm_head.register_forward_hook(lambda *args: None)
+    assert not fast_path_ok(hooked)
+    handle.remove()
+    assert fast_path_ok(hooked)
+    adapted = add_lora(model_of("gqa"), LoRASettings(r=4, alpha=8.0))
+    assert not fast_path_ok(adapted)
+    assert not fast_path_ok(torch.nn.Linear(2, 2))
+    # a LoRA model still samples: through its forward, the adapters included
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    base = model_of("gqa")
+    a = generate(adapted, ids, mask, 4, eos_token_id=-1, pad_token_id=0, greedy=True)
+    full = adapted(a.sequences, attention_mask=torch.cat((mask, a.response_mask), 1)).logits
+    assert torch.equal(a.response, full[:, 3:-1].argmax(-1))
+    b = generate(base, ids, mask, 4, eos_token_id=-1, pad_token_id=0, greedy=True)
+    assert not torch.equal(a.logprobs, b.logprobs)
+
+
+def test_a_decode_step_refuses_a_cache_or_a_token_it_was_not_built_for():
+    model = model_of("gqa")
+    ids, mask = left_padded(2, 4)
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True, past=model.new_cache(6)).past
+        with pytest.raises(ValueError, match="the cache holds 4 positions, the prompt 3"):
+            DecodeStep(model, mask[:, 1:], cache, 2)
+        step = DecodeStep(model, mask, cache, 2)
+        step(torch.tensor([5, 6]))
+        step(torch.tensor([5, 6]))
+        with pytest.raises(RuntimeError, match="built for 2 tokens"):
+            step(torch.tensor([5, 6]))
