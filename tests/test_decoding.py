@@ -110,7 +110,12 @@ def test_generate_samples_the_same_tokens_and_logprobs_either_way(shape, monkeyp
             outs.append(generate(model, ids, mask, 7, eos_token_id=9, pad_token_id=0, **kw))
         return outs
 
+    built: list[DecodeStep | None] = []
+    monkeypatch.setattr(generation, "decode_step",
+                        lambda *a, **k: built.append(decode_step(*a, **k)) or built[-1])
     fast = runs()
+    assert len(built) == 3 and all(isinstance(step, DecodeStep) for step in built)
+    assert all(step.fed == a.response.shape[1] - 1 for step, a in zip(built, fast, strict=True))
     _no_fast_path(monkeypatch)
     slow = runs()
     for a, b in zip(fast, slow, strict=True):
