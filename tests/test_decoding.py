@@ -10,7 +10,7 @@ from harness.models.architecture import LoRASettings, ModelConfig
 from harness.models.decoding import DecodeStep, decode_step, fast_path_ok
 from harness.models.generation import generate
 from harness.models.llama import CausalLM, rope_cos_sin
-from harness.models.lora import add_lora
+from harness.models.lora import adapters_disabled, add_lora
 
 
 def tiny(**kw) -> ModelConfig:
@@ -31,15 +31,19 @@ SHAPES = {
     "llama3-rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0,
                                      "original_max_position_embeddings": 16}},
+    "lora": {},
 }
 
 
 def model_of(shape: str) -> CausalLM:
+    """A tiny model of ``shape``; ``lora``: with rank-4 adapters on every projection."""
     torch.manual_seed(0)
     model = CausalLM(tiny(**SHAPES[shape])).eval()
-    with torch.no_grad():  # biases are zeros at init: give them values that show up
+    if shape == "lora":
+        add_lora(model, LoRASettings(r=4, alpha=8.0))
+    with torch.no_grad():  # biases and LoRA's B start at zero: give them values that show up
         for name, p in model.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith(".bias") or "lora_B" in name:
                 p.normal_(std=0.5)
     return model
 
@@ -136,31 +140,36 @@ def test_decoding_under_autocast_matches_the_forward(monkeypatch):
 
 
 def test_models_it_cannot_reproduce_decode_through_forward():
-    """LoRA (peft wraps the projections), forward hooks, another module type: no decode step."""
+    """Forward hooks (a sharding strategy's, a test's), another model class, another cache: no
+    decode step. LoRA-wrapped projections are called as modules, so a LoRA model keeps it."""
     model = model_of("gqa")
     ids, mask = left_padded(2, 4)
     cache = model(ids, attention_mask=mask, use_cache=True, past=model.new_cache(8)).past
     assert fast_path_ok(model) and decode_step(model, mask, cache, 4) is not None
     assert decode_step(model, mask, object(), 4) is None  # not the harness's cache
     hooked = model_of("gqa")
-    handle = hooked.lm_head.register_forward_hook(lambda *args: None)
+    handle = hooked.model.layers[0].mlp.register_forward_pre_hook(lambda *args: None)
     assert not fast_path_ok(hooked)
     handle.remove()
     assert fast_path_ok(hooked)
-    adapted = add_lora(model_of("gqa"), LoRASettings(r=4, alpha=8.0))
-    assert not fast_path_ok(adapted)
     assert not fast_path_ok(torch.nn.Linear(2, 2))
-    # a LoRA model still samples: through its forward, the adapters included
-    with torch.no_grad():
-        for name, p in adapted.named_parameters():
-            if "lora_B" in name:
-                p.normal_()
-    base = model_of("gqa")
-    a = generate(adapted, ids, mask, 4, eos_token_id=-1, pad_token_id=0, greedy=True)
-    full = adapted(a.sequences, attention_mask=torch.cat((mask, a.response_mask), 1)).logits
-    assert torch.equal(a.response, full[:, 3:-1].argmax(-1))
-    b = generate(base, ids, mask, 4, eos_token_id=-1, pad_token_id=0, greedy=True)
-    assert not torch.equal(a.logprobs, b.logprobs)
+    assert fast_path_ok(model_of("lora"))
+
+
+def test_a_lora_model_decodes_with_its_adapters_on_or_off(monkeypatch):
+    """The decode step calls peft's layers, which read the adapters' switch at call time: with
+    the adapters off (GRPO's reference) it samples the base model's tokens."""
+    adapted, base = model_of("lora"), model_of("gqa")
+    ids, mask = left_padded(3, 5)
+    kw = {"eos_token_id": -1, "pad_token_id": 0, "greedy": True}
+    on = generate(adapted, ids, mask, 6, **kw)
+    with adapters_disabled(adapted):
+        off = generate(adapted, ids, mask, 6, **kw)
+    plain = generate(base, ids, mask, 6, **kw)
+    assert torch.equal(off.logprobs, plain.logprobs) and torch.equal(off.response, plain.response)
+    assert not torch.equal(on.logprobs, plain.logprobs)
+    _no_fast_path(monkeypatch)
+    assert torch.equal(generate(adapted, ids, mask, 6, **kw).logprobs, on.logprobs)
 
 
 def test_a_decode_step_refuses_a_cache_or_a_token_it_was_not_built_for():

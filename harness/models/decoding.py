@@ -6,7 +6,7 @@ matrix products take a fraction of the step and the rest is per-op and per-modul
 (computing RoPE tables, the attention mask and the positions again for every token, the
 ``nn.Module`` calls). :class:`DecodeStep` runs the same operations in the same order as
 :meth:`CausalLM.forward` on the same tensors, so its logits, and hence the sampled tokens, equal
-the forward's bit for bit (``tests/test_generation.py``), with what stays fixed within a call
+the forward's bit for bit (``tests/test_decoding.py``), with what stays fixed within a call
 done once:
 
 * positions: a row's next position is its number of real prompt tokens plus the tokens decoded
@@ -15,19 +15,22 @@ done once:
   :func:`~harness.models.llama.rope_cos_sin` values);
 * the key-padding mask over the cache's capacity, sliced per step (``None`` when no prompt is
   padded, as :func:`~harness.models.llama.build_attention_mask` gives);
-* the weights of every layer, read once, so a step calls ``F.linear`` instead of ``nn.Module``.
+* each submodule's operation, looked up once: a plain ``nn.Linear``, ``nn.Embedding`` or
+  :class:`~harness.models.llama.RMSNorm` becomes its function on its weights (no ``nn.Module``
+  call per projection); any other module -- a LoRA-wrapped projection, an MoE layer -- is
+  called as it is, so it computes what it computes in ``forward``.
 
-It applies only where that equality holds by construction: a :class:`CausalLM` whose attention
-and dense MLP projections are plain ``nn.Linear`` modules, with no forward hooks, and with plain
-tensors as parameters. A LoRA-adapted model (peft wraps the projections), a model behind the
-``transformers`` adapter, or one whose modules carry hooks (e.g. a sharding strategy's) decodes
-through ``forward`` as before (:func:`decode_step` returns ``None``). A Mixture-of-Experts MLP is
-called as its module (routing and dispatch are the same code either way).
+It applies where that equality holds by construction: a :class:`CausalLM` with its own decoder
+layers and attention, no forward hooks, and plain tensors as parameters. A model behind the
+``transformers`` adapter, or one whose modules carry hooks (e.g. a sharding strategy's), decodes
+through ``forward`` as before (:func:`decode_step` returns ``None``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -38,58 +41,64 @@ from harness.models.llama import (
     CausalLM,
     DecoderLayer,
     KVCache,
+    RMSNorm,
     SwiGLU,
     apply_rope,
     rms_norm,
     rope_cos_sin,
 )
-from harness.models.moe import MoEFeedForward
+
+Op = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _op(m: nn.Module) -> Op:
+    """What ``m(x)`` computes, without the ``nn.Module`` call where ``m`` is exactly one of the
+    plain modules (``nn.Linear``, ``nn.Embedding`` without ``max_norm``, :class:`RMSNorm`);
+    any other module (a LoRA-wrapped projection, an MoE layer) is called as it is."""
+    if type(m) is nn.Linear:
+        return partial(F.linear, weight=m.weight, bias=m.bias)
+    if type(m) is nn.Embedding and m.max_norm is None:
+        return partial(F.embedding, weight=m.weight)
+    if type(m) is RMSNorm:
+        return partial(rms_norm, weight=m.weight, eps=m.eps)
+    return m
 
 
 @dataclass(frozen=True)
 class _Layer:
-    """One decoder layer's tensors: norm gains, projection weights and biases, and its MLP
-    (the :class:`SwiGLU` weights, or the MoE module, which is called as it is)."""
+    """One decoder layer's operations: its norms, the attention's projections and its MLP (the
+    three projections of a :class:`SwiGLU`, or the whole MLP module, e.g. an MoE layer)."""
 
-    norm1: torch.Tensor
-    q: tuple[torch.Tensor, torch.Tensor | None]
-    k: tuple[torch.Tensor, torch.Tensor | None]
-    v: tuple[torch.Tensor, torch.Tensor | None]
-    o: torch.Tensor
-    norm2: torch.Tensor
-    mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | MoEFeedForward
+    norm1: Op
+    q: Op
+    k: Op
+    v: Op
+    o: Op
+    norm2: Op
+    mlp: tuple[Op, Op, Op] | Op
 
-
-def _plain(m: nn.Module) -> bool:
-    """A module of exactly ``nn.Linear`` type (not a wrapper such as peft's LoRA layer)."""
-    return type(m) is nn.Linear
+    @staticmethod
+    def of(layer: DecoderLayer) -> _Layer:
+        a, mlp = layer.self_attn, layer.mlp
+        return _Layer(
+            norm1=_op(layer.input_layernorm), q=_op(a.q_proj), k=_op(a.k_proj), v=_op(a.v_proj),
+            o=_op(a.o_proj), norm2=_op(layer.post_attention_layernorm),
+            mlp=((_op(mlp.gate_proj), _op(mlp.up_proj), _op(mlp.down_proj))
+                 if type(mlp) is SwiGLU else mlp))
 
 
 def fast_path_ok(model: nn.Module) -> bool:
-    """Whether :class:`DecodeStep` computes exactly what ``model.forward`` does (module docstring)."""
+    """Whether :class:`DecodeStep` computes exactly what ``model.forward`` does: the harness's
+    :class:`CausalLM` with its own decoder layers and attention, no forward hooks, and plain
+    tensors as parameters (a sharding strategy's DTensors and hooks are left to ``forward``)."""
     if not isinstance(model, CausalLM):
         return False
-    for m in model.modules():
-        if m._forward_hooks or m._forward_pre_hooks:
-            return False
-    for p in model.parameters():
-        if type(p.data) is not torch.Tensor:  # e.g. a sharded DTensor
-            return False
-    for layer in model.model.layers:
-        if type(layer) is not DecoderLayer or type(layer.self_attn) is not Attention:
-            return False
-        attn = layer.self_attn
-        if not all(_plain(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)):
-            return False
-        mlp = layer.mlp
-        if type(mlp) is SwiGLU:
-            if not all(_plain(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
-                return False
-        elif type(mlp) is not MoEFeedForward:
-            return False
-    embed = model.model.embed_tokens
-    return (type(model.lm_head) is nn.Linear and type(embed) is nn.Embedding
-            and embed.max_norm is None)
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return False
+    if any(type(p.data) is not torch.Tensor for p in model.parameters()):
+        return False
+    return all(type(layer) is DecoderLayer and type(layer.self_attn) is Attention
+               for layer in model.model.layers)
 
 
 class DecodeStep:
@@ -109,7 +118,7 @@ class DecodeStep:
         if cache.length != p:
             raise ValueError(f"the cache holds {cache.length} positions, the prompt {p}")
         self.model, self.cache, self.b = model, cache, b
-        self.n_heads, self.n_kv, self.hd, self.eps = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.norm_eps
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         mask = prompt_mask.long()
         self.next_pos = mask.sum(-1)  # [B]: position of the first new token
         self.fed = 0
@@ -122,52 +131,40 @@ class DecodeStep:
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float32,
                                 cfg.rope_scaling)
         self.cos_table, self.sin_table = cos[0], sin[0]  # [reach, hd]
-        self.embed = model.model.embed_tokens.weight
-        self.final_norm = model.model.norm.weight
-        self.head = model.lm_head.weight
-        self.layers = [self._layer(layer) for layer in model.model.layers]
-
-    @staticmethod
-    def _layer(layer: DecoderLayer) -> _Layer:
-        a = layer.self_attn
-        mlp = layer.mlp
-        return _Layer(
-            norm1=layer.input_layernorm.weight,
-            q=(a.q_proj.weight, a.q_proj.bias), k=(a.k_proj.weight, a.k_proj.bias),
-            v=(a.v_proj.weight, a.v_proj.bias), o=a.o_proj.weight,
-            norm2=layer.post_attention_layernorm.weight,
-            mlp=mlp if isinstance(mlp, MoEFeedForward)
-            else (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))
+        self.embed = _op(model.model.embed_tokens)
+        self.final_norm = _op(model.model.norm)
+        self.head = _op(model.lm_head)
+        self.layers = [_Layer.of(layer) for layer in model.model.layers]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B] (the last sampled ones) -> logits [B, V] at the position after them."""
         if self.fed >= self.max_steps:
             raise RuntimeError(f"DecodeStep: built for {self.max_steps} tokens, fed one more")
-        b, h, kv, hd, eps = self.b, self.n_heads, self.n_kv, self.hd, self.eps
+        b, h, kv, hd = self.b, self.n_heads, self.n_kv, self.hd
         pos = self.next_pos + self.fed  # [B]
-        x = F.embedding(tokens[:, None], self.embed)  # [B, 1, D]
+        x = self.embed(tokens[:, None])  # [B, 1, D]
         cos = F.embedding(pos, self.cos_table).to(x.dtype)[:, None]  # [B, 1, hd]
         sin = F.embedding(pos, self.sin_table).to(x.dtype)[:, None]
         end = self.cache.length + 1
         mask = None if self.keys is None else self.keys[..., :end]
         for i, w in enumerate(self.layers):
-            hn = rms_norm(x, w.norm1, eps)
-            q = F.linear(hn, *w.q).view(b, 1, h, hd).transpose(1, 2)
-            k = F.linear(hn, *w.k).view(b, 1, kv, hd).transpose(1, 2)
-            v = F.linear(hn, *w.v).view(b, 1, kv, hd).transpose(1, 2)
+            hn = w.norm1(x)
+            q = w.q(hn).view(b, 1, h, hd).transpose(1, 2)
+            k = w.k(hn).view(b, 1, kv, hd).transpose(1, 2)
+            v = w.v(hn).view(b, 1, kv, hd).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k, v = self.cache.update(i, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != h)
-            x = x + F.linear(y.transpose(1, 2).reshape(b, 1, -1), w.o)
-            hn = rms_norm(x, w.norm2, eps)
-            if isinstance(w.mlp, MoEFeedForward):
-                x = x + w.mlp(hn)
-            else:
+            x = x + w.o(y.transpose(1, 2).reshape(b, 1, -1))
+            hn = w.norm2(x)
+            if isinstance(w.mlp, tuple):
                 gate, up, down = w.mlp
-                x = x + F.linear(F.silu(F.linear(hn, gate)) * F.linear(hn, up), down)
+                x = x + down(F.silu(gate(hn)) * up(hn))
+            else:
+                x = x + w.mlp(hn)
         self.cache.length = end
         self.fed += 1
-        return F.linear(rms_norm(x, self.final_norm, eps), self.head)[:, -1]
+        return self.head(self.final_norm(x))[:, -1]
 
 
 def decode_step(model: nn.Module, prompt_mask: torch.Tensor, cache: object,
