@@ -152,6 +152,12 @@ def test_models_it_cannot_reproduce_decode_through_forward():
     assert not fast_path_ok(hooked)
     handle.remove()
     assert fast_path_ok(hooked)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not fast_path_ok(hooked)  # a hook on every module
+    finally:
+        handle.remove()
+    assert fast_path_ok(hooked)
     assert not fast_path_ok(torch.nn.Linear(2, 2))
     assert fast_path_ok(model_of("lora"))
 

@@ -35,6 +35,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_api
 
 from harness.models.llama import (
     Attention,
@@ -92,6 +93,10 @@ def fast_path_ok(model: nn.Module) -> bool:
     :class:`CausalLM` with its own decoder layers and attention, no forward hooks, and plain
     tensors as parameters (a sharding strategy's DTensors and hooks are left to ``forward``)."""
     if not isinstance(model, CausalLM):
+        return False
+    # hooks registered for every module (``register_module_forward_hook``) count as well
+    if getattr(module_api, "_global_forward_hooks", None) or getattr(
+            module_api, "_global_forward_pre_hooks", None):
         return False
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return False
