@@ -114,6 +114,8 @@ def sampler_notes(device: torch.device) -> list[str]:
         "tok/s = B*N / median wall time of one generate call (prefill included), after a warm-up;",
         "greedy, exactly N new tokens (ours: eos id -1; HF: min_new_tokens=max_new_tokens, no eos),",
         "same seeded random weights, eval mode, inference_mode. ours/HF > 1: our sampler is faster.",
+        "ours: one prefill forward, then harness.models.decoding.DecodeStep per new token (the",
+        "forward's operations with per-call constants prepared once; the same logits bit for bit).",
         "'same tokens': share of identical greedy picks (near-ties in random logits may flip).",
         f"device {device}, torch threads {torch.get_num_threads()}.",
     ]
