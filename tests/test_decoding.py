@@ -11,6 +11,7 @@ from harness.models.decoding import DecodeStep, decode_step, fast_path_ok
 from harness.models.generation import generate
 from harness.models.llama import CausalLM, rope_cos_sin
 from harness.models.lora import adapters_disabled, add_lora
+from harness.models.moe import MoEFeedForward
 
 
 def tiny(**kw) -> ModelConfig:
@@ -190,3 +191,21 @@ def test_a_decode_step_refuses_a_cache_or_a_token_it_was_not_built_for():
         step(torch.tensor([5, 6]))
         with pytest.raises(RuntimeError, match="built for 2 tokens"):
             step(torch.tensor([5, 6]))
+
+
+@pytest.mark.parametrize("gating", ["softmax", "noisy_top_k"])
+def test_an_moe_layers_mix_is_its_forward_without_the_statistics(gating):
+    """MoEFeedForward.mix (what the decode step calls) gives forward's output exactly, in eval
+    and, with the same noise, in training; forward alone keeps the aux loss and expert load."""
+    torch.manual_seed(0)
+    layer = MoEFeedForward(tiny(n_experts=4, top_k=2, gating=gating))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 5, 32)
+    for training in (False, True):
+        layer.train(training)
+        torch.manual_seed(1)
+        full = layer(x)
+        torch.manual_seed(1)
+        assert torch.equal(layer.mix(x.reshape(-1, 32)).reshape(3, 5, 32), full)
+    assert layer.aux_loss.item() > 0 and torch.isclose(layer.expert_load.sum(), torch.tensor(1.0))

@@ -17,8 +17,10 @@ done once:
   padded, as :func:`~harness.models.llama.build_attention_mask` gives);
 * each submodule's operation, looked up once: a plain ``nn.Linear``, ``nn.Embedding`` or
   :class:`~harness.models.llama.RMSNorm` becomes its function on its weights (no ``nn.Module``
-  call per projection); any other module -- a LoRA-wrapped projection, an MoE layer -- is
-  called as it is, so it computes what it computes in ``forward``.
+  call per projection), an MoE layer its routing and experts without the statistics its
+  ``forward`` keeps for training (auxiliary losses, expert load: nothing reads them while
+  decoding); any other module -- a LoRA-wrapped projection -- is called as it is, so it computes
+  what it computes in ``forward``.
 
 It applies where that equality holds by construction: a :class:`CausalLM` with its own decoder
 layers and attention, no forward hooks, and plain tensors as parameters. A model behind the
@@ -48,21 +50,31 @@ from harness.models.llama import (
     rms_norm,
     rope_cos_sin,
 )
+from harness.models.moe import MoEFeedForward
 
 Op = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _op(m: nn.Module) -> Op:
     """What ``m(x)`` computes, without the ``nn.Module`` call where ``m`` is exactly one of the
-    plain modules (``nn.Linear``, ``nn.Embedding`` without ``max_norm``, :class:`RMSNorm`);
-    any other module (a LoRA-wrapped projection, an MoE layer) is called as it is."""
+    plain modules (``nn.Linear``, ``nn.Embedding`` without ``max_norm``, :class:`RMSNorm`,
+    :class:`MoEFeedForward`: its output only); any other module (a LoRA-wrapped projection) is
+    called as it is."""
     if type(m) is nn.Linear:
         return partial(F.linear, weight=m.weight, bias=m.bias)
     if type(m) is nn.Embedding and m.max_norm is None:
         return partial(F.embedding, weight=m.weight)
     if type(m) is RMSNorm:
         return partial(rms_norm, weight=m.weight, eps=m.eps)
+    if type(m) is MoEFeedForward:
+        return partial(_moe_mix, m)
     return m
+
+
+def _moe_mix(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """An MoE layer's output for x [B, T, D] (:meth:`MoEFeedForward.mix`), without the auxiliary
+    losses and expert load its ``forward`` keeps: nothing reads them while decoding."""
+    return moe.mix(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
 @dataclass(frozen=True)
@@ -85,7 +97,7 @@ class _Layer:
             norm1=_op(layer.input_layernorm), q=_op(a.q_proj), k=_op(a.k_proj), v=_op(a.v_proj),
             o=_op(a.o_proj), norm2=_op(layer.post_attention_layernorm),
             mlp=((_op(mlp.gate_proj), _op(mlp.up_proj), _op(mlp.down_proj))
-                 if type(mlp) is SwiGLU else mlp))
+                 if type(mlp) is SwiGLU else _op(mlp)))
 
 
 def fast_path_ok(model: nn.Module) -> bool:

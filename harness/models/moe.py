@@ -122,6 +122,19 @@ class MoEFeedForward(nn.Module):
                 state[key] = state[key].detach()
         return state
 
+    def dispatch_counts(self, index: torch.Tensor) -> torch.Tensor:
+        """Dispatches per expert [E] of the expert indices ``index`` [N, k]."""
+        with torch.no_grad():
+            return torch.bincount(index.reshape(-1), minlength=self.cfg.n_experts)
+
+    def mix(self, flat: torch.Tensor) -> torch.Tensor:
+        """The layer's output alone, flat [N, D] -> [N, D]: routing and experts as in
+        :meth:`forward`, without the statistics it keeps (auxiliary losses, expert load). The
+        sampler's decoding step (:mod:`harness.models.decoding`) calls this: it reads only the
+        logits."""
+        _, gates, index = self.gate(flat)
+        return self.experts(flat, gates, index, self.dispatch_counts(index).tolist())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         flat = x.reshape(-1, d)
@@ -134,7 +147,7 @@ class MoEFeedForward(nn.Module):
                              + self.cfg.router_z_loss_coef * self.z_loss)
         else:  # sampling, reference log-probs: nothing to back-propagate, so skip the extra ops
             self.aux_loss = self.load_balancing = self.z_loss = flat.new_zeros(())
+        counts = self.dispatch_counts(index)
         with torch.no_grad():
-            counts = torch.bincount(index.reshape(-1), minlength=self.cfg.n_experts)
             self.expert_load = counts.float() / counts.sum()
         return self.experts(flat, gates, index, counts.tolist()).reshape(b, t, d)
