@@ -6,20 +6,13 @@ import pytest
 import torch
 
 import harness.models.generation as generation
-from harness.models.architecture import LoRASettings, ModelConfig
+from harness.models.architecture import LoRASettings
 from harness.models.decoding import DecodeStep, decode_step, fast_path_ok
 from harness.models.generation import generate
 from harness.models.llama import CausalLM, rope_cos_sin
 from harness.models.lora import adapters_disabled, add_lora
 from harness.models.moe import MoEFeedForward
-
-
-def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-                max_seq_len=64)
-    base.update(kw)
-    return ModelConfig(**base)
-
+from tests.test_model import tiny
 
 SHAPES = {
     "gqa": {},

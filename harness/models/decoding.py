@@ -134,7 +134,7 @@ class DecodeStep:
         b, p = prompt_mask.shape
         if cache.length != p:
             raise ValueError(f"the cache holds {cache.length} positions, the prompt {p}")
-        self.model, self.cache, self.b = model, cache, b
+        self.cache, self.b = cache, b
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         mask = prompt_mask.long()
         self.next_pos = mask.sum(-1)  # [B]: position of the first new token
@@ -143,11 +143,15 @@ class DecodeStep:
         # the key mask over the prompt and every new token; None: no padding, plain attention
         self.keys = None if bool(mask.all()) else torch.cat(
             (mask.bool(), mask.new_ones(b, max_steps, dtype=torch.bool)), dim=1)[:, None, None, :]
+        # the rotary values of every step's positions, [max_steps, B, 1, hd]: gathered from a
+        # table over the positions reached, the same values rope_cos_sin gives each position
         reach = int(self.next_pos.max()) + max_steps if b else max_steps
         positions = torch.arange(reach, device=prompt_mask.device)[None]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float32,
                                 cfg.rope_scaling)
-        self.cos_table, self.sin_table = cos[0], sin[0]  # [reach, hd]
+        steps = self.next_pos[None] + torch.arange(max_steps, device=prompt_mask.device)[:, None]
+        self.cos = F.embedding(steps, cos[0])[:, :, None]
+        self.sin = F.embedding(steps, sin[0])[:, :, None]
         self.embed = _op(model.model.embed_tokens)
         self.final_norm = _op(model.model.norm)
         self.head = _op(model.lm_head)
@@ -158,10 +162,9 @@ class DecodeStep:
         if self.fed >= self.max_steps:
             raise RuntimeError(f"DecodeStep: built for {self.max_steps} tokens, fed one more")
         b, h, kv, hd = self.b, self.n_heads, self.n_kv, self.hd
-        pos = self.next_pos + self.fed  # [B]
         x = self.embed(tokens[:, None])  # [B, 1, D]
-        cos = F.embedding(pos, self.cos_table).to(x.dtype)[:, None]  # [B, 1, hd]
-        sin = F.embedding(pos, self.sin_table).to(x.dtype)[:, None]
+        cos = self.cos[self.fed].to(x.dtype)  # [B, 1, hd]
+        sin = self.sin[self.fed].to(x.dtype)
         end = self.cache.length + 1
         mask = None if self.keys is None else self.keys[..., :end]
         for i, w in enumerate(self.layers):

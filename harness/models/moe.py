@@ -138,6 +138,8 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         flat = x.reshape(-1, d)
+        # not mix(): the auxiliary terms are built before the experts, as they always were, since
+        # the backward accumulates the router's gradient in the graph's order (its rounding)
         logits, gates, index = self.gate(flat)
         if torch.is_grad_enabled():
             probs = torch.softmax(logits.float(), dim=-1)
