@@ -105,6 +105,10 @@ class RolloutConfig:
     temperature: float = 1.0
     top_k: int = 0                  # 0 = no top-k filter
     top_p: float = 1.0
+    # on a GPU, a dense model's decoding step as one CUDA graph replay per token (rounds the
+    # attention differently in the last bits: harness.models.decoding.GraphedDecodeStep);
+    # false: the eager step, the forward's logits bit for bit. No effect on a CPU.
+    cuda_graph: bool = True
 
     def check(self, prefix: str) -> None:
         positive(self, prefix, "prompts_per_batch", "max_new_tokens", "temperature", "top_p")
@@ -209,6 +213,15 @@ class TrainerConfig:
             if self.accelerator == "cpu" or (self.accelerator == "auto" and not torch.cuda.is_available()):
                 fail(prefix, "strategy", self.strategy,
                      "Lightning's FSDP and DeepSpeed strategies need GPUs; on CPU use trainer=ddp")
+
+    def device(self) -> str:
+        """Where the run computes: ``"cuda"`` for ``accelerator`` gpu/cuda (or auto with a GPU
+        present), else ``"cpu"``; evaluation runs there too."""
+        import torch
+
+        gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto"
+                                                      and torch.cuda.is_available())
+        return "cuda" if gpu and torch.cuda.is_available() else "cpu"
 
     def kwargs(self) -> dict[str, Any]:
         """The ``lightning.Trainer`` arguments (everything but ``threads`` and ``resume_every``)."""

@@ -577,7 +577,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         torch.set_num_threads(t.threads)
     elif str(t.devices) != "1" and t.accelerator != "gpu":
         torch.set_num_threads(1)
-    summary["platform"] = platform_info("cuda" if t.accelerator == "gpu" else "cpu")
+    summary["platform"] = platform_info(t.device())
     # the data and the tokenizer are read here, before the try: bad data (a DataError naming the
     # file, row and column) stops the run before any work, like a config error, with no record
     r = Run(settings, resolved, run_dir)
@@ -595,6 +595,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         metrics = stage.summary_metrics(final.record.metrics)
         policy = final.model if stage.produces_policy else None
         reference = r.built[stage.reference].model if stage.reference else None
+        # Lightning hands a trained module back on the CPU, and a network a module holds outside
+        # its registered submodules (DPO's reference) stays where training put it: evaluate both
+        # on the run's device
+        for net in (policy, reference):
+            if net is not None:
+                net.to(t.device())
         with r.meter("eval"):
             samples: list[dict] = []
             per_prompt = None

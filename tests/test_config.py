@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -223,3 +224,10 @@ def test_the_comparison_sweeps_cover_every_aligning_method(sweep):
     assert cfg.group == sweep
     if sweep == "compare_courier":
         assert cfg.dataset.name == "courier_misrouted" and cfg.sft.max_steps == 1000
+
+
+def test_the_trainer_names_the_device_a_run_computes_and_evaluates_on():
+    gpu = "cuda" if torch.cuda.is_available() else "cpu"
+    assert TrainerConfig(accelerator="cpu").device() == "cpu"
+    assert TrainerConfig(accelerator="gpu").device() == gpu
+    assert TrainerConfig(accelerator="auto").device() == gpu

@@ -7,12 +7,16 @@ import torch
 
 import harness.models.generation as generation
 from harness.models.architecture import LoRASettings
-from harness.models.decoding import DecodeStep, decode_step, fast_path_ok
+from harness.models.decoding import DecodeStep, GraphedDecodeStep, decode_step, fast_path_ok, graph_ok
 from harness.models.generation import generate
 from harness.models.llama import CausalLM, rope_cos_sin
 from harness.models.lora import adapters_disabled, add_lora
 from harness.models.moe import MoEFeedForward
 from tests.test_model import tiny
+
+# every test taking ``device`` runs on the CPU, and on a GPU too where one is present (CI: CPU)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device"))]
 
 SHAPES = {
     "gqa": {},
@@ -29,8 +33,9 @@ SHAPES = {
 }
 
 
-def model_of(shape: str) -> CausalLM:
-    """A tiny model of ``shape``; ``lora``: with rank-4 adapters on every projection."""
+def model_of(shape: str, device: str = "cpu") -> CausalLM:
+    """A tiny model of ``shape`` on ``device``; ``lora``: with rank-4 adapters on every
+    projection."""
     torch.manual_seed(0)
     model = CausalLM(tiny(**SHAPES[shape])).eval()
     if shape == "lora":
@@ -39,24 +44,26 @@ def model_of(shape: str) -> CausalLM:
         for name, p in model.named_parameters():
             if name.endswith(".bias") or "lora_B" in name:
                 p.normal_(std=0.5)
-    return model
+    return model.to(device)
 
 
-def left_padded(b: int = 3, p: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(b: int = 3, p: int = 6, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts [b, p] whose rows have 0, 2 and 4 padding tokens on the left."""
     ids = torch.randint(4, 40, (b, p))
     mask = torch.ones_like(ids)
     for row in range(b):
         mask[row, :2 * (row % 3)] = 0
-    return ids.masked_fill(mask == 0, 0), mask
+    return ids.masked_fill(mask == 0, 0).to(device), mask.to(device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_a_decode_step_gives_the_forward_logits_bit_for_bit(shape, padded):
+def test_a_decode_step_gives_the_forward_logits_bit_for_bit(shape, padded, device):
     """Both paths from one prefill: each step's logits and the cached keys equal exactly."""
-    model = model_of(shape)
-    ids, mask = left_padded() if padded else (torch.randint(4, 40, (3, 6)), torch.ones(3, 6).long())
+    model = model_of(shape, device)
+    ids, mask = (left_padded(device=device) if padded else
+                 (torch.randint(4, 40, (3, 6), device=device), torch.ones(3, 6, device=device).long()))
     steps = 5
     with torch.no_grad():
         ref_cache = model(ids, attention_mask=mask, use_cache=True,
@@ -65,9 +72,9 @@ def test_a_decode_step_gives_the_forward_logits_bit_for_bit(shape, padded):
                            past=model.new_cache(6 + steps)).past
         fast = DecodeStep(model, mask, fast_cache, steps)
         grown = mask
-        tokens = torch.tensor([5, 6, 7])
+        tokens = torch.tensor([5, 6, 7], device=device)
         for _ in range(steps):
-            grown = torch.cat((grown, torch.ones(3, 1, dtype=grown.dtype)), dim=1)
+            grown = torch.cat((grown, grown.new_ones(3, 1)), dim=1)
             ref = model(tokens[:, None], attention_mask=grown, past=ref_cache,
                         use_cache=True).logits[:, -1]
             got = fast(tokens)
@@ -92,20 +99,22 @@ def _no_fast_path(monkeypatch) -> None:
     monkeypatch.setattr(generation, "decode_step", lambda *args, **kwargs: None)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", ["gqa", "moe-noisy"])
-def test_generate_samples_the_same_tokens_and_logprobs_either_way(shape, monkeypatch):
+def test_generate_samples_the_same_tokens_and_logprobs_either_way(shape, device, monkeypatch):
     """Sampling (generator and per-row noise), greedy and EOS stops: identical with and without
-    the decode step."""
-    model = model_of(shape)
-    ids, mask = left_padded(4, 5)
-    noise = torch.rand(4, 7, generator=torch.Generator().manual_seed(3))
+    the (eager) decode step."""
+    model = model_of(shape, device)
+    ids, mask = left_padded(4, 5, device)
+    noise = torch.rand(4, 7, generator=torch.Generator().manual_seed(3)).to(device)
 
     def runs() -> list:
         outs = []
-        for kw in ({"temperature": 0.8, "generator": torch.Generator().manual_seed(1)},
+        for kw in ({"temperature": 0.8, "generator": torch.Generator(device).manual_seed(1)},
                    {"temperature": 1.3, "top_k": 10, "top_p": 0.9, "noise": noise},
                    {"greedy": True}):
-            outs.append(generate(model, ids, mask, 7, eos_token_id=9, pad_token_id=0, **kw))
+            outs.append(generate(model, ids, mask, 7, eos_token_id=9, pad_token_id=0,
+                                 cuda_graph=False, **kw))
         return outs
 
     built: list[DecodeStep | None] = []
@@ -122,12 +131,14 @@ def test_generate_samples_the_same_tokens_and_logprobs_either_way(shape, monkeyp
         assert torch.equal(a.logprobs, b.logprobs)
 
 
-def test_decoding_under_autocast_matches_the_forward(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoding_under_autocast_matches_the_forward(device, monkeypatch):
     """bf16 autocast (bf16-mixed rollouts): the same tokens and log-probs either way."""
-    model = model_of("gqa")
-    ids, mask = left_padded(3, 5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = generate(model, ids, mask, 6, eos_token_id=-1, pad_token_id=0, greedy=True)
+    model = model_of("gqa", device)
+    ids, mask = left_padded(3, 5, device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        fast = generate(model, ids, mask, 6, eos_token_id=-1, pad_token_id=0, greedy=True,
+                        cuda_graph=False)
         _no_fast_path(monkeypatch)
         slow = generate(model, ids, mask, 6, eos_token_id=-1, pad_token_id=0, greedy=True)
     assert torch.equal(fast.response, slow.response) and torch.equal(fast.logprobs, slow.logprobs)
@@ -202,3 +213,114 @@ def test_an_moe_layers_mix_is_its_forward_without_the_statistics(gating):
         torch.manual_seed(1)
         assert torch.equal(layer.mix(x.reshape(-1, 32)).reshape(3, 5, 32), full)
     assert layer.aux_loss.item() > 0 and torch.isclose(layer.expert_load.sum(), torch.tensor(1.0))
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _prefilled(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, steps: int):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, use_cache=True,
+                     past=model.new_cache(ids.shape[1] + steps)).past
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_a_graphed_step_gives_the_forward_logits_up_to_rounding(shape, padded, device):
+    """The fixed-shape step (a CUDA graph on a GPU, eager on a CPU) writes the forward's keys and
+    values and gives its logits up to the attention's (and MoE experts') summation order, with
+    the unwritten cache slots full of NaN before it is built (they must not leak through the
+    masked product)."""
+    model = model_of(shape, device)
+    ids, mask = (left_padded(device=device) if padded else
+                 (torch.randint(4, 40, (3, 6), device=device), torch.ones(3, 6, device=device).long()))
+    steps = 5
+    ref_cache, cache = _prefilled(model, ids, mask, steps), _prefilled(model, ids, mask, steps)
+    for layer in range(model.cfg.n_layers):
+        cache.k[layer][:, :, 6:] = float("nan")
+        cache.v[layer][:, :, 6:] = float("nan")
+    with torch.no_grad():
+        step = decode_step(model, mask, cache, steps, cuda_graph=True)
+        if device == "cuda":
+            assert isinstance(step, GraphedDecodeStep)
+        else:  # no graph off a GPU: the fixed-shape step itself, eagerly
+            assert type(step) is DecodeStep
+            step = GraphedDecodeStep(model, mask, cache, steps)
+        grown, tokens = mask, torch.tensor([5, 6, 7], device=device)
+        for _ in range(steps):
+            grown = torch.cat((grown, grown.new_ones(3, 1)), dim=1)
+            ref = model(tokens[:, None], attention_mask=grown, past=ref_cache,
+                        use_cache=True).logits[:, -1]
+            got = step(tokens)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            tokens = (ref.argmax(-1) + 3) % 40
+    assert (step.graph is not None) == (device == "cuda")
+    assert cache.length == ref_cache.length == 6 + steps
+    # the first layer's keys and values are the forward's exactly (no attention before them)
+    assert torch.equal(cache.k[0][:, :, :11], ref_cache.k[0][:, :, :11])
+    assert torch.equal(cache.v[0][:, :, :11], ref_cache.v[0][:, :, :11])
+    for layer in range(1, model.cfg.n_layers):
+        torch.testing.assert_close(cache.k[layer][:, :, :11], ref_cache.k[layer][:, :, :11])
+        torch.testing.assert_close(cache.v[layer][:, :, :11], ref_cache.v[layer][:, :, :11])
+
+
+@CUDA
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_graph_replays_the_eager_fixed_shape_step_bit_for_bit(autocast):
+    """Replaying the captured graph computes what the same step computes eagerly (also under
+    bf16 autocast, where the graph is captured without autocast's weight-cast cache)."""
+    model = model_of("gqa", "cuda")
+    ids, mask = left_padded(3, 6, "cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+        graphed = GraphedDecodeStep(model, mask, _prefilled(model, ids, mask, 4), 4)
+        eager = GraphedDecodeStep(model, mask, _prefilled(model, ids, mask, 4), 4)
+        tokens = torch.tensor([5, 6, 7], device="cuda")
+        for t in range(4):
+            got = graphed(tokens).clone()
+            eager.tokens.copy_(tokens)
+            eager.t.fill_(t)
+            assert torch.equal(got, eager._static_step())
+            tokens = (got.argmax(-1) + 3) % 40
+    assert graphed.graph is not None and eager.graph is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_model_decodes_through_a_graph_on_a_gpu_only(device):
+    for shape in ("gqa", "moe-softmax", "lora"):
+        model = model_of(shape, device)
+        ids, mask = left_padded(2, 4, device)
+        step = decode_step(model, mask, _prefilled(model, ids, mask, 4), 4, cuda_graph=True)
+        assert graph_ok(model, mask) is (device == "cuda")
+        assert type(step) is (GraphedDecodeStep if device == "cuda" else DecodeStep)
+        step = decode_step(model, mask, _prefilled(model, ids, mask, 4), 4, cuda_graph=False)
+        assert type(step) is DecodeStep
+
+
+@pytest.mark.parametrize("gating", ["softmax", "noisy_top_k"])
+def test_an_moe_layers_dense_mix_is_its_mix_up_to_rounding(gating):
+    """Every expert on every token, weighted by the gates (0 off the top k): mix's output."""
+    torch.manual_seed(0)
+    layer = MoEFeedForward(tiny(n_experts=4, top_k=2, gating=gating)).eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(15, 32)
+    torch.testing.assert_close(layer.mix_dense(x), layer.mix(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(layer.mix_dense(x), layer.mix(x.flip(0)))  # not a constant
+
+
+@CUDA
+@pytest.mark.parametrize("shape", ["gqa", "moe-noisy"])
+def test_generate_on_a_gpu_with_and_without_the_graph(shape):
+    """Sampling with the run's CPU generator on a GPU draws its uniforms from it (the same tokens
+    as passing them as noise); the graphed and the eager step (an MoE model's: its experts run
+    densely in the graph) sample the same tokens here."""
+    model = model_of(shape, "cuda")
+    ids, mask = left_padded(4, 5, "cuda")
+    kw = {"eos_token_id": 9, "pad_token_id": 0, "temperature": 0.9}
+    graphed = generate(model, ids, mask, 7, generator=torch.Generator().manual_seed(1), **kw)
+    noise = torch.rand(4, 7, generator=torch.Generator().manual_seed(1)).cuda()
+    eager = generate(model, ids, mask, 7, noise=noise, cuda_graph=False, **kw)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert torch.equal(graphed.response_mask, eager.response_mask)
+    torch.testing.assert_close(graphed.logprobs, eager.logprobs, rtol=1e-5, atol=1e-5)

@@ -95,13 +95,15 @@ def sample_with_reference(policy: CausalLM, reference: CausalLM | None, tokenize
                           max_new_tokens: int, max_len: int, temperature: float = 1.0,
                           top_k: int = 0, top_p: float = 1.0,
                           generator: torch.Generator | None = None,
-                          noise: torch.Tensor | None = None, packed_group: int = 0) -> Sampled:
+                          noise: torch.Tensor | None = None, packed_group: int = 0,
+                          cuda_graph: bool = True) -> Sampled:
     """Sample one response per prompt from ``policy`` (KV-cached sampler), then the reference's
     log-probabilities of the same tokens (one forward, no gradients): what a rollout and the KL
     estimate both need. ``reference=None`` skips the reference pass (``ref_logp`` None);
     ``noise`` [B, max_new_tokens]: per-row sampling noise (:func:`~harness.models.generation.generate`).
     ``packed_group`` G > 0: consecutive groups of G rows share a prompt, and the reference scores
     each group in one packed row (:func:`~harness.methods.group_packing.packed_response_logprobs`).
+    ``cuda_graph``: :func:`~harness.models.generation.generate`'s (a GPU's graphed decode step).
     """
     device = policy.device
     ids, pmask = encode_prompts(tokenizer, prompts, max_len - max_new_tokens)
@@ -110,7 +112,7 @@ def sample_with_reference(policy: CausalLM, reference: CausalLM | None, tokenize
     gen = generate(policy, ids, pmask, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k,
                    top_p=top_p, generator=generator,
-                   noise=None if noise is None else noise.to(device))
+                   noise=None if noise is None else noise.to(device), cuda_graph=cuda_graph)
     if gen.response_mask.is_cuda:
         torch.cuda.synchronize()
     gen_s = time.perf_counter() - t0
@@ -142,7 +144,7 @@ def make_rollout(policy: CausalLM, reference: CausalLM | None, tokenizer, prompt
     """
     s = sample_with_reference(policy, reference, tokenizer, prompts, cfg.max_new_tokens, max_len,
                               cfg.temperature, cfg.top_k, cfg.top_p, generator, noise,
-                              packed_group)
+                              packed_group, cfg.cuda_graph)
     gen, attn, p = s.gen, s.attention_mask, s.prompt_len
     responses = decode_responses(tokenizer, gen.response, gen.response_mask)
     scores = score_fn(list(prompts), responses, gen.sequences, attn, p).to(attn.device).float()

@@ -26,10 +26,15 @@ It applies where that equality holds by construction: a :class:`CausalLM` with i
 layers and attention, no forward hooks, and plain tensors as parameters. A model behind the
 ``transformers`` adapter, or one whose modules carry hooks (e.g. a sharding strategy's), decodes
 through ``forward`` as before (:func:`decode_step` returns ``None``).
+
+On a GPU, :class:`GraphedDecodeStep` runs the same operations at fixed shapes and replays them as
+one CUDA graph per token: its attention (and an MoE layer's sum over experts) rounds differently
+in the last bits, which :func:`~harness.models.generation.generate`'s ``cuda_graph`` switches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -75,6 +80,12 @@ def _moe_mix(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
     """An MoE layer's output for x [B, T, D] (:meth:`MoEFeedForward.mix`), without the auxiliary
     losses and expert load its ``forward`` keeps: nothing reads them while decoding."""
     return moe.mix(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+def _moe_mix_dense(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """:func:`_moe_mix` with every expert on every token (:meth:`MoEFeedForward.mix_dense`):
+    fixed shapes, no host round trip, for a CUDA graph."""
+    return moe.mix_dense(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
 @dataclass(frozen=True)
@@ -161,20 +172,35 @@ class DecodeStep:
         """tokens [B] (the last sampled ones) -> logits [B, V] at the position after them."""
         if self.fed >= self.max_steps:
             raise RuntimeError(f"DecodeStep: built for {self.max_steps} tokens, fed one more")
-        b, h, kv, hd = self.b, self.n_heads, self.n_kv, self.hd
-        x = self.embed(tokens[:, None])  # [B, 1, D]
-        cos = self.cos[self.fed].to(x.dtype)  # [B, 1, hd]
-        sin = self.sin[self.fed].to(x.dtype)
         end = self.cache.length + 1
         mask = None if self.keys is None else self.keys[..., :end]
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k, v = self.cache.update(i, k, v)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                  enable_gqa=self.n_kv != self.n_heads)
+
+        logits = self._run(tokens, self.cos[self.fed], self.sin[self.fed], attend)
+        self.cache.length = end
+        self.fed += 1
+        return logits
+
+    def _run(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+             ) -> torch.Tensor:
+        """The forward's operations for tokens [B] at rotary values cos, sin [B, 1, hd];
+        ``attend(layer, q [B, H, 1, hd], k, v [B, KV, 1, hd])`` caches k, v and returns the
+        attention output [B, H, 1, hd]. -> logits [B, V]."""
+        b, h, kv, hd = self.b, self.n_heads, self.n_kv, self.hd
+        x = self.embed(tokens[:, None])  # [B, 1, D]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, w in enumerate(self.layers):
             hn = w.norm1(x)
             q = w.q(hn).view(b, 1, h, hd).transpose(1, 2)
             k = w.k(hn).view(b, 1, kv, hd).transpose(1, 2)
             v = w.v(hn).view(b, 1, kv, hd).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            k, v = self.cache.update(i, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != h)
+            y = attend(i, q, k, v)
             x = x + w.o(y.transpose(1, 2).reshape(b, 1, -1))
             hn = w.norm2(x)
             if isinstance(w.mlp, tuple):
@@ -182,16 +208,126 @@ class DecodeStep:
                 x = x + down(F.silu(gate(hn)) * up(hn))
             else:
                 x = x + w.mlp(hn)
-        self.cache.length = end
-        self.fed += 1
         return self.head(self.final_norm(x))[:, -1]
 
 
+class GraphedDecodeStep(DecodeStep):
+    """A :class:`DecodeStep` at fixed shapes, captured once as a CUDA graph and replayed per token.
+
+    Each token of an eager step is some fifteen kernel launches per layer, each a few
+    microseconds of host work for a few microseconds of GPU work at the sizes this harness
+    trains: the GPU waits on the host. A graph replays the whole step in one launch. What a
+    graph needs, shapes and addresses that stay fixed from token to token, changes three things:
+
+    * each step writes its keys and values to slot ``P + t`` of the cache's buffers with
+      ``index_copy_`` at a step counter that lives on the device (not a Python slice);
+    * it attends over all ``P + max_steps`` slots under a key mask that admits the prompt's real
+      tokens and the slots written so far. The slots not yet written are zeroed once: their
+      weights are exactly 0, but ``0 x NaN`` from uninitialised memory would still be NaN;
+    * an MoE layer runs every expert on every token (:meth:`MoEFeedForward.mix_dense`): its
+      sparse dispatch reads the experts' token counts on the host, which a graph cannot replay.
+
+    Rounding: the attention's reductions run over ``P + max_steps`` keys instead of
+    ``P + t + 1`` (the extra weights are 0, the summation order is another), and an MoE layer
+    sums its experts in another order, so the logits can differ from the forward's in the last
+    bits (``tests/test_decoding.py``; results/FINDINGS.md, "The sampler and the steps on a GPU").
+    The graph is captured at the first token of each ``generate`` call, after a warm-up run on a
+    side stream, under the caller's autocast (weight-cast caching off, which capture does not
+    support); it reads the parameters in place, so it is valid for that call's weights.
+    ``step(tokens)`` returns the graph's static logits buffer: read it before the next step.
+    Off a GPU (tests) the same fixed-shape step runs eagerly.
+    """
+
+    def __init__(self, model: CausalLM, prompt_mask: torch.Tensor, cache: KVCache,
+                 max_steps: int) -> None:
+        super().__init__(model, prompt_mask, cache, max_steps)
+        b, p = prompt_mask.shape
+        device = prompt_mask.device
+        self.p, self.span = p, p + max_steps
+        if any(k is None or k.shape[2] < self.span for k in cache.k):
+            raise ValueError(f"the cache's buffers hold fewer than the {self.span} positions "
+                             "(prompt + max_steps) a graphed step writes")
+        # an MoE layer's dispatch reads its experts' token counts on the host: run every expert
+        self.layers = [dataclasses.replace(w, mlp=partial(_moe_mix_dense, layer.mlp))
+                       if type(layer.mlp) is MoEFeedForward else w
+                       for w, layer in zip(self.layers, model.model.layers, strict=True)]
+        self.k_buf = [k[:, :, :self.span] for k in cache.k]  # type: ignore[index]
+        self.v_buf = [v[:, :, :self.span] for v in cache.v]  # type: ignore[index]
+        for k, v in zip(self.k_buf, self.v_buf, strict=True):
+            k[:, :, p:].zero_()
+            v[:, :, p:].zero_()
+        real = prompt_mask.bool()
+        self.real_keys = torch.cat((real, real.new_ones(b, max_steps)), dim=1)[:, None, None, :]
+        self.slots = torch.arange(self.span, device=device)
+        self.t = torch.zeros(1, dtype=torch.long, device=device)  # the step counter
+        self.tokens = torch.zeros(b, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _static_step(self) -> torch.Tensor:
+        """One step from ``self.tokens`` at step ``self.t``, with fixed shapes -> logits [B, V]."""
+        slot = self.t + self.p  # [1]
+        mask = self.real_keys & (self.slots <= slot)  # [B, 1, 1, P + max_steps]
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_buf, v_buf = self.k_buf[i], self.v_buf[i]
+            k_buf.index_copy_(2, slot, k.to(k_buf.dtype))
+            v_buf.index_copy_(2, slot, v.to(v_buf.dtype))
+            return F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=mask,
+                                                  enable_gqa=self.n_kv != self.n_heads)
+
+        return self._run(self.tokens, self.cos.index_select(0, self.t)[0],
+                         self.sin.index_select(0, self.t)[0], attend)
+
+    def _capture(self) -> None:
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.autocast("cuda", dtype, autocast, cache_enabled=False):
+            self._static_step()  # warm-up (kernels chosen, workspaces allocated): writes slot P + t
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread-local capture: another thread's CUDA calls (a data loader's) do not break it
+        with (torch.cuda.graph(graph, capture_error_mode="thread_local"),
+              torch.autocast("cuda", dtype, autocast, cache_enabled=False)):
+            self.logits = self._static_step()
+        self.graph = graph
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] -> logits [B, V] (the graph's output buffer, overwritten by the next step)."""
+        if self.fed >= self.max_steps:
+            raise RuntimeError(f"DecodeStep: built for {self.max_steps} tokens, fed one more")
+        self.tokens.copy_(tokens)
+        self.t.fill_(self.fed)
+        if not self.tokens.is_cuda:  # the same fixed-shape step, eagerly (CPU tests)
+            self.logits = self._static_step()
+        else:
+            if self.graph is None:
+                self._capture()
+            assert self.graph is not None
+            self.graph.replay()
+        assert self.logits is not None
+        self.fed += 1
+        self.cache.length = self.p + self.fed
+        return self.logits
+
+
+def graph_ok(model: CausalLM, prompt_mask: torch.Tensor) -> bool:
+    """Whether a :class:`GraphedDecodeStep` can run: on a CUDA device, with every layer's MLP a
+    :class:`SwiGLU` or an :class:`MoEFeedForward` (run densely over its experts)."""
+    return prompt_mask.is_cuda and all(type(layer.mlp) in (SwiGLU, MoEFeedForward)
+                                       for layer in model.model.layers)
+
+
 def decode_step(model: nn.Module, prompt_mask: torch.Tensor, cache: object,
-                max_steps: int) -> DecodeStep | None:
+                max_steps: int, cuda_graph: bool = False) -> DecodeStep | None:
     """A :class:`DecodeStep` for ``model`` after its prefill, or ``None`` where decoding must
-    go through ``model.forward`` (:func:`fast_path_ok`)."""
+    go through ``model.forward`` (:func:`fast_path_ok`); with ``cuda_graph``, a
+    :class:`GraphedDecodeStep` where :func:`graph_ok`."""
     if not isinstance(cache, KVCache) or not fast_path_ok(model):
         return None
     assert isinstance(model, CausalLM)
+    if cuda_graph and graph_ok(model, prompt_mask):
+        return GraphedDecodeStep(model, prompt_mask, cache, max_steps)
     return DecodeStep(model, prompt_mask, cache, max_steps)

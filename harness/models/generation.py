@@ -4,7 +4,9 @@ One prefill forward over the prompts, then one single-token step per new token t
 cached keys and values (a :class:`~harness.models.llama.KVCache` preallocated for prompt + new
 tokens, written in place: no per-step copy of the cache); for the harness's own model that step is
 a :class:`~harness.models.decoding.DecodeStep` (the forward's operations with its per-call
-constants prepared once: the same logits bit for bit), otherwise the model's ``forward``.
+constants prepared once: the same logits bit for bit), on a GPU a dense model's
+:class:`~harness.models.decoding.GraphedDecodeStep` (a CUDA graph captured once per call and
+replayed per token), otherwise the model's ``forward``.
 Greedy, or temperature / top-k / top-p (nucleus) sampling; a row stops at EOS and is padded
 afterwards; the loop ends when every row has stopped.
 """
@@ -67,18 +69,29 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
              max_new_tokens: int, eos_token_id: int, pad_token_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              greedy: bool = False, generator: torch.Generator | None = None,
-             noise: torch.Tensor | None = None) -> Generation:
+             noise: torch.Tensor | None = None, cuda_graph: bool = True) -> Generation:
     """Sample continuations of left-padded prompts input_ids [B, P] (attention_mask [B, P]).
 
     ``noise`` [B, max_new_tokens] of uniforms in [0, 1): new token t of row i is drawn by
     :func:`inverse_cdf_sample` from ``noise[i, t]`` instead of ``torch.multinomial`` from
     ``generator``, so each row's tokens depend on its own noise only (not on the batch around it).
+    A ``generator`` on another device than the model (the run's random streams are CPU
+    generators, ``harness.seeding``, so that they do not depend on where a run computes) gives
+    that noise: ``torch.rand(B, max_new_tokens, generator=generator)``, drawn once per call.
+    ``cuda_graph``: on a GPU, a dense model's decoding step replays as one CUDA graph
+    (:class:`~harness.models.decoding.GraphedDecodeStep`: the attention rounds differently in
+    the last bits); ``False`` keeps the eager step, the forward's logits bit for bit.
     """
     if noise is not None and tuple(noise.shape) != (input_ids.shape[0], max_new_tokens):
         raise ValueError(f"noise: shape {tuple(noise.shape)}, expected "
                          f"{(input_ids.shape[0], max_new_tokens)} (rows x max_new_tokens)")
     if temperature <= 0 and not greedy:
         raise ValueError("temperature must be > 0 for sampling (use greedy=True for argmax)")
+    if (noise is None and not greedy and generator is not None
+            and generator.device.type != input_ids.device.type):
+        # torch.multinomial draws from a generator on the probabilities' own device only
+        noise = torch.rand(input_ids.shape[0], max_new_tokens, generator=generator,
+                           device=generator.device).to(input_ids.device)
     was_training = model.training
     model.eval()
     b = input_ids.shape[0]
@@ -86,7 +99,7 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
     cache = model.new_cache(input_ids.shape[1] + max_new_tokens)
     out = model(input_ids, attention_mask=mask, past=cache, use_cache=True, logits_to_keep=1)
     past, logits = out.past, out.logits[:, -1]
-    fast = decode_step(model, mask, past, max_new_tokens)
+    fast = decode_step(model, mask, past, max_new_tokens, cuda_graph=cuda_graph)
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     tokens, logps, alive = [], [], []
     for step in range(max_new_tokens):

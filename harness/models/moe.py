@@ -91,6 +91,19 @@ class SwiGLUExperts(nn.Module):
         y = torch.cat(outputs) * gates.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token_of, y)
 
+    def dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token: ``sum_e weights[:, e] * E_e(x)``. x [N, D], weights [N, E]
+        (a token's gates at its top-k experts, 0 elsewhere) -> [N, D].
+
+        :meth:`forward`'s output up to rounding (other matrix shapes, another summation order)
+        for E/k times its expert FLOPs, with fixed shapes and no dispatch counts read on the
+        host: what a CUDA graph can replay (the sampler's decode step on a GPU), where a few
+        tokens per step make the extra FLOPs cheap and the host round trip dear.
+        """
+        gate, up = torch.matmul(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # [E, N, F]
+        out = torch.matmul(F.silu(gate) * up, self.down_proj.transpose(1, 2))  # [E, N, D]
+        return (out * weights.T[..., None]).sum(0)
+
 
 class MoEFeedForward(nn.Module):
     """Router + experts replacing the dense SwiGLU MLP. [B, T, D] -> [B, T, D].
@@ -134,6 +147,13 @@ class MoEFeedForward(nn.Module):
         logits."""
         _, gates, index = self.gate(flat)
         return self.experts(flat, gates, index, self.dispatch_counts(index).tolist())
+
+    def mix_dense(self, flat: torch.Tensor) -> torch.Tensor:
+        """:meth:`mix` with every expert run on every token (:meth:`SwiGLUExperts.dense`): the
+        same routing, the output up to rounding, fixed shapes. flat [N, D] -> [N, D]."""
+        _, gates, index = self.gate(flat)
+        weights = gates.new_zeros(flat.shape[0], self.cfg.n_experts).scatter(1, index, gates)
+        return self.experts.dense(flat, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
