@@ -70,6 +70,34 @@ def test_table_formats_missing_values_and_notes():
     assert any(line.startswith("yy") and line.endswith("-") for line in lines)
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_the_sampler_and_a_step_run_in_bf16(precision, tmp_path):
+    result = bench.main([*TINY, "--sections", "sampler", "steps", "--methods", "dpo",
+                         "--precision", precision, "--cache-dir", str(tmp_path / "cache")])
+    assert result is not None
+    (s,), (d,) = result["sampler"], result["steps"]
+    assert s["precision"] == d["precision"] == precision
+    assert s["ours_tok_s"] > 0 and s["hf_tok_s"] > 0 and d["s_per_batch"] > 0
+
+
+def test_bf16_is_refused_where_the_bench_runs_in_float32(capsys):
+    for section in (["--vs", "trl"], ["--curves", "out"]):
+        with pytest.raises(SystemExit):
+            bench.main([*section, "--precision", "bf16-mixed"])
+        assert "--precision bf16-mixed: the sampler and steps sections only" in capsys.readouterr().err
+
+
+def test_the_sampler_table_shows_the_eager_step_only_where_it_was_timed():
+    """On a CPU no row has the eager step's figures (it is the only step): no empty columns."""
+    from harness.bench.sampler import SAMPLER_COLUMNS, sampler_columns
+
+    gpu = [{key: 1.0 for key, _, _ in SAMPLER_COLUMNS}]
+    cpu = [{**gpu[0], "ours_eager_tok_s": None, "eager_agree": None}]
+    assert {c[0] for c in sampler_columns(cpu)} == {c[0] for c in SAMPLER_COLUMNS} - {
+        "ours_eager_tok_s", "eager_agree"}
+    assert sampler_columns(gpu) == SAMPLER_COLUMNS
+
+
 @pytest.mark.slow
 def test_memory_section_runs_children(tmp_path):
     result = bench.main([*TINY, "--sections", "memory", "--mem-iters", "1",

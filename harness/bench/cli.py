@@ -67,7 +67,7 @@ from harness.bench.memory import (
     memory_ratios,
     memory_table_rows,
 )
-from harness.bench.sampler import SAMPLER_COLUMNS, bench_sampler, load_note, sampler_notes
+from harness.bench.sampler import PRECISIONS, bench_sampler, load_note, sampler_columns, sampler_notes
 from harness.bench.steps import (
     STEP_COLUMNS,
     bench_method_steps,
@@ -128,6 +128,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora", type=int, default=0, metavar="R",
                    help="LoRA adapters of rank R on the trained policy (model.lora.r; default 0: "
                         "full fine-tuning)")
+    p.add_argument("--precision", default="32-true", choices=PRECISIONS,
+                   help="sampler and steps sections (Lightning's names): 32-true (default); "
+                        "bf16-true: bf16 weights; bf16-mixed: float32 weights under bf16 "
+                        "autocast, as trainer=gpu trains")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -138,6 +142,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=argparse.SUPPRESS)
     p.add_argument("--_n-examples", dest="n_examples", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.precision != "32-true" and (args.vs or args.curves):
+        p.error(f"--precision {args.precision}: the sampler and steps sections only (--vs and "
+                "--curves run in float32)")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command, for reports
     unset = {**(QUICK if args.quick else DEFAULTS), "models": list(DEFAULT_MODELS),
              "sections": [] if args.vs or args.curves else list(SECTIONS)}
@@ -188,11 +195,12 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
             prefix="harness-bench-")))
         if "sampler" in args.sections:
             rows = [bench_sampler(model_config(m, args.vocab), args.batch, args.prompt_len,
-                                  args.new_tokens, args.iters, args.warmup, args.seed, device)
+                                  args.new_tokens, args.iters, args.warmup, args.seed, device,
+                                  args.precision)
                     for m in args.models]
             result["sampler"] = rows
             out(format_table("1. Sampler throughput: ours (KV cache) vs transformers.generate",
-                             rows, SAMPLER_COLUMNS, sampler_notes(device)) + "\n")
+                             rows, sampler_columns(rows), sampler_notes(device)) + "\n")
         need_data = bool({"steps", "memory"} & set(args.sections)) or args.vs is not None
         task = tok = None
         if need_data:
@@ -206,7 +214,8 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
                                             args.warmup, args.seed, device, args.minibatch,
                                             fused_adamw=args.fused_adamw,
                                             overrides=share_prompt_overrides(meth,
-                                                                             args.share_prompt))
+                                                                             args.share_prompt),
+                                            precision=args.precision)
                          for meth in args.methods]
             result["steps"] = rows
             out(format_table("2. Seconds per optimisation step", rows, STEP_COLUMNS,

@@ -127,10 +127,11 @@ class StepTimer(L.Callback):
 
 
 def fit(setup: Any, n_batches: int, device: torch.device, root: Path,
-        callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
-    """Train a stage's :class:`~harness.stage.Fit` for ``n_batches`` batches (plain Trainer)."""
+        callbacks: Sequence[L.Callback] = (), precision: str = "32-true") -> L.Trainer:
+    """Train a stage's :class:`~harness.stage.Fit` for ``n_batches`` batches (plain Trainer at
+    Lightning's ``precision``)."""
     trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision="32-true",
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
         max_epochs=1, max_steps=-1, limit_train_batches=n_batches, limit_val_batches=0,
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
@@ -157,11 +158,11 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
                        device: torch.device | None = None, minibatch: int | None = None,
                        root: Path | None = None, overrides: Sequence[str] = (),
                        before_fit: Callable[[Any], None] | None = None,
-                       fused_adamw: bool = False) -> dict[str, Any]:
+                       fused_adamw: bool = False, precision: str = "32-true") -> dict[str, Any]:
     """Median seconds per training batch of ``method`` over ``iters`` batches after ``warmup``.
 
     ``overrides``: Hydra overrides of the method's config, ``fused_adamw``: its optimisers fused
-    (:func:`build_method`);
+    (:func:`build_method`); ``precision``: the Trainer's (``trainer.precision``);
     ``before_fit(setup)`` sees the built :class:`~harness.stage.Fit` before it trains (the
     comparison with TRL exports the initial policy there).
     """
@@ -173,7 +174,7 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
         if before_fit is not None:
             before_fit(setup)
         timer = StepTimer(device)
-        fit(setup, n, device, Path(root or tmp), [timer])
+        fit(setup, n, device, Path(root or tmp), [timer], precision)
     if len(timer.times) != n:
         raise RuntimeError(f"{method}: {len(timer.times)} batches ran, expected {n}")
     times, steps = timer.times[warmup:], timer.opt_steps[warmup:]
@@ -189,13 +190,13 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
         # tokens trained on per batch (attention-mask tokens, summed over optimisation passes)
         "tokens_per_batch": setup.module.tokens_trained / n,
         "s_per_opt_step": s_batch / opt, "seq_per_s": setup.sequences / s_batch,
-        "times": times, "iters": iters, "device": str(device),
+        "times": times, "iters": iters, "device": str(device), "precision": precision,
     }
 
 
 STEP_COLUMNS: list[Column] = [
     ("model", "model", ""), ("vocab", "vocab", "d"), ("method", "method", ""),
-    ("layout", "one batch", ""),
+    ("precision", "precision", ""), ("layout", "one batch", ""),
     ("sequences", "seqs", "d"), ("minibatch", "minibatch", "d"), ("passes", "passes", "d"),
     ("s_per_batch", "s/batch", ".4f"), ("opt_steps_per_batch", "opt steps/batch", "d"),
     ("s_per_opt_step", "s/opt step", ".4f"), ("seq_per_s", "seqs/s", ",.1f"),
