@@ -105,7 +105,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_k: int = 0                  # 0 = no top-k filter
     top_p: float = 1.0
-    # on a GPU, a dense model's decoding step as one CUDA graph replay per token (rounds the
+    # on a GPU, the sampler's decoding step as one CUDA graph replay per token (rounds the
     # attention differently in the last bits: harness.models.decoding.GraphedDecodeStep);
     # false: the eager step, the forward's logits bit for bit. No effect on a CPU.
     cuda_graph: bool = True

@@ -147,7 +147,7 @@ def sampler_notes(device: torch.device) -> list[str]:
         "ours: one prefill forward, then harness.models.decoding.DecodeStep per new token (the",
         "forward's operations with per-call constants prepared once; the same logits bit for bit).",
         "'same tokens': share of identical greedy picks (near-ties in random logits may flip).",
-        *(["ours replays a dense model's decode step as a CUDA graph (GraphedDecodeStep); 'ours",
+        *(["ours replays the decode step as a CUDA graph (GraphedDecodeStep); 'ours",
            "eager': the eager step (cuda_graph=False); 'eager = ours': its share of ours' tokens."]
           if device.type == "cuda" else []),
         f"device {device}, torch threads {torch.get_num_threads()}.",

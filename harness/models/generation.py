@@ -4,7 +4,7 @@ One prefill forward over the prompts, then one single-token step per new token t
 cached keys and values (a :class:`~harness.models.llama.KVCache` preallocated for prompt + new
 tokens, written in place: no per-step copy of the cache); for the harness's own model that step is
 a :class:`~harness.models.decoding.DecodeStep` (the forward's operations with its per-call
-constants prepared once: the same logits bit for bit), on a GPU a dense model's
+constants prepared once: the same logits bit for bit), on a GPU its
 :class:`~harness.models.decoding.GraphedDecodeStep` (a CUDA graph captured once per call and
 replayed per token), otherwise the model's ``forward``.
 Greedy, or temperature / top-k / top-p (nucleus) sampling; a row stops at EOS and is padded
@@ -78,7 +78,7 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
     A ``generator`` on another device than the model (the run's random streams are CPU
     generators, ``harness.seeding``, so that they do not depend on where a run computes) gives
     that noise: ``torch.rand(B, max_new_tokens, generator=generator)``, drawn once per call.
-    ``cuda_graph``: on a GPU, a dense model's decoding step replays as one CUDA graph
+    ``cuda_graph``: on a GPU, the harness's own model decodes by replaying one CUDA graph per token
     (:class:`~harness.models.decoding.GraphedDecodeStep`: the attention rounds differently in
     the last bits); ``False`` keeps the eager step, the forward's logits bit for bit.
     """
