@@ -56,6 +56,13 @@ def left_padded(b: int = 3, p: int = 6, device: str = "cpu") -> tuple[torch.Tens
     return ids.masked_fill(mask == 0, 0).to(device), mask.to(device)
 
 
+def _prefilled(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, steps: int):
+    """The KV cache after the prefill forward over ids [B, P], sized for ``steps`` more tokens."""
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, use_cache=True,
+                     past=model.new_cache(ids.shape[1] + steps)).past
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -65,11 +72,8 @@ def test_a_decode_step_gives_the_forward_logits_bit_for_bit(shape, padded, devic
     ids, mask = (left_padded(device=device) if padded else
                  (torch.randint(4, 40, (3, 6), device=device), torch.ones(3, 6, device=device).long()))
     steps = 5
+    ref_cache, fast_cache = _prefilled(model, ids, mask, steps), _prefilled(model, ids, mask, steps)
     with torch.no_grad():
-        ref_cache = model(ids, attention_mask=mask, use_cache=True,
-                          past=model.new_cache(6 + steps)).past
-        fast_cache = model(ids, attention_mask=mask, use_cache=True,
-                           past=model.new_cache(6 + steps)).past
         fast = DecodeStep(model, mask, fast_cache, steps)
         grown = mask
         tokens = torch.tensor([5, 6, 7], device=device)
@@ -149,7 +153,7 @@ def test_models_it_cannot_reproduce_decode_through_forward():
     decode step. LoRA-wrapped projections are called as modules, so a LoRA model keeps it."""
     model = model_of("gqa")
     ids, mask = left_padded(2, 4)
-    cache = model(ids, attention_mask=mask, use_cache=True, past=model.new_cache(8)).past
+    cache = _prefilled(model, ids, mask, 4)
     assert fast_path_ok(model) and decode_step(model, mask, cache, 4) is not None
     assert decode_step(model, mask, object(), 4) is None  # not the harness's cache
     hooked = model_of("gqa")
@@ -187,7 +191,7 @@ def test_a_decode_step_refuses_a_cache_or_a_token_it_was_not_built_for():
     model = model_of("gqa")
     ids, mask = left_padded(2, 4)
     with torch.no_grad():
-        cache = model(ids, attention_mask=mask, use_cache=True, past=model.new_cache(6)).past
+        cache = _prefilled(model, ids, mask, 2)
         with pytest.raises(ValueError, match="the cache holds 4 positions, the prompt 3"):
             DecodeStep(model, mask[:, 1:], cache, 2)
         step = DecodeStep(model, mask, cache, 2)
@@ -216,12 +220,6 @@ def test_an_moe_layers_mix_is_its_forward_without_the_statistics(gating):
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-def _prefilled(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, steps: int):
-    with torch.no_grad():
-        return model(ids, attention_mask=mask, use_cache=True,
-                     past=model.new_cache(ids.shape[1] + steps)).past
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -504,3 +504,21 @@ def test_global_rows_deal_prompts_to_ranks_in_turn_and_keep_groups_whole():
     assert global_rows(4, 1, rank=0, world=1).tolist() == [0, 1, 2, 3]
     every = torch.cat([global_rows(3, 2, r, 3) for r in range(3)])
     assert sorted(every.tolist()) == list(range(18))  # the ranks' rows partition the batch
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_a_rollout_hands_its_cuda_graph_switch_to_the_sampler(tiny_task, monkeypatch, on):
+    """method.rollout.cuda_graph reaches the decode step's choice (a GPU's graphed step)."""
+    import harness.models.generation as generation
+    from harness.methods.rollout import make_rollout
+
+    task, tok = tiny_task
+    seen: list = []
+    real = generation.decode_step
+    monkeypatch.setattr(generation, "decode_step",
+                        lambda *a, **k: seen.append(k.get("cuda_graph")) or real(*a, **k))
+    prompts = list(task.eval_dataset()["prompt"])[:2]
+    ro = make_rollout(tiny_model(tok), None, tok, prompts,
+                      RolloutConfig(prompts_per_batch=2, max_new_tokens=3, cuda_graph=on), 64,
+                      lambda p, r, ids, mask, n: torch.zeros(len(p)))
+    assert ro.response.shape[0] == 2 and seen == [on]

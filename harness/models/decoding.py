@@ -256,8 +256,9 @@ class GraphedDecodeStep(DecodeStep):
         for k, v in zip(self.k_buf, self.v_buf, strict=True):
             k[:, :, p:].zero_()
             v[:, :, p:].zero_()
-        real = prompt_mask.bool()
-        self.real_keys = torch.cat((real, real.new_ones(b, max_steps)), dim=1)[:, None, None, :]
+        # the key-padding mask over the whole span (DecodeStep's; all-true when nothing is padded)
+        self.real_keys = (self.keys if self.keys is not None else
+                          torch.ones(b, 1, 1, self.span, dtype=torch.bool, device=device))
         self.slots = torch.arange(self.span, device=device)
         self.t = torch.zeros(1, dtype=torch.long, device=device)  # the step counter
         self.tokens = torch.zeros(b, dtype=torch.long, device=device)
