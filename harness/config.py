@@ -197,6 +197,11 @@ class TrainerConfig:
     #: training batches between resume checkpoints (``harness.resume``); 0 = none. A killed run,
     #: rerun with the same command, resumes its unfinished stage from the latest one.
     resume_every: int = 50
+    #: Lightning's profiler by its Trainer name (simple | advanced | pytorch), null = none. Its
+    #: report goes to ``<run dir>/profile/fit-<stage>.txt``; with ``simple`` the log also gets
+    #: each stage's time split into phases (sampling, reference, forward, backward, optimiser,
+    #: ...: :mod:`harness.step_profile`). Timing only: the results do not change.
+    profiler: str | None = None
 
     def check(self, prefix: str = "trainer") -> None:
         d = self.devices
@@ -207,6 +212,10 @@ class TrainerConfig:
             fail(prefix, "threads", self.threads, "must be >= 1 or null (torch's default)")
         if self.resume_every < 0:
             fail(prefix, "resume_every", self.resume_every, "must be >= 0 (0: no resume checkpoints)")
+        if self.profiler is not None:
+            from harness.step_profile import PROFILERS
+
+            one_of(self, prefix, "profiler", (*PROFILERS, None))
         if str(self.strategy).startswith(("fsdp", "deepspeed")):
             import torch
 
@@ -224,9 +233,10 @@ class TrainerConfig:
         return "cuda" if gpu and torch.cuda.is_available() else "cpu"
 
     def kwargs(self) -> dict[str, Any]:
-        """The ``lightning.Trainer`` arguments (everything but ``threads`` and ``resume_every``)."""
+        """The ``lightning.Trainer`` arguments (everything but ``threads``, ``resume_every`` and
+        ``profiler``, which the pipeline builds per stage)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("threads", "resume_every")}
+                if k not in ("threads", "resume_every", "profiler")}
 
 
 @dataclass

@@ -47,6 +47,7 @@ from harness.models.llama import CausalLM
 from harness.registry import get_stage
 from harness.seeding import seed_stage, stream_seed
 from harness.stage import Budget, Built, Fit, Stage, StageContext, set_gradient_checkpointing
+from harness.step_profile import BATCH_ACTION, build_profiler, format_split, phase_seconds, recorded
 from harness.tracking.loggers import RunLoggers
 
 log = logging.getLogger("harness")
@@ -71,8 +72,9 @@ def quiet_lightning() -> None:
 
 
 def build_trainer(trainer: TrainerConfig, logger, ckpt_dir: Path, run_dir: Path, budget: Budget,
-                  extra_callbacks: tuple = ()) -> L.Trainer:
-    """A Lightning Trainer from the ``trainer`` group plus the stage's budget."""
+                  extra_callbacks: tuple = (), stage: str = "stage") -> L.Trainer:
+    """A Lightning Trainer from the ``trainer`` group plus the stage's budget; with
+    ``trainer.profiler``, that profiler writing to ``<run_dir>/profile/fit-<stage>.txt``."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0),
@@ -88,6 +90,9 @@ def build_trainer(trainer: TrainerConfig, logger, ckpt_dir: Path, run_dir: Path,
     trainer_kwargs = trainer.kwargs()
     if budget.log_every_n_steps is not None:
         trainer_kwargs["log_every_n_steps"] = budget.log_every_n_steps
+    profiler = build_profiler(trainer.profiler, run_dir / "profile", stage)
+    if profiler is not None:
+        kwargs["profiler"] = profiler
     return L.Trainer(**trainer_kwargs, max_steps=budget.max_steps,
                      gradient_clip_val=budget.grad_clip or None,
                      logger=logger if logger is not None else False, callbacks=callbacks,
@@ -330,7 +335,8 @@ class Run:
                      resumed_at, steps)
         saver = resume.ResumeCheckpoint(resume_dir, self.s.trainer.resume_every, total=steps)
         trainer = build_trainer(self.s.trainer, logger, path / "lightning", self.run_dir,
-                                job.budget, extra_callbacks=(*([curve] if curve else []), saver))
+                                job.budget, extra_callbacks=(*([curve] if curve else []), saver),
+                                stage=stage.name)
         t0 = time.perf_counter()
         ckpt_path = str(ckpt) if ckpt is not None else None
         if isinstance(job.data, L.LightningDataModule):
@@ -340,6 +346,7 @@ class Run:
         if is_rank_zero():
             resume.discard(resume_dir)
         fit_s = time.perf_counter() - t0 - (curve.seconds if curve else 0.0)
+        self.report_phases(stage.name, trainer)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if resumed_at is not None:
             metrics["train/resumed_from_batch"] = float(resumed_at)
@@ -352,6 +359,20 @@ class Run:
         history.update(next(c for c in trainer.callbacks if isinstance(c, HistoryRecorder)).history)
         self.histories[stage.name] = history
         return StageRecord(key=key or stage.name, path=path, metrics=metrics, decides=decides)
+
+    def report_phases(self, stage: str, trainer: L.Trainer) -> None:
+        """With ``trainer.profiler=simple``: the stage's seconds per training batch by phase
+        (:mod:`harness.step_profile`) in the log and in ``<run dir>/profile/<stage>-phases.json``."""
+        durations = recorded(trainer.profiler)
+        if not durations or not is_rank_zero():
+            return
+        try:
+            split = phase_seconds(durations)
+        except ValueError:  # no batch ran (a resumed stage that had finished)
+            return
+        log.info("%s", format_split(split, f"{stage.upper()} stage: seconds per training batch "
+                                           f"by phase ({BATCH_ACTION} = batch)"))
+        write_json(self.run_dir / "profile" / f"{stage}-phases.json", split)
 
     @contextlib.contextmanager
     def meter(self, stage: str) -> Iterator[None]:

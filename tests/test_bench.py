@@ -186,3 +186,44 @@ def test_cost_curve_settings_are_checked_before_any_work():
     CurveSettings(methods=("sft", "rm")).check()  # every stage counts the tokens it trains on
     with pytest.raises(ValueError, match="batches"):
         CurveSettings(batches=(8,)).check()
+
+
+def test_profile_splits_each_step_into_its_phases(tmp_path, capsys):
+    """--profile: a phase table after the steps table; GRPO's batch runs sampling, reward and
+    the reference, DPO's (automatic optimisation) forward, backward and optimizer only."""
+    result = bench.main([*TINY, "--sections", "steps", "--methods", "grpo", "dpo", "--profile",
+                         "--cache-dir", str(tmp_path / "cache")])
+    assert result is not None
+    grpo, dpo = result["steps"]
+    assert {"sample", "reward", "reference", "forward", "backward", "optimizer"} < set(grpo["phases"])
+    assert "sample" not in dpo["phases"] and dpo["phases"]["optimizer"] > 0
+    for row in (grpo, dpo):
+        assert row["phases"]["batch"] > 0
+    text = capsys.readouterr().out
+    assert "2b. Where a batch's time goes, by phase" in text
+    assert "sample" in text.split("2b.")[1] and "optimizer" in text.split("2b.")[1]
+
+
+def test_profile_is_refused_outside_the_steps_section(capsys):
+    for args in (["--vs", "trl"], ["--sections", "sampler"], ["--curves", "out"]):
+        with pytest.raises(SystemExit):
+            bench.main([*args, "--profile"])
+        assert "--profile: the steps section only" in capsys.readouterr().err
+
+
+def test_rollout_tokens_reach_the_on_policy_methods_only(tmp_path, capsys):
+    from harness.bench.steps import rollout_overrides
+
+    assert rollout_overrides("grpo", 16) == ["method.rollout.max_new_tokens=16"]
+    assert rollout_overrides("ppo", 16) == rollout_overrides("rloo", 16) != []
+    assert rollout_overrides("dpo", 16) == rollout_overrides("sft", 16) == []
+    assert rollout_overrides("grpo", None) == []
+    short, long = (bench.main([*TINY, "--sections", "steps", "--methods", "grpo",
+                               "--rollout-tokens", str(n), "--cache-dir", str(tmp_path / "c")])
+                   for n in (2, 6))
+    assert short is not None and long is not None
+    # 4 responses of at most 2 vs 6 tokens (a random policy may stop early at EOS)
+    assert short["steps"][0]["tokens_per_batch"] < long["steps"][0]["tokens_per_batch"]
+    with pytest.raises(SystemExit):
+        bench.main(["--rollout-tokens", "0"])
+    assert "--rollout-tokens=0: must be >= 1" in capsys.readouterr().err

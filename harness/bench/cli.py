@@ -9,6 +9,7 @@ Three sections, each printed as a table per model preset (``--json PATH`` also d
    LightningModules, built from the method configs in ``conf/method`` (only batch sizes and
    iteration counts overridden), trained by a real ``lightning.Trainer`` on the built-in ``arith``
    task from a random-init policy; a callback times ``on_train_batch_start`` -> ``on_train_batch_end``.
+   ``--profile`` splits each batch into phases (:mod:`harness.step_profile`).
 3. **memory**: peak memory of PPO against GRPO at the same number of sequences per rollout: the
    model state computed from the tensors (parameters of every network held, gradients, AdamW
    states) and the measured peak (CUDA allocator, or peak RSS of a fresh subprocess on CPU).
@@ -28,6 +29,7 @@ Examples::
     python -m harness.bench                                  # llama_small and moe_small, batch 64
     python -m harness.bench --quick --models llama_tiny      # seconds, for a smoke test
     python -m harness.bench --sections sampler --new-tokens 64 --json bench.json
+    python -m harness.bench --sections steps --methods grpo dpo --profile   # time by phase
     python -m harness.bench --vs trl                         # needs pip install -e '.[trl]'
     python -m harness.bench --curves results/cost_curves     # 5-9 min on 2 CPU cores
 """
@@ -69,9 +71,13 @@ from harness.bench.memory import (
 )
 from harness.bench.sampler import PRECISIONS, bench_sampler, load_note, sampler_columns, sampler_notes
 from harness.bench.steps import (
+    PHASE_COLUMNS,
     STEP_COLUMNS,
     bench_method_steps,
+    phase_notes,
+    phase_table_rows,
     prepare_data,
+    rollout_overrides,
     share_prompt_overrides,
     step_notes,
 )
@@ -97,6 +103,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="sequences per batch / rollout (default 64; quick 16)")
     p.add_argument("--prompt-len", type=int, help="sampler prompt length (default 8)")
     p.add_argument("--new-tokens", type=int, help="sampler new tokens (default 32; quick 16)")
+    p.add_argument("--rollout-tokens", type=int,
+                   help="steps section: new tokens per response of the on-policy methods "
+                        "(method.rollout.max_new_tokens; default: each method config's)")
     p.add_argument("--iters", type=int, help="timed repeats / batches (default 5; quick 2)")
     p.add_argument("--warmup", type=int, help="untimed warm-up calls / batches (default 1)")
     p.add_argument("--mem-iters", type=int, help="batches run for the memory peak (default 2; quick 1)")
@@ -132,6 +141,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="sampler and steps sections (Lightning's names): 32-true (default); "
                         "bf16-true: bf16 weights; bf16-mixed: float32 weights under bf16 "
                         "autocast, as trainer=gpu trains")
+    p.add_argument("--profile", action="store_true",
+                   help="steps section: also split each method's batch into phases (sampling, "
+                        "reward, reference, value, forward, backward, optimizer, other) with "
+                        "Lightning's SimpleProfiler (harness.step_profile)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -145,6 +158,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.precision != "32-true" and (args.vs or args.curves):
         p.error(f"--precision {args.precision}: the sampler and steps sections only (--vs and "
                 "--curves run in float32)")
+    if args.rollout_tokens is not None and args.rollout_tokens < 1:
+        p.error(f"--rollout-tokens={args.rollout_tokens}: must be >= 1")
+    if args.profile and (args.vs or args.curves or (args.sections and "steps" not in args.sections)):
+        p.error("--profile: the steps section only (--vs and --curves time their steps without "
+                "a profiler)")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command, for reports
     unset = {**(QUICK if args.quick else DEFAULTS), "models": list(DEFAULT_MODELS),
              "sections": [] if args.vs or args.curves else list(SECTIONS)}
@@ -210,16 +228,19 @@ def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> d
             rows = []
             for m in args.models:
                 mcfg = model_config(m, len(tok), args.lora)
-                rows += [bench_method_steps(meth, mcfg, task, tok, args.batch, args.iters,
-                                            args.warmup, args.seed, device, args.minibatch,
-                                            fused_adamw=args.fused_adamw,
-                                            overrides=share_prompt_overrides(meth,
-                                                                             args.share_prompt),
-                                            precision=args.precision)
-                         for meth in args.methods]
+                for meth in args.methods:
+                    overrides = [*share_prompt_overrides(meth, args.share_prompt),
+                                 *rollout_overrides(meth, args.rollout_tokens)]
+                    rows.append(bench_method_steps(
+                        meth, mcfg, task, tok, args.batch, args.iters, args.warmup, args.seed,
+                        device, args.minibatch, fused_adamw=args.fused_adamw, overrides=overrides,
+                        precision=args.precision, profile=args.profile))
             result["steps"] = rows
             out(format_table("2. Seconds per optimisation step", rows, STEP_COLUMNS,
                              step_notes(device, len(tok))) + "\n")
+            if args.profile:
+                out(format_table("2b. Where a batch's time goes, by phase", phase_table_rows(rows),
+                                 PHASE_COLUMNS, phase_notes()) + "\n")
         if "memory" in args.sections:
             rows = []
             for m in args.models:

@@ -20,6 +20,7 @@ from torch import nn
 from harness.bench.common import Column, compose_config, median, quiet, resolve_device, sync
 from harness.config import ModelConfig, OptimConfig, validate
 from harness.models.llama import ScalarHead
+from harness.step_profile import PHASES, build_profiler, counts, phase_seconds, recorded
 
 
 def prepare_data(n_examples: int, cache_dir: Path, seed: int = 0,
@@ -44,6 +45,18 @@ def share_prompt_overrides(method: str, on: bool) -> list[str]:
     each group, with its prompt once (``method.share_prompt``); nothing for other methods or
     when ``on`` is false."""
     return ["method.share_prompt=true"] if on and method in ("dpo", "grpo", "rloo") else []
+
+
+def rollout_overrides(method: str, new_tokens: int | None) -> list[str]:
+    """The Hydra override that makes a benched on-policy stage (one whose config has a
+    ``rollout``: PPO, GRPO, RLOO) sample ``new_tokens`` tokens per response; nothing for other
+    methods or when ``new_tokens`` is None (the method config's ``max_new_tokens``)."""
+    from harness.registry import get_stage
+
+    if new_tokens is None:
+        return []
+    fields = {f.name for f in dataclasses.fields(get_stage(method).config)}
+    return [f"method.rollout.max_new_tokens={int(new_tokens)}"] if "rollout" in fields else []
 
 
 def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
@@ -92,12 +105,15 @@ def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch
 
 class StepTimer(L.Callback):
     """Wall time of every training batch (``on_train_batch_start`` -> ``on_train_batch_end``) and
-    the number of steps of the first optimiser (the policy's, or the reward model's) in it."""
+    the number of steps of the first optimiser (the policy's, or the reward model's) in it;
+    ``marks``: the trainer's profiler durations counted at the start of every batch
+    (:func:`harness.step_profile.counts`), so a phase split can leave the warm-up out."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.times: list[float] = []
         self.opt_steps: list[int] = []
+        self.marks: list[dict[str, int]] = []
         self._t0 = 0.0
         self._count = 0
         self._handle: Any = None
@@ -110,6 +126,9 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        durations = recorded(trainer.profiler)
+        if durations is not None:
+            self.marks.append(counts(durations))
         sync(self.device)
         self._count = 0
         self._t0 = time.perf_counter()
@@ -127,10 +146,12 @@ class StepTimer(L.Callback):
 
 
 def fit(setup: Any, n_batches: int, device: torch.device, root: Path,
-        callbacks: Sequence[L.Callback] = (), precision: str = "32-true") -> L.Trainer:
+        callbacks: Sequence[L.Callback] = (), precision: str = "32-true",
+        profiler: Any = None) -> L.Trainer:
     """Train a stage's :class:`~harness.stage.Fit` for ``n_batches`` batches (plain Trainer at
-    Lightning's ``precision``)."""
+    Lightning's ``precision``, with Lightning's ``profiler`` if given)."""
     trainer = L.Trainer(
+        profiler=profiler,
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
         max_epochs=1, max_steps=-1, limit_train_batches=n_batches, limit_val_batches=0,
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
@@ -158,13 +179,16 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
                        device: torch.device | None = None, minibatch: int | None = None,
                        root: Path | None = None, overrides: Sequence[str] = (),
                        before_fit: Callable[[Any], None] | None = None,
-                       fused_adamw: bool = False, precision: str = "32-true") -> dict[str, Any]:
+                       fused_adamw: bool = False, precision: str = "32-true",
+                       profile: bool = False) -> dict[str, Any]:
     """Median seconds per training batch of ``method`` over ``iters`` batches after ``warmup``.
 
     ``overrides``: Hydra overrides of the method's config, ``fused_adamw``: its optimisers fused
     (:func:`build_method`); ``precision``: the Trainer's (``trainer.precision``);
     ``before_fit(setup)`` sees the built :class:`~harness.stage.Fit` before it trains (the
-    comparison with TRL exports the initial policy there).
+    comparison with TRL exports the initial policy there); ``profile``: Lightning's
+    ``SimpleProfiler`` records the method's phases, and ``phases`` holds their seconds per batch
+    over the timed batches (:func:`harness.step_profile.phase_seconds`).
     """
     device = device or resolve_device()
     n = warmup + iters
@@ -174,7 +198,8 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
         if before_fit is not None:
             before_fit(setup)
         timer = StepTimer(device)
-        fit(setup, n, device, Path(root or tmp), [timer], precision)
+        profiler = build_profiler("simple") if profile else None
+        fit(setup, n, device, Path(root or tmp), [timer], precision, profiler)
     if len(timer.times) != n:
         raise RuntimeError(f"{method}: {len(timer.times)} batches ran, expected {n}")
     times, steps = timer.times[warmup:], timer.opt_steps[warmup:]
@@ -182,6 +207,8 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
     opt = int(round(median(steps)))
     if opt < 1:
         raise RuntimeError(f"{method}: no optimiser step was taken in a batch")
+    phases = (phase_seconds(recorded(profiler), timer.marks[warmup])
+              if profiler is not None else None)
     return {
         "model": model_cfg.name, "vocab": model_cfg.vocab_size, "method": method,
         "layout": setup.layout,
@@ -191,6 +218,7 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
         "tokens_per_batch": setup.module.tokens_trained / n,
         "s_per_opt_step": s_batch / opt, "seq_per_s": setup.sequences / s_batch,
         "times": times, "iters": iters, "device": str(device), "precision": precision,
+        "phases": phases,
     }
 
 
@@ -219,3 +247,41 @@ def step_notes(device: torch.device, vocab: int) -> list[str]:
     ]
 
 
+
+
+def phase_table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps rows that carry a phase split, as table rows: model, method, s/batch, and each
+    phase as ``seconds (share of the batch)``; a phase the method does not run shows ``-``."""
+    out = []
+    for r in rows:
+        split = r.get("phases")
+        if not split:
+            continue
+        row: dict[str, Any] = {"model": r["model"], "method": r["method"],
+                               "layout": r["layout"], "batch": f"{split['batch']:.4f}"}
+        for name in (*PHASES, "other"):
+            if name in split:
+                row[name] = f"{split[name]:.4f} ({100 * split[name] / split['batch']:.0f}%)"
+        out.append(row)
+    return out
+
+
+PHASE_COLUMNS: list[Column] = [
+    ("model", "model", ""), ("method", "method", ""), ("layout", "one batch", ""),
+    ("batch", "s/batch", ""), *[(p, p, "") for p in (*PHASES, "other")],
+]
+
+
+def phase_notes() -> list[str]:
+    """What the phase table's figures mean."""
+    return [
+        "Seconds per training batch of each phase (share of the batch), summed over the timed",
+        "batches by Lightning's SimpleProfiler around the regions the methods mark",
+        "(harness.step_profile): sample = KV-cached sampling, reward = decoding + scoring,",
+        "reference = the frozen reference's log-probs, value = the critic's values before the",
+        "update, forward = the trained networks' forward passes and losses (SFT/RM/DPO: the whole",
+        "training_step with its logging, and zero_grad), backward, optimizer = clipping + AdamW +",
+        "scheduler; other = the batch (run_training_batch) minus the phases: Lightning's loop,",
+        "on-policy logging, advantages, Python between the phases. The profiler's own calls add a",
+        "little to every phase, so s/batch here runs slightly above the steps table's.",
+    ]

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.profilers import PassThroughProfiler
 
 from harness.config import OptimConfig
 from harness.methods.losses import check_finite
 from harness.methods.optim import build_optimizer
 from harness.models.llama import CausalLMOutput
+from harness.step_profile import CLOSURE, STEP, action
 
 
 class AlignmentModule(L.LightningModule):
@@ -74,6 +78,57 @@ class AlignmentModule(L.LightningModule):
             getattr(self, k).set_state(v)
         for k, v in state["attrs"].items():
             setattr(self, k, v)
+
+    def profiling(self) -> bool:
+        """Whether the trainer's Lightning profiler records (``trainer.profiler``, the bench's
+        ``--profile``): Lightning's default ``PassThroughProfiler`` does not."""
+        trainer = self._trainer
+        return trainer is not None and not isinstance(trainer.profiler, PassThroughProfiler)
+
+    @contextlib.contextmanager
+    def region(self, name: str) -> Iterator[None]:
+        """The block as the phase ``name`` of the step (:mod:`harness.step_profile`) on the
+        trainer's profiler; nothing when none records."""
+        if not self.profiling():
+            yield
+            return
+        self._region_edge(name, start=True)
+        try:
+            yield
+        finally:
+            self._region_edge(name, start=False)
+
+    def _region_edge(self, name: str, start: bool) -> None:
+        """Start or stop the profiler action of region ``name``; on a GPU the device is
+        synchronised first, so that the phase is charged with its own kernels."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        profiler = self.trainer.profiler
+        (profiler.start if start else profiler.stop)(action(name))
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Lightning's hook (automatic and manual optimisation): the phase ``backward`` starts."""
+        if self.profiling():
+            self._region_edge("backward", start=True)
+
+    def on_after_backward(self) -> None:
+        """Lightning's hook: the phase ``backward`` ends."""
+        if self.profiling():
+            self._region_edge("backward", start=False)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's hook (automatic optimisation only); while a profiler records, the whole
+        step and its closure (training_step, zero_grad, backward) are regions of their own, whose
+        difference is the optimiser's share (:func:`harness.step_profile.phase_seconds`)."""
+        if not self.profiling() or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+        def closure():
+            with self.region(CLOSURE):
+                return optimizer_closure()
+
+        with self.region(STEP):
+            return super().optimizer_step(epoch, batch_idx, optimizer, closure)
 
     def configure_optimizers(self):
         return build_optimizer(self.trainable_modules(), self.optim_cfg, self.max_steps)

@@ -256,7 +256,8 @@ class DPOModule(AlignmentModule):
         return [self.policy]
 
     def _losses(self, batch, table: ReferenceLogps | None = None):
-        ref = (self.ref if table is None else table).lookup(batch["index"])
+        with self.region("reference"):  # scored when a pair is first needed, then looked up
+            ref = (self.ref if table is None else table).lookup(batch["index"])
         logps = shared_prompt_pair_logps if self.cfg.share_prompt else pair_logps
         pc, pr, aux = logps(self.policy, batch)
         losses, rc, rr = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], self.cfg.beta,

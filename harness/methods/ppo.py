@@ -120,10 +120,11 @@ class PPOModule(OnPolicyModule):
         ro = self.rollout(list(batch), cfg.max_len, self.score_fn)
         check_finite("train/reward", ro.scores)
         n_new = ro.mask.shape[1]
-        with torch.no_grad():
+        with torch.no_grad(), self.region("value"):
             old_values, _ = critic_values(self.critic, ro.input_ids, ro.attention_mask,
                                           ro.prompt_len, n_new)
             old_values = old_values * ro.mask
+        with torch.no_grad():
             rewards = kl_penalized_rewards(ro.scores, ro.old_logp, ro.ref_logp, ro.mask,
                                            self.beta)
             adv, returns = gae_advantages(rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
@@ -136,24 +137,25 @@ class PPOModule(OnPolicyModule):
         stats_acc: dict[str, list[torch.Tensor]] = {}
         for _ in range(cfg.update_epochs):
             for idx in minibatches(len(ro), cfg.minibatch_size, self.generator):
-                mask = ro.mask[idx]
-                logp, ent, aux_p = response_logprobs(
-                    self.policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len,
-                    cfg.rollout.temperature, with_entropy=True)
-                # DDP averages the ranks' gradients: token means divide by the global
-                # minibatch's tokens over the world size (the ranks' k-th minibatches form it)
-                agg, n_tok = token_normaliser("bnpo", mask,
-                                              share=None if sum_fn is None else share_per_rank)
-                pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], adv[idx], mask,
-                                                  cfg.clip_eps, aggregation=agg, n_active=n_tok)
-                entropy = (masked_mean(ent, mask) if n_tok is None
-                           else masked_sum(ent, mask) / n_tok)
-                values, aux_c = critic_values(self.critic, ro.input_ids[idx],
-                                              ro.attention_mask[idx], ro.prompt_len, n_new)
-                vf, vstats = clipped_value_loss(values, old_values[idx], returns[idx], mask,
-                                                cfg.value_clip, n_tokens=n_tok)
-                loss = pg - cfg.ent_coef * entropy + cfg.vf_coef * vf + aux_p + aux_c
-                self.checked("train/loss", loss)
+                with self.region("forward"):
+                    mask = ro.mask[idx]
+                    logp, ent, aux_p = response_logprobs(
+                        self.policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len,
+                        cfg.rollout.temperature, with_entropy=True)
+                    # DDP averages the ranks' gradients: token means divide by the global
+                    # minibatch's tokens over the world size (the ranks' k-th minibatches form it)
+                    agg, n_tok = token_normaliser("bnpo", mask,
+                                                  share=None if sum_fn is None else share_per_rank)
+                    pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], adv[idx], mask,
+                                                      cfg.clip_eps, aggregation=agg, n_active=n_tok)
+                    entropy = (masked_mean(ent, mask) if n_tok is None
+                               else masked_sum(ent, mask) / n_tok)
+                    values, aux_c = critic_values(self.critic, ro.input_ids[idx],
+                                                  ro.attention_mask[idx], ro.prompt_len, n_new)
+                    vf, vstats = clipped_value_loss(values, old_values[idx], returns[idx], mask,
+                                                    cfg.value_clip, n_tokens=n_tok)
+                    loss = pg - cfg.ent_coef * entropy + cfg.vf_coef * vf + aux_p + aux_c
+                    self.checked("train/loss", loss)
                 self.step(loss, (opt_p, sched_p, cfg.optim), (opt_c, sched_c, cfg.critic_optim))
                 stats.update(vstats)
                 stats.update(loss=loss.detach(), pg_loss=pg.detach(), value_loss=vf.detach(),

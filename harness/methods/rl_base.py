@@ -104,7 +104,7 @@ class OnPolicyModule(AlignmentModule):
         ro = make_rollout(self.policy, self.reference if with_reference else None, self.tokenizer,
                           prompts, self.rollout_cfg, max_len, score_fn, self.generator,
                           self.sampling_noise(len(prompts), rows_per_prompt),
-                          packed_group=rows_per_prompt if packed else 0)
+                          packed_group=rows_per_prompt if packed else 0, region=self.region)
         self.tokens_generated += int(ro.mask.sum())
         self.gen_seconds += ro.gen_s
         return ro
@@ -115,13 +115,14 @@ class OnPolicyModule(AlignmentModule):
         for opt, _, _ in updates:
             opt.zero_grad()
         self.manual_backward(loss)
-        for opt, _, oc in updates:
-            if oc.grad_clip:
-                self.clip_gradients(opt, gradient_clip_val=oc.grad_clip,
-                                    gradient_clip_algorithm="norm")
-            opt.step()
-        for _, sched, _ in updates:
-            sched.step()
+        with self.region("optimizer"):
+            for opt, _, oc in updates:
+                if oc.grad_clip:
+                    self.clip_gradients(opt, gradient_clip_val=oc.grad_clip,
+                                        gradient_clip_algorithm="norm")
+                opt.step()
+            for _, sched, _ in updates:
+                sched.step()
 
     @staticmethod
     def accumulate(acc: dict[str, list[torch.Tensor]], stats: dict) -> None:
@@ -263,11 +264,12 @@ class GroupModule(OnPolicyModule):
         stats_acc: dict[str, list[torch.Tensor]] = {}
         for _ in range(cfg.update_epochs):
             for idx in self.minibatches(len(ro)):
-                mask = ro.mask[idx]
-                logp, ent, aux = self.logprobs(ro.input_ids[idx], ro.attention_mask[idx],
-                                               ro.prompt_len)
-                pg, stats = policy_loss(idx, logp, mask)
-                loss = self.checked("train/loss", pg + aux)
+                with self.region("forward"):
+                    mask = ro.mask[idx]
+                    logp, ent, aux = self.logprobs(ro.input_ids[idx], ro.attention_mask[idx],
+                                                   ro.prompt_len)
+                    pg, stats = policy_loss(idx, logp, mask)
+                    loss = self.checked("train/loss", pg + aux)
                 self.step(loss, (opt, sched, cfg.optim))
                 stats.update(loss=loss.detach(), entropy=masked_mean(ent, mask),
                              moe_aux_loss=aux.detach())

@@ -9,8 +9,10 @@ Sequences are ``[left-padded prompt | response (right-padded after EOS)]``: [B, 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +91,16 @@ class Sampled:
     gen_s: float
 
 
+Region = Callable[[str], AbstractContextManager]
+"""A phase marker: ``region(name)`` opens the phase ``name`` of the step
+(:meth:`harness.methods.base.AlignmentModule.region`)."""
+
+
+def no_region(name: str) -> AbstractContextManager:
+    """The :data:`Region` that marks nothing (outside a Lightning module)."""
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def sample_with_reference(policy: CausalLM, reference: CausalLM | None, tokenizer,
                           prompts: Sequence[str],
@@ -96,34 +108,37 @@ def sample_with_reference(policy: CausalLM, reference: CausalLM | None, tokenize
                           top_k: int = 0, top_p: float = 1.0,
                           generator: torch.Generator | None = None,
                           noise: torch.Tensor | None = None, packed_group: int = 0,
-                          cuda_graph: bool = True) -> Sampled:
+                          cuda_graph: bool = True, region: Region = no_region) -> Sampled:
     """Sample one response per prompt from ``policy`` (KV-cached sampler), then the reference's
     log-probabilities of the same tokens (one forward, no gradients): what a rollout and the KL
     estimate both need. ``reference=None`` skips the reference pass (``ref_logp`` None);
     ``noise`` [B, max_new_tokens]: per-row sampling noise (:func:`~harness.models.generation.generate`).
     ``packed_group`` G > 0: consecutive groups of G rows share a prompt, and the reference scores
     each group in one packed row (:func:`~harness.methods.group_packing.packed_response_logprobs`).
-    ``cuda_graph``: :func:`~harness.models.generation.generate`'s (a GPU's graphed decode step).
+    ``cuda_graph``: :func:`~harness.models.generation.generate`'s (a GPU's graphed decode step);
+    ``region``: marks the phases ``sample`` and ``reference`` (:mod:`harness.step_profile`).
     """
     device = policy.device
     ids, pmask = encode_prompts(tokenizer, prompts, max_len - max_new_tokens)
     ids, pmask = ids.to(device), pmask.to(device)
-    t0 = time.perf_counter()
-    gen = generate(policy, ids, pmask, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k,
-                   top_p=top_p, generator=generator,
-                   noise=None if noise is None else noise.to(device), cuda_graph=cuda_graph)
-    if gen.response_mask.is_cuda:
-        torch.cuda.synchronize()
-    gen_s = time.perf_counter() - t0
+    with region("sample"):
+        t0 = time.perf_counter()
+        gen = generate(policy, ids, pmask, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k,
+                       top_p=top_p, generator=generator,
+                       noise=None if noise is None else noise.to(device), cuda_graph=cuda_graph)
+        if gen.response_mask.is_cuda:
+            torch.cuda.synchronize()
+        gen_s = time.perf_counter() - t0
     attn = torch.cat((pmask, gen.response_mask), dim=1)
     p = ids.shape[1]
     ref_logp = None
-    if reference is not None and packed_group:
-        ref_logp, _, _ = packed_response_logprobs(reference, gen.sequences, attn, p, packed_group,
-                                                  temperature)
-    elif reference is not None:
-        ref_logp, _, _ = response_logprobs(reference, gen.sequences, attn, p, temperature)
+    with region("reference"):
+        if reference is not None and packed_group:
+            ref_logp, _, _ = packed_response_logprobs(reference, gen.sequences, attn, p,
+                                                      packed_group, temperature)
+        elif reference is not None:
+            ref_logp, _, _ = response_logprobs(reference, gen.sequences, attn, p, temperature)
     return Sampled(gen, attn, p, ref_logp, gen_s)
 
 
@@ -133,7 +148,8 @@ def make_rollout(policy: CausalLM, reference: CausalLM | None, tokenizer, prompt
                  score_fn: Callable[[list[str], list[str], torch.Tensor, torch.Tensor, int],
                                     torch.Tensor],
                  generator: torch.Generator | None = None,
-                 noise: torch.Tensor | None = None, packed_group: int = 0) -> Rollout:
+                 noise: torch.Tensor | None = None, packed_group: int = 0,
+                 region: Region = no_region) -> Rollout:
     """Sample one response per prompt (repeat prompts for groups), then score and reference them.
 
     ``score_fn(prompts, responses, input_ids, attention_mask, prompt_len) -> [B]`` gives the
@@ -141,13 +157,16 @@ def make_rollout(policy: CausalLM, reference: CausalLM | None, tokenizer, prompt
     reference pass (a method whose KL coefficient is 0 reads no reference log-probs). ``noise``
     [B, max_new_tokens]: each row's sampling noise instead of ``generator``'s multinomial draws.
     ``packed_group`` G > 0: the reference pass packs each group of G rows with its prompt once.
+    ``region``: marks the phases ``sample``, ``reference`` and ``reward``
+    (:mod:`harness.step_profile`).
     """
     s = sample_with_reference(policy, reference, tokenizer, prompts, cfg.max_new_tokens, max_len,
                               cfg.temperature, cfg.top_k, cfg.top_p, generator, noise,
-                              packed_group, cfg.cuda_graph)
+                              packed_group, cfg.cuda_graph, region)
     gen, attn, p = s.gen, s.attention_mask, s.prompt_len
-    responses = decode_responses(tokenizer, gen.response, gen.response_mask)
-    scores = score_fn(list(prompts), responses, gen.sequences, attn, p).to(attn.device).float()
+    with region("reward"):
+        responses = decode_responses(tokenizer, gen.response, gen.response_mask)
+        scores = score_fn(list(prompts), responses, gen.sequences, attn, p).to(attn.device).float()
     return Rollout(input_ids=gen.sequences, attention_mask=attn, prompt_len=p,
                    response=gen.response, mask=gen.response_mask.float(), old_logp=gen.logprobs,
                    ref_logp=s.ref_logp, scores=scores, prompts=list(prompts), responses=responses,
