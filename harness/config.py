@@ -167,6 +167,10 @@ class EvalConfig:
     curve_points: int = 20
     curve_prompts: int = 64
     n_samples: int = 8               # sample generations kept in summary.json / the W&B table
+    # on a GPU, evaluation's sampling (gold reward, KL, the held-out curve) decodes as one CUDA
+    # graph replay per token, as method.rollout.cuda_graph does for the rollouts; false: the eager
+    # step, the forward's logits bit for bit. No effect on a CPU.
+    cuda_graph: bool = True
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
     def check(self, prefix: str = "eval") -> None:

@@ -405,7 +405,7 @@ class Run:
         return HeldOutGoldCurve(self.task, self.tokenizer, prompts,
                                 every=max(1, steps // e.curve_points),
                                 max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                max_len=self.s.eval_max_len)
+                                max_len=self.s.eval_max_len, cuda_graph=e.cuda_graph)
 
 
 def _throughput(metrics: dict[str, float]) -> dict[str, float]:
@@ -426,7 +426,7 @@ def evaluate(run: Run, policy: CausalLM, reference: CausalLM | None,
     e = run.s.eval
     prompts = run.eval_prompts()
     args = (prompts, e.max_new_tokens, e.batch_size, max_len)
-    res = gold_eval(policy, run.tokenizer, run.task, *args)
+    res = gold_eval(policy, run.tokenizer, run.task, *args, cuda_graph=e.cuda_graph)
     best = run.task.gold_max
     metrics = {"eval/gold_reward": res.mean_reward, "eval/gold_accuracy": res.accuracy(best),
                "eval/gold_max": float(best), "eval/n_prompts": float(len(prompts))}
@@ -437,14 +437,14 @@ def evaluate(run: Run, policy: CausalLM, reference: CausalLM | None,
     samples = [{"prompt": p, "response": r, "reward": w} for p, r, w in
                zip(res.prompts, res.responses, res.rewards, strict=True)][: e.n_samples]
     if reference is not None:
-        ref = gold_eval(reference, run.tokenizer, run.task, *args)
+        ref = gold_eval(reference, run.tokenizer, run.task, *args, cuda_graph=e.cuda_graph)
         per_prompt["ref_gold_reward"] = [float(r) for r in ref.rewards]
         metrics["eval/ref_gold_reward"] = ref.mean_reward
         metrics["eval/ref_gold_accuracy"] = ref.accuracy(best)
         metrics["eval/win_rate"] = win_rate(res.rewards, ref.rewards)
         metrics["eval/kl"] = sequence_kl(policy, reference, run.tokenizer, prompts,
                                          e.max_new_tokens, e.batch_size, max_len,
-                                         stream_seed(run.s.seed, "eval_kl"))
+                                         stream_seed(run.s.seed, "eval_kl"), e.cuda_graph)
         for s, r in zip(samples, ref.responses, strict=False):
             s["reference"] = r
     return metrics, samples, per_prompt
@@ -485,12 +485,13 @@ def evaluate_preferences(run: Run, policy: CausalLM, reference: CausalLM | None,
             correct = implicit_reward_correct(table, ref_table)
             metrics["eval/reward_accuracy"] = sum(correct) / len(prompts)
     shown = prompts[: e.n_samples]
-    responses = complete(policy, run.tokenizer, shown, e.max_new_tokens, e.batch_size, max_len)
+    responses = complete(policy, run.tokenizer, shown, e.max_new_tokens, e.batch_size, max_len,
+                         cuda_graph=e.cuda_graph)
     samples = [{"prompt": p, "response": r} for p, r in zip(shown, responses, strict=True)]
     if reference is not None:
         metrics["eval/kl"] = sequence_kl(policy, reference, run.tokenizer, prompts,
                                          e.max_new_tokens, e.batch_size, max_len,
-                                         stream_seed(run.s.seed, "eval_kl"))
+                                         stream_seed(run.s.seed, "eval_kl"), e.cuda_graph)
     return metrics, samples, per_prompt
 
 

@@ -316,7 +316,8 @@ def test_generate_on_a_gpu_with_and_without_the_graph(shape):
     model = model_of(shape, "cuda")
     ids, mask = left_padded(4, 5, "cuda")
     kw = {"eos_token_id": 9, "pad_token_id": 0, "temperature": 0.9}
-    graphed = generate(model, ids, mask, 7, generator=torch.Generator().manual_seed(1), **kw)
+    graphed = generate(model, ids, mask, 7, generator=torch.Generator().manual_seed(1),
+                       cuda_graph=True, **kw)
     noise = torch.rand(4, 7, generator=torch.Generator().manual_seed(1)).cuda()
     eager = generate(model, ids, mask, 7, noise=noise, cuda_graph=False, **kw)
     assert torch.equal(graphed.sequences, eager.sequences)

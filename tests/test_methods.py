@@ -522,3 +522,30 @@ def test_a_rollout_hands_its_cuda_graph_switch_to_the_sampler(tiny_task, monkeyp
                       RolloutConfig(prompts_per_batch=2, max_new_tokens=3, cuda_graph=on), 64,
                       lambda p, r, ids, mask, n: torch.zeros(len(p)))
     assert ro.response.shape[0] == 2 and seen == [on]
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_evaluation_hands_eval_cuda_graph_to_the_sampler(tmp_path, monkeypatch, on):
+    """eval.cuda_graph reaches every decode step evaluation takes: the held-out gold curve, the
+    gold reward of the policy and the reference, and the KL's sampling (a DPO run samples nowhere
+    else); the library's own default is the eager step."""
+    import inspect
+
+    import harness.models.generation as generation
+    from harness.evaluation.drift import sequence_kl
+    from harness.evaluation.gold import complete, gold_eval
+    from harness.methods.rollout import sample_with_reference
+
+    seen: list = []
+    real = generation.decode_step
+    monkeypatch.setattr(generation, "decode_step",
+                        lambda *a, **k: seen.append(k.get("cuda_graph")) or real(*a, **k))
+    cfg = composed(["model=llama_tiny", "method=dpo", "sft.max_steps=2", "method.max_steps=2",
+                    "eval.limit=4", "eval.curve_points=1", "eval.curve_prompts=4", "logger=none",
+                    "dataset.n_train=200", "dataset.n_pairs=64", "eval.lm_eval.enabled=false",
+                    "trainer.enable_progress_bar=false", f"eval.cuda_graph={str(on).lower()}",
+                    f"cache_dir={tmp_path}/cache", "results_dir=null"])
+    assert run(cfg, tmp_path / "out")["status"] == "ok"
+    assert len(seen) >= 4 and set(seen) == {on}  # curve points, gold x 2, KL
+    for fn in (generation.generate, sample_with_reference, complete, gold_eval, sequence_kl):
+        assert inspect.signature(fn).parameters["cuda_graph"].default is False, fn.__name__

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from harness.bench.common import Column, median, resolve_device, sync
-from harness.config import ModelConfig
+from harness.config import ModelConfig, RolloutConfig
 from harness.models.generation import generate
 from harness.models.llama import CausalLM
 
@@ -24,9 +24,10 @@ def random_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int,
 
 
 def ours_generate(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, n: int,
-                  cuda_graph: bool = True) -> torch.Tensor:
+                  cuda_graph: bool = RolloutConfig.cuda_graph) -> torch.Tensor:
     """Greedy KV-cached sampling of exactly ``n`` tokens (eos id -1 never occurs) -> [B, n];
-    ``cuda_graph``: :func:`~harness.models.generation.generate`'s (on a GPU only)."""
+    ``cuda_graph``: :func:`~harness.models.generation.generate`'s (on a GPU only), by default
+    what a run's rollouts take (``method.rollout.cuda_graph``)."""
     return generate(model, ids, mask, n, eos_token_id=-1, pad_token_id=0, greedy=True,
                     cuda_graph=cuda_graph).response
 

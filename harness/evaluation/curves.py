@@ -19,15 +19,17 @@ KEY = "eval/gold_reward"
 
 
 class HeldOutGoldCurve(L.Callback):
-    """Greedy gold reward of ``pl_module.policy`` on ``prompts`` every ``every`` training steps."""
+    """Greedy gold reward of ``pl_module.policy`` on ``prompts`` every ``every`` training steps
+    (``cuda_graph``: :func:`~harness.evaluation.gold.gold_eval`'s)."""
 
     def __init__(self, task, tokenizer, prompts: Sequence[str], every: int, max_new_tokens: int,
-                 batch_size: int, max_len: int) -> None:
+                 batch_size: int, max_len: int, cuda_graph: bool = False) -> None:
         if every < 1:
             raise ValueError(f"every={every}: must be >= 1")
         self.task, self.tokenizer, self.prompts = task, tokenizer, list(prompts)
         self.every, self.max_new_tokens = every, max_new_tokens
         self.batch_size, self.max_len = batch_size, max_len
+        self.cuda_graph = cuda_graph
         self.points: list[list[float]] = []
         self.seconds = 0.0
         self._steps = 0
@@ -38,7 +40,8 @@ class HeldOutGoldCurve(L.Callback):
         policy = pl_module.policy
         was_training = policy.training
         res = gold_eval(policy, self.tokenizer, self.task, self.prompts, self.max_new_tokens,
-                        self.batch_size, self.max_len, progress=False)
+                        self.batch_size, self.max_len, progress=False,
+                        cuda_graph=self.cuda_graph)
         policy.train(was_training)
         self.seconds += time.perf_counter() - t
         wall = time.perf_counter() - self._t0 - self.seconds

@@ -18,8 +18,10 @@ from harness.models.llama import CausalLM
 
 @torch.no_grad()
 def sequence_kl(policy: CausalLM, reference: CausalLM, tokenizer, prompts: Sequence[str],
-                max_new_tokens: int, batch_size: int, max_len: int, seed: int = 0) -> float:
-    """Mean over prompts of the summed per-token log-ratio of responses sampled from ``policy``."""
+                max_new_tokens: int, batch_size: int, max_len: int, seed: int = 0,
+                cuda_graph: bool = False) -> float:
+    """Mean over prompts of the summed per-token log-ratio of responses sampled from ``policy``
+    (``cuda_graph``: :func:`~harness.models.generation.generate`'s, ``eval.cuda_graph`` in a run)."""
     gen_rng = torch.Generator().manual_seed(seed)
     total, n = 0.0, 0
     policy.eval()
@@ -27,7 +29,7 @@ def sequence_kl(policy: CausalLM, reference: CausalLM, tokenizer, prompts: Seque
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         s = sample_with_reference(policy, reference, tokenizer, chunk, max_new_tokens, max_len,
-                                  temperature=1.0, generator=gen_rng)
+                                  temperature=1.0, generator=gen_rng, cuda_graph=cuda_graph)
         total += float(((s.gen.logprobs - s.ref_logp) * s.gen.response_mask).sum())
         n += len(chunk)
     return total / max(n, 1)

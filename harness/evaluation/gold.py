@@ -32,8 +32,10 @@ class Completions:
 
 def complete(model: CausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int,
              batch_size: int, max_len: int, greedy: bool = True, temperature: float = 1.0,
-             generator: torch.Generator | None = None, progress: bool = False) -> list[str]:
-    """Decode responses for ``prompts`` in batches with the KV-cached sampler."""
+             generator: torch.Generator | None = None, progress: bool = False,
+             cuda_graph: bool = False) -> list[str]:
+    """Decode responses for ``prompts`` in batches with the KV-cached sampler (``cuda_graph``:
+    :func:`~harness.models.generation.generate`'s, ``eval.cuda_graph`` in a run)."""
     device = model.device
     out: list[str] = []
     starts = range(0, len(prompts), batch_size)
@@ -42,16 +44,19 @@ def complete(model: CausalLM, tokenizer, prompts: Sequence[str], max_new_tokens:
         ids, mask = encode_prompts(tokenizer, chunk, max_len - max_new_tokens)
         gen = generate(model, ids.to(device), mask.to(device), max_new_tokens,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       greedy=greedy, temperature=temperature, generator=generator)
+                       greedy=greedy, temperature=temperature, generator=generator,
+                       cuda_graph=cuda_graph)
         out += decode_responses(tokenizer, gen.response, gen.response_mask)
     return out
 
 
 def gold_eval(model: CausalLM, tokenizer, task, prompts: Sequence[str], max_new_tokens: int,
-              batch_size: int, max_len: int, progress: bool = True) -> Completions:
-    """Greedy completions of ``prompts`` and their gold rewards (``eval/gold_reward`` = mean)."""
+              batch_size: int, max_len: int, progress: bool = True,
+              cuda_graph: bool = False) -> Completions:
+    """Greedy completions of ``prompts`` and their gold rewards (``eval/gold_reward`` = mean);
+    ``cuda_graph``: :func:`complete`'s."""
     responses = complete(model, tokenizer, prompts, max_new_tokens, batch_size, max_len,
-                         greedy=True, progress=progress)
+                         greedy=True, progress=progress, cuda_graph=cuda_graph)
     return Completions(list(prompts), responses, list(task.rewards(list(prompts), responses)))
 
 

@@ -108,7 +108,7 @@ def sample_with_reference(policy: CausalLM, reference: CausalLM | None, tokenize
                           top_k: int = 0, top_p: float = 1.0,
                           generator: torch.Generator | None = None,
                           noise: torch.Tensor | None = None, packed_group: int = 0,
-                          cuda_graph: bool = True, region: Region = no_region) -> Sampled:
+                          cuda_graph: bool = False, region: Region = no_region) -> Sampled:
     """Sample one response per prompt from ``policy`` (KV-cached sampler), then the reference's
     log-probabilities of the same tokens (one forward, no gradients): what a rollout and the KL
     estimate both need. ``reference=None`` skips the reference pass (``ref_logp`` None);

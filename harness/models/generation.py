@@ -69,7 +69,7 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
              max_new_tokens: int, eos_token_id: int, pad_token_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              greedy: bool = False, generator: torch.Generator | None = None,
-             noise: torch.Tensor | None = None, cuda_graph: bool = True) -> Generation:
+             noise: torch.Tensor | None = None, cuda_graph: bool = False) -> Generation:
     """Sample continuations of left-padded prompts input_ids [B, P] (attention_mask [B, P]).
 
     ``noise`` [B, max_new_tokens] of uniforms in [0, 1): new token t of row i is drawn by
@@ -80,7 +80,8 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
     that noise: ``torch.rand(B, max_new_tokens, generator=generator)``, drawn once per call.
     ``cuda_graph``: on a GPU, the harness's own model decodes by replaying one CUDA graph per token
     (:class:`~harness.models.decoding.GraphedDecodeStep`: the attention rounds differently in
-    the last bits); ``False`` keeps the eager step, the forward's logits bit for bit.
+    the last bits); ``False`` (the default here) keeps the eager step, the forward's logits bit
+    for bit. A run's settings choose it: ``method.rollout.cuda_graph``, ``eval.cuda_graph``.
     """
     if noise is not None and tuple(noise.shape) != (input_ids.shape[0], max_new_tokens):
         raise ValueError(f"noise: shape {tuple(noise.shape)}, expected "
