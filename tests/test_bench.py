@@ -205,7 +205,7 @@ def test_profile_splits_each_step_into_its_phases(tmp_path, capsys):
 
 
 def test_profile_is_refused_outside_the_steps_section(capsys):
-    for args in (["--vs", "trl"], ["--sections", "sampler"], ["--curves", "out"]):
+    for args in (["--vs", "trl"], ["--sections", "sampler"], ["--sections"], ["--curves", "out"]):
         with pytest.raises(SystemExit):
             bench.main([*args, "--profile"])
         assert "--profile: the steps section only" in capsys.readouterr().err

@@ -76,9 +76,11 @@ def test_matmul_rate_is_positive():
 
 def test_vs_trl_takes_the_comparison_settings():
     args = parse_args(["--vs", "trl"])
-    assert args.models == ["llama_trl_bench"] and args.sections == [] and args.threads == 2
+    # the sampler at the comparison's shape: the one command prints every ratio the issue names
+    assert args.models == ["llama_trl_bench"] and args.sections == ["sampler"] and args.threads == 2
     assert (args.batch, args.new_tokens, args.pairs, args.rounds) == (64, 16, 8, 3)
-    assert parse_args(["--vs", "trl", "--sections", "sampler", "--threads", "1"]).sections == ["sampler"]
+    assert parse_args(["--vs", "trl", "--sections", "steps", "--threads", "1"]).sections == ["steps"]
+    assert parse_args(["--vs", "trl", "--sections"]).sections == []  # the step comparison alone
     assert args.vs_steps == ["grpo", "dpo"] and args.ppo_prompts == 8
     assert parse_args(["--vs", "trl", "--vs-steps", "ppo"]).vs_steps == ["ppo"]
     plain = parse_args([])

@@ -16,7 +16,8 @@ Three sections, each printed as a table per model preset (``--json PATH`` also d
 4. **--vs trl** (:mod:`harness.bench.vs_trl`): GRPO and DPO steps beside TRL's ``GRPOTrainer`` /
    ``DPOTrainer`` at the same settings, interleaved over ``--rounds`` rounds in this process, with
    the machine's fp32 matmul peak and each step's achieved FLOP/s. It needs the ``trl`` extra and
-   runs alone unless ``--sections`` names others; its defaults are the comparison's settings
+   runs after the sampler table at the same shape (``--sections`` names others instead); its
+   defaults are the comparison's settings
    (``llama_trl_bench``, 64 = 8 prompts x 8 sequences of 16 new tokens, 8 DPO pairs, 2 threads).
 
 5. **--curves DIR** (:mod:`harness.bench.curves`): seconds per step and tokens/s of SFT, DPO, GRPO
@@ -112,8 +113,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=512, help="sampler vocabulary size (default 512)")
     p.add_argument("--methods", nargs="+", default=list(methods()), choices=methods(),
                    help="methods timed in the steps section (default: every registered stage)")
-    p.add_argument("--sections", nargs="+", choices=SECTIONS,
-                   help="default: all three; none with --vs")
+    p.add_argument("--sections", nargs="*", choices=SECTIONS,
+                   help="default: all three; sampler only with --vs, none with --curves; "
+                        "--sections alone: none")
     p.add_argument("--vs", choices=("trl",),
                    help="time GRPO and DPO steps beside TRL's trainers (needs the trl extra)")
     p.add_argument("--curves", type=Path, metavar="DIR",
@@ -160,12 +162,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 "--curves run in float32)")
     if args.rollout_tokens is not None and args.rollout_tokens < 1:
         p.error(f"--rollout-tokens={args.rollout_tokens}: must be >= 1")
-    if args.profile and (args.vs or args.curves or (args.sections and "steps" not in args.sections)):
+    if args.profile and (args.vs or args.curves
+                         or (args.sections is not None and "steps" not in args.sections)):
         p.error("--profile: the steps section only (--vs and --curves time their steps without "
                 "a profiler)")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command, for reports
     unset = {**(QUICK if args.quick else DEFAULTS), "models": list(DEFAULT_MODELS),
-             "sections": [] if args.vs or args.curves else list(SECTIONS)}
+             "sections": ["sampler"] if args.vs else [] if args.curves else list(SECTIONS)}
     if args.vs:
         unset.update(VS_TRL_QUICK if args.quick else VS_TRL)
     for k, v in unset.items():
