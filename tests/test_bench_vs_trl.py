@@ -133,6 +133,22 @@ def test_share_prompt_reaches_the_benched_dpo_and_grpo_stages(tmp_path):
         assert grpo.module.cfg.share_prompt is share
 
 
+def test_the_benched_ppo_drops_what_trl_1_12_lacks(tmp_path):
+    """TRL 1.12's PPO has no entropy bonus and clips no gradients: the harness's PPO in the
+    comparison runs without both (a setting on one side only is not the same settings)."""
+    from harness.bench.steps import build_method, prepare_data
+    from harness.bench.vs_trl import PPO_AS_TRL, harness_overrides
+
+    assert set(PPO_AS_TRL) <= set(harness_overrides("ppo", 16))
+    assert not set(PPO_AS_TRL) & set(harness_overrides("grpo", 16) + harness_overrides("dpo", 16))
+    task, tok = prepare_data(16, tmp_path)
+    setup = build_method("ppo", bench.model_config("llama_tiny", len(tok)), task, tok, 4, 2,
+                         device=torch.device("cpu"), overrides=harness_overrides("ppo", 4))
+    cfg = setup.module.cfg
+    assert cfg.ent_coef == 0 and cfg.optim.grad_clip == 0 and cfg.critic_optim.grad_clip == 0
+    assert cfg.update_epochs == 4 and cfg.rollout.max_new_tokens == 4
+
+
 def test_without_trl_the_bench_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
     cache = tmp_path / "cache"

@@ -549,3 +549,24 @@ def test_evaluation_hands_eval_cuda_graph_to_the_sampler(tmp_path, monkeypatch, 
     assert len(seen) >= 4 and set(seen) == {on}  # curve points, gold x 2, KL
     for fn in (generation.generate, sample_with_reference, complete, gold_eval, sequence_kl):
         assert inspect.signature(fn).parameters["cuda_graph"].default is False, fn.__name__
+
+
+def test_without_an_entropy_bonus_the_entropy_needs_no_gradient(tiny_task):
+    """PPO at ent_coef 0 computes the entropy for logging only: the loss's gradients equal, bit
+    for bit, those of the graph that carried the entropy with a zero coefficient (it adds exact
+    zeros), so runs at ent_coef 0 repeat."""
+    from harness.methods.rollout import response_logprobs
+
+    task, tok = tiny_task
+    ids = torch.randint(4, len(tok), (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    grads = []
+    for entropy_grad in (True, False):
+        model = tiny_model(tok)
+        logp, ent, _ = response_logprobs(model, ids, mask, 4, 0.9, with_entropy=True,
+                                         entropy_grad=entropy_grad)
+        assert ent.requires_grad is entropy_grad
+        ((logp * torch.linspace(-1, 1, 5)).sum() - 0.0 * ent.mean()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    assert any(g.abs().sum() > 0 for g in grads[0])

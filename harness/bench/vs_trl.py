@@ -65,6 +65,11 @@ MISSING_PPO = ("--vs trl --vs-steps ppo needs TRL's PPOTrainer, which TRL droppe
                "harness.bench --vs trl --vs-steps ppo")
 EPOCHS_PPO = 4
 """PPO's update epochs in the comparison (TRL's ``num_ppo_epochs`` default)."""
+PPO_AS_TRL: tuple[str, ...] = ("method.ent_coef=0", "method.optim.grad_clip=0",
+                               "method.critic_optim.grad_clip=0")
+"""What TRL 1.12's PPO loop does not do, switched off on the harness's side too: its loss has no
+entropy bonus (it logs the entropy only) and it clips no gradients (``optimizer.step()`` right
+after ``backward``; ``max_grad_norm`` is not read)."""
 
 
 def require_trl() -> str:
@@ -207,7 +212,9 @@ def ppo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.devic
     minibatch, ``update_epochs`` epochs, the same response length, sampling temperature, KL
     coefficient (k1 in the reward, as the harness's ``kl_penalized_rewards``), clip ranges, value
     coefficient, gamma and lambda, responses cut at EOS; no reward whitening (the harness whitens
-    advantages, as TRL does too)."""
+    advantages, as TRL does too). TRL's loop has no entropy bonus and clips no gradients
+    (``max_grad_norm`` is passed but not read), so the harness's side runs without both
+    (:data:`PPO_AS_TRL`)."""
     from trl.experimental.ppo import PPOConfig
 
     prompts = cfg.rollout.prompts_per_batch
@@ -356,12 +363,14 @@ def step_flops(method: str, model_cfg: ModelConfig, cfg: Any, seq_len: int) -> f
 
 def harness_overrides(method: str, new_tokens: int, share_prompt: bool = False) -> list[str]:
     """The Hydra overrides of the compared configs: GRPO and PPO sample ``new_tokens`` tokens;
-    PPO runs :data:`EPOCHS_PPO` epochs; DPO scores each pair, GRPO each group, with its prompt
-    once when ``share_prompt`` (``method.share_prompt``)."""
+    PPO runs :data:`EPOCHS_PPO` epochs without what TRL 1.12's PPO lacks (:data:`PPO_AS_TRL`);
+    DPO scores each pair, GRPO each group, with its prompt once when ``share_prompt``
+    (``method.share_prompt``)."""
     if method == "dpo":
         return share_prompt_overrides(method, share_prompt)
     if method == "ppo":
-        return [f"method.rollout.max_new_tokens={new_tokens}", f"method.update_epochs={EPOCHS_PPO}"]
+        return [f"method.rollout.max_new_tokens={new_tokens}", f"method.update_epochs={EPOCHS_PPO}",
+                *PPO_AS_TRL]
     if method == "grpo":
         return [f"method.rollout.max_new_tokens={new_tokens}",
                 *share_prompt_overrides(method, share_prompt)]
@@ -545,7 +554,8 @@ def format_report(result: dict[str, Any], device: torch.device) -> str:
            else "runs chosen and rejected as two rows, as TRL does; ")
         + "GRPO loss_type, beta > 0 (both run the reference pass), clip eps, group reward "
         "scaling, sampling temperature; DPO sigmoid loss, beta; PPO epochs, one minibatch, k1 "
-        "KL in the reward, clip ranges, vf_coef, gamma, lambda "
+        "KL in the reward, clip ranges, vf_coef, gamma, lambda, no entropy bonus and no gradient "
+        "clipping (TRL 1.12's PPO has neither) "
         "(TRL: on_train_begin/on_step_end -> on_step_end, the whole update; its reward and value "
         "models are the policy's backbone with a fresh scalar head)." + tokens,
         f"model {result['model']}, device {device}, torch threads {torch.get_num_threads()}, "

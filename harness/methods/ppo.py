@@ -139,9 +139,12 @@ class PPOModule(OnPolicyModule):
             for idx in minibatches(len(ro), cfg.minibatch_size, self.generator):
                 with self.region("forward"):
                     mask = ro.mask[idx]
+                    # without a bonus (ent_coef 0) the entropy is logged only: no gradient
+                    # through it, which would add exact zeros to the logits' gradient
                     logp, ent, aux_p = response_logprobs(
                         self.policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len,
-                        cfg.rollout.temperature, with_entropy=True)
+                        cfg.rollout.temperature, with_entropy=True,
+                        entropy_grad=cfg.ent_coef > 0)
                     # DDP averages the ranks' gradients: token means divide by the global
                     # minibatch's tokens over the world size (the ranks' k-th minibatches form it)
                     agg, n_tok = token_normaliser("bnpo", mask,
