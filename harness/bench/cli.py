@@ -32,7 +32,7 @@ Examples::
     python -m harness.bench --sections sampler --new-tokens 64 --json bench.json
     python -m harness.bench --sections steps --methods grpo dpo --profile   # time by phase
     python -m harness.bench --vs trl                         # needs pip install -e '.[trl]'
-    python -m harness.bench --curves results/cost_curves     # 5-9 min on 2 CPU cores
+    python -m harness.bench --curves results/cost_curves     # 4-9 min on 2 CPU cores
 """
 
 from __future__ import annotations
