@@ -247,8 +247,6 @@ def step_notes(device: torch.device, vocab: int) -> list[str]:
     ]
 
 
-
-
 def phase_table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The steps rows that carry a phase split, as table rows: model, method, s/batch, and each
     phase as ``seconds (share of the batch)``; a phase the method does not run shows ``-``."""
