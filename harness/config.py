@@ -202,9 +202,10 @@ class TrainerConfig:
     #: rerun with the same command, resumes its unfinished stage from the latest one.
     resume_every: int = 50
     #: Lightning's profiler by its Trainer name (simple | advanced | pytorch), null = none. Its
-    #: report goes to ``<run dir>/profile/fit-<stage>.txt``; with ``simple`` the log also gets
-    #: each stage's time split into phases (sampling, reference, forward, backward, optimiser,
-    #: ...: :mod:`harness.step_profile`). Timing only: the results do not change.
+    #: report goes to ``<run dir>/profile/fit-<stage>.txt``; with ``simple`` the log, a JSON file
+    #: and the stage's logger (``profile/<phase>_s``) also get each stage's time split into phases
+    #: (sampling, reference, forward, backward, optimiser, ...: :mod:`harness.step_profile`).
+    #: Timing only: the results do not change.
     profiler: str | None = None
 
     def check(self, prefix: str = "trainer") -> None:

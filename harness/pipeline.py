@@ -362,7 +362,8 @@ class Run:
 
     def report_phases(self, stage: str, trainer: L.Trainer) -> None:
         """With ``trainer.profiler=simple``: the stage's seconds per training batch by phase
-        (:mod:`harness.step_profile`) in the log and in ``<run dir>/profile/<stage>-phases.json``."""
+        (:mod:`harness.step_profile`) in the log, in ``<run dir>/profile/<stage>-phases.json`` and,
+        as ``profile/<phase>_s``, in the stage's logger (its W&B run's summary)."""
         durations = recorded(trainer.profiler)
         if not durations or not is_rank_zero():
             return
@@ -373,6 +374,10 @@ class Run:
         log.info("%s", format_split(split, f"{stage.upper()} stage: seconds per training batch "
                                            f"by phase ({BATCH_ACTION} = batch)"))
         write_json(self.run_dir / "profile" / f"{stage}-phases.json", split)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"profile/{k}_s": v for k, v in split.items()},
+                                       step=trainer.global_step)
+            trainer.logger.save()
 
     @contextlib.contextmanager
     def meter(self, stage: str) -> Iterator[None]:

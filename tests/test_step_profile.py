@@ -111,8 +111,8 @@ def _timing(key: str) -> bool:
 
 def test_a_profiled_run_reports_phases_and_computes_what_an_unprofiled_one_does(tmp_path):
     """``trainer.profiler=simple`` on a PPO run (SFT and reward model: automatic optimisation;
-    PPO: manual, with its critic): a report and a phase split per stage, and every metric that
-    is not a timing equal to the same run without a profiler."""
+    PPO: manual, with its critic): a report and a phase split per stage (file and logger), and
+    every metric that is not a timing equal to the same run without a profiler."""
     from hydra import compose, initialize_config_dir
 
     from harness.conf_path import config_dir
@@ -126,7 +126,7 @@ def test_a_profiled_run_reports_phases_and_computes_what_an_unprofiled_one_does(
 
     tiny = ["model=llama_tiny", "method=ppo", "sft.max_steps=4", "rm.max_steps=4",
             "method.n_iterations=2", "method.rollout.prompts_per_batch=4",
-            "method.minibatch_size=2", "eval.limit=4", "logger=none", "dataset.n_train=200",
+            "method.minibatch_size=2", "eval.limit=4", "logger=csv", "dataset.n_train=200",
             "dataset.n_pairs=64", "trainer.enable_progress_bar=false",
             "eval.lm_eval.enabled=false", "results_dir=null"]
     runs = {}
@@ -146,6 +146,10 @@ def test_a_profiled_run_reports_phases_and_computes_what_an_unprofiled_one_does(
         assert all(split[p] > 0 for p in phases), (stage, split)
         assert sum(split[p] for p in phases) <= split["batch"] * 1.01, (stage, split)
     assert not (tmp_path / "null" / "profile").exists()
+    # the split is in each stage's logger too (CSV here; W&B: the stage run's summary)
+    for kind, present in (("simple", True), ("null", False)):
+        (csv,) = [p for p in (tmp_path / kind).rglob("metrics.csv") if p.parent.name == "ppo"]
+        assert ("profile/batch_s" in csv.read_text().splitlines()[0]) is present, kind
     a, b = runs["simple"]["metrics"], runs["null"]["metrics"]
     compared = [k for k in a if not _timing(k)]
     assert len(compared) > 10 and {k for k in b if not _timing(k)} == set(compared)
