@@ -46,7 +46,12 @@ from harness.bench.flops import (
     matmul_params,
     ppo_step_flops,
 )
-from harness.bench.steps import bench_method_steps, precompute_reference, share_prompt_overrides
+from harness.bench.steps import (
+    bench_method_steps,
+    precompute_reference,
+    rollout_overrides,
+    share_prompt_overrides,
+)
 from harness.config import ModelConfig, OptimConfig
 
 TRL_SERIES = "1.16"
@@ -366,15 +371,10 @@ def harness_overrides(method: str, new_tokens: int, share_prompt: bool = False) 
     PPO runs :data:`EPOCHS_PPO` epochs without what TRL 1.12's PPO lacks (:data:`PPO_AS_TRL`);
     DPO scores each pair, GRPO each group, with its prompt once when ``share_prompt``
     (``method.share_prompt``)."""
-    if method == "dpo":
-        return share_prompt_overrides(method, share_prompt)
+    out = [*rollout_overrides(method, new_tokens), *share_prompt_overrides(method, share_prompt)]
     if method == "ppo":
-        return [f"method.rollout.max_new_tokens={new_tokens}", f"method.update_epochs={EPOCHS_PPO}",
-                *PPO_AS_TRL]
-    if method == "grpo":
-        return [f"method.rollout.max_new_tokens={new_tokens}",
-                *share_prompt_overrides(method, share_prompt)]
-    return []
+        out += [f"method.update_epochs={EPOCHS_PPO}", *PPO_AS_TRL]
+    return out
 
 
 def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,

@@ -93,12 +93,7 @@ class Sampled:
 
 Region = Callable[[str], AbstractContextManager]
 """A phase marker: ``region(name)`` opens the phase ``name`` of the step
-(:meth:`harness.methods.base.AlignmentModule.region`)."""
-
-
-def no_region(name: str) -> AbstractContextManager:
-    """The :data:`Region` that marks nothing (outside a Lightning module)."""
-    return contextlib.nullcontext()
+(:meth:`harness.methods.base.AlignmentModule.region`); ``contextlib.nullcontext`` marks nothing."""
 
 
 @torch.no_grad()
@@ -108,7 +103,8 @@ def sample_with_reference(policy: CausalLM, reference: CausalLM | None, tokenize
                           top_k: int = 0, top_p: float = 1.0,
                           generator: torch.Generator | None = None,
                           noise: torch.Tensor | None = None, packed_group: int = 0,
-                          cuda_graph: bool = False, region: Region = no_region) -> Sampled:
+                          cuda_graph: bool = False,
+                          region: Region = contextlib.nullcontext) -> Sampled:
     """Sample one response per prompt from ``policy`` (KV-cached sampler), then the reference's
     log-probabilities of the same tokens (one forward, no gradients): what a rollout and the KL
     estimate both need. ``reference=None`` skips the reference pass (``ref_logp`` None);
@@ -149,7 +145,7 @@ def make_rollout(policy: CausalLM, reference: CausalLM | None, tokenizer, prompt
                                     torch.Tensor],
                  generator: torch.Generator | None = None,
                  noise: torch.Tensor | None = None, packed_group: int = 0,
-                 region: Region = no_region) -> Rollout:
+                 region: Region = contextlib.nullcontext) -> Rollout:
     """Sample one response per prompt (repeat prompts for groups), then score and reference them.
 
     ``score_fn(prompts, responses, input_ids, attention_mask, prompt_len) -> [B]`` gives the
