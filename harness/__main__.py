@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig
 
 from harness.conf_path import config_dir
-from harness.config import ConfigError, check_overrides, register_configs
+from harness.config import ConfigError, check_overrides, register_configs, validate
 from harness.data.errors import DataError
 from harness.run_uid import new_run_uid
 
@@ -27,11 +27,11 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from harness.pipeline import run  # heavy imports only once a run really starts
-    from harness.report import print_summary
-
     try:
-        summary = run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
+        settings = validate(cfg)  # before Lightning and torch are imported: bad values stop fast
+        from harness.pipeline import run  # heavy imports only once a run really starts
+
+        summary = run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir), settings=settings)
     except (ConfigError, DataError) as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -39,6 +39,8 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(f"{kind} error: {exc}")
     if summary.get("status") == "ok" and "rank" in summary:
         return None  # a DDP rank other than 0: rank 0 prints the summary
+    from harness.report import print_summary
+
     print_summary(summary)
     return summary.get("metrics", {}).get("eval/gold_reward")
 

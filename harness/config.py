@@ -7,8 +7,9 @@ changes; a test checks that no YAML repeats a schema's default. Hydra therefore 
 keys and wrong types, and :func:`validate` checks the values (ranges, choices, divisibility) of
 every group and raises :class:`ConfigError` naming the field.
 
-Stage configs (``SFTConfig``, ``GRPOConfig`` ...) live beside their stage in ``harness/methods``;
-the stage registry (:mod:`harness.registry`) names them.
+Stage configs (``SFTConfig``, ``GRPOConfig`` ...) live in :mod:`harness.methods.config`, apart
+from the stages' Lightning modules, and the stage registry (:mod:`harness.registry`) names them:
+composing and checking a config imports neither Lightning nor torch.
 """
 
 from __future__ import annotations
@@ -370,7 +371,7 @@ def model_config(node: DictConfig, cache_dir: str | None = None) -> ModelConfig:
 def validate(cfg: DictConfig) -> Settings:
     """Check every group of a composed config; returns them as dataclasses. Raises ConfigError."""
     from harness.data.tasks import task_config
-    from harness.registry import base_stages, get_stage, stage_names
+    from harness.registry import base_stages, stage_config, stage_names
 
     known = {f.name for f in fields(RunSchema)} | set(base_stages())
     for key in cfg:
@@ -385,12 +386,12 @@ def validate(cfg: DictConfig) -> Settings:
         raise ConfigError(f"method.name={name!r}: unknown method; known: {', '.join(stage_names())}")
     stages = {}
     for base in base_stages():
-        stages[base] = to_dataclass(get_stage(base).config, cfg[base], base)
+        stages[base] = to_dataclass(stage_config(base), cfg[base], base)
         stages[base].check(base)
     if not stages["sft"].enabled and model.pretrained is None:
         raise ConfigError("sft.enabled=False: needs a pretrained model (model=hf "
                           "model.pretrained=...); a fresh initialisation is no SFT base")
-    method = to_dataclass(StageRef if name in stages else get_stage(name).config, cfg.method,
+    method = to_dataclass(StageRef if name in stages else stage_config(name), cfg.method,
                           "method")
     method.check("method")
     groups = {g: to_dataclass(schema, cfg[g], g) for g, schema in
@@ -459,7 +460,7 @@ def check_overrides(overrides: Sequence[str], experiments: Sequence[str] = (),
 def register_configs() -> None:
     """Register every schema with Hydra's ConfigStore (idempotent)."""
     from harness.data.tasks import TASKS
-    from harness.registry import base_stages, get_stage, stage_names
+    from harness.registry import base_stages, stage_config, stage_names
     from harness.run_uid import run_uid
 
     OmegaConf.register_new_resolver("run_uid", run_uid, replace=True)
@@ -471,9 +472,9 @@ def register_configs() -> None:
     cs.store(group="method", name="base_stage_ref", node=StageRef)
     for name in stage_names():
         if name not in base:
-            cs.store(group="method", name=f"base_{name}", node=get_stage(name).config)
+            cs.store(group="method", name=f"base_{name}", node=stage_config(name))
     schema = dataclasses.make_dataclass(
         "HarnessConfig",
-        [(b, get_stage(b).config, field(default_factory=get_stage(b).config)) for b in base],
+        [(b, stage_config(b), field(default_factory=stage_config(b))) for b in base],
         bases=(RunSchema,))
     cs.store(name="harness_schema", node=schema)

@@ -580,14 +580,16 @@ def stage_costs(costs: dict[str, StageCost], method_stage: str, total_s: float) 
     return out
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
     """Run the pipeline for ``cfg`` and write ``<run_dir>/summary.json``; returns the summary.
 
-    Config errors (:class:`~harness.config.ConfigError`) and bad data
-    (:class:`~harness.data.errors.DataError`) are raised before any work and leave no record.
+    ``settings``: ``validate(cfg)``, when the caller has it already (the entry point checks the
+    config before importing this module). Config errors (:class:`~harness.config.ConfigError`)
+    and bad data (:class:`~harness.data.errors.DataError`) are raised before any work and leave
+    no record.
     """
     t0 = time.perf_counter()
-    settings = validate(cfg)
+    settings = validate(cfg) if settings is None else settings
     check_writable(run_dir, "hydra.run.dir")
     check_writable(to_absolute_path(settings.cache_dir), "cache_dir")
     if settings.results_dir:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -236,24 +236,3 @@ def policy_from(inputs: Mapping[str, Built], lora: LoRASettings | None = None,
     policy = add_lora(base.model, lora)
     base.model = AdaptersOff(policy)
     return policy, base.model
-
-
-@dataclass
-class Registry:
-    """Stage classes by name, imported lazily from ``"module:Class"`` paths."""
-
-    paths: Mapping[str, str]
-    _loaded: dict[str, Stage] = field(default_factory=dict)
-
-    def get(self, name: str) -> Stage:
-        if name not in self.paths:
-            raise KeyError(f"unknown stage {name!r}; known: {', '.join(self.paths)}")
-        if name not in self._loaded:
-            import importlib
-
-            module, cls = self.paths[name].split(":")
-            stage = getattr(importlib.import_module(module), cls)()
-            if stage.name != name:
-                raise ValueError(f"{self.paths[name]} is stage {stage.name!r}, registered as {name!r}")
-            self._loaded[name] = stage
-        return self._loaded[name]

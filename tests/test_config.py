@@ -26,7 +26,8 @@ from harness.config import (
     register_configs,
     validate,
 )
-from harness.registry import base_stages, get_stage, stage_names
+from harness.methods.config import DPOConfig, GRPOConfig
+from harness.registry import STAGES, Entry, Registry, base_stages, get_stage, stage_config, stage_names
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -107,6 +108,37 @@ def test_every_registered_stage_has_a_method_option_and_composes():
     for name in stage_names():
         s = validate(composed([f"method={name}"]))
         assert s.method_name == name
+
+
+def test_every_registered_stage_is_the_stage_its_entry_names():
+    for name in stage_names():
+        stage = get_stage(name)  # the registry compares it with its entry on first use
+        assert (stage.name, stage.config, stage.base) == (name, stage_config(name),
+                                                          STAGES.entries[name].base)
+    assert base_stages() == ("sft", "rm")
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    (Entry("harness.methods.grpo:GRPOStage", DPOConfig), "config GRPOConfig"),
+    (Entry("harness.methods.grpo:GRPOStage", GRPOConfig, base=True), "base False"),
+    (Entry("harness.methods.dpo:DPOStage", GRPOConfig), "is stage 'dpo'"),
+])
+def test_a_stage_that_disagrees_with_its_entry_is_refused(entry, message):
+    with pytest.raises(ValueError, match=message):
+        Registry({"grpo": entry}).get("grpo")
+
+
+def test_checking_a_config_at_the_entry_point_imports_neither_lightning_nor_torch():
+    """`--cfg job`, `--help` and a bad value's error come before the run's heavy imports."""
+    for args in (["method=grpo", "--cfg", "job"], ["method=dpo", "method.beta=-1"]):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "harness", *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "omegaconf" in imported  # the import log was read
+        assert not imported & {"torch", "lightning", "transformers"}, args
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "config error: method.beta=-1.0: must be > 0"
 
 
 # ------------------------------------------------------------------ checks before work

@@ -13,10 +13,8 @@ and TRL; dr_grpo: over B x max_new_tokens).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from harness.config import fail, one_of
 from harness.distributed import share_per_rank
+from harness.methods.config import GRPOConfig
 from harness.methods.losses import (
     aggregate_loss,
     group_relative_advantages,
@@ -24,28 +22,7 @@ from harness.methods.losses import (
     ppo_clipped_surrogate,
     token_normaliser,
 )
-from harness.methods.rl_base import GroupConfig, GroupModule, GroupStage
-
-
-@dataclass
-class GRPOConfig(GroupConfig):
-    """GRPO: G completions per prompt, group-relative advantages, no critic, k3 KL penalty
-    (the shared fields: :class:`~harness.methods.rl_base.GroupConfig`).
-
-    ``clip_eps_high``: DAPO's clip-higher bound (null = ``clip_eps``); ``scale_rewards``: divide
-    by the group std (false = Dr. GRPO); ``loss_type``: how token losses are aggregated.
-    """
-
-    name: str = "grpo"
-    clip_eps_high: float | None = None
-    scale_rewards: bool = True
-    loss_type: str = "grpo"         # grpo | bnpo | dapo | dr_grpo
-
-    def check(self, prefix: str = "method") -> None:
-        super().check(prefix)
-        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
-            fail(prefix, "clip_eps_high", self.clip_eps_high, "must be > 0 or null")
-        one_of(self, prefix, "loss_type", ("grpo", "bnpo", "dapo", "dr_grpo"))
+from harness.methods.rl_base import GroupModule, GroupStage
 
 
 class GRPOModule(GroupModule):

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 
-from harness.config import OptimConfig, RolloutConfig, in_range, one_of, positive
 from harness.distributed import all_reduce_sum, share_per_rank, world_size
+from harness.methods.config import PPOConfig
 from harness.methods.losses import (
     adaptive_kl_coef,
     check_finite,
@@ -39,51 +39,6 @@ from harness.methods.rl_base import OnPolicyModule, OnPolicyStage
 from harness.methods.rollout import minibatches, response_logprobs
 from harness.models.llama import CausalLM, ScalarHead
 from harness.stage import Fit, policy_from, scalar_head
-
-
-@dataclass
-class PPOConfig:
-    """PPO with a critic, GAE, the clipped surrogate, a KL-shaped reward and an entropy bonus.
-
-    ``beta``: the per-token KL penalty ``r_t - beta log(pi/pi_ref)``, large enough that the policy
-    cannot drift into its reward model's errors (``sweeps/tune.sh`` tunes it); ``adaptive_kl``
-    adapts it towards ``target_kl`` over ``kl_horizon`` (Ziegler et al. 2019).
-    ``update_epochs``: optimisation passes over each rollout batch. ``critic_init``: the critic
-    starts from the reward model (rm) or the SFT base (sft).
-    """
-
-    name: str = "ppo"
-    n_iterations: int = 200         # rollout batches
-    update_epochs: int = 2
-    minibatch_size: int = 32
-    max_len: int = 128
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.5
-    ent_coef: float = 0.01
-    gamma: float = 1.0
-    lam: float = 0.95
-    beta: float = 0.5
-    adaptive_kl: bool = False
-    target_kl: float = 6.0
-    kl_horizon: int = 10000
-    whiten_advantages: bool = True
-    critic_init: str = "rm"         # rm | sft
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5))
-    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5))
-
-    def check(self, prefix: str = "method") -> None:
-        positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len",
-                 "clip_eps", "target_kl", "kl_horizon")
-        for f in ("value_clip", "vf_coef", "ent_coef", "beta"):
-            in_range(self, prefix, f, 0.0, None)
-        in_range(self, prefix, "gamma", 0.0, 1.0)
-        in_range(self, prefix, "lam", 0.0, 1.0)
-        one_of(self, prefix, "critic_init", ("rm", "sft"))
-        self.rollout.check(f"{prefix}.rollout")
-        self.optim.check(f"{prefix}.optim")
-        self.critic_optim.check(f"{prefix}.critic_optim")
 
 
 def critic_values(critic: ScalarHead, ro_input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -9,13 +9,13 @@ the head's outputs over the response tokens (``pooling: mean``); ``last`` is the
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from harness.config import OptimConfig, one_of, positive
 from harness.methods.base import AlignmentModule
+from harness.methods.config import RMConfig
 from harness.methods.losses import (
     bradley_terry_loss,
     last_valid_index,
@@ -27,30 +27,6 @@ from harness.models.llama import ScalarHead
 from harness.stage import Budget, Built, Fit, Stage, scalar_head
 
 SCORE_HEAD_FILE = "score_head.pt"
-
-
-@dataclass
-class RMConfig:
-    """Bradley–Terry reward model: the SFT model plus a scalar head, trained on the task's pairs.
-
-    ``pooling``: last (the head's score at the last response token, InstructGPT) or mean (its
-    average over the response).
-    """
-
-    name: str = "rm"
-    max_steps: int = 1000
-    batch_size: int = 64
-    max_len: int = 128
-    overflow: str = "truncate"      # truncate | skip
-    val_every: int = 250
-    pooling: str = "last"           # last | mean
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=50))
-
-    def check(self, prefix: str = "rm") -> None:
-        positive(self, prefix, "max_steps", "batch_size", "max_len", "val_every")
-        one_of(self, prefix, "overflow", ("truncate", "skip"))
-        one_of(self, prefix, "pooling", ("last", "mean"))
-        self.optim.check(f"{prefix}.optim")
 
 
 def pool_scores(scores: torch.Tensor, response_mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from omegaconf import MISSING
 
-from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
+from harness.config import OptimConfig, RolloutConfig
 from harness.distributed import all_reduce_sum
 from harness.methods.base import AlignmentModule
+from harness.methods.config import GroupConfig
 from harness.methods.group_packing import group_minibatches, packed_response_logprobs
 from harness.methods.losses import batch_std, check_finite, kl_log_ratio, masked_mean
 from harness.methods.rollout import Rollout, make_rollout, minibatches, response_logprobs
@@ -170,46 +169,6 @@ class OnPolicyModule(AlignmentModule):
                 zip(ro.prompts[:n], ro.responses[:n], ro.scores[:n].tolist(), strict=True)]
         logger.log_table("train/samples", columns=["iteration", "prompt", "response", "reward"],
                          data=rows)
-
-
-@dataclass
-class GroupConfig:
-    """What the group methods (GRPO, RLOO) share: ``n_iterations`` rollout batches of
-    ``rollout.prompts_per_batch`` prompts x ``group_size`` completions, ``update_epochs`` passes of
-    minibatches over each, ratio clipping at ``clip_eps``, the KL coefficient ``beta`` (0: no
-    reference pass at all), rewards from the task's gold reward (``reward_source: gold``) or the
-    reward model (``rm``). ``share_prompt``: the reference pass and the policy's forward and
-    backward run each group in one packed row with its prompt once
-    (:mod:`harness.methods.group_packing`): the same log-probs to rounding for fewer FLOPs; a
-    minibatch then holds whole groups (``minibatch_size`` a multiple of ``group_size``). Off by
-    default, so that runs repeat the records made without it."""
-
-    name: str = MISSING
-    n_iterations: int = 300
-    group_size: int = 8
-    update_epochs: int = 1
-    minibatch_size: int = 64
-    max_len: int = 128
-    clip_eps: float = 0.2
-    beta: float = 0.04
-    reward_source: str = "gold"     # gold | rm
-    share_prompt: bool = False
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=8))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=5))
-
-    def check(self, prefix: str = "method") -> None:
-        positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len",
-                 "clip_eps")
-        if self.group_size < 2:
-            fail(prefix, "group_size", self.group_size, "must be >= 2 (advantages are relative)")
-        in_range(self, prefix, "beta", 0.0, None)
-        one_of(self, prefix, "reward_source", ("gold", "rm"))
-        if self.share_prompt and self.minibatch_size % self.group_size:
-            fail(prefix, "minibatch_size", self.minibatch_size,
-                 f"must be a multiple of group_size={self.group_size} with share_prompt=true "
-                 "(a minibatch holds whole groups)")
-        self.rollout.check(f"{prefix}.rollout")
-        self.optim.check(f"{prefix}.optim")
 
 
 class GroupModule(OnPolicyModule):

@@ -14,34 +14,13 @@ Per rollout batch (k = ``group_size`` samples per prompt):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from harness.config import one_of
+from harness.methods.config import RLOOConfig
 from harness.methods.losses import (
     rloo_advantages,
     rloo_policy_loss,
     sequence_kl_shaped_rewards,
 )
-from harness.methods.rl_base import GroupConfig, GroupModule, GroupStage
-
-
-@dataclass
-class RLOOConfig(GroupConfig):
-    """RLOO: ``group_size`` (k) samples per prompt, leave-one-out baselines, no critic (the shared
-    fields: :class:`~harness.methods.rl_base.GroupConfig`).
-
-    ``beta``: the KL coefficient, as a per-token reward penalty summed over the response
-    (``kl_penalty: reward``, RLOO's and TRL's original form) or a k3 term in the loss
-    (``kl_penalty: loss``, as GRPO).
-    """
-
-    name: str = "rloo"
-    beta: float = 0.05
-    kl_penalty: str = "reward"      # reward | loss
-
-    def check(self, prefix: str = "method") -> None:
-        super().check(prefix)
-        one_of(self, prefix, "kl_penalty", ("reward", "loss"))
+from harness.methods.rl_base import GroupModule, GroupStage
 
 
 class RLOOModule(GroupModule):

@@ -7,42 +7,16 @@ R is the set of response positions (prompt tokens carry the label -100 and are m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 
-from harness.config import OptimConfig, one_of, positive
 from harness.distributed import all_reduce_sum, world_size
 from harness.methods.base import AlignmentModule
+from harness.methods.config import SFTConfig
 from harness.methods.losses import masked_mean, token_logprobs
 from harness.models.llama import CausalLM
 from harness.stage import Budget, Fit, Stage
-
-
-@dataclass
-class SFTConfig:
-    """Supervised fine-tuning: cross-entropy on response tokens (+ MoE auxiliary loss).
-
-    ``max_steps`` suits the default task (arith); ``conf/experiment/`` sets other budgets.
-    ``overflow``: prompts longer than ``max_len`` are truncated or skipped. The matrices get
-    LLaMA's decoupled weight decay 0.1. ``enabled=false`` (pretrained models only) trains nothing:
-    the pretrained model itself is the SFT base and the reference, as when aligning an instruct
-    model directly.
-    """
-
-    name: str = "sft"
-    enabled: bool = True
-    max_steps: int = 2000
-    batch_size: int = 64
-    max_len: int = 128
-    overflow: str = "truncate"      # truncate | skip
-    val_every: int = 1000
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(weight_decay=0.1))
-
-    def check(self, prefix: str = "sft") -> None:
-        positive(self, prefix, "max_steps", "batch_size", "max_len", "val_every")
-        one_of(self, prefix, "overflow", ("truncate", "skip"))
-        self.optim.check(f"{prefix}.optim")
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor,

@@ -1,0 +1,222 @@
+"""The stages' configs: one dataclass per registered stage, its defaults the stage's defaults.
+
+They live apart from the stages' Lightning modules so that composing and checking a config
+(``python -m harness --cfg job``, ``--help``, a bad override's error) imports neither Lightning
+nor torch; :mod:`harness.registry` names them beside each stage, and each stage module imports
+its own from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: cross-entropy on response tokens (+ MoE auxiliary loss).
+
+    ``max_steps`` suits the default task (arith); ``conf/experiment/`` sets other budgets.
+    ``overflow``: prompts longer than ``max_len`` are truncated or skipped. The matrices get
+    LLaMA's decoupled weight decay 0.1. ``enabled=false`` (pretrained models only) trains nothing:
+    the pretrained model itself is the SFT base and the reference, as when aligning an instruct
+    model directly.
+    """
+
+    name: str = "sft"
+    enabled: bool = True
+    max_steps: int = 2000
+    batch_size: int = 64
+    max_len: int = 128
+    overflow: str = "truncate"      # truncate | skip
+    val_every: int = 1000
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(weight_decay=0.1))
+
+    def check(self, prefix: str = "sft") -> None:
+        positive(self, prefix, "max_steps", "batch_size", "max_len", "val_every")
+        one_of(self, prefix, "overflow", ("truncate", "skip"))
+        self.optim.check(f"{prefix}.optim")
+
+
+@dataclass
+class RMConfig:
+    """Bradley–Terry reward model: the SFT model plus a scalar head, trained on the task's pairs.
+
+    ``pooling``: last (the head's score at the last response token, InstructGPT) or mean (its
+    average over the response).
+    """
+
+    name: str = "rm"
+    max_steps: int = 1000
+    batch_size: int = 64
+    max_len: int = 128
+    overflow: str = "truncate"      # truncate | skip
+    val_every: int = 250
+    pooling: str = "last"           # last | mean
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=50))
+
+    def check(self, prefix: str = "rm") -> None:
+        positive(self, prefix, "max_steps", "batch_size", "max_len", "val_every")
+        one_of(self, prefix, "overflow", ("truncate", "skip"))
+        one_of(self, prefix, "pooling", ("last", "mean"))
+        self.optim.check(f"{prefix}.optim")
+
+
+@dataclass
+class GroupConfig:
+    """What the group methods (GRPO, RLOO) share: ``n_iterations`` rollout batches of
+    ``rollout.prompts_per_batch`` prompts x ``group_size`` completions, ``update_epochs`` passes of
+    minibatches over each, ratio clipping at ``clip_eps``, the KL coefficient ``beta`` (0: no
+    reference pass at all), rewards from the task's gold reward (``reward_source: gold``) or the
+    reward model (``rm``). ``share_prompt``: the reference pass and the policy's forward and
+    backward run each group in one packed row with its prompt once
+    (:mod:`harness.methods.group_packing`): the same log-probs to rounding for fewer FLOPs; a
+    minibatch then holds whole groups (``minibatch_size`` a multiple of ``group_size``). Off by
+    default, so that runs repeat the records made without it."""
+
+    name: str = MISSING
+    n_iterations: int = 300
+    group_size: int = 8
+    update_epochs: int = 1
+    minibatch_size: int = 64
+    max_len: int = 128
+    clip_eps: float = 0.2
+    beta: float = 0.04
+    reward_source: str = "gold"     # gold | rm
+    share_prompt: bool = False
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=8))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=5))
+
+    def check(self, prefix: str = "method") -> None:
+        positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len",
+                 "clip_eps")
+        if self.group_size < 2:
+            fail(prefix, "group_size", self.group_size, "must be >= 2 (advantages are relative)")
+        in_range(self, prefix, "beta", 0.0, None)
+        one_of(self, prefix, "reward_source", ("gold", "rm"))
+        if self.share_prompt and self.minibatch_size % self.group_size:
+            fail(prefix, "minibatch_size", self.minibatch_size,
+                 f"must be a multiple of group_size={self.group_size} with share_prompt=true "
+                 "(a minibatch holds whole groups)")
+        self.rollout.check(f"{prefix}.rollout")
+        self.optim.check(f"{prefix}.optim")
+
+
+@dataclass
+class GRPOConfig(GroupConfig):
+    """GRPO: G completions per prompt, group-relative advantages, no critic, k3 KL penalty
+    (the shared fields: :class:`GroupConfig`).
+
+    ``clip_eps_high``: DAPO's clip-higher bound (null = ``clip_eps``); ``scale_rewards``: divide
+    by the group std (false = Dr. GRPO); ``loss_type``: how token losses are aggregated.
+    """
+
+    name: str = "grpo"
+    clip_eps_high: float | None = None
+    scale_rewards: bool = True
+    loss_type: str = "grpo"         # grpo | bnpo | dapo | dr_grpo
+
+    def check(self, prefix: str = "method") -> None:
+        super().check(prefix)
+        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
+            fail(prefix, "clip_eps_high", self.clip_eps_high, "must be > 0 or null")
+        one_of(self, prefix, "loss_type", ("grpo", "bnpo", "dapo", "dr_grpo"))
+
+
+@dataclass
+class RLOOConfig(GroupConfig):
+    """RLOO: ``group_size`` (k) samples per prompt, leave-one-out baselines, no critic (the shared
+    fields: :class:`GroupConfig`).
+
+    ``beta``: the KL coefficient, as a per-token reward penalty summed over the response
+    (``kl_penalty: reward``, RLOO's and TRL's original form) or a k3 term in the loss
+    (``kl_penalty: loss``, as GRPO).
+    """
+
+    name: str = "rloo"
+    beta: float = 0.05
+    kl_penalty: str = "reward"      # reward | loss
+
+    def check(self, prefix: str = "method") -> None:
+        super().check(prefix)
+        one_of(self, prefix, "kl_penalty", ("reward", "loss"))
+
+
+@dataclass
+class PPOConfig:
+    """PPO with a critic, GAE, the clipped surrogate, a KL-shaped reward and an entropy bonus.
+
+    ``beta``: the per-token KL penalty ``r_t - beta log(pi/pi_ref)``, large enough that the policy
+    cannot drift into its reward model's errors (``sweeps/tune.sh`` tunes it); ``adaptive_kl``
+    adapts it towards ``target_kl`` over ``kl_horizon`` (Ziegler et al. 2019).
+    ``update_epochs``: optimisation passes over each rollout batch. ``critic_init``: the critic
+    starts from the reward model (rm) or the SFT base (sft).
+    """
+
+    name: str = "ppo"
+    n_iterations: int = 200         # rollout batches
+    update_epochs: int = 2
+    minibatch_size: int = 32
+    max_len: int = 128
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.01
+    gamma: float = 1.0
+    lam: float = 0.95
+    beta: float = 0.5
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    critic_init: str = "rm"         # rm | sft
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5))
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5))
+
+    def check(self, prefix: str = "method") -> None:
+        positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len",
+                 "clip_eps", "target_kl", "kl_horizon")
+        for f in ("value_clip", "vf_coef", "ent_coef", "beta"):
+            in_range(self, prefix, f, 0.0, None)
+        in_range(self, prefix, "gamma", 0.0, 1.0)
+        in_range(self, prefix, "lam", 0.0, 1.0)
+        one_of(self, prefix, "critic_init", ("rm", "sft"))
+        self.rollout.check(f"{prefix}.rollout")
+        self.optim.check(f"{prefix}.optim")
+        self.critic_optim.check(f"{prefix}.critic_optim")
+
+
+@dataclass
+class DPOConfig:
+    """DPO on the task's preference pairs against the frozen SFT reference.
+
+    ``beta``: the KL coefficient (the temperature of the implicit reward); ``label_smoothing`` > 0
+    is conservative DPO; ``loss_type``: sigmoid (DPO) or ipo. ``share_prompt``: score a pair's
+    chosen and rejected responses in one packed row with the prompt once
+    (:func:`~harness.methods.dpo.shared_prompt_pair_logps`; policy and reference alike): the
+    same log-probs to rounding for fewer FLOPs; off by default, so that runs repeat the records
+    made without it.
+    """
+
+    name: str = "dpo"
+    max_steps: int = 300
+    batch_size: int = 32
+    max_len: int = 128
+    overflow: str = "truncate"      # truncate | skip
+    val_every: int = 100
+    beta: float = 0.5
+    label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"      # sigmoid | ipo
+    share_prompt: bool = False
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20))
+
+    def check(self, prefix: str = "method") -> None:
+        positive(self, prefix, "max_steps", "batch_size", "max_len", "val_every", "beta")
+        one_of(self, prefix, "overflow", ("truncate", "skip"))
+        in_range(self, prefix, "label_smoothing", 0.0, 0.5, closed_hi=False)
+        one_of(self, prefix, "loss_type", ("sigmoid", "ipo"))
+        self.optim.check(f"{prefix}.optim")
