@@ -16,9 +16,10 @@ import yaml
 from omegaconf import DictConfig
 
 from harness.conf_path import config_dir
-from harness.config import ConfigError, check_overrides, register_configs, validate
+from harness.config import ConfigError
 from harness.data.errors import DataError
 from harness.run_uid import new_run_uid
+from harness.settings import check_overrides, register_configs, validate
 
 register_configs()
 

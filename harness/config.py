@@ -4,12 +4,14 @@ The dataclasses are the source of every default. Each config group's YAML in ``c
 schema (``- base_grpo``, ``- base_arith`` ...) or merges into a typed section of the top-level
 schema (``trainer``, ``logger``, ``eval``, ``sft``, ``rm``), and holds only what that option
 changes; a test checks that no YAML repeats a schema's default. Hydra therefore rejects unknown
-keys and wrong types, and :func:`validate` checks the values (ranges, choices, divisibility) of
-every group and raises :class:`ConfigError` naming the field.
+keys and wrong types, and :func:`harness.settings.validate` checks the values (ranges, choices,
+divisibility) of every group and raises :class:`ConfigError` naming the field.
 
-Stage configs (``SFTConfig``, ``GRPOConfig`` ...) live in :mod:`harness.methods.config`, apart
-from the stages' Lightning modules, and the stage registry (:mod:`harness.registry`) names them:
-composing and checking a config imports neither Lightning nor torch.
+This module holds the run-wide schemas and the shared ones (``OptimConfig``, ``RolloutConfig``)
+with the checks they use; stage configs (``SFTConfig``, ``GRPOConfig`` ...) build on them in
+:mod:`harness.methods.config`, apart from the stages' Lightning modules, the stage registry
+(:mod:`harness.registry`) names them, and :mod:`harness.settings` composes and checks it all:
+none of these imports Lightning or torch.
 """
 
 from __future__ import annotations
@@ -19,15 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from hydra.utils import to_absolute_path
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from harness.models.architecture import ConfigError, ModelConfig
 
 __all__ = ["ConfigError", "EvalConfig", "LmEvalConfig", "LoggerConfig", "ModelConfig",
-           "OptimConfig", "RolloutConfig", "Settings", "StageRef", "TrainerConfig",
-           "check_overrides", "register_configs", "to_dataclass", "validate"]
+           "OptimConfig", "RolloutConfig", "StageRef", "TrainerConfig", "model_config",
+           "to_dataclass"]
 
 
 # ------------------------------------------------------------------------------ checks
@@ -293,39 +293,6 @@ class RunSchema:
         in_range(self, "", "seed", 0, 2**32 - 1)
 
 
-# ------------------------------------------------------------------------ validation
-@dataclass
-class Settings:
-    """A validated run config: every group as its dataclass."""
-
-    model: ModelConfig
-    dataset: Any                     # the task's config (harness.data.tasks)
-    method: Any                      # the aligning stage's config, or a StageRef for sft / rm
-    stages: dict[str, Any]           # the base stages' configs (sft, rm), by name
-    trainer: TrainerConfig
-    logger: LoggerConfig
-    eval: EvalConfig
-    seed: int
-    group: str
-    cache_dir: str
-    force_retrain: bool
-    results_dir: str | None
-
-    @property
-    def method_name(self) -> str:
-        return self.method.name
-
-    @property
-    def eval_max_len(self) -> int:
-        """The longest sequence of evaluation (held-out decoding, the KL estimate, the curve):
-        the SFT base's ``max_len``, since every policy and reference descends from it."""
-        return self.stages["sft"].max_len
-
-    def stage_config(self, name: str) -> Any:
-        """The config of stage ``name``: its own section for a base stage, else ``method``."""
-        return self.stages.get(name, self.method)
-
-
 def to_dataclass(schema: type, node: Any, prefix: str | None = None) -> Any:
     """Instantiate ``schema`` from a config node or mapping, recursively for nested dataclasses.
 
@@ -366,115 +333,3 @@ def model_config(node: DictConfig, cache_dir: str | None = None) -> ModelConfig:
         raise ConfigError(f"{missing[0]}: missing; the model preset must set "
                           f"{', '.join(missing)} (or name a checkpoint: model.pretrained=...)")
     return to_dataclass(ModelConfig, node, "model")  # __post_init__ validates
-
-
-def validate(cfg: DictConfig) -> Settings:
-    """Check every group of a composed config; returns them as dataclasses. Raises ConfigError."""
-    from harness.data.tasks import task_config
-    from harness.registry import base_stages, stage_config, stage_names
-
-    known = {f.name for f in fields(RunSchema)} | set(base_stages())
-    for key in cfg:
-        if key not in known:
-            raise ConfigError(f"{key}: unknown top-level field; known: {', '.join(sorted(known))}")
-    top = to_dataclass(RunSchema, {k: cfg[k] for k in ("seed", "group", "cache_dir",
-                                                       "force_retrain", "results_dir")})
-    top.check()
-    model = model_config(cfg.model, to_absolute_path(top.cache_dir))
-    name = cfg.method.name
-    if name not in stage_names():
-        raise ConfigError(f"method.name={name!r}: unknown method; known: {', '.join(stage_names())}")
-    stages = {}
-    for base in base_stages():
-        stages[base] = to_dataclass(stage_config(base), cfg[base], base)
-        stages[base].check(base)
-    if not stages["sft"].enabled and model.pretrained is None:
-        raise ConfigError("sft.enabled=False: needs a pretrained model (model=hf "
-                          "model.pretrained=...); a fresh initialisation is no SFT base")
-    method = to_dataclass(StageRef if name in stages else stage_config(name), cfg.method,
-                          "method")
-    method.check("method")
-    groups = {g: to_dataclass(schema, cfg[g], g) for g, schema in
-              (("trainer", TrainerConfig), ("logger", LoggerConfig), ("eval", EvalConfig))}
-    for g, c in groups.items():
-        c.check(g)
-    dataset = task_config(cfg.dataset)
-    _check_reward_available(dataset, method)
-    return Settings(model=model, dataset=dataset, method=method, stages=stages,
-                    seed=top.seed, group=top.group, cache_dir=top.cache_dir,
-                    force_retrain=top.force_retrain, results_dir=top.results_dir, **groups)
-
-
-def _check_reward_available(dataset: Any, method: Any) -> None:
-    """An RL method that scores rollouts with the task's gold reward needs a task that has one."""
-    from harness.data.tasks import TASKS
-
-    if getattr(method, "reward_source", None) == "gold" and not TASKS[dataset.name].has_gold_reward:
-        raise ConfigError(
-            f"method.reward_source='gold': dataset {dataset.name!r} has no gold reward to score "
-            "rollouts with; use method.reward_source=rm (the reward model trained on its pairs)")
-
-
-#: Config names that changed: an override with the old name stops with the new one.
-RENAMED: dict[str, str] = {
-    "method.kl_coef": "method.beta",
-    "method.ppo_epochs": "method.update_epochs",
-    "method.num_inner_iterations": "method.update_epochs",
-    "method.epsilon_high": "method.clip_eps_high",
-    "dataset.sft_max_steps": "sft.max_steps (or an experiment config: conf/experiment/)",
-    "experiment": "group (experiment= now selects a set-up in conf/experiment/)",
-}
-
-
-def check_overrides(overrides: Sequence[str], experiments: Sequence[str] = (),
-                    default_method: str = "") -> None:
-    """Stop on command-line overrides that use a renamed field, or ``method.*`` fields with
-    ``method=sft`` / ``method=rm`` (whose hyperparameters live under ``sft.*`` / ``rm.*``).
-
-    ``experiments``: the options of ``conf/experiment``; ``default_method``: the method that
-    ``conf/config.yaml`` selects when the command line does not.
-    """
-    from harness.registry import base_stages
-
-    keys = {}
-    for o in overrides:
-        if "=" not in o or o.startswith("hydra"):
-            continue
-        k, v = o.split("=", 1)
-        keys[k.lstrip("+~")] = v
-    for key, value in keys.items():
-        new = RENAMED.get(key)
-        if key == "experiment" and value.split(",")[0] in experiments:
-            continue
-        if new is not None:
-            raise ConfigError(f"{key}: renamed to {new}")
-    method = keys.get("method", default_method)
-    if method in base_stages():
-        for key in keys:
-            if key.startswith("method."):
-                field_ = key.removeprefix("method.")
-                raise ConfigError(f"{key}: with method={method} the stage is configured under "
-                                  f"{method}.*; use {method}.{field_}")
-
-
-def register_configs() -> None:
-    """Register every schema with Hydra's ConfigStore (idempotent)."""
-    from harness.data.tasks import TASKS
-    from harness.registry import base_stages, stage_config, stage_names
-    from harness.run_uid import run_uid
-
-    OmegaConf.register_new_resolver("run_uid", run_uid, replace=True)
-    cs = ConfigStore.instance()
-    cs.store(group="model", name="base_model", node=ModelConfig)
-    for name, task in TASKS.items():
-        cs.store(group="dataset", name=f"base_{name}", node=task.config_class)
-    base = base_stages()
-    cs.store(group="method", name="base_stage_ref", node=StageRef)
-    for name in stage_names():
-        if name not in base:
-            cs.store(group="method", name=f"base_{name}", node=stage_config(name))
-    schema = dataclasses.make_dataclass(
-        "HarnessConfig",
-        [(b, stage_config(b), field(default_factory=stage_config(b))) for b in base],
-        bases=(RunSchema,))
-    cs.store(name="harness_schema", node=schema)

@@ -12,13 +12,14 @@ import hydra
 from omegaconf import DictConfig
 
 from harness.conf_path import config_dir
-from harness.config import ModelConfig, model_config, register_configs
+from harness.config import ModelConfig, model_config
 from harness.models.param_count import (
     format_breakdown,
     format_transformers_breakdown,
     meta_model,
     parameter_breakdown,
 )
+from harness.settings import register_configs
 
 register_configs()  # the model presets name the `base_model` schema: register before composing
 

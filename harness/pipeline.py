@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness import resume
 from harness.atomic import check_writable, write_json
 from harness.cache import StageCache, StageRecord, stage_key
-from harness.config import ConfigError, OptimConfig, Settings, TrainerConfig, validate
+from harness.config import ConfigError, OptimConfig, TrainerConfig
 from harness.data.prompt_format import FormattedTask, effective_format
 from harness.data.tasks import build_task
 from harness.data.tokenizer import load_or_build_tokenizer
@@ -46,6 +46,7 @@ from harness.evaluation.platform import platform_info
 from harness.models.llama import CausalLM
 from harness.registry import get_stage
 from harness.seeding import seed_stage, stream_seed
+from harness.settings import Settings, validate
 from harness.stage import Budget, Built, Fit, Stage, StageContext, set_gradient_checkpointing
 from harness.step_profile import BATCH_ACTION, build_profiler, format_split, phase_seconds, recorded
 from harness.tracking.loggers import RunLoggers

@@ -6,8 +6,8 @@ config dataclass in :mod:`harness.methods.config`, one YAML in ``conf/method/`` 
 (``conf/sweep/compare.yaml`` globs ``conf/method``) and the leaderboard need no change.
 
 An entry names the stage's config and whether it is a base stage beside the stage's class path, so
-that composing and checking a config (:func:`harness.config.register_configs`,
-:func:`harness.config.validate`; ``python -m harness --cfg job``, ``--help``, a bad override's
+that composing and checking a config (:func:`harness.settings.register_configs`,
+:func:`harness.settings.validate`; ``python -m harness --cfg job``, ``--help``, a bad override's
 error) imports neither Lightning nor torch: a stage's module is imported the first time the stage
 itself is asked for, and then it must agree with its entry.
 """

@@ -41,15 +41,15 @@ def folder(tmp_path_factory) -> Path:
 def _run_of(folder: Path, tmp_path: Path, *extra: str):
     from omegaconf import OmegaConf
 
-    from harness.config import validate
     from harness.pipeline import Run
+    from harness.settings import validate
 
     cfg = composed(["model=hf", f"model.pretrained={folder}", f"cache_dir={tmp_path}/c", *extra])
     return Run(validate(cfg), OmegaConf.to_container(cfg, resolve=True), tmp_path / "run")
 
 
 def test_a_gpt2_checkpoint_runs_through_transformers_and_says_what_it_lacks(folder, tmp_path, caplog):
-    from harness.config import validate
+    from harness.settings import validate
 
     m = validate(composed(["model=hf", f"model.pretrained={folder}"])).model
     assert m.backend == "transformers" and m.via_transformers
@@ -136,7 +136,7 @@ def test_every_method_runs_on_gpt2_and_its_checkpoints_reload_in_transformers(fo
 def test_lora_on_gpt2_targets_its_own_layers_and_saves_merged(folder, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from harness.config import validate
+    from harness.settings import validate
 
     m = validate(composed(["model=hf", f"model.pretrained={folder}", "model.lora.r=4"])).model
     assert list(m.lora.target_modules) == ["c_attn"]  # peft's default for gpt2

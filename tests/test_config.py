@@ -16,18 +16,18 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING
 
-from harness.config import (
-    ConfigError,
-    EvalConfig,
-    LoggerConfig,
-    RunSchema,
-    TrainerConfig,
-    check_overrides,
-    register_configs,
-    validate,
-)
+from harness.config import ConfigError, EvalConfig, LoggerConfig, RunSchema, TrainerConfig
 from harness.methods.config import DPOConfig, GRPOConfig
-from harness.registry import STAGES, Entry, Registry, base_stages, get_stage, stage_config, stage_names
+from harness.registry import (
+    STAGES,
+    Entry,
+    Registry,
+    base_stages,
+    get_stage,
+    stage_config,
+    stage_names,
+)
+from harness.settings import check_overrides, register_configs, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -567,7 +567,7 @@ def test_conf_dataset_yaml_is_accepted(name, tmp_path):
     """The ``dataset`` group's YAML (as Hydra composes it, onto its schema) builds the task."""
     from hydra import compose, initialize_config_dir
 
-    from harness.config import register_configs
+    from harness.settings import register_configs
 
     register_configs()
     overrides = [f"dataset={name}", "seed=3"]

@@ -208,7 +208,7 @@ def test_launch_configs_compose(launch, target):
 
     from hydra import compose, initialize_config_dir
 
-    from harness.config import register_configs
+    from harness.settings import register_configs
 
     plugin = {"parallel": "hydra_plugins.hydra_joblib_launcher",
               "slurm": "hydra_plugins.hydra_submitit_launcher",

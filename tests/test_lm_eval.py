@@ -291,7 +291,7 @@ def test_flatten_results_names():
 def test_open_llm_eval_config_composes():
     from hydra import compose, initialize_config_dir
 
-    from harness.config import register_configs
+    from harness.settings import register_configs
 
     register_configs()
     conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")

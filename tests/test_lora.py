@@ -48,7 +48,7 @@ def test_adapters_train_alone_and_the_view_and_the_merge_are_exact():
 
 
 def test_lora_settings_are_checked():
-    from harness.config import validate
+    from harness.settings import validate
 
     with pytest.raises(ConfigError, match="model.lora.r=-1"):
         validate(composed(["model=llama_tiny", "model.lora.r=-1"]))
@@ -110,8 +110,8 @@ def test_a_lora_sft_base_trained_in_this_run_is_the_one_the_cache_gives(tmp_path
 
 
 def test_the_reward_model_and_the_critic_can_train_adapters_too(tmp_path):
-    from harness.config import validate
     from harness.models.hf import load_checkpoint
+    from harness.settings import validate
     from harness.stage import scalar_head
 
     with pytest.raises(ConfigError, match="model.lora.reward_and_critic=true: .* model.lora.r > 0"):

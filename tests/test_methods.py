@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from harness.cache import stage_key
-from harness.config import ConfigError, RolloutConfig, register_configs
+from harness.config import ConfigError, RolloutConfig
 from harness.data.datamodule import AlignmentDataModule
 from harness.data.tasks import build_task
 from harness.data.tokenizer import build_tokenizer
@@ -27,6 +27,7 @@ from harness.methods.losses import NonFiniteError
 from harness.models.architecture import ModelConfig
 from harness.models.llama import CausalLM
 from harness.pipeline import run
+from harness.settings import register_configs
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY_SFT = ["model=llama_tiny", "sft.max_steps=30", "sft.val_every=15", "rm.max_steps=10",
@@ -74,8 +75,8 @@ def test_an_experiment_sets_the_sft_budget_and_an_override_wins():
 def _run(overrides: list[str], tmp_path: Path):
     from omegaconf import OmegaConf
 
-    from harness.config import validate
     from harness.pipeline import Run
+    from harness.settings import validate
 
     cfg = composed(overrides)
     return Run(validate(cfg), OmegaConf.to_container(cfg, resolve=True), tmp_path)

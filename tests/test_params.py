@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from harness.config import ModelConfig, register_configs, to_dataclass
+from harness.config import ModelConfig, to_dataclass
 from harness.models.param_count import format_breakdown, meta_model, parameter_breakdown
+from harness.settings import register_configs
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"

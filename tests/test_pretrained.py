@@ -67,7 +67,7 @@ def llama_folder(tmp_path_factory) -> Path:
 
 
 def test_the_checkpoint_decides_the_shape_and_the_name(llama_folder):
-    from harness.config import validate
+    from harness.settings import validate
 
     s = validate(composed(["model=hf", f"model.pretrained={llama_folder}"]))
     m = s.model
@@ -81,8 +81,8 @@ def test_the_checkpoint_decides_the_shape_and_the_name(llama_folder):
 def test_the_pretrained_backbone_gives_transformers_logits(tmp_path, layout):
     from transformers import AutoModelForCausalLM
 
-    from harness.config import validate
     from harness.pipeline import Run
+    from harness.settings import validate
 
     folder = write_folder(tmp_path / f"tiny-{layout}", moe=layout == "mixtral",
                           qwen2=layout == "qwen2")
@@ -117,7 +117,7 @@ def test_grpo_runs_end_to_end_on_a_pretrained_folder_and_the_weights_key_the_cac
 
 
 def test_a_missing_or_unreachable_pretrained_model_is_one_clear_error(tmp_path):
-    from harness.config import validate
+    from harness.settings import validate
 
     with pytest.raises(ConfigError, match=r"model.pretrained='/nope/model': no such folder"):
         validate(composed(["model=hf", "model.pretrained=/nope/model"]))

@@ -116,8 +116,8 @@ def test_a_profiled_run_reports_phases_and_computes_what_an_unprofiled_one_does(
     from hydra import compose, initialize_config_dir
 
     from harness.conf_path import config_dir
-    from harness.config import register_configs
     from harness.pipeline import run
+    from harness.settings import register_configs
 
     def composed(overrides: list[str]):
         register_configs()

@@ -36,7 +36,7 @@ def test_the_upcycled_model_computes_the_dense_model(gating, training):
 
 
 def test_only_a_dense_pretrained_model_is_upcycled(tmp_path):
-    from harness.config import validate
+    from harness.settings import validate
 
     with pytest.raises(ValueError, match="upcycling needs a dense model"):
         upcycled_config(upcycled_config(DENSE, 4, 2), 8, 2)

@@ -187,8 +187,8 @@ def test_one_seed_gives_the_same_run_in_two_processes_and_another_seed_another(t
 def test_validation_prompts_never_overlap_the_test_prompts(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from harness.config import register_configs
     from harness.pipeline import Run
+    from harness.settings import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -197,7 +197,7 @@ def test_validation_prompts_never_overlap_the_test_prompts(tmp_path):
             f"cache_dir={tmp_path}/cache", "logger=none"])
     from omegaconf import OmegaConf
 
-    from harness.config import validate
+    from harness.settings import validate
 
     run = Run(validate(cfg), OmegaConf.to_container(cfg, resolve=True), tmp_path / "run")
     test, val = run.eval_prompts("test"), run.eval_prompts("validation")
@@ -239,7 +239,7 @@ def test_tuning_picks_the_best_mean_validation_gold_per_method():
 def test_tuning_sweeps_evaluate_on_the_validation_split(method):
     from hydra import compose, initialize_config_dir
 
-    from harness.config import register_configs
+    from harness.settings import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -256,7 +256,8 @@ def test_tuning_sweeps_evaluate_on_the_validation_split(method):
 def test_bad_eval_values_are_refused_naming_the_field(override, field):
     from hydra import compose, initialize_config_dir
 
-    from harness.config import ConfigError, register_configs, validate
+    from harness.config import ConfigError
+    from harness.settings import register_configs, validate
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from harness.conf_path import config_dir
-from harness.config import ModelConfig, register_configs
+from harness.config import ModelConfig
+from harness.settings import register_configs
 
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 """Set (unless already set) by :func:`main`: the bench builds every model locally."""

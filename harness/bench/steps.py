@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from harness.bench.common import Column, compose_config, median, quiet, resolve_device, sync
-from harness.config import ModelConfig, OptimConfig, validate
+from harness.config import ModelConfig, OptimConfig
 from harness.models.llama import ScalarHead
+from harness.settings import validate
 from harness.step_profile import PHASES, build_profiler, counts, phase_seconds, recorded
 
 
