@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness import bench
+from harness.bench.memory import state_memory
 from harness.methods.rl_base import group_layout
 from harness.models.llama import CausalLM, ScalarHead
 
@@ -47,9 +48,9 @@ def test_state_memory_of_grpo_is_about_half_of_ppo():
     torch.manual_seed(0)
     policy, reference = CausalLM(cfg), CausalLM(cfg)
     critic, rm = ScalarHead(CausalLM(cfg)), ScalarHead(CausalLM(cfg))
-    ppo = bench.state_memory({"policy": policy, "reference": reference, "critic": critic,
+    ppo = state_memory({"policy": policy, "reference": reference, "critic": critic,
                               "reward_model": rm}, [policy, critic])
-    grpo = bench.state_memory({"policy": policy, "reference": reference}, [policy])
+    grpo = state_memory({"policy": policy, "reference": reference}, [policy])
     p = sum(t.numel() * 4 for t in policy.parameters())
     assert grpo["param_bytes"] == 2 * p and grpo["grad_bytes"] == p and grpo["adamw_bytes"] == 2 * p
     assert ppo["n_networks"] == 4 and ppo["networks"] == "policy+ref+critic+RM"
@@ -227,3 +228,30 @@ def test_rollout_tokens_reach_the_on_policy_methods_only(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--rollout-tokens", "0"])
     assert "--rollout-tokens=0: must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--batch", "0"], "--batch=0: must be >= 1"),
+    (["--iters", "0"], "--iters=0: must be >= 1"),
+    (["--warmup", "-1"], "--warmup=-1: must be >= 0"),
+    (["--vocab", "4"], "--vocab=4: must be >= 5"),
+    (["--vs", "trl", "--pairs", "0"], "--pairs=0: must be >= 1"),
+    (["--models", "llama_tiny", "nope"], "--models nope: no such preset in conf/model"),
+])
+def test_bad_sizes_and_presets_stop_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_the_bench_answers_help_without_the_sections_heavy_imports():
+    """``--help`` and a bad option come before Lightning is imported (the sections' modules)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "harness.bench", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert proc.returncode == 0 and "--vs-steps" in proc.stdout
+    assert "harness.bench.cli" in imported and "lightning" not in imported

@@ -5,6 +5,5 @@
 
 from harness.bench.cli import main, parse_args, run_bench
 from harness.bench.common import format_table, model_config
-from harness.bench.memory import state_memory
 
-__all__ = ["format_table", "main", "model_config", "parse_args", "run_bench", "state_memory"]
+__all__ = ["format_table", "main", "model_config", "parse_args", "run_bench"]

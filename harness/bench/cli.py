@@ -61,27 +61,8 @@ from harness.bench.common import (
     quiet,
     resolve_device,
 )
-from harness.bench.memory import (
-    MEMORY_COLUMNS,
-    RATIO_COLUMNS,
-    measure_memory,
-    memory_in_subprocess,
-    memory_notes,
-    memory_ratios,
-    memory_table_rows,
-)
 from harness.bench.sampler import PRECISIONS, bench_sampler, load_note, sampler_columns, sampler_notes
-from harness.bench.steps import (
-    PHASE_COLUMNS,
-    STEP_COLUMNS,
-    bench_method_steps,
-    phase_notes,
-    phase_table_rows,
-    prepare_data,
-    rollout_overrides,
-    share_prompt_overrides,
-    step_notes,
-)
+from harness.conf_path import config_dir
 
 QUICK = {"batch": 16, "prompt_len": 8, "new_tokens": 16, "iters": 2, "warmup": 1, "mem_iters": 1}
 DEFAULTS = {"batch": 64, "prompt_len": 8, "new_tokens": 32, "iters": 5, "warmup": 1, "mem_iters": 2}
@@ -92,6 +73,11 @@ VS_TRL = {"models": ["llama_trl_bench"], "batch": 64, "new_tokens": 16, "pairs":
 interleaved rounds."""
 VS_TRL_QUICK = {**VS_TRL, "models": ["llama_tiny"], "batch": 8, "new_tokens": 4, "pairs": 2,
                 "ppo_prompts": 2, "rounds": 1, "iters": 1}
+LEAST = {"--batch": 1, "--prompt-len": 1, "--new-tokens": 1, "--rollout-tokens": 1, "--iters": 1,
+         "--warmup": 0, "--mem-iters": 1, "--vocab": 5, "--ppo-prompts": 1, "--rounds": 1,
+         "--pairs": 1, "--minibatch": 1, "--lora": 0, "--threads": 1, "--seed": 0}
+"""The least value of each numeric option, checked before any work (the sampler's random prompts
+draw ids above the 4 special ones, hence a vocabulary of at least 5)."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -160,8 +146,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.precision != "32-true" and (args.vs or args.curves):
         p.error(f"--precision {args.precision}: the sampler and steps sections only (--vs and "
                 "--curves run in float32)")
-    if args.rollout_tokens is not None and args.rollout_tokens < 1:
-        p.error(f"--rollout-tokens={args.rollout_tokens}: must be >= 1")
+    for option, least in LEAST.items():
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value is not None and value < least:
+            p.error(f"{option}={value}: must be >= {least}")
+    known = sorted(f.stem for f in (config_dir() / "model").glob("*.yaml") if f.stem != "hf")
+    for m in args.models or ():
+        if m not in known:
+            p.error(f"--models {m}: no such preset in conf/model; known: {', '.join(known)}")
     if args.profile and (args.vs or args.curves
                          or (args.sections is not None and "steps" not in args.sections)):
         p.error("--profile: the steps section only (--vs and --curves time their steps without "
@@ -186,6 +178,9 @@ def data_size(args: argparse.Namespace) -> int:
 
 def _memory_child(args: argparse.Namespace) -> None:
     """Entry of a fresh process measuring one method's memory; prints one MEMORY_MARK line."""
+    from harness.bench.memory import measure_memory
+    from harness.bench.steps import prepare_data
+
     device = resolve_device(args.device)
     preset = args.models[0]
     with quiet():
@@ -197,6 +192,29 @@ def _memory_child(args: argparse.Namespace) -> None:
 
 def run_bench(args: argparse.Namespace, out: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the chosen sections for every model, printing each table as it is done."""
+    # the sections' modules (Lightning among their imports) only once there is work to do:
+    # --help and a bad option answer without them
+    from harness.bench.memory import (
+        MEMORY_COLUMNS,
+        RATIO_COLUMNS,
+        measure_memory,
+        memory_in_subprocess,
+        memory_notes,
+        memory_ratios,
+        memory_table_rows,
+    )
+    from harness.bench.steps import (
+        PHASE_COLUMNS,
+        STEP_COLUMNS,
+        bench_method_steps,
+        phase_notes,
+        phase_table_rows,
+        prepare_data,
+        rollout_overrides,
+        share_prompt_overrides,
+        step_notes,
+    )
+
     device = resolve_device(args.device)
     if args.vs == "trl":
         from harness.bench.vs_trl import require_trl
