@@ -184,6 +184,14 @@ class EvalConfig:
         self.lm_eval.check(f"{prefix}.lm_eval")
 
 
+#: ``trainer.accelerator`` values the harness runs on (evaluation follows: ``TrainerConfig.device``).
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+#: Lightning's names for ``trainer.precision`` (``lightning.fabric.connector._PRECISION_INPUT``,
+#: checked by a test), here so that a bad value stops before Lightning is imported.
+PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed",
+              "bf16-true", "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16")
+
+
 @dataclass
 class TrainerConfig:
     """Lightning ``Trainer`` arguments (``trainer`` group); the stage adds its budget."""
@@ -216,6 +224,8 @@ class TrainerConfig:
         positive(self, prefix, "log_every_n_steps")
         if self.threads is not None and self.threads < 1:
             fail(prefix, "threads", self.threads, "must be >= 1 or null (torch's default)")
+        one_of(self, prefix, "accelerator", ACCELERATORS)
+        one_of(self, prefix, "precision", PRECISIONS)
         if self.resume_every < 0:
             fail(prefix, "resume_every", self.resume_every, "must be >= 0 (0: no resume checkpoints)")
         if self.profiler is not None:

@@ -93,6 +93,11 @@ def validate(cfg: DictConfig) -> Settings:
               (("trainer", TrainerConfig), ("logger", LoggerConfig), ("eval", EvalConfig))}
     for g, c in groups.items():
         c.check(g)
+    sft_len = stages["sft"].max_len  # evaluation decodes within the SFT base's max_len
+    if groups["eval"].max_new_tokens >= sft_len:
+        raise ConfigError(f"eval.max_new_tokens={groups['eval'].max_new_tokens}: must be < "
+                          f"sft.max_len={sft_len} (evaluation's prompts keep sft.max_len - "
+                          "eval.max_new_tokens tokens)")
     dataset = task_config(cfg.dataset)
     _check_reward_available(dataset, method)
     return Settings(model=model, dataset=dataset, method=method, stages=stages,

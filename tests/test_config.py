@@ -141,6 +141,27 @@ def test_checking_a_config_at_the_entry_point_imports_neither_lightning_nor_torc
     assert proc.stderr.strip().splitlines()[-1] == "config error: method.beta=-1.0: must be > 0"
 
 
+def test_a_rollout_longer_than_its_max_len_stops_every_on_policy_method():
+    for method in ("ppo", "grpo", "rloo"):
+        with pytest.raises(ConfigError, match=r"method\.rollout\.max_new_tokens=32: must be < "
+                                              r"method\.max_len=32"):
+            validate(composed([f"method={method}", "method.max_len=32",
+                               "method.rollout.max_new_tokens=32"]))
+        validate(composed([f"method={method}", "method.max_len=33",
+                           "method.rollout.max_new_tokens=32"]))
+
+
+def test_the_precision_names_are_lightnings():
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT
+
+    from harness.config import PRECISIONS
+
+    names = {str(v) for part in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(part)}
+    assert set(PRECISIONS) == names
+
+
 # ------------------------------------------------------------------ checks before work
 @pytest.mark.parametrize(("override", "field"), [
     ("eval.limit=-3", "eval.limit"), ("eval.max_new_tokens=0", "eval.max_new_tokens"),
@@ -149,6 +170,9 @@ def test_checking_a_config_at_the_entry_point_imports_neither_lightning_nor_torc
     ("logger.kind=tensorboard", "logger.kind"), ("sft.max_steps=0", "sft.max_steps"),
     ("rm.pooling=max", "rm.pooling"), ("eval.lm_eval.batch_size=0", "eval.lm_eval.batch_size"),
     ("model.n_kv_heads=3", "model.n_kv_heads"), ("dataset.max_operand=0", "dataset.max_operand"),
+    ("method.rollout.max_new_tokens=128", "method.rollout.max_new_tokens"),
+    ("eval.max_new_tokens=128", "eval.max_new_tokens"), ("trainer.precision=fp8", "trainer.precision"),
+    ("trainer.accelerator=tpu", "trainer.accelerator"),
 ])
 def test_bad_values_of_every_group_are_named(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -60,6 +60,11 @@ BAD_OVERRIDES: list[tuple[str, str]] = [  # (overrides, what the message must na
     ("results_dir=/proc/version/results", "results_dir"),
     ("cache_dir=/proc/version/cache", "cache_dir"),
     ("method=nope", "method/nope"),
+    ("method=grpo method.rollout.max_new_tokens=128", "method.rollout.max_new_tokens=128"),
+    ("method=ppo method.max_len=8", "method.rollout.max_new_tokens"),
+    ("sft.max_len=16", "eval.max_new_tokens=16"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("trainer.accelerator=tpu", "trainer.accelerator"),
 ]
 
 GOOD_ROW = {"prompt": "Say yes.", "chosen": " yes", "rejected": " no"}

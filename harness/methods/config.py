@@ -15,6 +15,15 @@ from omegaconf import MISSING
 from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
 
 
+def check_rollout_fits(cfg: GroupConfig | PPOConfig, prefix: str) -> None:
+    """A rollout's sequences are ``max_len`` tokens at most: the prompt keeps what
+    ``rollout.max_new_tokens`` leaves, at least one token (the BOS)."""
+    if cfg.rollout.max_new_tokens >= cfg.max_len:
+        fail(prefix, "rollout.max_new_tokens", cfg.rollout.max_new_tokens,
+             f"must be < {prefix}.max_len={cfg.max_len} (a rollout's prompt keeps max_len - "
+             "max_new_tokens tokens)")
+
+
 @dataclass
 class SFTConfig:
     """Supervised fine-tuning: cross-entropy on response tokens (+ MoE auxiliary loss).
@@ -102,6 +111,7 @@ class GroupConfig:
                  f"must be a multiple of group_size={self.group_size} with share_prompt=true "
                  "(a minibatch holds whole groups)")
         self.rollout.check(f"{prefix}.rollout")
+        check_rollout_fits(self, prefix)
         self.optim.check(f"{prefix}.optim")
 
 
@@ -186,6 +196,7 @@ class PPOConfig:
         in_range(self, prefix, "lam", 0.0, 1.0)
         one_of(self, prefix, "critic_init", ("rm", "sft"))
         self.rollout.check(f"{prefix}.rollout")
+        check_rollout_fits(self, prefix)
         self.optim.check(f"{prefix}.optim")
         self.critic_optim.check(f"{prefix}.critic_optim")
 
