@@ -68,6 +68,7 @@ class Settings:
 def validate(cfg: DictConfig) -> Settings:
     """Check every group of a composed config; returns them as dataclasses. Raises ConfigError."""
     from harness.data.tasks import task_config
+
     known = {f.name for f in fields(RunSchema)} | set(base_stages())
     for key in cfg:
         if key not in known:
