@@ -8,10 +8,10 @@ keys and wrong types, and :func:`harness.settings.validate` checks the values (r
 divisibility) of every group and raises :class:`ConfigError` naming the field.
 
 This module holds the run-wide schemas and the shared ones (``OptimConfig``, ``RolloutConfig``)
-with the checks they use; stage configs (``SFTConfig``, ``GRPOConfig`` ...) build on them in
-:mod:`harness.methods.config`, apart from the stages' Lightning modules, the stage registry
-(:mod:`harness.registry`) names them, and :mod:`harness.settings` composes and checks it all:
-none of these imports Lightning or torch.
+with the checks they use. The stage configs (``SFTConfig``, ``GRPOConfig`` ...) build on them in
+:mod:`harness.methods.config`, which the stage registry (:mod:`harness.registry`) names, and
+:mod:`harness.settings` composes and checks them all; none of these modules imports Lightning or
+torch.
 """
 
 from __future__ import annotations
