@@ -8,6 +8,9 @@ Writes ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv``, ``le
 ``--out`` (see :mod:`harness.evaluation.standings`). ``--note`` and ``--command`` are kept in
 ``--out``/``leaderboard_header.json``, so a rebuild without them writes the same header. An empty
 runs folder is reported on stderr and still gives the files, with an empty table (exit status 0).
+A runs folder that does not exist, ``--n-boot`` below 1, or a ``--group`` that none of the records
+has stops with exit status 2 before anything is written (a typo would otherwise replace the
+leaderboard in ``--out`` with an empty one, or store the bad group for later rebuilds).
 """
 
 from __future__ import annotations
@@ -46,7 +49,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="the bootstrap's numpy seed (default: 0)")
     parser.add_argument("--no-screenshot", action="store_true",
                         help="do not render leaderboard.png with headless Chromium")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.n_boot < 1:
+        parser.error(f"--n-boot={args.n_boot}: must be >= 1")
+    return args
+
+
+def unknown_groups(runs: Path, group: str | None) -> str | None:
+    """An error message when ``group`` (comma-separated) names a group that none of the records in
+    ``runs`` has, listing the groups they have; None when every named group is there (or none is
+    named, or there are no records)."""
+    if not group:
+        return None
+    from harness.evaluation.records import load_records
+
+    records = load_records(runs)
+    present = {str(g) for r in records if (g := r.get("group"))}
+    missing = sorted({g.strip() for g in group.split(",") if g.strip()} - present)
+    if not records or not missing:
+        return None
+    return (f"--group {group}: no record in {runs} has group {', '.join(missing)}; "
+            f"groups present: {', '.join(sorted(present)) or 'none'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from harness.evaluation.standings import build_leaderboard
 
+    if not args.runs.is_dir():
+        print(f"error: --runs {args.runs}: no such folder (nothing written)", file=sys.stderr)
+        return 2
+    if (bad := unknown_groups(args.runs, args.group)) is not None:
+        print(f"error: {bad} (nothing written)", file=sys.stderr)
+        return 2
     n = sum(1 for p in args.runs.glob("*.json") if not p.name.startswith("."))
     if n == 0:
         print(f"no run records in {args.runs}: writing an empty leaderboard", file=sys.stderr)

@@ -595,6 +595,7 @@ def test_cli(records: list[dict], tmp_path: Path) -> None:
     assert "| dpo | llama_small |" in (out / "leaderboard.md").read_text()
     assert "a note" in (out / "leaderboard.md").read_text()
 
+    (tmp_path / "none").mkdir()
     empty = subprocess.run(
         [sys.executable, "-m", "harness.leaderboard", "--runs", str(tmp_path / "none"),
          "--out", str(tmp_path / "out2"), "--no-screenshot"],
@@ -602,6 +603,33 @@ def test_cli(records: list[dict], tmp_path: Path) -> None:
     )
     assert empty.returncode == 0 and "no run records" in empty.stderr
     assert (tmp_path / "out2" / "leaderboard.md").is_file()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--runs", "{tmp}/missing"], "--runs {tmp}/missing: no such folder (nothing written)"),
+    (["--group", "nope"], "--group nope: no record in {tmp}/runs has group nope; groups present: test"),
+    (["--group", "test,nope"], "--group test,nope: no record in {tmp}/runs has group nope;"),
+])
+def test_cli_stops_a_missing_folder_or_an_unknown_group_before_writing(
+        records: list[dict], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        argv: list[str], message: str) -> None:
+    from harness.leaderboard import main
+
+    for r in records:
+        write_record(r, tmp_path / "runs")
+    out = tmp_path / "out"
+    argv = ["--runs", str(tmp_path / "runs"), *(a.format(tmp=tmp_path) for a in argv)]
+    assert main([*argv, "--out", str(out), "--no-screenshot"]) == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not out.exists()  # not even the header with the bad group
+
+
+def test_cli_refuses_a_bootstrap_of_no_replicates(capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.leaderboard import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--n-boot", "0"])
+    assert "--n-boot=0: must be >= 1" in capsys.readouterr().err
 
 
 def test_header_note_and_command_survive_a_rebuild(records: list[dict], tmp_path: Path) -> None:
