@@ -7,12 +7,14 @@ Thin: compose the ``params`` config -> build the model on the meta device -> pri
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from harness.conf_path import config_dir
-from harness.config import ModelConfig, model_config
+from harness.config import ConfigError, ModelConfig, model_config
 from harness.models.param_count import (
     format_breakdown,
     format_transformers_breakdown,
@@ -40,7 +42,13 @@ def report(cfg: DictConfig) -> str:
 
 @hydra.main(config_path=str(config_dir()), config_name="params", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    print(report(cfg))
+    try:
+        text = report(cfg)
+    except ConfigError as exc:  # one line naming the field, as `python -m harness` stops
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.exit(f"config error: {exc}")
+    print(text)
 
 
 if __name__ == "__main__":

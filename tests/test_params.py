@@ -109,3 +109,11 @@ def test_cli_prints_total_and_writes_nothing(tmp_path):
     assert any(line.startswith("active per token") and line.split()[-2] == "12879925248"
                for line in out["mixtral_8x7b"])
     assert list(tmp_path.iterdir()) == []  # no outputs/, .hydra/ or log files
+
+
+def test_cli_stops_a_bad_shape_with_one_line():
+    proc = subprocess.run([sys.executable, "-m", "harness.params", "model.d_model=0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "config error: model.d_model=0: must be a positive integer"
