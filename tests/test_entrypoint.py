@@ -144,6 +144,41 @@ def test_sft_run_writes_summary_checkpoint_and_offline_wandb_then_reuses_cache(t
     assert not (tmp_path / "run3").exists()
 
 
+@pytest.mark.parametrize("sweep", [
+    ["method=grpo", "method.beta=0.1,-1"],                 # a grid on the command line
+    ["+sweep=compare", "seed=0,-1"],                        # a sweep config's params (and its glob)
+])
+def test_a_sweep_with_one_bad_value_stops_before_its_first_job(tmp_path, sweep):
+    out = harness("-m", *sweep, "logger=none", f"cache_dir={tmp_path}/cache",
+                  f"results_dir={tmp_path}/results", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("config error: ") and "(sweep job: " in last
+    assert last.endswith("; no job was launched)")
+    assert ("method.beta=-1.0: must be >= 0.0" in last) if "method=grpo" in sweep else \
+        ("seed=-1: must be >= 0" in last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no sweep folder, cache or record
+
+
+def test_the_sweep_check_expands_jobs_as_the_basic_sweeper():
+    from hydra import compose, initialize_config_dir
+
+    from harness.settings import register_configs
+    from harness.sweep_check import sweep_jobs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+sweep=compare", "logger=none"],
+                      return_hydra_config=True)
+        jobs = sweep_jobs(cfg)
+    # the sweep config's glob over conf/method, its models and seeds, then the command line
+    assert jobs is not None and len(jobs) == 4 * 2 * 3
+    assert {tuple(j) for j in jobs} == {
+        (f"method={m}", f"model={mo}", f"seed={s}", "+sweep=compare", "logger=none")
+        for m in ("dpo", "grpo", "ppo", "rloo") for mo in ("llama_small", "moe_small")
+        for s in (0, 1, 2)}
+
+
 @pytest.mark.slow
 def test_multirun_sweep_shares_the_sft_base_and_rebuilds_the_leaderboard(tmp_path):
     # (overrides apply to every job, and Hydra composes the sweep's base config with the default
