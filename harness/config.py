@@ -225,6 +225,9 @@ class TrainerConfig:
         if self.threads is not None and self.threads < 1:
             fail(prefix, "threads", self.threads, "must be >= 1 or null (torch's default)")
         one_of(self, prefix, "accelerator", ACCELERATORS)
+        if isinstance(d, list | tuple) and self.device() == "cpu":
+            fail(prefix, "devices", list(d), "a list of device ids needs GPUs; on a CPU give the "
+                 "number of processes (trainer=ddp: 2)")
         one_of(self, prefix, "precision", PRECISIONS)
         if self.resume_every < 0:
             fail(prefix, "resume_every", self.resume_every, "must be >= 0 (0: no resume checkpoints)")

@@ -170,6 +170,9 @@ class Run:
                                                 model_max_length=model_cfg.max_seq_len)
         if model_cfg.vocab_size is None:
             model_cfg.vocab_size = len(tokenizer)
+        elif model_cfg.pretrained is None and model_cfg.vocab_size < len(tokenizer):
+            raise ConfigError(f"model.vocab_size={model_cfg.vocab_size}: smaller than the "
+                              f"tokenizer's {len(tokenizer)} tokens (null takes the tokenizer's)")
         #: the prompt format in effect (``auto`` resolved for the tokenizer)
         try:
             self.prompt_format = effective_format(settings.dataset.prompt_format, tokenizer)

@@ -94,6 +94,13 @@ def validate(cfg: DictConfig) -> Settings:
               (("trainer", TrainerConfig), ("logger", LoggerConfig), ("eval", EvalConfig))}
     for g, c in groups.items():
         c.check(g)
+    # the SFT base (every run's start and evaluation length) and the stage the run is for
+    own = name if name in stages else "method"
+    for section, c in {"sft": stages["sft"], own: stages.get(name, method)}.items():
+        if getattr(c, "max_len", 0) > model.max_seq_len:
+            raise ConfigError(f"{section}.max_len={c.max_len}: must be <= model.max_seq_len="
+                              f"{model.max_seq_len} (the longest sequence the model is built and "
+                              "exported for)")
     sft_len = stages["sft"].max_len  # evaluation decodes within the SFT base's max_len
     if groups["eval"].max_new_tokens >= sft_len:
         raise ConfigError(f"eval.max_new_tokens={groups['eval'].max_new_tokens}: must be < "

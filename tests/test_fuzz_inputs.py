@@ -65,6 +65,11 @@ BAD_OVERRIDES: list[tuple[str, str]] = [  # (overrides, what the message must na
     ("sft.max_len=16", "eval.max_new_tokens=16"),
     ("trainer.precision=fp8", "trainer.precision"),
     ("trainer.accelerator=tpu", "trainer.accelerator"),
+    ("model.max_seq_len=16", "sft.max_len=128: must be <= model.max_seq_len=16"),
+    ("method=dpo model.max_seq_len=64 sft.max_len=32 eval.max_new_tokens=8",
+     "method.max_len=128: must be <= model.max_seq_len=64"),
+    ("model.vocab_size=10", "model.vocab_size=10: smaller than the tokenizer's"),
+    ("trainer.devices=[0]", "trainer.devices=[0]: a list of device ids needs GPUs"),
 ]
 
 GOOD_ROW = {"prompt": "Say yes.", "chosen": " yes", "rejected": " no"}
