@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 from hydra import compose
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
@@ -34,6 +33,10 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     sweeper = config.hydra.sweeper
     if sweeper.get("_target_") != BASIC_SWEEPER:
         return None
+    # Hydra's own expansion (a private module): imported here, so that a Hydra that moved it only
+    # turns this check into the warning Hydra gives a failing callback, never stops a run
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
     task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
     assert isinstance(task, list)
