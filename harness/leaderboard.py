@@ -62,10 +62,11 @@ def unknown_groups(runs: Path, group: str | None) -> str | None:
     if not group:
         return None
     from harness.evaluation.records import load_records
+    from harness.evaluation.standings import group_names
 
     records = load_records(runs)
     present = {str(g) for r in records if (g := r.get("group"))}
-    missing = sorted({g.strip() for g in group.split(",") if g.strip()} - present)
+    missing = sorted(group_names(group) - present)
     if not records or not missing:
         return None
     return (f"--group {group}: no record in {runs} has group {', '.join(missing)}; "

@@ -242,6 +242,11 @@ def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- selecting and aggregating
+def group_names(group: str) -> set[str]:
+    """The groups a ``--group`` value names: ``"compare,smollm2"`` -> both (blanks dropped)."""
+    return {g.strip() for g in group.split(",") if g.strip()}
+
+
 def select_group(records: Sequence[Mapping[str, Any]], group: str | None = None
                  ) -> tuple[list[Mapping[str, Any]], str | None]:
     """The records of the main table and the group they come from: ``group`` when given (several
@@ -251,7 +256,7 @@ def select_group(records: Sequence[Mapping[str, Any]], group: str | None = None
         group = DEFAULT_GROUP
     if group is None:
         return list(records), None
-    groups = {g.strip() for g in group.split(",") if g.strip()}  # "compare,smollm2": both
+    groups = group_names(group)
     return [r for r in records if r.get("group") in groups], group
 
 
@@ -1070,7 +1075,7 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
         prov = f"{len(records)} run records ({n_failed} failed) from `{runs_dir}`"
         if chosen is not None:
             others = defaultdict(int)
-            shown = {g.strip() for g in chosen.split(",")}
+            shown = group_names(chosen)
             for r in all_records:
                 if r.get("group") not in shown:
                     others[str(r.get("group"))] += 1

@@ -39,11 +39,16 @@ def build_leaderboard_after(results: Path, command: str, sweep_group: str) -> di
     stored for the table's rows.
     """
     from harness.evaluation.records import load_records
-    from harness.evaluation.standings import build_leaderboard, header_settings, select_group
+    from harness.evaluation.standings import (
+        build_leaderboard,
+        group_names,
+        header_settings,
+        select_group,
+    )
 
     _, _, stored_group = header_settings(results, None, None)
     _, shown = select_group(load_records(results / "runs"), stored_group)
-    if shown is not None and sweep_group not in {g.strip() for g in shown.split(",")}:
+    if shown is not None and sweep_group not in group_names(shown):
         log.info("leaderboard: sweep group %r is not in the table (groups %s); its header keeps "
                  "its command", sweep_group, shown)
         return build_leaderboard(results / "runs", results)
