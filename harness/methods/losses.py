@@ -453,8 +453,13 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask
     instead of the mask's (DDP: the global minibatch's tokens over the world size). Returns (L_V
     0-dim, {"value_clip_frac": fraction of valid tokens where the clipped error is the larger,
     i.e. active, term}).
+
+    ``V_clip`` is ``clamp(V, V_old - c, V_old + c)`` (TRL's form), not baselines'
+    ``V_old + clamp(V - V_old, -c, c)``: the two agree in exact arithmetic, but the second rounds
+    away from V inside the range whenever the subtraction is inexact, and the ``max`` then counts
+    that rounding as clipping.
     """
-    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    v_clipped = torch.clamp(values, old_values - clip_range, old_values + clip_range)
     err = (values - returns) ** 2
     err_clipped = (v_clipped - returns) ** 2
     worse = torch.maximum(err, err_clipped)
