@@ -301,9 +301,16 @@ class RunSchema:
     force_retrain: bool = False      # retrain cached stages instead of reusing them
     #: where each finished run adds its record (null = none); ``python -m harness.leaderboard``
     results_dir: str | None = "${oc.env:HARNESS_RESULTS_DIR,results}"
+    #: the level at which third-party libraries' lines (Lightning, transformers, datasets, W&B,
+    #: lm-eval) reach the console and the run's log (:mod:`harness.console`); the harness's own
+    #: lines are always shown
+    log_level: str = "WARNING"
 
     def check(self) -> None:
+        from harness.console import LEVELS
+
         in_range(self, "", "seed", 0, 2**32 - 1)
+        one_of(self, "", "log_level", LEVELS)
 
 
 def to_dataclass(schema: type, node: Any, prefix: str | None = None) -> Any:

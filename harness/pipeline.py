@@ -34,6 +34,7 @@ from harness import resume
 from harness.atomic import check_writable, write_json
 from harness.cache import StageCache, StageRecord, stage_key
 from harness.config import ConfigError, OptimConfig, TrainerConfig
+from harness.console import quiet_console
 from harness.data.prompt_format import FormattedTask, effective_format
 from harness.data.tasks import build_task
 from harness.data.tokenizer import load_or_build_tokenizer
@@ -50,26 +51,9 @@ from harness.settings import Settings, validate
 from harness.stage import Budget, Built, Fit, Stage, StageContext, set_gradient_checkpointing
 from harness.step_profile import BATCH_ACTION, build_profiler, format_split, phase_seconds, recorded
 from harness.tracking.loggers import RunLoggers
+from harness.tracking.progress import stage_progress_bar
 
 log = logging.getLogger("harness")
-
-
-class _DropNoise(logging.Filter):
-    """Hide Lightning's advertising tips from the run's console and log file."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
-
-
-def quiet_lightning() -> None:
-    """Route Lightning's messages through Hydra's handlers once (no duplicated console lines)."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        lg = logging.getLogger(name)
-        for h in list(lg.handlers):
-            lg.removeHandler(h)
-        lg.propagate = True
-    for h in logging.getLogger().handlers:
-        h.addFilter(_DropNoise())
 
 
 def build_trainer(trainer: TrainerConfig, logger, ckpt_dir: Path, run_dir: Path, budget: Budget,
@@ -82,6 +66,8 @@ def build_trainer(trainer: TrainerConfig, logger, ckpt_dir: Path, run_dir: Path,
                        HistoryRecorder(), *extra_callbacks]
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if trainer.enable_progress_bar:
+        callbacks.append(stage_progress_bar(stage))
     kwargs: dict[str, Any] = {}
     if budget.val_every is not None:
         kwargs.update(val_check_interval=budget.val_every, check_val_every_n_epoch=None)
@@ -277,7 +263,6 @@ class Run:
                     peak_mem_mb=m.get("cost/train_peak_mem_mb", float("nan")),
                     cached=True, extra=_throughput(m))
                 return Built(stage.name, cfg, model, found, found.checkpoint)
-            log.info("%s stage: training %s", stage.name.upper(), key)
             built = self.train(stage, cfg, inputs, key, decides)
             cost = self.costs[stage.name]
             built.record.metrics.update({"cost/train_wall_s": cost.wall_s,
@@ -289,7 +274,9 @@ class Run:
 
     def train(self, stage: Stage, cfg: Any, inputs: dict[str, Built], key: str | None,
               decides: dict) -> Built:
-        """Build ``stage`` (global RNGs seeded first), fit it, save its model; metered."""
+        """Build ``stage`` (global RNGs seeded first), fit it, save its model; metered. The log
+        says when it starts (with its cache key, for a base stage) and when it is done."""
+        log.info("%s stage: training%s", stage.name.upper(), f" {key}" if key else "")
         with self.meter(stage.name):
             seed_stage(self.s.seed)
             job = stage.build(self.ctx, cfg, inputs)
@@ -302,6 +289,7 @@ class Run:
             if is_rank_zero():  # the other ranks of a DDP run hold the same weights
                 stage.save(job.model, checkpoint, self.tokenizer, self.cfg)
         self.loggers.close(stage.name)
+        log.info("%s stage: trained in %.1f s", stage.name.upper(), self.costs[stage.name].wall_s)
         model = job.model
         if stage.base:  # what later stages build on is what the cache would give them: merged,
             from harness.models.lora import has_lora, merged
@@ -604,7 +592,7 @@ def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dic
     summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir), "method": name,
                                "model": settings.model.name, "dataset": settings.dataset.name,
                                "seed": settings.seed, "config": resolved}
-    quiet_lightning()
+    quiet_console(settings.log_level, verbose=_hydra_verbose())
     t = settings.trainer
     if t.threads is not None:
         torch.set_num_threads(t.threads)
@@ -638,12 +626,16 @@ def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dic
             samples: list[dict] = []
             per_prompt = None
             if policy is not None:
+                t_eval = time.perf_counter()
+                log.info("evaluation: %s split%s", settings.eval.split,
+                         ", then lm-eval" if settings.eval.lm_eval.enabled else "")
                 eval_metrics, samples, per_prompt = evaluate(r, policy, reference,
                                                              settings.eval_max_len)
                 metrics.update(eval_metrics)
                 if settings.eval.lm_eval.enabled:
                     lm_metrics, summary["lm_eval_command"] = lm_eval_stage(r, final.checkpoint)
                     metrics.update(lm_metrics)
+                log.info("evaluation: done in %.1f s", time.perf_counter() - t_eval)
         summary["history"] = r.histories.get(name, {})
         summary["per_prompt"] = per_prompt
         cost = stage_costs(r.costs, name, time.perf_counter() - t0)
@@ -659,3 +651,10 @@ def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dic
         raise
     write_outputs(summary, run_dir)
     return summary
+
+
+def _hydra_verbose() -> bool:
+    """Whether ``hydra.verbose`` names any logger (then every logger keeps the level it names)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and bool(HydraConfig.get().verbose)

@@ -49,6 +49,7 @@ class Settings:
     cache_dir: str
     force_retrain: bool
     results_dir: str | None
+    log_level: str
 
     @property
     def method_name(self) -> str:
@@ -74,7 +75,8 @@ def validate(cfg: DictConfig) -> Settings:
         if key not in known:
             raise ConfigError(f"{key}: unknown top-level field; known: {', '.join(sorted(known))}")
     top = to_dataclass(RunSchema, {k: cfg[k] for k in ("seed", "group", "cache_dir",
-                                                       "force_retrain", "results_dir")})
+                                                       "force_retrain", "results_dir",
+                                                       "log_level")})
     top.check()
     model = model_config(cfg.model, to_absolute_path(top.cache_dir))
     name = cfg.method.name
@@ -110,7 +112,8 @@ def validate(cfg: DictConfig) -> Settings:
     _check_reward_available(dataset, method)
     return Settings(model=model, dataset=dataset, method=method, stages=stages,
                     seed=top.seed, group=top.group, cache_dir=top.cache_dir,
-                    force_retrain=top.force_retrain, results_dir=top.results_dir, **groups)
+                    force_retrain=top.force_retrain, results_dir=top.results_dir,
+                    log_level=top.log_level, **groups)
 
 
 def _check_reward_available(dataset: Any, method: Any) -> None:

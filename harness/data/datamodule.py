@@ -81,7 +81,7 @@ class AlignmentDataModule(L.LightningDataModule):
             name = f"{self.task.name} {self.kind} {split}"
             ds, stats = tokenize_dataset(self._source(split), self.tokenizer, self.kind,
                                          self.max_len, self.overflow, name=name)
-            level = logging.WARNING if stats.truncated or stats.skipped else logging.INFO
+            level = logging.WARNING if stats.truncated or stats.skipped else logging.DEBUG
             log.log(level, "data %s (max_len=%d, overflow=%s): %s", name, self.max_len,
                     self.overflow, stats)
             self.datasets[split] = ds.with_format(None)

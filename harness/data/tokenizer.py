@@ -100,7 +100,7 @@ def load_or_build_tokenizer(task: Any, cfg: Mapping[str, Any] | None = None,
     root = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache/harness/tokenizers"
     path = root / tokenizer_key(task, vocab_size)
     if (path / "tokenizer.json").exists():
-        log.info("tokenizer: loading cached %s", path)
+        log.debug("tokenizer: loading cached %s", path)
         return load_tokenizer(path, model_max_length)
     log.info("tokenizer: training a byte-level BPE (vocab_size=%d) on %s", vocab_size, task.name)
     tok = build_tokenizer(task.corpus(), vocab_size=vocab_size, model_max_length=model_max_length)

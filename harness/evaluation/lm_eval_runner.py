@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shlex
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -126,12 +127,18 @@ def lm_eval_results(checkpoint_dir: str | os.PathLike, include_dir: str | os.Pat
     return results
 
 
+NOT_A_REPO = "not a git repository"
+"""What ``git describe``, run by lm-eval for its results' provenance, writes outside a checkout."""
+
+
 @contextlib.contextmanager
 def quiet_lm_eval() -> Iterator[None]:
     """Keep lm-eval's progress bars and INFO lines out of the run's console.
 
-    Its progress bars (tqdm, on ``sys.stderr``) are captured and dropped; any other text it wrote
-    there is passed on to the log afterwards, so warnings are not lost.
+    Its progress bars (tqdm, on ``sys.stderr``) are captured and dropped, and so is what the
+    processes it starts write to file descriptor 2 (``git describe``'s "fatal: not a git
+    repository" when a run starts outside a checkout); any other text written there is passed on
+    to the log afterwards, so warnings are not lost.
     """
     loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
     levels = [lg.level for lg in loggers]
@@ -139,14 +146,34 @@ def quiet_lm_eval() -> Iterator[None]:
         lg.setLevel(logging.WARNING)
     buffer = io.StringIO()
     try:
-        with contextlib.redirect_stderr(buffer):
+        with contextlib.redirect_stderr(buffer), _fd2_to(buffer):
             yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
         for line in buffer.getvalue().replace("\r", "\n").splitlines():
-            if line.strip() and "/s]" not in line and "%|" not in line:  # not a progress bar
+            if line.strip() and "/s]" not in line and "%|" not in line and NOT_A_REPO not in line:
                 log.warning("lm_eval: %s", line.strip())
+
+
+@contextlib.contextmanager
+def _fd2_to(buffer: io.StringIO) -> Iterator[None]:
+    """Point file descriptor 2 (what child processes inherit as stderr) at a temporary file for
+    the block, then append what was written there to ``buffer``."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as tmp:
+        if sys.__stderr__ is not None:
+            sys.__stderr__.flush()  # what was written before the block goes where it was meant to
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            buffer.write(tmp.read().decode(errors="replace"))
 
 
 def flatten_results(results: Mapping[str, Any], prefix: str = "eval") -> dict[str, float]:
@@ -205,7 +232,7 @@ def run_lm_eval(checkpoint_dir: str | os.PathLike, include_dir: str | os.PathLik
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = raw[0] if len(raw) == 1 else raw
         out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    log.info("lm_eval: %s", flat)
+    log.debug("lm_eval: %s", flat)
     return flat
 
 

@@ -50,7 +50,7 @@ def build_logger(cfg: dict[str, Any], stage: str, save_dir: Path) -> Logger | No
     ident = run_identity(cfg, stage)
     offline = not wants_online(bool(lcfg["offline"]))
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(
+    return QuietWandbLogger(
         project=lcfg["project"],
         entity=lcfg["entity"],
         name=ident["name"],
@@ -62,6 +62,16 @@ def build_logger(cfg: dict[str, Any], stage: str, save_dir: Path) -> Logger | No
         log_model=False,  # checkpoints are logged as artifacts by the pipeline (offline too)
         config=flatten(cfg),
     )
+
+
+class QuietWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` without the ``anonymous=None`` it always hands ``wandb.init``:
+    wandb 0.2x deprecated the setting and warns on every run that passes it, ``None`` included."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
 
 
 class RunLoggers:

@@ -135,7 +135,7 @@ class Task(ABC):
         else:
             path = self.cache_path / key
             if not (path / "dataset_info.json").exists():
-                log.info("data: generating %s/%s", self.cache_path.name, key)
+                log.debug("data: generating %s/%s", self.cache_path.name, key)
                 _save_atomic(_to_dataset(build()), path)
                 self._write_config()
             ds = load_from_disk(str(path))

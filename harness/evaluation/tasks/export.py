@@ -204,5 +204,5 @@ def export_task_data(task: Any, out_dir: str | os.PathLike, *, limit: int | None
                 "bos_token": bos, "eos_token": eos, "limit": limit, "max_gen_toks": int(max_gen_toks),
                 "counts": counts, "group": group_name(name), "tasks": task_names(name, kinds)}
     write_text(data_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    log.info("lm-eval: exported %s (%s) to %s", name, counts, out)
+    log.debug("lm-eval: exported %s (%s) to %s", name, counts, out)
     return out
