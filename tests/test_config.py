@@ -179,6 +179,17 @@ def test_bad_values_of_every_group_are_named(override, field):
         validate(composed(["method=grpo", override]))
 
 
+def test_ppo_on_the_gold_reward_refuses_a_critic_from_a_reward_model_it_has_not():
+    with pytest.raises(ConfigError, match=r"method\.critic_init='rm': needs a reward model, and "
+                                          r"method\.reward_source='gold' trains none"):
+        validate(composed(["method=ppo", "method.reward_source=gold", "method.critic_init=rm"]))
+    gold = validate(composed(["method=ppo", "method.reward_source=gold"])).method
+    assert gold.critic_start == "sft"  # null: the SFT base when there is no reward model
+    rm = validate(composed(["method=ppo"])).method
+    assert rm.reward_source == "rm" and rm.critic_start == "rm"
+    assert validate(composed(["method=ppo", "method.critic_init=sft"])).method.critic_start == "sft"
+
+
 def test_wandb_online_without_a_key_is_refused_before_work(monkeypatch, tmp_path):
     from harness.tracking.wandb_auth import credentials_found, wants_online
 

@@ -393,6 +393,21 @@ def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
         assert "train/rewards_acc" in m
 
 
+def test_ppo_learns_from_the_gold_reward_with_a_critic_from_the_sft_base(tmp_path):
+    """reward_source=gold: no reward-model stage is trained or read, the critic starts from the SFT
+    base, and the rollout's scores are the task's 0/1 gold rewards."""
+    cfg = composed([*TINY_SFT, "method=ppo", "method.reward_source=gold", "method.n_iterations=2",
+                    "method.rollout.prompts_per_batch=8", "method.minibatch_size=8",
+                    "results_dir=null", f"cache_dir={tmp_path}/cache"])
+    summary = run(cfg, tmp_path / "run")
+    assert summary["status"] == "ok" and summary["reward_source"] == "gold"
+    assert set(summary["stages"]) == {"sft", "ppo"} and "rm" not in summary["cache_keys"]
+    assert not list((tmp_path / "cache" / "stages").glob("rm-*"))
+    m = summary["metrics"]
+    assert 0.0 <= m["train/reward"] <= 1.0 and "train/value_loss" in m
+    assert summary["config"]["method"]["critic_init"] is None
+
+
 @pytest.mark.slow
 def test_same_seed_same_metrics_and_sft_reused(tmp_path):
     summaries = []

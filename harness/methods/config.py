@@ -162,8 +162,11 @@ class PPOConfig:
     ``beta``: the per-token KL penalty ``r_t - beta log(pi/pi_ref)``, large enough that the policy
     cannot drift into its reward model's errors (``sweeps/tune.sh`` tunes it); ``adaptive_kl``
     adapts it towards ``target_kl`` over ``kl_horizon`` (Ziegler et al. 2019).
-    ``update_epochs``: optimisation passes over each rollout batch. ``critic_init``: the critic
-    starts from the reward model (rm) or the SFT base (sft).
+    ``update_epochs``: optimisation passes over each rollout batch. ``reward_source``: the
+    sequence reward of a rollout, the reward model's score (rm) or the task's gold reward (gold),
+    as for every online method. ``critic_init``: the critic starts from the reward model (rm) or
+    the SFT base (sft); null takes the reward model when there is one (``reward_source=rm``),
+    else the SFT base. ``critic_start`` is the choice made.
     """
 
     name: str = "ppo"
@@ -182,7 +185,8 @@ class PPOConfig:
     target_kl: float = 6.0
     kl_horizon: int = 10000
     whiten_advantages: bool = True
-    critic_init: str = "rm"         # rm | sft
+    reward_source: str = "rm"       # rm | gold
+    critic_init: str | None = None  # rm | sft | null (rm with a reward model, else sft)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5))
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5))
@@ -194,11 +198,22 @@ class PPOConfig:
             in_range(self, prefix, f, 0.0, None)
         in_range(self, prefix, "gamma", 0.0, 1.0)
         in_range(self, prefix, "lam", 0.0, 1.0)
-        one_of(self, prefix, "critic_init", ("rm", "sft"))
+        one_of(self, prefix, "reward_source", ("rm", "gold"))
+        one_of(self, prefix, "critic_init", (None, "rm", "sft"))
+        if self.critic_init == "rm" and self.reward_source != "rm":
+            fail(prefix, "critic_init", self.critic_init,
+                 f"needs a reward model, and {prefix}.reward_source={self.reward_source!r} trains "
+                 f"none: start the critic from the SFT base ({prefix}.critic_init=sft, or null)")
         self.rollout.check(f"{prefix}.rollout")
         check_rollout_fits(self, prefix)
         self.optim.check(f"{prefix}.optim")
         self.critic_optim.check(f"{prefix}.critic_optim")
+
+    @property
+    def critic_start(self) -> str:
+        """Where the critic starts: ``critic_init``, or for null the reward model when the run has
+        one, else the SFT base."""
+        return self.critic_init or ("rm" if self.reward_source == "rm" else "sft")
 
 
 @dataclass

@@ -133,18 +133,17 @@ class PPOModule(OnPolicyModule):
 
 
 class PPOStage(OnPolicyStage):
-    """PPO against the cached reward model, its critic initialised from it (or the SFT base)."""
+    """PPO on the cached reward model's scores (``reward_source=rm``) or the task's gold reward
+    (``gold``); the critic starts from the reward model or the SFT base (``critic_start``)."""
 
     name = "ppo"
     config = PPOConfig
 
-    def reward_source(self, cfg: PPOConfig) -> str:
-        return "rm"
-
     def build(self, ctx, cfg: PPOConfig, inputs) -> Fit:
-        rm, sft = inputs["rm"].model, inputs["sft"].model
+        rm = inputs["rm"].model if "rm" in inputs else None
+        sft = inputs["sft"].model
         lora = ctx.model_cfg.lora
-        if cfg.critic_init == "rm":
+        if cfg.critic_start == "rm":
             critic = copy.deepcopy(rm)
             if lora.r and lora.reward_and_critic:
                 from harness.models.lora import add_lora
@@ -156,10 +155,11 @@ class PPOStage(OnPolicyStage):
         module = PPOModule(policy, reference, critic, ctx.tokenizer, cfg,
                            self.scorer(ctx, cfg, inputs), ctx.seed)
         n = cfg.rollout.prompts_per_batch
+        networks = {"policy": policy, "reference": reference, "critic": critic}
+        if rm is not None:
+            networks["reward_model"] = rm
         return Fit(module, ctx.prompt_loader(n, cfg.n_iterations), self.budget(cfg), model=policy,
-                   networks={"policy": policy, "reference": reference, "critic": critic,
-                             "reward_model": rm},
-                   trainable=[policy, critic], sequences=n, layout=f"{n} prompts",
+                   networks=networks, trainable=[policy, critic], sequences=n, layout=f"{n} prompts",
                    passes=cfg.update_epochs, minibatch=cfg.minibatch_size)
 
     def sized(self, cfg: PPOConfig, batch: int, n_batches: int) -> PPOConfig:
