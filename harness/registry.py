@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from harness.methods.config import (
     DPOConfig,
     GRPOConfig,
+    OnlineDPOConfig,
     PPOConfig,
     RLOOConfig,
     RMConfig,
@@ -79,6 +80,7 @@ STAGES = Registry({
     "grpo": Entry("harness.methods.grpo:GRPOStage", GRPOConfig),
     "dpo": Entry("harness.methods.dpo:DPOStage", DPOConfig),
     "rloo": Entry("harness.methods.rloo:RLOOStage", RLOOConfig),
+    "online_dpo": Entry("harness.methods.online_dpo:OnlineDPOStage", OnlineDPOConfig),
 })
 
 

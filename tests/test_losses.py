@@ -28,6 +28,7 @@ from harness.methods.losses import (
     masked_sum,
     masked_var,
     masked_whiten,
+    online_pairs,
     pairwise_accuracy,
     ppo_clipped_surrogate,
     rloo_advantages,
@@ -435,6 +436,20 @@ def test_group_relative_advantages():
 
 
 # ------------------------------------------------------------------------------------- DPO
+
+
+def test_online_pairs_take_each_prompts_best_and_worst_and_skip_ties():
+    # k = 4: prompt 0 scores (0, 1, 1, 0) -> chosen row 1 (the first best), rejected row 0;
+    # prompt 1 all 2 -> no preference; prompt 2 (3, 1, 2, 0) -> chosen row 8, rejected row 11
+    chosen, rejected, valid = online_pairs(t([0.0, 1, 1, 0, 2, 2, 2, 2, 3, 1, 2, 0]), 4)
+    assert chosen.tolist() == [1, 4, 8] and rejected.tolist() == [0, 4, 11]
+    assert valid.tolist() == [True, False, True]
+    chosen, rejected, valid = online_pairs(t([0.2, -0.5]), 2)  # k = 2: Guo et al.'s pair
+    assert (chosen.tolist(), rejected.tolist(), valid.tolist()) == ([0], [1], [True])
+    with pytest.raises(ValueError, match="k >= 2"):
+        online_pairs(t([1.0]), 1)
+    with pytest.raises(ValueError, match="divisible"):
+        online_pairs(t([1.0, 2.0, 3.0]), 2)
 
 
 def test_dpo_losses_by_hand():

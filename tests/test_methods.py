@@ -360,7 +360,7 @@ def test_an_moe_sft_base_trained_in_this_run_trains_dpo_as_the_cached_one_does(t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["rm", "dpo", "grpo", "ppo", "rloo"])
+@pytest.mark.parametrize("method", ["rm", "dpo", "grpo", "ppo", "rloo", "online_dpo"])
 def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "shared-cache"
     budget = {"rm": [], "dpo": ["method.max_steps=6", "method.val_every=3"],
@@ -368,7 +368,10 @@ def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
               "rloo": ["method.n_iterations=3", "method.group_size=4", "method.update_epochs=2",
                        "method.minibatch_size=8"],
               "ppo": ["method.n_iterations=3", "method.rollout.prompts_per_batch=8",
-                      "method.minibatch_size=4"]}[method]
+                      "method.minibatch_size=4"],
+              # reward-model scores differ between responses, so every prompt gives a pair
+              "online_dpo": ["method.n_iterations=3", "method.group_size=4",
+                             "method.reward_source=rm"]}[method]
     out = tmp_path_factory.mktemp(method)
     cfg = composed([*TINY_SFT, f"method={method}", *budget, f"cache_dir={cache}"])
     summary = run(cfg, out)
@@ -391,6 +394,9 @@ def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
         assert summary["cache_keys"]["rm"] and "train/value_loss" in m and "train/entropy" in m
     if method == "dpo":
         assert "train/rewards_acc" in m
+    if method == "online_dpo":
+        assert summary["reward_source"] == "rm" and summary["cache_keys"]["rm"]
+        assert m["train/pair_frac"] == 1.0 and "train/rewards_margin" in m
 
 
 def test_ppo_learns_from_the_gold_reward_with_a_critic_from_the_sft_base(tmp_path):
@@ -441,6 +447,67 @@ def test_a_zero_kl_coefficient_skips_the_reference_pass(tiny_task, method):
                      rollout=RolloutConfig(prompts_per_batch=2, max_new_tokens=3))
         ro = module_cls(policy, ref, tok, cfg, gold, seed=0).group_rollout(["1+2=", "3+4="])
         assert len(seen) == calls and (ro.ref_logp is None) == (beta == 0)
+
+
+class _Sched:
+    steps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+
+def _online_dpo_step(tok, scores: list[float], beta: float = 0.5):
+    """One online DPO training step outside Lightning: k = 4 responses to each of 2 prompts scored
+    ``scores``; returns (module, rollout, the losses it stepped on, the scheduler, logged stats)."""
+    from harness.methods.online_dpo import OnlineDPOConfig, OnlineDPOModule
+
+    torch.manual_seed(1)
+    policy = CausalLM(ModelConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4,
+                                  n_kv_heads=2, d_ff=64, max_seq_len=64))
+    cfg = OnlineDPOConfig(group_size=4, minibatch_size=2, beta=beta,
+                          rollout=RolloutConfig(prompts_per_batch=2, max_new_tokens=4))
+    module = OnlineDPOModule(policy, tiny_model(tok), tok, cfg,
+                             lambda *_: torch.tensor(scores), seed=0)
+    seen: dict = {"losses": []}
+    sched = _Sched()
+    rollout = module.group_rollout
+    module.group_rollout = lambda batch: seen.setdefault("ro", rollout(batch))
+    module.optimizers, module.lr_schedulers = (lambda: None), (lambda: sched)
+    module.step = lambda loss, *_: (seen["losses"].append(loss.detach()), sched.step())
+    module.log_rollout = lambda ro, adv, stats, it: seen.update(adv=adv, stats=stats)
+    module.training_step(["1+2=", "13+4="], 0)
+    return module, seen, sched
+
+
+def test_online_dpo_trains_on_the_best_and_worst_response_of_each_prompt(tiny_task):
+    """Prompt 0's responses score (0, 1, 1, 0): the pair is rows (1, 0); prompt 1's all tie: no
+    pair. The step's loss is DPO's on that one pair, from the policy's log-probs of the two rows
+    and the rollout's reference log-probs: -log sigma(beta h)."""
+    from harness.methods.rollout import response_logprobs
+
+    _, tok = tiny_task
+    module, seen, sched = _online_dpo_step(tok, [0.0, 1, 1, 0, 2, 2, 2, 2])
+    ro = seen["ro"]
+    with torch.no_grad():
+        logp, _, _ = response_logprobs(module.policy, ro.input_ids[[1, 0]],
+                                       ro.attention_mask[[1, 0]], ro.prompt_len)
+    pol = (logp * ro.mask[[1, 0]]).sum(-1)
+    ref = (ro.ref_logp[[1, 0]] * ro.mask[[1, 0]]).sum(-1)
+    h = (pol[0] - ref[0]) - (pol[1] - ref[1])
+    assert abs(float(h)) > 1e-3  # policy and reference differ: the test can tell the pair apart
+    (loss,) = seen["losses"]
+    torch.testing.assert_close(loss, -torch.nn.functional.logsigmoid(0.5 * h), rtol=1e-5,
+                               atol=1e-6)
+    assert sched.steps == 1 and seen["adv"] is None
+    assert seen["stats"]["pair_frac"][0].item() == 0.5
+    assert seen["stats"]["rewards_margin"][0].item() == pytest.approx(0.5 * float(h), rel=1e-4)
+
+
+def test_online_dpo_takes_no_step_when_every_prompt_ties(tiny_task):
+    _, tok = tiny_task
+    _, seen, sched = _online_dpo_step(tok, [1.0] * 8)
+    assert seen["losses"] == [] and sched.steps == 1  # the schedule still advances
+    assert seen["stats"]["pair_frac"][0].item() == 0.0 and "loss" not in seen["stats"]
 
 
 def test_a_packed_grpo_step_samples_the_same_rollout_and_loses_the_same(tiny_task):

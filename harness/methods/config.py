@@ -15,7 +15,7 @@ from omegaconf import MISSING
 from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
 
 
-def check_rollout_fits(cfg: GroupConfig | PPOConfig, prefix: str) -> None:
+def check_rollout_fits(cfg: GroupConfig | PPOConfig | OnlineDPOConfig, prefix: str) -> None:
     """A rollout's sequences are ``max_len`` tokens at most: the prompt keeps what
     ``rollout.max_new_tokens`` leaves, at least one token (the BOS)."""
     if cfg.rollout.max_new_tokens >= cfg.max_len:
@@ -153,6 +153,44 @@ class RLOOConfig(GroupConfig):
     def check(self, prefix: str = "method") -> None:
         super().check(prefix)
         one_of(self, prefix, "kl_penalty", ("reward", "loss"))
+
+
+@dataclass
+class OnlineDPOConfig:
+    """Online DPO (Guo et al. 2024; TRL's ``OnlineDPOTrainer``): every rollout batch samples
+    ``group_size`` (k) responses to each of ``rollout.prompts_per_batch`` prompts from the current
+    policy, the reward (``reward_source``: the task's gold reward or the reward model) makes each
+    prompt's best and worst response a (chosen, rejected) pair, skipping prompts whose responses
+    all score the same, and the DPO loss (``beta``, ``loss_type``, ``label_smoothing`` as offline
+    DPO's) trains on them against the frozen reference: ``update_epochs`` passes of minibatches
+    of ``minibatch_size`` pairs. ``share_prompt``: the rollout's reference pass scores each
+    prompt's k responses in one packed row (as GRPO's). The defaults generate as many responses
+    as GRPO and RLOO do (8 prompts x 8, 300 batches)."""
+
+    name: str = "online_dpo"
+    n_iterations: int = 300
+    group_size: int = 8
+    update_epochs: int = 1
+    minibatch_size: int = 8
+    max_len: int = 128
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"      # sigmoid | ipo
+    reward_source: str = "gold"     # gold | rm
+    share_prompt: bool = False
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=8))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5))
+
+    def check(self, prefix: str = "method") -> None:
+        positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len", "beta")
+        if self.group_size < 2:
+            fail(prefix, "group_size", self.group_size, "must be >= 2 (a pair needs two responses)")
+        in_range(self, prefix, "label_smoothing", 0.0, 0.5, closed_hi=False)
+        one_of(self, prefix, "loss_type", ("sigmoid", "ipo"))
+        one_of(self, prefix, "reward_source", ("gold", "rm"))
+        self.rollout.check(f"{prefix}.rollout")
+        check_rollout_fits(self, prefix)
+        self.optim.check(f"{prefix}.optim")
 
 
 @dataclass

@@ -46,6 +46,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "online_pairs",
     "pairwise_accuracy",
     "ppo_clipped_surrogate",
     "rloo_advantages",
@@ -637,6 +638,30 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; accepted: "
                          f"{', '.join(DPO_LOSS_TYPES)}")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def online_pairs(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Online DPO's preference pairs from k sampled responses per prompt (Guo et al. 2024 with k =
+    2; with k > 2 the best against the worst, as iterative DPO's rejection sampling does):
+
+        chosen_g   = g k + argmax_j R_{g,j}     rejected_g = g k + argmin_j R_{g,j}
+        valid_g    = max_j R_{g,j} > min_j R_{g,j}
+
+    scores: [B] with B = n_prompts * k and the k responses of prompt g at rows g*k .. g*k + k - 1.
+    Returns (chosen [G], rejected [G] row indices, valid [G] bool): a group whose responses all
+    score the same (all right or all wrong under a 0/1 reward) states no preference and is not a
+    pair. Ties go to the first row of the group. TRL's ``OnlineDPOTrainer`` samples two and makes
+    a tied pair anyway (the first as chosen). ValueError if k < 2 or B is not divisible by k.
+    """
+    if k < 2:
+        raise ValueError(f"online DPO needs k >= 2 responses per prompt, got {k}")
+    if scores.ndim != 1 or scores.shape[0] % k != 0:
+        raise ValueError(f"scores must be [B] with B divisible by k={k}, got {tuple(scores.shape)}")
+    grouped = scores.view(-1, k)
+    offset = torch.arange(grouped.shape[0], device=scores.device) * k
+    best, chosen = grouped.max(dim=1)
+    worst, rejected = grouped.min(dim=1)
+    return offset + chosen, offset + rejected, best > worst
 
 
 # --------------------------------------------------------------------------------------------

@@ -129,9 +129,10 @@ class OnPolicyModule(AlignmentModule):
         for k, v in stats.items():
             acc.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))
 
-    def log_rollout(self, ro: Rollout, adv: torch.Tensor, stats: dict[str, list[torch.Tensor]],
-                    iteration: int) -> None:
-        """Log the DESIGN.md metric names for one rollout batch and the update made from it."""
+    def log_rollout(self, ro: Rollout, adv: torch.Tensor | None,
+                    stats: dict[str, list[torch.Tensor]], iteration: int) -> None:
+        """Log the DESIGN.md metric names for one rollout batch and the update made from it
+        (``adv`` None: a method without advantages, online DPO)."""
         now = time.perf_counter()
         sum_fn = all_reduce_sum if self.ranks() is not None else None
         metrics = {
@@ -139,9 +140,9 @@ class OnPolicyModule(AlignmentModule):
             # over the global batch under DDP (a mean of the ranks' stds is not the batch's std)
             "train/reward_std": batch_std(ro.scores, sum_fn),
             "train/response_len": ro.mask.sum(-1).mean(),
-            "train/adv_mean": adv.mean(),
-            "train/adv_std": batch_std(adv, sum_fn),
         }
+        if adv is not None:
+            metrics.update({"train/adv_mean": adv.mean(), "train/adv_std": batch_std(adv, sum_fn)})
         if ro.ref_logp is not None:  # without a reference pass (beta = 0) eval/kl still measures it
             k1 = kl_log_ratio(ro.old_logp, ro.ref_logp)
             # KL(pi_old || pi_ref): the sequence-level k1 sum (nats per response), as eval/kl
@@ -177,11 +178,17 @@ class GroupModule(OnPolicyModule):
 
     def __init__(self, policy: CausalLM, reference: CausalLM, tokenizer, cfg: GroupConfig,
                  score_fn: Callable, seed: int) -> None:
-        steps = cfg.n_iterations * cfg.update_epochs * max(
-            1, -(-cfg.rollout.prompts_per_batch * cfg.group_size // cfg.minibatch_size))
-        super().__init__(policy, reference, tokenizer, cfg.optim, steps, cfg.rollout, seed)
+        super().__init__(policy, reference, tokenizer, cfg.optim, self.optimizer_steps(cfg),
+                         cfg.rollout, seed)
         self.cfg = cfg
         self.score_fn = score_fn
+
+    @staticmethod
+    def optimizer_steps(cfg: GroupConfig) -> int:
+        """The stage's optimiser steps (the learning-rate schedule's length): one per minibatch of
+        ``minibatch_size`` rows, ``update_epochs`` passes over every rollout batch."""
+        return cfg.n_iterations * cfg.update_epochs * max(
+            1, -(-cfg.rollout.prompts_per_batch * cfg.group_size // cfg.minibatch_size))
 
     def group_rollout(self, batch: list[str]) -> Rollout:
         """Sample and score ``group_size`` completions of each prompt (rows grouped by prompt)."""

@@ -1,0 +1,84 @@
+"""Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"; TRL's
+``OnlineDPOTrainer``): DPO on pairs the current policy samples, ranked by the reward source.
+
+Per rollout batch (k = ``group_size`` responses to each prompt, sampled from pi_theta):
+
+    (y_w, y_l) = (argmax_j R_j, argmin_j R_j)  per prompt, if max R > min R   (:func:`online_pairs`)
+    h          = log pi(y_w|x)/pi_ref(y_w|x) - log pi(y_l|x)/pi_ref(y_l|x)
+    L          = mean over the pairs of -log sigma(beta h)            (:func:`dpo_loss`)
+
+The reference log-probabilities come from the rollout's reference pass (the same numbers a
+GRPO rollout computes), the policy's from a forward over the chosen and rejected rows only. It
+puts DPO on the online methods' footing: the same prompts, responses and reward calls as GRPO and
+RLOO at the same budget; offline DPO (:mod:`harness.methods.dpo`) stays the pairs' method.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness.distributed import share_per_rank
+from harness.methods.config import OnlineDPOConfig
+from harness.methods.losses import dpo_loss, online_pairs, pairwise_accuracy
+from harness.methods.rl_base import GroupModule, GroupStage
+from harness.methods.rollout import minibatches, response_logprobs
+
+
+class OnlineDPOModule(GroupModule):
+    """Thin Lightning shell: rollout -> best/worst pairs -> DPO updates against the reference."""
+
+    cfg: OnlineDPOConfig
+
+    @staticmethod
+    def optimizer_steps(cfg: OnlineDPOConfig) -> int:
+        """One step per minibatch of ``minibatch_size`` pairs (a prompt gives at most one)."""
+        return cfg.n_iterations * cfg.update_epochs * max(
+            1, -(-cfg.rollout.prompts_per_batch // cfg.minibatch_size))
+
+    def training_step(self, batch, batch_idx):
+        cfg = self.cfg
+        ro = self.group_rollout(batch)
+        chosen, rejected, valid = online_pairs(ro.scores, cfg.group_size)
+        valid = valid.float()
+        sharded = self.ranks() is not None
+        ref = (ro.ref_logp * ro.mask).sum(-1)  # [B] sequence log-probs under the reference
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        stats_acc: dict[str, list[torch.Tensor]] = {}
+        for _ in range(cfg.update_epochs):
+            for idx in minibatches(len(chosen), cfg.minibatch_size, self.generator):
+                w = valid[idx]
+                # the minibatch's pairs (the global minibatch's under DDP, whose ranks average
+                # their gradients: each divides its sum by the global count over the world size)
+                n = share_per_rank(w.sum()) if sharded else w.sum()
+                if not n > 0:  # only ties: no preference to learn from (every rank agrees)
+                    sched.step()
+                    continue
+                rows = torch.cat((chosen[idx], rejected[idx]))
+                with self.region("forward"):
+                    logp, _, aux = response_logprobs(self.policy, ro.input_ids[rows],
+                                                     ro.attention_mask[rows], ro.prompt_len,
+                                                     cfg.rollout.temperature)
+                    seq = (logp * ro.mask[rows]).sum(-1)
+                    b = len(idx)
+                    losses, rc, rr = dpo_loss(seq[:b], seq[b:], ref[chosen[idx]],
+                                              ref[rejected[idx]], cfg.beta, cfg.label_smoothing,
+                                              cfg.loss_type)
+                    loss = self.checked("train/loss", (losses * w).sum() / n + aux)
+                self.step(loss, (opt, sched, cfg.optim))
+                self.tokens_trained += int(ro.attention_mask[rows].sum())
+                kept = w.bool()
+                if kept.any():
+                    self.accumulate(stats_acc, {
+                        "loss": loss.detach(), "rewards_chosen": rc[kept].mean(),
+                        "rewards_rejected": rr[kept].mean(),
+                        "rewards_margin": (rc - rr)[kept].mean(),
+                        "rewards_acc": pairwise_accuracy(rc[kept], rr[kept]),
+                        "moe_aux_loss": aux.detach()})
+        stats_acc["pair_frac"] = [valid.mean()]
+        self.log_rollout(ro, None, stats_acc, batch_idx)
+
+
+class OnlineDPOStage(GroupStage):
+    name = "online_dpo"
+    config = OnlineDPOConfig
+    module = OnlineDPOModule
