@@ -93,6 +93,7 @@ class HistoryRecorder(L.Callback):
     """
 
     KEYS = ("train/loss", "train/reward", "train/kl", "train/rewards_margin")
+    VAL_KEYS = ("val/loss", "val/rewards_acc")  # at each validation
 
     def __init__(self) -> None:
         self.history: dict[str, list[list[float]]] = {}
@@ -105,11 +106,18 @@ class HistoryRecorder(L.Callback):
         self.history, self._step = state_dict["history"], state_dict["step"]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        for key in self.KEYS:
+        self._record(trainer, self.KEYS)
+        self._step += 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._record(trainer, self.VAL_KEYS)
+
+    def _record(self, trainer, keys: tuple[str, ...]) -> None:
+        for key in keys:
             value = trainer.callback_metrics.get(key)
             if value is not None:
                 self.history.setdefault(key, []).append([float(self._step), float(value)])
-        self._step += 1
 
 
 def key_config(cfg: Any) -> dict[str, Any]:
@@ -343,6 +351,7 @@ class Run:
         if resumed_at is not None:
             metrics["train/resumed_from_batch"] = float(resumed_at)
         metrics.update(job.module.throughput(fit_s))
+        metrics.update(job.module.final_metrics())
         history: dict[str, list[list[float]]] = {}
         if curve is not None:
             metrics["cost/curve_s"] = curve.seconds

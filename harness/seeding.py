@@ -10,7 +10,8 @@ Streams and where they are drawn:
   rollout batch that every rank draws in full and slices (token-level equality across device
   counts: :meth:`harness.methods.rl_base.OnPolicyModule.sampling_noise`);
 * ``eval_kl``: the responses sampled to estimate KL(pi || pi_ref) at evaluation;
-* ``prompts``: the order in which RL stages draw training prompts.
+* ``prompts``: the order in which RL stages draw training prompts;
+* ``rm_norm``: the prompts and samples of the SFT policy whose scores normalise a reward model.
 
 Named streams get their own seed, ``stream_seed(seed, name)``, so two streams of one run never
 replay the same random numbers.
@@ -22,7 +23,7 @@ import hashlib
 
 import torch
 
-STREAMS = ("stage", "rollout", "rollout_noise", "eval_kl", "prompts")
+STREAMS = ("stage", "rollout", "rollout_noise", "eval_kl", "prompts", "rm_norm")
 
 
 def stream_seed(seed: int, name: str) -> int:

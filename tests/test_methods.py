@@ -25,6 +25,7 @@ from harness.methods.dpo import (
 from harness.methods.grpo import GRPOConfig, GRPOModule
 from harness.methods.losses import NonFiniteError
 from harness.models.architecture import ModelConfig
+from harness.models.hf import load_checkpoint
 from harness.models.llama import CausalLM
 from harness.pipeline import run
 from harness.settings import register_configs
@@ -447,6 +448,56 @@ def test_a_zero_kl_coefficient_skips_the_reference_pass(tiny_task, method):
                      rollout=RolloutConfig(prompts_per_batch=2, max_new_tokens=3))
         ro = module_cls(policy, ref, tok, cfg, gold, seed=0).group_rollout(["1+2=", "3+4="])
         assert len(seen) == calls and (ro.ref_logp is None) == (beta == 0)
+
+
+def test_the_reward_model_keeps_its_best_validated_checkpoint_normalised(tmp_path):
+    """rm.keep=best: of the checkpoints validated every 4 steps, the stage hands on the one with
+    the best pair accuracy (the earliest of equals), and says which; its score head is normalised
+    so that the SFT policy's sampled responses score mean 0, std 1; the SFT policy's own pair
+    accuracy on the same pairs stands beside its own."""
+    from harness.methods.reward import RewardStage, sft_score_moments
+    from harness.seeding import generator
+
+    cfg = composed([*TINY_SFT, "method=rm", "rm.max_steps=12", "rm.val_every=4",
+                    "rm.norm_samples=64", "results_dir=null", f"cache_dir={tmp_path}/cache"])
+    summary = run(cfg, tmp_path / "run")
+    m, curve = summary["metrics"], summary["history"]["val/rewards_acc"]
+    assert [step for step, _ in curve] == [4, 8, 12]
+    best = max(acc for _, acc in curve)
+    first_best = next(step for step, acc in curve if acc == best)
+    assert m["eval/rewards_acc"] == best and m["train/kept_step"] == first_best
+    assert m["val/last_rewards_acc"] == curve[-1][1]
+    assert 0.0 <= m["eval/sft_pair_acc"] <= 1.0 and m["train/rm_norm_std"] > 0
+    # the handed-on (cached) reward model scores the SFT policy's responses 0 +- 1
+    rm = RewardStage().load(Path(summary["checkpoint"]))
+    sft = load_checkpoint(Path(summary["stages"]["sft"]["checkpoint"]))[0]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(summary["checkpoint"])
+    prompts = [f"{a}+{b}=" for a, b in ((12, 7), (403, 88), (5, 611), (250, 250))] * 16
+    mean, std = sft_score_moments(rm, sft, tok, prompts, 8, 128, "last", generator(1, "rm_norm"))
+    assert abs(mean) < 0.5 and 0.5 < std < 2.0
+
+
+def test_folding_the_normalisation_into_the_score_head_by_hand(tiny_task):
+    from harness.methods.reward import fold_normalisation, moments, pool_scores
+    from harness.models.llama import ScalarHead
+
+    _, tok = tiny_task
+    rm = ScalarHead(tiny_model(tok))
+    ids = torch.randint(3, len(tok), (4, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(4, 9)
+    with torch.no_grad():
+        before = rm(ids)[0]
+        fold_normalisation(rm, 2.0, 4.0)
+        after = rm(ids)[0]
+    torch.testing.assert_close(after, (before - 2.0) / 4.0, rtol=1e-5, atol=1e-6)
+    for pooling in ("last", "mean"):  # both poolings are affine in the scores
+        torch.testing.assert_close(pool_scores(after, mask, pooling),
+                                   (pool_scores(before, mask, pooling) - 2.0) / 4.0,
+                                   rtol=1e-5, atol=1e-6)
+    assert moments(torch.tensor([1.0, 3.0])) == (2.0, 1.0)
+    assert moments(torch.tensor([5.0, 5.0])) == (5.0, 1.0)  # a constant reward model only shifts
 
 
 class _Sched:

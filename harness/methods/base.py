@@ -156,6 +156,11 @@ class AlignmentModule(L.LightningModule):
         check_finite(name, loss)
         return loss
 
+    def final_metrics(self) -> dict[str, float]:
+        """Metrics the module has once training is over, added to the stage's (none by default;
+        the reward model's kept checkpoint, for one)."""
+        return {}
+
     def throughput(self, wall_s: float) -> dict[str, float]:
         """The stage's token counts and rates over its ``wall_s`` (generation over its own time)."""
         out = {"cost/train_tokens": float(self.tokens_trained),

@@ -4,13 +4,23 @@ The reward model is a copy of the SFT model with a scalar head. The reward of a 
 head's output at its last real token (``pooling: last``, InstructGPT, the default) or the mean of
 the head's outputs over the response tokens (``pooling: mean``); ``last`` is the default
 (``results/FINDINGS.md`` has what mean pooling did to PPO on arith).
+
+What the stage hands on (``rm.keep``, ``rm.norm_samples``): the checkpoint with the best
+validation pair accuracy, normalised, ``r' = (r - mu) / sigma`` folded into its score head with mu
+and sigma the mean and std of its scores of responses the SFT policy samples, so that a rollout's
+rewards mean the same in every seed (Huang et al. 2024, "The N+ implementation details of RLHF with PPO";
+TRL's ``PPOTrainer`` whitens per batch instead). It also measures the SFT policy's own likelihood
+pair accuracy on the same validation pairs (``eval/sft_pair_acc``): a reward model no better than
+that adds nothing the policy does not know.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +37,8 @@ from harness.models.llama import ScalarHead
 from harness.stage import Budget, Built, Fit, Stage, scalar_head
 
 SCORE_HEAD_FILE = "score_head.pt"
+
+log = logging.getLogger(__name__)
 
 
 def pool_scores(scores: torch.Tensor, response_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -66,13 +78,62 @@ def pair_rewards(rm: ScalarHead, batch: dict[str, torch.Tensor], pooling: str = 
     return out[0], out[1], aux_total
 
 
-class RewardModule(AlignmentModule):
-    """Thin Lightning shell around :func:`bradley_terry_loss`."""
+def moments(scores: torch.Tensor) -> tuple[float, float]:
+    """(mean, population std) of scores [N]; a std below 1e-6 (a constant reward model) is
+    returned as 1.0, so that normalising only shifts."""
+    mean, std = float(scores.mean()), float(scores.std(correction=0))
+    if not std > 1e-6:
+        log.warning("reward model: its scores of the SFT policy's responses do not vary (std "
+                    "%.3g); normalisation only shifts them", std)
+        std = 1.0
+    return mean, std
 
-    def __init__(self, rm: ScalarHead, cfg: RMConfig) -> None:
+
+@torch.no_grad()
+def sft_score_moments(rm: ScalarHead, policy, tokenizer, prompts: Sequence[str],
+                      max_new_tokens: int, max_len: int, pooling: str,
+                      generator: torch.Generator, batch_size: int = 64) -> tuple[float, float]:
+    """Mean and std of the reward model's raw scores of responses ``policy`` samples, one per
+    prompt, at temperature 1 and ``max_new_tokens`` long, as a rollout samples them."""
+    from harness.config import RolloutConfig
+    from harness.methods.rollout import make_rollout
+
+    cfg = RolloutConfig(prompts_per_batch=batch_size, max_new_tokens=max_new_tokens)
+    raw = rm_scorer(rm, pooling)
+    scores = [make_rollout(policy, None, tokenizer, prompts[i:i + batch_size], cfg, max_len, raw,
+                           generator).scores for i in range(0, len(prompts), batch_size)]
+    return moments(torch.cat(scores).float().cpu())
+
+
+@torch.no_grad()
+def fold_normalisation(rm: ScalarHead, mean: float, std: float) -> None:
+    """Make the score head give ``(r - mean) / std``: ``w <- w / std``, ``b <- (b - mean) / std``.
+
+    Both poolings are affine in the per-token scores, so every sequence reward is normalised the
+    same way, and a PPO critic copied from the reward model starts on the rewards' scale (Huang et
+    al. 2024 adjust the reward head's gain and bias alike)."""
+    rm.score.weight.div_(std)
+    rm.score.bias.sub_(mean).div_(std)
+
+
+class RewardModule(AlignmentModule):
+    """Thin Lightning shell around :func:`bradley_terry_loss`; keeps the best validated checkpoint
+    (``keep: best``) and, once trained, runs ``finish(rm) -> metrics`` (the normalisation and the
+    SFT policy's pair accuracy, :meth:`RewardStage.build`)."""
+
+    RESUME_ATTRS = (*AlignmentModule.RESUME_ATTRS, "best", "last_val")
+
+    def __init__(self, rm: ScalarHead, cfg: RMConfig,
+                 finish: Callable[[ScalarHead], dict[str, float]] | None = None) -> None:
         super().__init__(cfg.optim, cfg.max_steps)
         self.rm = rm
         self.cfg = cfg
+        self.finish = finish
+        #: (val/rewards_acc, step, weights on the CPU) of the best validated checkpoint so far
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        #: (val/rewards_acc, step) of the latest validation
+        self.last_val: tuple[float, int] | None = None
+        self.finished: dict[str, float] = {}
 
     def trainable_modules(self):
         return [self.rm]
@@ -95,6 +156,34 @@ class RewardModule(AlignmentModule):
         b = rc.shape[0]
         self.log_dict({"val/loss": bradley_terry_loss(rc, rr), "val/rewards_acc":
                        pairwise_accuracy(rc, rr)}, on_step=False, on_epoch=True, batch_size=b)
+
+    def on_validation_end(self) -> None:
+        """After each validation (its epoch metrics reduced over the ranks, so every rank makes
+        the same choice): remember the checkpoint if its pair accuracy is the best so far."""
+        acc = self.trainer.callback_metrics.get("val/rewards_acc")
+        if self.trainer.sanity_checking or acc is None:
+            return
+        acc, step = float(acc), self.global_step
+        self.last_val = (acc, step)
+        if self.best is None or acc > self.best[0]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.rm.state_dict().items()}
+            self.best = (acc, step, state)
+
+    def on_train_end(self) -> None:
+        if self.cfg.keep == "best" and self.best is not None:
+            self.rm.load_state_dict(self.best[2])
+        if self.finish is not None:
+            self.finished = self.finish(self.rm)
+
+    def final_metrics(self) -> dict[str, float]:
+        """The kept checkpoint's validation pair accuracy (``val/rewards_acc``) and step, the last
+        validation's, and what ``finish`` measured."""
+        out = dict(self.finished)
+        if self.last_val is not None:
+            out["val/last_rewards_acc"] = self.last_val[0]
+            kept = self.best if self.cfg.keep == "best" and self.best is not None else self.last_val
+            out["val/rewards_acc"], out["train/kept_step"] = kept[0], float(kept[1])
+        return out
 
 
 def rm_scorer(rm: ScalarHead, pooling: str) -> Callable:
@@ -125,8 +214,13 @@ class RewardStage(Stage):
     reference = None
 
     def build(self, ctx, cfg: RMConfig, inputs) -> Fit:
-        rm = scalar_head(inputs["sft"].model, ctx.model_cfg.lora)
-        return Fit(RewardModule(rm, cfg), ctx.datamodule("pairs", cfg),
+        sft = inputs["sft"].model
+        rm = scalar_head(sft, ctx.model_cfg.lora)
+
+        def finish(trained: ScalarHead) -> dict[str, float]:
+            return finish_reward_model(trained, sft, ctx, cfg)
+
+        return Fit(RewardModule(rm, cfg, finish), ctx.datamodule("pairs", cfg),
                    Budget(max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
                           val_every=cfg.val_every),
                    model=rm, networks={"reward_model": rm}, trainable=[rm],
@@ -137,8 +231,9 @@ class RewardStage(Stage):
 
     def summary_metrics(self, metrics):
         out = super().summary_metrics(metrics)
-        if "val/rewards_acc" in out:
-            out["eval/rewards_acc"] = out["val/rewards_acc"]
+        for name in ("rewards_acc", "sft_pair_acc"):
+            if f"val/{name}" in out:
+                out[f"eval/{name}"] = out[f"val/{name}"]
         return out
 
     def save(self, model: ScalarHead, path: Path, tokenizer, resolved: dict) -> None:
@@ -158,3 +253,34 @@ class RewardStage(Stage):
         rm = ScalarHead(backbone)
         rm.score.load_state_dict(torch.load(path / SCORE_HEAD_FILE, weights_only=True))
         return rm
+
+
+def finish_reward_model(rm: ScalarHead, sft: Any, ctx, cfg: RMConfig) -> dict[str, float]:
+    """What a trained reward model is handed on with: its normalisation folded into its score head
+    (:func:`fold_normalisation`, the mean and std of its scores of ``cfg.norm_samples``
+    responses of the SFT policy ``sft`` to training prompts drawn by the seed's ``rm_norm``
+    stream), and the SFT policy's own likelihood pair accuracy on the validation pairs the reward
+    model was validated on. Returns their metrics."""
+    from harness.evaluation.preference_eval import pair_logps_table, prefers_chosen
+    from harness.seeding import generator
+
+    device = next(rm.parameters()).device
+    home = next(sft.parameters()).device
+    sft.to(device)
+    out: dict[str, float] = {}
+    try:
+        pairs = ctx.task.preference_dataset("validation")
+        table = pair_logps_table(sft, ctx.tokenizer, pairs["prompt"], pairs["chosen"],
+                                 pairs["rejected"], cfg.batch_size, cfg.max_len)
+        out["val/sft_pair_acc"] = sum(prefers_chosen(table)) / max(1, len(table))
+        if cfg.norm_samples:
+            g = generator(ctx.seed, "rm_norm")
+            pool = sorted(set(ctx.task.sft_dataset("train")["prompt"]))
+            pick = torch.randint(len(pool), (cfg.norm_samples,), generator=g).tolist()
+            mean, std = sft_score_moments(rm, sft, ctx.tokenizer, [pool[i] for i in pick],
+                                          cfg.norm_max_new_tokens, cfg.max_len, cfg.pooling, g)
+            fold_normalisation(rm, mean, std)
+            out.update({"train/rm_norm_mean": mean, "train/rm_norm_std": std})
+    finally:
+        sft.to(home)
+    return out
