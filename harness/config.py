@@ -110,11 +110,16 @@ class RolloutConfig:
     # attention differently in the last bits: harness.models.decoding.GraphedDecodeStep);
     # false: the eager step, the forward's logits bit for bit. No effect on a CPU.
     cuda_graph: bool = True
+    # subtracted from the sequence reward of a response that ends without EOS (cut off at
+    # max_new_tokens): TRL's missing_eos_penalty, Huang et al. 2024's EOS trick; 0 = off, TRL's
+    # default
+    missing_eos_penalty: float = 0.0
 
     def check(self, prefix: str) -> None:
         positive(self, prefix, "prompts_per_batch", "max_new_tokens", "temperature", "top_p")
         in_range(self, prefix, "top_k", 0, None)
         in_range(self, prefix, "top_p", 0.0, 1.0)
+        in_range(self, prefix, "missing_eos_penalty", 0.0, None)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from harness.methods.losses import (
     masked_sum,
     masked_var,
     masked_whiten,
+    missing_eos_penalty,
     online_pairs,
     pairwise_accuracy,
     ppo_clipped_surrogate,
@@ -436,6 +437,17 @@ def test_group_relative_advantages():
 
 
 # ------------------------------------------------------------------------------------- DPO
+
+
+def test_missing_eos_penalty_by_hand():
+    # EOS = 2: row 0 ends with it, row 1 is cut off (no EOS among its valid tokens), row 2 has
+    # an EOS token only in its padding (invalid: cut off too)
+    response = torch.tensor([[5, 2, 0], [5, 6, 7], [5, 6, 2]])
+    mask = t([[1, 1, 0], [1, 1, 1], [1, 1, 0]])
+    out = missing_eos_penalty(t([1.0, 1.0, 0.5]), response, mask, eos_id=2, penalty=1.5)
+    assert out.tolist() == [1.0, -0.5, -1.0]
+    scores = t([1.0, 1.0, 0.5])
+    assert missing_eos_penalty(scores, response, mask, 2, 0.0) is scores
 
 
 def test_online_pairs_take_each_prompts_best_and_worst_and_skip_ties():

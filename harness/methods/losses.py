@@ -46,6 +46,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "missing_eos_penalty",
     "online_pairs",
     "pairwise_accuracy",
     "ppo_clipped_surrogate",
@@ -638,6 +639,21 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; accepted: "
                          f"{', '.join(DPO_LOSS_TYPES)}")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def missing_eos_penalty(scores: Tensor, response: Tensor, mask: Tensor, eos_id: int,
+                        penalty: float) -> Tensor:
+    """Sequence rewards with ``penalty`` subtracted from every response that has no EOS among its
+    tokens (it was cut off at the rollout's ``max_new_tokens``): ``R_i - penalty [EOS not in
+    y_i]`` (TRL's ``missing_eos_penalty``; Huang et al. 2024).
+
+    scores: [B]; response, mask: [B, N] tokens and their validity (1 up to and including EOS).
+    Returns [B] (``scores`` itself when ``penalty`` is 0).
+    """
+    if not penalty:
+        return scores
+    ended = ((response == eos_id) & mask.bool()).any(dim=-1)
+    return scores - penalty * (~ended).to(scores.dtype)
 
 
 def online_pairs(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -18,7 +18,13 @@ from harness.distributed import all_reduce_sum
 from harness.methods.base import AlignmentModule
 from harness.methods.config import GroupConfig
 from harness.methods.group_packing import group_minibatches, packed_response_logprobs
-from harness.methods.losses import batch_std, check_finite, kl_log_ratio, masked_mean
+from harness.methods.losses import (
+    batch_std,
+    check_finite,
+    kl_log_ratio,
+    masked_mean,
+    missing_eos_penalty,
+)
 from harness.methods.rollout import Rollout, make_rollout, minibatches, response_logprobs
 from harness.models.llama import CausalLM
 from harness.seeding import generator
@@ -96,7 +102,8 @@ class OnPolicyModule(AlignmentModule):
     def rollout(self, prompts: list[str], max_len: int, score_fn,
                 with_reference: bool = True, rows_per_prompt: int = 1,
                 packed: bool = False) -> Rollout:
-        """Sample and score one rollout batch from the policy; counts its generated tokens.
+        """Sample and score one rollout batch from the policy (``rollout.missing_eos_penalty`` off
+        the scores of responses cut off without EOS); counts its generated tokens.
         ``with_reference=False`` skips the reference pass (``ro.ref_logp`` is None);
         ``rows_per_prompt``: consecutive rows that share a prompt (a group); ``packed``: the
         reference pass runs each group's prompt once (``share_prompt``)."""
@@ -104,6 +111,8 @@ class OnPolicyModule(AlignmentModule):
                           prompts, self.rollout_cfg, max_len, score_fn, self.generator,
                           self.sampling_noise(len(prompts), rows_per_prompt),
                           packed_group=rows_per_prompt if packed else 0, region=self.region)
+        ro.scores = missing_eos_penalty(ro.scores, ro.response, ro.mask, self.tokenizer.eos_token_id,
+                                        self.rollout_cfg.missing_eos_penalty)
         self.tokens_generated += int(ro.mask.sum())
         self.gen_seconds += ro.gen_s
         return ro
