@@ -598,9 +598,12 @@ def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dic
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     name = settings.method_name
     stage = get_stage(name)
+    # what the method learns from, known before any work: a failed run's record has it too, so
+    # that it joins its method's row of the right track
     summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir), "method": name,
                                "model": settings.model.name, "dataset": settings.dataset.name,
-                               "seed": settings.seed, "config": resolved}
+                               "seed": settings.seed, "config": resolved,
+                               "reward_source": stage.reward_source(settings.stage_config(name))}
     quiet_console(settings.log_level, verbose=_hydra_verbose())
     t = settings.trainer
     if t.threads is not None:
@@ -621,7 +624,6 @@ def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dic
         summary["cache_keys"] = {n: b.record.key for n, b in r.built.items()
                                  if get_stage(n).base}
         summary["checkpoint"] = str(final.checkpoint)
-        summary["reward_source"] = stage.reward_source(final.config)
         metrics = stage.summary_metrics(final.record.metrics)
         policy = final.model if stage.produces_policy else None
         reference = r.built[stage.reference].model if stage.reference else None

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness.evaluation import standings as lb
-from harness.evaluation.records import write_record
+from harness.evaluation.records import track_of, write_record
 from harness.evaluation.standings import (
     average_score,
     build_leaderboard,
@@ -25,6 +25,7 @@ from harness.evaluation.standings import (
     comparison_warnings,
     footer_lines,
     format_cell,
+    information_effect,
     is_task_metric,
     is_task_score,
     paired_comparisons,
@@ -46,7 +47,11 @@ def rec(method: str, seed: int, metrics: dict, *, model: str = "llama_small",
         status: str = "ok", error: str | None = None, cost: dict | None = None,
         history: dict | None = None, group: str = "test", created: str = "2026-11-24T00:00:00+00:00",
         suffix: str = "", **extra) -> dict:
-    """A hand-made run record (``extra``: platform, per_prompt, reward_source, config, ...)."""
+    """A hand-made run record (``extra``: platform, per_prompt, reward_source, config, ...); an
+    online method's ``reward_source`` defaults to the reward model, so that every record of a
+    test is on the preferences track with offline DPO unless it says otherwise."""
+    if method not in ("dpo", "sft", "rm"):
+        extra.setdefault("reward_source", "rm")
     r = {
         "run_id": f"{method}-{model}-toy-s{seed}{suffix}",
         "status": status, "error": error,
@@ -87,6 +92,7 @@ def records() -> list[dict]:
         rec("dpo", 2, {"eval/gold_reward": 100.0, "eval/arith/acc": 100.0}, status="failed",
             error="NaN loss at step 7"),
     ]
+    # all on the preferences track: DPO from the pairs, PPO and GRPO from the reward model
     ppo = [rec("ppo", 0, {"eval/gold_reward": 0.9, "eval/win_rate": 0.7, "eval/kl": 5.0,
                           "eval/arith/acc": 0.2, "eval/boolq/acc": 0.4},
                history=_curve(2.0))]
@@ -315,6 +321,49 @@ def test_paired_comparisons() -> None:
     assert "<tr class=\"sig\">" in render_html(build_table(recs), {}, paired=pairs)
 
 
+def test_tracks_split_rows_and_pair_methods_only_within_one() -> None:
+    """GRPO on the gold reward and GRPO on the reward model are two rows; methods are paired
+    within a track only (PPO on rm with GRPO on rm, never with GRPO on gold); offline DPO is on the
+    preferences track; records written before the field say their track through reward_source."""
+    gold, half = [1.0] * 4, [1.0, 1.0, 0.0, 0.0]
+    recs = [rec(m, s, {"eval/gold_reward": sum(g) / 4}, per_prompt=_per_prompt(g), reward_source=src,
+                suffix=f"-{src}")
+            for s in range(3)
+            for m, g, src in (("grpo", gold, "gold"), ("ppo", gold, "gold"), ("grpo", half, "rm"),
+                              ("ppo", half, "rm"), ("dpo", half, None))]
+    assert {track_of(r) for r in recs} == {"oracle", "preferences"}
+    rows = build_table(recs)
+    assert sorted((r["method"], r["track"]) for r in rows) == [
+        ("dpo", "preferences"), ("grpo", "oracle"), ("grpo", "preferences"), ("ppo", "oracle"),
+        ("ppo", "preferences")]
+    assert all(r["n_seeds"] == 3 for r in rows)
+    pairs = paired_comparisons(recs, n_boot=200)
+    assert sorted((c["track"], *sorted((c["a"], c["b"]))) for c in pairs) == [
+        ("oracle", "grpo", "ppo"), ("preferences", "dpo", "grpo"), ("preferences", "dpo", "ppo"),
+        ("preferences", "grpo", "ppo")]
+    md = render_markdown(rows, paired=pairs)
+    assert "| method | model | dataset | track |" in md
+    assert "**llama_small · toy · oracle** (group test)" in md
+    assert "<th title=\"what the method learns from" in render_html(rows, {}, paired=pairs)
+
+
+def test_the_information_effect_pairs_a_method_with_itself_across_tracks() -> None:
+    """Δ gold of a method on the gold reward minus on the reward model, over the seeds both ran:
+    here 0.5 on every seed (4 prompts: 1, 1, 1, 1 against 1, 1, 0, 0); offline DPO has no
+    oracle run, so no line."""
+    gold, half = [1.0] * 4, [1.0, 1.0, 0.0, 0.0]
+    recs = [rec("grpo", s, {"eval/gold_reward": sum(g) / 4}, per_prompt=_per_prompt(g),
+                reward_source=src, suffix=f"-{src}")
+            for s in range(3) for g, src in ((gold, "gold"), (half, "rm"))]
+    recs += [rec("dpo", s, {"eval/gold_reward": 0.5}, per_prompt=_per_prompt(half)) for s in range(3)]
+    (effect,) = information_effect(recs, n_boot=500)
+    assert (effect["a"], effect["b"]) == ("grpo · oracle", "grpo · preferences")
+    assert effect["track"] == "oracle − preferences" and effect["mean_diff"] == pytest.approx(0.5)
+    assert effect["n_seeds"] == 3 and effect["n_prompts"] == 4
+    md = render_markdown(build_table(recs), information=[effect])
+    assert "## Information effect" in md and "| grpo · oracle − grpo · preferences | +0.500 |" in md
+
+
 def test_paired_comparisons_check_the_prompts() -> None:
     recs = [rec("ppo", 0, {"eval/gold_reward": 1.0}, per_prompt=_per_prompt([1.0, 1.0], sha="x")),
             rec("dpo", 0, {"eval/gold_reward": 0.0}, per_prompt=_per_prompt([0.0, 0.0], sha="y")),
@@ -336,7 +385,8 @@ def test_paired_comparisons_check_the_prompts() -> None:
 def test_warning_few_seeds(records: list[dict]) -> None:
     warns = comparison_warnings(build_table(records))
     (few,) = [w for w in warns if w.startswith("fewer than 3 seeds")]
-    assert "dpo · llama_small · toy (2)" in few and "ppo · llama_small · toy (1)" in few
+    assert "dpo · llama_small · toy · preferences (2)" in few
+    assert "ppo · llama_small · toy · preferences (1)" in few
     assert "grpo" not in few  # all failed: listed as failed, not as few seeds
     three = build_table([rec("dpo", s, {"eval/gold_reward": 0.5}) for s in range(3)])
     assert not [w for w in comparison_warnings(three) if "fewer than" in w]
@@ -408,7 +458,8 @@ def test_csv_columns(records: list[dict], tmp_path: Path) -> None:
         reader = csv.DictReader(fh)
         header = reader.fieldnames
         data = list(reader)
-    assert header[:7] == ["method", "model", "dataset", "status", "n_seeds", "n_failed", "n_duplicates"]
+    assert header[:8] == ["method", "model", "dataset", "track", "status", "n_seeds", "n_failed",
+                          "n_duplicates"]
     for col in ("eval/gold_reward", "eval/win_rate", "eval/kl", "eval/arith/acc", "cost/method_wall_s",
                 "Average"):
         for stat in ("mean", "std", "ci_lo", "ci_hi", "n"):
@@ -559,7 +610,7 @@ def test_empty_runs_dir_writes_empty_leaderboard(tmp_path: Path) -> None:
     paths = build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False)
     assert "No run records found" in paths["markdown"].read_text()
     header = paths["csv"].read_text().splitlines()
-    assert len(header) == 1 and header[0].startswith("method,model,dataset,status")
+    assert len(header) == 1 and header[0].startswith("method,model,dataset,track,status")
     assert "No run records found" in paths["html"].read_text()
     assert paths["reward_kl"].read_bytes().startswith(PNG_MAGIC)
 

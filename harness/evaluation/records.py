@@ -11,6 +11,7 @@ A record is a JSON object::
      "platform": {"torch", "device", "cpu_capability", "threads", "gpu", ...},  # where it ran
      "per_prompt": {"split", "prompts_sha256", "gold_reward": [...], "ref_gold_reward": [...]},
      "reward_source": "gold" | "rm" | None,          # what train/reward measures
+     "track": "oracle" | "preferences" | "",          # what the method learns from (track_of)
      "history": {"train/reward": [[step, value], ...], "train/kl": [...],
                  "eval/gold_reward": [[step, value, trained_tokens, wall_s], ...]}}   # optional
 
@@ -44,6 +45,7 @@ from harness.atomic import write_text
 
 __all__ = [
     "RECORD_STATUSES",
+    "TRACKS",
     "finite",
     "git_commit",
     "harness_version",
@@ -51,11 +53,33 @@ __all__ = [
     "load_records",
     "new_record",
     "now_iso",
+    "track_of",
     "validate_record",
     "write_record",
 ]
 
 RECORD_STATUSES = ("ok", "failed")
+TRACKS = ("oracle", "preferences")
+"""The information tracks: what a method learns from. ``oracle``: the task's exact (gold) reward;
+``preferences``: the task's preference pairs, directly (offline DPO) or through the reward model
+trained on them (``reward_source=rm``). A comparison of methods holds within one track."""
+OFFLINE_PAIR_METHODS = ("dpo",)
+"""Methods that learn from the preference pairs themselves, not from a reward source."""
+
+
+def track_of(record: Mapping[str, Any]) -> str:
+    """A record's track: its ``track`` field, else (records written before it existed) from its
+    ``reward_source`` and method: ``gold`` -> ``oracle``, ``rm`` or an offline pair method ->
+    ``preferences``; ``""`` for a stage that aligns nothing (sft, rm)."""
+    track = record.get("track")
+    if isinstance(track, str) and track in TRACKS:
+        return track
+    source = record.get("reward_source")
+    if source == "gold":
+        return "oracle"
+    if source == "rm" or record.get("method") in OFFLINE_PAIR_METHODS:
+        return "preferences"
+    return ""
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,@-]*$")
 
 
@@ -116,6 +140,7 @@ def new_record(
     platform: Mapping[str, Any] | None = None,
     per_prompt: Mapping[str, Any] | None = None,
     reward_source: str | None = None,
+    track: str | None = None,
     repo_path: Path | str | None = None,
 ) -> dict[str, Any]:
     """Build a record with the provenance fields (version, commit, time) filled in.
@@ -143,6 +168,7 @@ def new_record(
         "per_prompt": dict(per_prompt) if per_prompt is not None else None,
         "reward_source": reward_source,
     }
+    record["track"] = track if track is not None else track_of(record)
     if history is not None:
         record["history"] = {k: [list(p) for p in v] for k, v in history.items()}
     validate_record(record)

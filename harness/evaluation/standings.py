@@ -49,7 +49,7 @@ from typing import Any
 
 from harness.atomic import write_bytes, write_text
 from harness.evaluation.plots import plot_reward_kl, plot_training_curves
-from harness.evaluation.records import finite, is_number, load_records
+from harness.evaluation.records import finite, is_number, load_records, track_of
 from harness.evaluation.stats import (
     distinct_seeds,
     kl_coefficient,
@@ -97,7 +97,12 @@ GAIN = "eval/gold_gain"
 DEFAULT_GROUP = "compare"
 HEADLINE_COLUMNS = ("eval/gold_reward", GAIN, "eval/ref_gold_reward", "eval/win_rate", "eval/kl")
 COST_COLUMNS = ("cost/method_wall_s", "cost/method_peak_mem_mb")
-_KEY_COLUMNS = ("method", "model", "dataset")
+_KEY_COLUMNS = ("method", "model", "dataset", "track")
+TRACK_NOTE = ("what the method learns from: oracle = the task's exact (gold) reward; preferences = "
+              "the task's preference pairs, directly (offline DPO) or through the reward model "
+              "trained on them; methods are compared only within a track")
+INFORMATION_NOTE = ("the same method on the oracle track minus on the preferences track: what "
+                    "learning from the pairs instead of the gold reward costs")
 _EXCLUDED_FROM_AVERAGE = ("perplexity", "bits_per_byte", "word_perplexity", "stderr")
 def default_title(rows: Sequence[Mapping[str, Any]]) -> str:
     """``Alignment leaderboard: GRPO vs RLOO vs ...``: the rows' methods, in the rows' order."""
@@ -273,23 +278,30 @@ def setting_label(setting: tuple[float | None, float | None] | None) -> str:
                                  f"lr={lr:g}" if lr is not None else "") if p) or "setting not recorded"
 
 
+def key_of(record: Mapping[str, Any], column: str) -> str:
+    """A record's value in a key column: its ``track`` (:func:`track_of`, derived for records
+    written before the field), else the field as text (``"?"`` when missing)."""
+    return track_of(record) if column == "track" else str(record.get(column, "?"))
+
+
 def row_groups(records: Iterable[Mapping[str, Any]]) -> dict[tuple, list[Mapping[str, Any]]]:
-    """The records by row: ``(method, model, dataset, setting)`` with ``setting`` ``None`` when
-    the records of a (method, model, dataset) ran one setting (the usual case: the comparison
-    sweep runs each method at one β and lr), else the (β, lr) they ran — runs at different
-    settings are different rows, never one mean nor "duplicates" of a seed. A record without a
+    """The records by row: ``(method, model, dataset, track, setting)`` with ``setting`` ``None``
+    when the records of a (method, model, dataset, track) ran one setting (the usual case: the
+    comparison sweep runs each method at one β and lr), else the (β, lr) they ran — runs at
+    different settings are different rows, never one mean nor "duplicates" of a seed; runs on
+    different tracks (what the method learns from) are different rows too. A record without a
     setting (e.g. an early failure) joins the only setting when there is one."""
-    by_key: dict[tuple[str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    by_key: dict[tuple[str, ...], list[Mapping[str, Any]]] = defaultdict(list)
     for rec in records:
-        by_key[tuple(str(rec.get(k, "?")) for k in _KEY_COLUMNS)].append(rec)  # type: ignore[index]
+        by_key[tuple(key_of(rec, k) for k in _KEY_COLUMNS)].append(rec)
     out: dict[tuple, list[Mapping[str, Any]]] = {}
-    for (method, model, dataset), recs in by_key.items():
+    for key, recs in by_key.items():
         settings = {_setting_of(r) for r in recs} - {(None, None)}
         if len(settings) <= 1:
-            out[(method, model, dataset, None)] = recs
+            out[(*key, None)] = recs
             continue
         for r in recs:
-            out.setdefault((method, model, dataset, _setting_of(r)), []).append(r)
+            out.setdefault((*key, _setting_of(r)), []).append(r)
     return out
 
 
@@ -302,13 +314,13 @@ def dataset_variant(record: Mapping[str, Any]) -> str:
 
 
 def build_table(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Aggregate run records into leaderboard rows, one per (method, model, dataset), sorted —
-    one per (method, model, dataset, β, lr) where a method ran several settings (see
-    :func:`row_groups`).
+    """Aggregate run records into leaderboard rows, one per (method, model, dataset, track),
+    sorted — one per (method, model, dataset, track, β, lr) where a method ran several settings
+    (see :func:`row_groups`).
 
     Each row::
 
-        {"method", "model", "dataset",
+        {"method", "model", "dataset", "track",   # track: oracle | preferences | "" (sft, rm)
          "setting": str,                       # "" or "β=…, lr=…" when the method ran several
          "status": "ok" | "failed",            # "failed" when no seed's latest run succeeded
          "error": str | None,                  # the distinct errors of its failed runs, "; "-joined
@@ -325,7 +337,7 @@ def build_table(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     seeds, and always the headline and cost columns (``mean`` ``None`` when no run reported them).
     """
     rows = []
-    for (method, model, dataset, setting), recs in row_groups(records).items():
+    for (method, model, dataset, track, setting), recs in row_groups(records).items():
         kept, dropped = distinct_seeds(recs)
         ok = [r for r in kept if r.get("status") == "ok"]
         failed = [r for r in kept if r.get("status") != "ok"]
@@ -337,6 +349,7 @@ def build_table(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "method": method,
             "model": model,
             "dataset": dataset,
+            "track": track,
             "setting": setting_label(setting),
             "status": "ok" if ok else "failed",
             "error": "; ".join(errors) if errors else None,
@@ -368,14 +381,33 @@ def _mean(row: Mapping[str, Any], name: str) -> float | None:
 
 def _sort_key(row: Mapping[str, Any]) -> tuple:
     gold = _mean(row, "eval/gold_reward")
-    return (row["dataset"], row["model"], row["status"] == "failed", gold is None,
-            -(gold or 0.0), row["method"], row.get("setting", ""))
+    return (row["dataset"], row["model"], row.get("track", ""), row["status"] == "failed",
+            gold is None, -(gold or 0.0), row["method"], row.get("setting", ""))
 
 
 # --------------------------------------------------------------------------- paired comparisons
+def _cells(records: Iterable[Mapping[str, Any]]
+           ) -> dict[tuple[str, str, str, str], dict[str, dict[Any, Mapping[str, Any]]]]:
+    """The ok records, one per seed (as :func:`build_table` keeps them), by cell ``(model,
+    dataset, group, track)`` and method name (``"dpo (β=0.1, lr=5e-06)"`` for a method that ran
+    several settings there): ``{cell: {method: {seed: record}}}``."""
+    cells: dict[tuple[str, str, str, str], dict[str, dict[Any, Mapping[str, Any]]]] = defaultdict(dict)
+    by_group: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_group[str(r.get("group"))].append(r)
+    for group, grecs in by_group.items():
+        for (method, model, dataset, track, setting), recs in row_groups(grecs).items():
+            ok = [r for r in distinct_seeds(recs)[0] if r.get("status") == "ok"]
+            if ok:
+                name = f"{method} ({setting_label(setting)})" if setting else method
+                cells[(model, dataset, group, track)][name] = {r.get("seed"): r for r in ok}
+    return cells
+
+
 def paired_comparisons(records: Iterable[Mapping[str, Any]], n_boot: int = 10_000, seed: int = 0,
                        ) -> list[dict[str, Any]]:
-    """Every pair of methods on the same (model, dataset, group), compared prompt by prompt.
+    """Every pair of methods on the same (model, dataset, group, track), compared prompt by
+    prompt: methods are compared only with what learned from the same information.
 
     A method that ran several settings in a group enters once per setting, named e.g.
     ``"dpo (β=0.1, lr=5e-06)"`` (see :func:`row_groups`). Per pair (A, B), A the one with the
@@ -383,23 +415,13 @@ def paired_comparisons(records: Iterable[Mapping[str, Any]], n_boot: int = 10_00
     seed as in :func:`build_table`) whose ``per_prompt`` has the same ``prompts_sha256`` and
     length; d[s, i] = gold_A[s, i] − gold_B[s, i] goes to
     :func:`harness.evaluation.stats.paired_bootstrap` (``n_boot`` replicates, numpy seed
-    ``seed``). Returns dicts ``{"model", "dataset", "group", "a", "b", "n_seeds", "n_prompts",
-    "seeds", "mean_diff", "ci_lo", "ci_hi", "p", "sign_flip_p", "significant", "skipped"}``;
-    ``skipped`` says why a pair could not be compared (then the numbers are ``None``).
+    ``seed``). Returns dicts ``{"model", "dataset", "group", "track", "a", "b", "n_seeds",
+    "n_prompts", "seeds", "mean_diff", "ci_lo", "ci_hi", "p", "sign_flip_p", "significant",
+    "skipped"}``; ``skipped`` says why a pair could not be compared (then the numbers are
+    ``None``).
     """
-    cells: dict[tuple[str, str, str], dict[str, dict[Any, Mapping[str, Any]]]] = defaultdict(dict)
-    by_group: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for r in records:
-        by_group[str(r.get("group"))].append(r)
-    by_row = {(model, dataset, group, f"{method} ({setting_label(setting)})" if setting else method): recs
-              for group, grecs in by_group.items()
-              for (method, model, dataset, setting), recs in row_groups(grecs).items()}
-    for (model, dataset, group, method), recs in by_row.items():
-        ok = [r for r in distinct_seeds(recs)[0] if r.get("status") == "ok"]
-        if ok:
-            cells[(model, dataset, group)][method] = {r.get("seed"): r for r in ok}
     out = []
-    for (model, dataset, group), methods in sorted(cells.items()):
+    for (model, dataset, group, track), methods in sorted(_cells(records).items()):
         def gold(m: str, methods: Mapping[str, Mapping[Any, Mapping[str, Any]]] = methods) -> float:
             vals = [float(r["metrics"]["eval/gold_reward"]) for r in methods[m].values()
                     if finite((r.get("metrics") or {}).get("eval/gold_reward"))]
@@ -408,7 +430,31 @@ def paired_comparisons(records: Iterable[Mapping[str, Any]], n_boot: int = 10_00
         order = sorted(methods, key=lambda m: (-gold(m), m))
         for i, a in enumerate(order):
             for b in order[i + 1:]:
-                out.append(_compare(model, dataset, group, a, b, methods[a], methods[b], n_boot, seed))
+                out.append({**_compare(model, dataset, group, a, b, methods[a], methods[b], n_boot,
+                                       seed), "track": track})
+    return out
+
+
+def information_effect(records: Iterable[Mapping[str, Any]], n_boot: int = 10_000, seed: int = 0,
+                       ) -> list[dict[str, Any]]:
+    """The same method told the exact reward against told only the preference pairs: for each
+    method that ran on both tracks of a (model, dataset, group), A = it on ``oracle``, B = it on
+    ``preferences`` (each setting against each when it ran several), compared prompt by prompt
+    over their common seeds as :func:`paired_comparisons` compares two methods. Δ gold > 0: what
+    the reward model (or the pairs) lose of the gold reward's information. Returns the same
+    dicts, ``track`` ``"oracle − preferences"``."""
+    cells = _cells(records)
+    out = []
+    for (model, dataset, group, track), methods in sorted(cells.items()):
+        if track != "oracle":
+            continue
+        other = cells.get((model, dataset, group, "preferences"), {})
+        for a in sorted(methods):
+            for b in sorted(other):
+                if a.split(" (")[0] == b.split(" (")[0]:
+                    out.append({**_compare(model, dataset, group, f"{a} · oracle",
+                                           f"{b} · preferences", methods[a], other[b], n_boot, seed),
+                                "track": "oracle − preferences"})
     return out
 
 
@@ -456,6 +502,7 @@ def _compare(model: str, dataset: str, group: str, a: str, b: str, ra: Mapping[A
 # --------------------------------------------------------------------------- warnings
 def _row_name(row: Mapping[str, Any]) -> str:
     name = f"{row['method']} · {row['model']} · {row['dataset']}"
+    name += f" · {row['track']}" if row.get("track") else ""
     return name + (f" ({row['setting']})" if row.get("setting") else "")
 
 
@@ -625,6 +672,7 @@ def footer_lines(cols: Sequence[Column], rows: Sequence[Mapping[str, Any]] = (),
         "half-width keeps two significant digits. A bare number is a single seed (no interval); (n=k): "
         "only k seeds reported the metric. The CSV has every metric at full precision (mean, std, ci_lo, "
         "ci_hi, n).",
+        f"track: {TRACK_NOTE}.",
         "β, lr: the method's KL coefficient (config.method.beta; config.method.kl_coef in PPO records "
         "written before the rename) and learning rate (config.method.optim.lr) of the rows' runs.",
     ]
@@ -674,11 +722,13 @@ def _main_cells(row: Mapping[str, Any], cols: Sequence[Column]) -> list[str]:
 def render_markdown(rows: Sequence[Mapping[str, Any]], header_lines: Sequence[str] = (),
                     title: str | None = None, plots: Mapping[str, str] | None = None,
                     paired: Sequence[Mapping[str, Any]] | None = None,
-                    warnings: Sequence[str] | None = None, n_boot: int = 10_000, seed: int = 0) -> str:
+                    warnings: Sequence[str] | None = None, n_boot: int = 10_000, seed: int = 0,
+                    information: Sequence[Mapping[str, Any]] | None = None) -> str:
     """The leaderboard as Markdown: a title, ``header_lines`` (one paragraph line each: the
     reproduce command, provenance, platforms), the ``warnings`` (default: computed from the
-    rows), the main table, its footer, the failed runs, the paired differences, the cost table,
-    then ``plots`` (``{caption: relative image path}``) as image links."""
+    rows), the main table, its footer, the failed runs, the paired differences (within a track),
+    the information effect (:func:`information_effect`), the cost table, then ``plots``
+    (``{caption: relative image path}``) as image links."""
     cols = shown_columns(rows)
     warnings = comparison_warnings(rows) if warnings is None else warnings
     title = title or default_title(rows)
@@ -690,7 +740,7 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], header_lines: Sequence[st
     if not rows:
         lines += ["_No run records found: the table is empty._", ""]
     head = [*_KEY_COLUMNS, "β", "lr", *(c.label for c in cols), "seeds", "status"]
-    align = [":---"] * 3 + ["---:"] * (len(cols) + 3) + [":---"]
+    align = [":---"] * len(_KEY_COLUMNS) + ["---:"] * (len(cols) + 3) + [":---"]
     lines += _md_table(head, (_main_cells(r, cols) for r in rows), align)
     lines += ["", *(f"- {_md_escape(f)}" for f in footer_lines(cols, rows, n_boot, seed))]
     failures = [(row, f) for row in rows for f in row["failed_runs"]]
@@ -700,11 +750,14 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], header_lines: Sequence[st
             err = _md_escape(str(f.get("error") or "unknown error"))
             lines.append(f"- `{f.get('run_id')}` ({row['method']}, {row['model']}, "
                          f"{row['dataset']}, seed {f.get('seed')}): {err}")
-    if paired:
-        lines += ["", "## Paired differences", ""]
-        for (model, dataset, group), items in _by_cell(paired).items():
-            lines += [f"**{model} · {dataset}** (group {group})", ""]
-            lines += _md_table(_PAIRED_HEAD, (_paired_cells(c) for c in items),
+    for heading, items in (("Paired differences (within a track)", paired),
+                           (f"Information effect ({INFORMATION_NOTE})", information)):
+        if not items:
+            continue
+        lines += ["", f"## {heading}", ""]
+        for (model, dataset, group, track), cell in _by_cell(items).items():
+            lines += [f"**{model} · {dataset} · {track or 'no track'}** (group {group})", ""]
+            lines += _md_table(_PAIRED_HEAD, (_paired_cells(c) for c in cell),
                                [":---"] + ["---:"] * 6 + [":---"])
             lines.append("")
     ok_rows = [r for r in rows if r["status"] == "ok"]
@@ -712,7 +765,7 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], header_lines: Sequence[st
         lines += ["", "## Cost", ""]
         lines += _md_table([*_KEY_COLUMNS, *(c.label for c in _COST_TABLE)],
                            ([*(str(r[k]) for k in _KEY_COLUMNS), *_cost_cells(r)] for r in ok_rows),
-                           [":---"] * 3 + ["---:"] * len(_COST_TABLE))
+                           [":---"] * len(_KEY_COLUMNS) + ["---:"] * len(_COST_TABLE))
         lines += ["", *(f"- {c.label}: {c.key}: {c.definition}." for c in _COST_TABLE),
                   "- (cached): the stage was loaded from the cache in every seed (cached k/n: in k of n); its "
                   "time is the time it took when it was trained."]
@@ -722,10 +775,11 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], header_lines: Sequence[st
     return "\n".join(lines) + "\n"
 
 
-def _by_cell(paired: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], list[Mapping[str, Any]]]:
-    out: dict[tuple[str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
+def _by_cell(paired: Sequence[Mapping[str, Any]]
+             ) -> dict[tuple[str, str, str, str], list[Mapping[str, Any]]]:
+    out: dict[tuple[str, str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
     for c in paired:
-        out[(c["model"], c["dataset"], c["group"])].append(c)
+        out[(c["model"], c["dataset"], c["group"], c.get("track", ""))].append(c)
     return dict(out)
 
 
@@ -761,12 +815,13 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
     return write_text(path, buf.getvalue())
 
 
-_PAIRED_FIELDS = ("model", "dataset", "group", "a", "b", "n_seeds", "n_prompts", "mean_diff", "ci_lo", "ci_hi",
-                  "p", "sign_flip_p", "significant", "skipped")
+_PAIRED_FIELDS = ("model", "dataset", "group", "track", "a", "b", "n_seeds", "n_prompts", "mean_diff",
+                  "ci_lo", "ci_hi", "p", "sign_flip_p", "significant", "skipped")
 
 
 def write_paired_csv(paired: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
-    """The paired differences as CSV (full precision), one line per pair."""
+    """The paired differences as CSV (full precision), one line per pair; ``track`` is the
+    track both ran on, or ``"oracle − preferences"`` for a line of the information effect."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(_PAIRED_FIELDS)
@@ -839,7 +894,8 @@ def _th(label: str, tip: str) -> str:
 def render_html(rows: Sequence[Mapping[str, Any]], plots: Mapping[str, Path | str],
                 header_lines: Sequence[str] = (), title: str | None = None,
                 paired: Sequence[Mapping[str, Any]] | None = None, warnings: Sequence[str] | None = None,
-                n_boot: int = 10_000, seed: int = 0) -> str:
+                n_boot: int = 10_000, seed: int = 0,
+                information: Sequence[Mapping[str, Any]] | None = None) -> str:
     """A self-contained HTML page that fits a 1,400-pixel window: inline CSS (``max-width``
     1400px, small fonts, wrapping headers), the warnings, a sortable main table (click a header;
     inline vanilla JS) with every column's key and definition as a ``title=`` tooltip and in the
@@ -862,6 +918,7 @@ def render_html(rows: Sequence[Mapping[str, Any]], plots: Mapping[str, Path | st
     if not rows:
         out.append('<p class="note">No run records found: the table is empty.</p>')
     head = [_th("method", "the alignment method"), _th("model", "the policy model"), _th("dataset", "the task"),
+            _th("track", TRACK_NOTE),
             _th("β", "KL coefficient: config.method.beta (kl_coef in older PPO records)"),
             _th("lr", "learning rate: config.method.optim.lr")]
     head += [_th(c.label, f"{c.key}: {c.definition}") for c in cols]
@@ -874,8 +931,9 @@ def render_html(rows: Sequence[Mapping[str, Any]], plots: Mapping[str, Path | st
         first = previous is not None and (row["model"], row["dataset"]) != previous
         previous = (row["model"], row["dataset"])
         cells = _main_cells(row, cols)
-        tds = [f"<td>{esc(c)}</td>" for c in cells[:5]]
-        for col, text in zip(cols, cells[5:-2], strict=True):
+        n_key = len(_KEY_COLUMNS) + 2  # the key columns, β and lr
+        tds = [f"<td>{esc(c)}</td>" for c in cells[:n_key]]
+        for col, text in zip(cols, cells[n_key:-2], strict=True):
             key = col.resolve(row)
             mean = None if failed or key is None else _mean(row, key)
             tip = f"{key or col.key}" + (f" (n={row['metrics'][key]['n']})" if mean is not None else "")
@@ -897,18 +955,22 @@ def render_html(rows: Sequence[Mapping[str, Any]], plots: Mapping[str, Path | st
                        f"{esc(row['model'])}, {esc(row['dataset'])}, seed "
                        f"{esc(str(f.get('seed')))}): {esc(str(f.get('error') or '?'))}</li>")
         out.append("</ul>")
-    if paired:
-        out.append("<h2>Paired differences</h2>")
-        tips = ("A is the method with the higher mean gold", "mean over seeds and prompts of gold_A − gold_B",
-                "95% percentile interval of the two-level paired bootstrap",
-                "two-sided bootstrap p; ✓ p < 0.05", "exact sign-flip test over per-seed mean differences",
-                "seeds both methods ran on the same prompts", "held-out prompts per seed", "why seeds were left out")
-        for (model, dataset, group), items in _by_cell(paired).items():
-            out.append(f"<h3>{esc(model)} · {esc(dataset)} <span class=\"note\">(group {esc(group)})</span></h3>")
+    tips = ("A is the method with the higher mean gold", "mean over seeds and prompts of gold_A − gold_B",
+            "95% percentile interval of the two-level paired bootstrap",
+            "two-sided bootstrap p; ✓ p < 0.05", "exact sign-flip test over per-seed mean differences",
+            "seeds both methods ran on the same prompts", "held-out prompts per seed", "why seeds were left out")
+    for heading, items in (("Paired differences (within a track)", paired),
+                           (f"Information effect ({INFORMATION_NOTE})", information)):
+        if not items:
+            continue
+        out.append(f"<h2>{esc(heading)}</h2>")
+        for (model, dataset, group, track), cell in _by_cell(items).items():
+            out.append(f"<h3>{esc(model)} · {esc(dataset)} · {esc(track or 'no track')} "
+                       f"<span class=\"note\">(group {esc(group)})</span></h3>")
             out.append('<div class="box"><table class="paired"><thead><tr>'
                        + "".join(f'<th title="{esc(t)}">{esc(h)}</th>' for h, t in zip(_PAIRED_HEAD, tips, strict=True))
                        + "</tr></thead><tbody>")
-            for c in items:
+            for c in cell:
                 cells = _paired_cells(c)
                 tds = [f"<td>{esc(cells[0])}</td>"] + [f'<td class="num">{esc(x)}</td>' for x in cells[1:-1]]
                 tds.append(f'<td class="wrap">{esc(cells[-1])}</td>')
@@ -1059,6 +1121,7 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     records, chosen = select_group(all_records, group)
     rows = build_table(records)
     paired = paired_comparisons(records, n_boot=n_boot, seed=seed)
+    information = information_effect(records, n_boot=n_boot, seed=seed)
     warnings = comparison_warnings(rows, records)
 
     command = command or reproduce_command(records)
@@ -1112,12 +1175,13 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     paths["markdown"] = write_text(
         out_dir / "leaderboard.md",
         render_markdown(rows, header, plots={c: p.name for c, p in plots.items()}, paired=paired,
-                        warnings=warnings, n_boot=n_boot, seed=seed))
+                        warnings=warnings, n_boot=n_boot, seed=seed, information=information))
     paths["csv"] = write_csv(rows, out_dir / "leaderboard.csv")
-    paths["paired_csv"] = write_paired_csv(paired, out_dir / "leaderboard_paired.csv")
+    paths["paired_csv"] = write_paired_csv([*paired, *information],
+                                           out_dir / "leaderboard_paired.csv")
     paths["html"] = write_text(out_dir / "leaderboard.html",
                                       render_html(rows, plots, header, paired=paired, warnings=warnings,
-                                                  n_boot=n_boot, seed=seed))
+                                                  n_boot=n_boot, seed=seed, information=information))
     if screenshot:
         shot = _take_screenshot(paths["html"], out_dir / "leaderboard.png")
         if shot is not None:
