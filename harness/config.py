@@ -310,12 +310,23 @@ class RunSchema:
     #: lm-eval) reach the console and the run's log (:mod:`harness.console`); the harness's own
     #: lines are always shown
     log_level: str = "WARNING"
+    #: the information track, what the method learns from (``null``: as ``method.reward_source``
+    #: says): ``oracle`` sets an online method's ``reward_source`` to ``gold``, ``preferences``
+    #: to ``rm``; offline DPO is on the preferences track (it learns from the pairs themselves)
+    track: str | None = None
 
     def check(self) -> None:
         from harness.console import LEVELS
 
         in_range(self, "", "seed", 0, 2**32 - 1)
         one_of(self, "", "log_level", LEVELS)
+        one_of(self, "", "track", (None, *TRACK_SOURCES))
+
+
+#: what each information track gives an online method to learn from (``method.reward_source``)
+TRACK_SOURCES = {"oracle": "gold", "preferences": "rm"}
+#: methods that learn from the preference pairs themselves: the preferences track, always
+OFFLINE_PAIR_METHODS = ("dpo",)
 
 
 def to_dataclass(schema: type, node: Any, prefix: str | None = None) -> Any:

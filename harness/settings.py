@@ -20,6 +20,8 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import (
+    OFFLINE_PAIR_METHODS,
+    TRACK_SOURCES,
     ConfigError,
     EvalConfig,
     LoggerConfig,
@@ -76,8 +78,9 @@ def validate(cfg: DictConfig) -> Settings:
             raise ConfigError(f"{key}: unknown top-level field; known: {', '.join(sorted(known))}")
     top = to_dataclass(RunSchema, {k: cfg[k] for k in ("seed", "group", "cache_dir",
                                                        "force_retrain", "results_dir",
-                                                       "log_level")})
+                                                       "log_level", "track")})
     top.check()
+    apply_track(cfg, top.track)
     model = model_config(cfg.model, to_absolute_path(top.cache_dir))
     name = cfg.method.name
     if name not in stage_names():
@@ -114,6 +117,25 @@ def validate(cfg: DictConfig) -> Settings:
                     seed=top.seed, group=top.group, cache_dir=top.cache_dir,
                     force_retrain=top.force_retrain, results_dir=top.results_dir,
                     log_level=top.log_level, **groups)
+
+
+def apply_track(cfg: DictConfig, track: str | None) -> None:
+    """Put an online method on ``track``: ``method.reward_source`` becomes the track's source
+    (:data:`~harness.config.TRACK_SOURCES`), in ``cfg`` itself, so the run's resolved config and
+    record say what it learned from. Offline DPO needs nothing on the preferences track and has no
+    oracle run; a base stage (sft, rm) aligns nothing and is on no track. Raises ConfigError."""
+    if track is None:
+        return
+    name = cfg.method.name
+    if "reward_source" in cfg.method:
+        cfg.method.reward_source = TRACK_SOURCES[track]
+    elif name in OFFLINE_PAIR_METHODS:
+        if track != "preferences":
+            raise ConfigError(f"track={track}: method={name} learns from the preference pairs "
+                              "themselves; it runs on the preferences track only")
+    else:
+        raise ConfigError(f"track={track}: method={name} aligns nothing and is on no track; "
+                          "tracks are for the aligning methods")
 
 
 def _check_reward_available(dataset: Any, method: Any) -> None:
@@ -157,6 +179,9 @@ def check_overrides(overrides: Sequence[str], experiments: Sequence[str] = (),
             continue
         if new is not None:
             raise ConfigError(f"{key}: renamed to {new}")
+    if "track" in keys and "method.reward_source" in keys:
+        raise ConfigError("method.reward_source: set by track=" + keys["track"] + "; give one "
+                          "of the two")
     method = keys.get("method", default_method)
     if method in base_stages():
         for key in keys:

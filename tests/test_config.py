@@ -298,3 +298,27 @@ def test_the_trainer_names_the_device_a_run_computes_and_evaluates_on():
     assert TrainerConfig(accelerator="cpu").device() == "cpu"
     assert TrainerConfig(accelerator="gpu").device() == gpu
     assert TrainerConfig(accelerator="auto").device() == gpu
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo", "rloo", "online_dpo"])
+def test_a_track_is_one_override_for_every_online_method(method):
+    """track=oracle: the gold reward; track=preferences: the reward model (and for PPO its
+    critic from it); the composed config itself says so, as the run's record will."""
+    for track, source, critic in (("oracle", "gold", "sft"), ("preferences", "rm", "rm")):
+        cfg = composed([f"method={method}", f"track={track}"])
+        settings = validate(cfg)
+        assert settings.method.reward_source == source and cfg.method.reward_source == source
+        if method == "ppo":
+            assert settings.method.critic_start == critic
+
+
+def test_tracks_refuse_what_has_no_run_on_them():
+    validate(composed(["method=dpo", "track=preferences"]))  # offline DPO learns from the pairs
+    with pytest.raises(ConfigError, match="track=oracle: method=dpo learns from the preference"):
+        validate(composed(["method=dpo", "track=oracle"]))
+    with pytest.raises(ConfigError, match="track=oracle: method=sft aligns nothing"):
+        validate(composed(["method=sft", "track=oracle"]))
+    with pytest.raises(ConfigError, match="track='gold': must be one of"):
+        validate(composed(["method=grpo", "track=gold"]))
+    with pytest.raises(ConfigError, match="method.reward_source: set by track=oracle"):
+        check_overrides(["method=ppo", "track=oracle", "method.reward_source=rm"])

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.atomic import write_text
+from harness.config import OFFLINE_PAIR_METHODS
 
 __all__ = [
     "RECORD_STATUSES",
@@ -63,8 +64,6 @@ TRACKS = ("oracle", "preferences")
 """The information tracks: what a method learns from. ``oracle``: the task's exact (gold) reward;
 ``preferences``: the task's preference pairs, directly (offline DPO) or through the reward model
 trained on them (``reward_source=rm``). A comparison of methods holds within one track."""
-OFFLINE_PAIR_METHODS = ("dpo",)
-"""Methods that learn from the preference pairs themselves, not from a reward source."""
 
 
 def track_of(record: Mapping[str, Any]) -> str:
