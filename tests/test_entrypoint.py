@@ -178,6 +178,14 @@ def test_the_sweep_check_expands_jobs_as_the_basic_sweeper():
         (f"method={m}", f"model={mo}", f"seed={s}", "+sweep=compare", "logger=none")
         for m in ("dpo", "grpo", "ppo", "rloo") for mo in ("llama_small", "moe_small")
         for s in (0, 1, 2)}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+sweep=tracks_preferences", "seed=0"],
+                      return_hydra_config=True)
+        jobs = sweep_jobs(cfg)
+    assert cfg.track == "preferences" and cfg.group == "tracks"
+    assert sorted(j[0] for j in jobs) == [f"method={m}" for m in
+                                          ("dpo", "grpo", "online_dpo", "ppo", "rloo")
+                                          for _ in ("llama_small", "moe_small")]
 
 
 @pytest.mark.slow
