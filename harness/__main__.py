@@ -38,8 +38,19 @@ def main(cfg: DictConfig) -> float | None:
             raise
         kind = "config" if isinstance(exc, ConfigError) else "data"
         sys.exit(f"{kind} error: {exc}")
+    except Exception as exc:
+        from harness.pipeline import RecordNotWritten
+
+        if isinstance(exc, RecordNotWritten):
+            sys.exit(f"record error: {exc}")
+        raise
     if summary.get("status") == "ok" and "rank" in summary:
         return None  # a DDP rank other than 0: rank 0 prints the summary
+    if summary.get("status") == "skipped":
+        print(f"run: {summary['method']} | model {summary['model']} | dataset "
+              f"{summary['dataset']} | seed {summary['seed']} -> skipped, done before: "
+              f"{summary['record']}")
+        return None
     from harness.report import print_summary
 
     print_summary(summary)

@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import Any
 
 
-def write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (creating the parent folder); returns the path."""
+def write_bytes(path: Path | str, data: bytes, replace: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (creating the parent folder); returns the path.
+
+    ``replace=False``: never replace an existing file: the finished temporary file is hard-linked
+    to ``path``, which fails with :class:`FileExistsError` when ``path`` exists (also when another
+    process wrote it in the meantime), leaving that file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -29,7 +33,11 @@ def write_bytes(path: Path | str, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -38,9 +46,9 @@ def write_bytes(path: Path | str, data: bytes) -> Path:
     return path
 
 
-def write_text(path: Path | str, text: str, encoding: str = "utf-8") -> Path:
+def write_text(path: Path | str, text: str, encoding: str = "utf-8", replace: bool = True) -> Path:
     """Write ``text`` to ``path`` atomically (see :func:`write_bytes`)."""
-    return write_bytes(path, text.encode(encoding))
+    return write_bytes(path, text.encode(encoding), replace=replace)
 
 
 def write_json(path: Path | str, payload: Any) -> Path:

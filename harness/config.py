@@ -314,6 +314,10 @@ class RunSchema:
     #: says): ``oracle`` sets an online method's ``reward_source`` to ``gold``, ``preferences``
     #: to ``rm``; offline DPO is on the preferences track (it learns from the pairs themselves)
     track: str | None = None
+    #: in a multirun (``-m``), a job whose ``ok`` record of the same config (``config_hash``) and
+    #: platform is already in ``results_dir`` is not run again: a sweep cut off and launched
+    #: again runs only its failed and missing jobs
+    skip_done: bool = True
 
     def check(self) -> None:
         from harness.console import LEVELS

@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import re
-import sys
 import time
 import traceback
 import uuid
@@ -44,6 +42,7 @@ from harness.evaluation.curves import HeldOutGoldCurve
 from harness.evaluation.drift import sequence_kl
 from harness.evaluation.gold import gold_eval, win_rate
 from harness.evaluation.platform import platform_info
+from harness.evaluation.records import finished_record, new_run_id
 from harness.models.llama import CausalLM
 from harness.registry import get_stage
 from harness.seeding import seed_stage, stream_seed
@@ -524,8 +523,7 @@ def record_for(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     from harness.evaluation.records import new_record
 
     cfg = summary.get("config", {})
-    run_id = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run_dir.parent.name}_{run_dir.name}")
-    return new_record(run_id=run_id, method=summary["method"], model=summary["model"],
+    return new_record(run_id=summary["run_id"], method=summary["method"], model=summary["model"],
                       dataset=summary["dataset"], seed=int(summary["seed"]),
                       status=summary["status"], error=summary.get("error"),
                       group=cfg.get("group"), metrics=summary.get("metrics", {}),
@@ -537,25 +535,32 @@ def record_for(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                       repo_path=Path(__file__).resolve().parent)
 
 
-def write_outputs(summary: dict[str, Any], run_dir: Path) -> None:
-    """``summary.json`` in the run directory and one record in ``<results_dir>/runs/``.
+class RecordNotWritten(RuntimeError):
+    """The run's results record could not be written (its ``summary.json`` was)."""
 
-    Each is written whatever happens to the other: a record that cannot be written is reported
-    (``record_error`` in the summary and on stderr), and a summary that cannot be written does not
-    stop the record.
+
+def write_outputs(summary: dict[str, Any], run_dir: Path) -> None:
+    """One record in ``<results_dir>/runs/``, then ``summary.json`` in the run directory.
+
+    Each is written whatever happens to the other: a summary that cannot be written does not stop
+    the record, and a record that cannot be written (a results folder gone bad, a record of the
+    same id already there) is noted in the summary (``record_error``), which is written first;
+    then :class:`RecordNotWritten` is raised, so the run fails rather than lose its record.
     """
     from harness.evaluation.records import write_record
 
     results = summary.get("config", {}).get("results_dir")
+    error = None
     if results:
         runs = Path(to_absolute_path(results)) / "runs"
         try:
             summary["record"] = str(write_record(record_for(summary, run_dir), runs))
         except Exception as exc:  # the run's own summary must survive a results folder gone bad
             summary["record_error"] = f"{type(exc).__name__}: {exc}"
-            print(f"harness: could not write the results record to {runs}: "
-                  f"{summary['record_error']}", file=sys.stderr)
+            error = f"could not write the results record to {runs}: {summary['record_error']}"
     write_json(run_dir / "summary.json", summary)
+    if error is not None:
+        raise RecordNotWritten(f"{error} (the run's summary is in {run_dir / 'summary.json'})")
 
 
 def stage_costs(costs: dict[str, StageCost], method_stage: str, total_s: float) -> dict[str, float]:
@@ -601,6 +606,8 @@ def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dic
     # what the method learns from, known before any work: a failed run's record has it too, so
     # that it joins its method's row of the right track
     summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir), "method": name,
+                               "run_id": new_run_id(name, settings.model.name,
+                                                    settings.dataset.name, settings.seed),
                                "model": settings.model.name, "dataset": settings.dataset.name,
                                "seed": settings.seed, "config": resolved,
                                "reward_source": stage.reward_source(settings.stage_config(name))}
@@ -611,6 +618,13 @@ def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dic
     elif str(t.devices) != "1" and t.accelerator != "gpu":
         torch.set_num_threads(1)
     summary["platform"] = platform_info(t.device())
+    if settings.skip_done and settings.results_dir and _in_multirun():
+        done = finished_record(Path(to_absolute_path(settings.results_dir)) / "runs", resolved,
+                               summary["platform"])
+        if done is not None:  # a relaunched sweep: this job finished before
+            log.info("skipped: an ok record of this config on this platform exists: %s "
+                     "(skip_done=false runs it again)", done)
+            return {**summary, "status": "skipped", "record": str(done)}
     # the data and the tokenizer are read here, before the try: bad data (a DataError naming the
     # file, row and column) stops the run before any work, like a config error, with no record
     r = Run(settings, resolved, run_dir)
@@ -657,11 +671,20 @@ def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dic
                        traceback=traceback.format_exc(),
                        cost=stage_costs(r.costs, name, time.perf_counter() - t0))
         if is_rank_zero():
-            write_outputs(summary, run_dir)
+            with contextlib.suppress(RecordNotWritten):  # the run's own error is the one to raise
+                write_outputs(summary, run_dir)
             r.loggers.abort({"status": "failed"})
         raise
     write_outputs(summary, run_dir)
     return summary
+
+
+def _in_multirun() -> bool:
+    """Whether this run is a job of a multirun (``-m``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _hydra_verbose() -> bool:

@@ -52,6 +52,7 @@ class Settings:
     force_retrain: bool
     results_dir: str | None
     log_level: str
+    skip_done: bool
 
     @property
     def method_name(self) -> str:
@@ -78,7 +79,7 @@ def validate(cfg: DictConfig) -> Settings:
             raise ConfigError(f"{key}: unknown top-level field; known: {', '.join(sorted(known))}")
     top = to_dataclass(RunSchema, {k: cfg[k] for k in ("seed", "group", "cache_dir",
                                                        "force_retrain", "results_dir",
-                                                       "log_level", "track")})
+                                                       "log_level", "track", "skip_done")})
     top.check()
     apply_track(cfg, top.track)
     model = model_config(cfg.model, to_absolute_path(top.cache_dir))
@@ -116,7 +117,7 @@ def validate(cfg: DictConfig) -> Settings:
     return Settings(model=model, dataset=dataset, method=method, stages=stages,
                     seed=top.seed, group=top.group, cache_dir=top.cache_dir,
                     force_retrain=top.force_retrain, results_dir=top.results_dir,
-                    log_level=top.log_level, **groups)
+                    log_level=top.log_level, skip_done=top.skip_done, **groups)
 
 
 def apply_track(cfg: DictConfig, track: str | None) -> None:

@@ -176,8 +176,8 @@ class Stage:
         return None
 
     def summary_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        """The run's metrics from the stage's training and validation metrics."""
-        return {k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))}
+        """The run's metrics from the stage's training and validation metrics and its budget."""
+        return {k: v for k, v in metrics.items() if k.startswith(("train/", "val/", "budget/"))}
 
     def save(self, model: nn.Module, path: Path, tokenizer: Any, resolved: dict) -> None:
         """Write the stage's model as a Hugging Face folder at ``path``; a LoRA-adapted model

@@ -369,7 +369,7 @@ def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
               "rloo": ["method.n_iterations=3", "method.group_size=4", "method.update_epochs=2",
                        "method.minibatch_size=8"],
               "ppo": ["method.n_iterations=3", "method.rollout.prompts_per_batch=8",
-                      "method.minibatch_size=4"],
+                      "method.minibatch_size=4", "method.update_epochs=2"],
               # reward-model scores differ between responses, so every prompt gives a pair
               "online_dpo": ["method.n_iterations=3", "method.group_size=4",
                              "method.reward_source=rm"]}[method]
@@ -388,6 +388,14 @@ def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):
     # arith's gold reward is 0/1, so its accuracy (share at the task's best reward) is its mean
     assert m["eval/gold_accuracy"] == pytest.approx(m["eval/gold_reward"])
     assert Path(summary["checkpoint"], "model.safetensors").is_file()
+    # the budget it spent, as its config plans it: responses sampled and scored, pairs, steps
+    if method in ("grpo", "rloo", "online_dpo"):
+        assert m["budget/responses"] == m["budget/reward_calls"] == 3 * 8 * 4
+    if method == "ppo":
+        assert m["budget/responses"] == 3 * 8 and m["budget/optimizer_steps"] == 3 * 2 * 2
+    if method == "dpo":
+        assert m["budget/pairs"] == 6 * 32 and m["budget/optimizer_steps"] == 6
+    assert m["budget/trained_tokens"] > 0
     if method in ("grpo", "ppo", "rloo"):
         assert "train/reward" in m and "train/clip_frac" in m
         assert summary["reward_source"] == ("rm" if method == "ppo" else "gold")

@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 
 from harness.evaluation.records import (
+    config_hash,
+    finished_record,
     git_commit,
     harness_version,
     load_records,
     new_record,
+    new_run_id,
     validate_record,
     write_record,
 )
@@ -46,13 +49,19 @@ def _record(run_id: str, writer: int = 0, i: int = 0) -> dict:
     }
 
 
-def _writer(args: tuple[int, str]) -> int:
+def _writer(args: tuple[int, str]) -> tuple[int, int]:
+    """Writes its own records, then tries the same run_id over and over: returns (writer, how
+    many of those writes were refused)."""
     writer, runs_dir = args
     for i in range(N_PER_PROC):
         write_record(_record(f"w{writer}-r{i}", writer, i), Path(runs_dir))
+    refused = 0
     for i in range(N_OVERWRITES):  # every process hammers the same run_id
-        write_record(_record("shared", writer, i), Path(runs_dir))
-    return writer
+        try:
+            write_record(_record("shared", writer, i), Path(runs_dir))
+        except FileExistsError:
+            refused += 1
+    return writer, refused
 
 
 def _reader(runs_dir: str, stop: str, report: str) -> None:
@@ -84,7 +93,9 @@ def test_concurrent_writers_lose_and_corrupt_nothing(tmp_path: Path) -> None:
     finally:
         stop.touch()
         reader.join(timeout=60)
-    assert sorted(done) == list(range(N_PROCS))
+    assert sorted(w for w, _ in done) == list(range(N_PROCS))
+    # one write of the shared id won; every other one was refused, none replaced it
+    assert sum(n for _, n in done) == N_PROCS * N_OVERWRITES - 1
     seen = json.loads(report.read_text())
     assert seen["reads"] > 0 and seen["torn"] == [], "a reader saw a half-written record"
 
@@ -104,7 +115,7 @@ def test_concurrent_writers_lose_and_corrupt_nothing(tmp_path: Path) -> None:
     ids = {r["run_id"] for r in records}
     assert ids == {f"w{w}-r{i}" for w in range(N_PROCS) for i in range(N_PER_PROC)} | {"shared"}
     shared = next(r for r in records if r["run_id"] == "shared")
-    assert shared["config"]["i"] == N_OVERWRITES - 1  # the last write of some writer won
+    assert shared["config"]["i"] == 0  # the first write of some writer won, whole
 
 
 def test_load_records_skips_and_warns_about_bad_files(tmp_path: Path) -> None:
@@ -126,7 +137,7 @@ def test_load_records_missing_dir_warns_and_returns_empty(tmp_path: Path) -> Non
         assert load_records(tmp_path / "nope") == []
 
 
-def test_write_record_roundtrip_and_overwrite(tmp_path: Path) -> None:
+def test_write_record_roundtrip_and_never_replace(tmp_path: Path) -> None:
     rec = _record("run-1")
     rec["config"]["path"] = Path("/some/where")  # not JSON-native: converted
     rec["metrics"]["eval/nan_metric"] = float("nan")
@@ -135,9 +146,11 @@ def test_write_record_roundtrip_and_overwrite(tmp_path: Path) -> None:
     back = load_records(tmp_path)[0]
     assert back["config"]["path"] == "/some/where"
     assert back["metrics"]["eval/nan_metric"] != back["metrics"]["eval/nan_metric"]  # NaN
-    write_record({**rec, "status": "failed", "error": "boom"}, tmp_path)
+    with pytest.raises(FileExistsError):
+        write_record({**rec, "status": "failed", "error": "boom"}, tmp_path)
     (back,) = load_records(tmp_path)
-    assert back["status"] == "failed" and back["error"] == "boom"
+    assert back["status"] == "ok" and back["error"] is None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
 @pytest.mark.parametrize("bad", [
@@ -195,23 +208,66 @@ def test_a_folder_that_cannot_be_written_is_refused_naming_its_field(tmp_path: P
     assert list((tmp_path / "new" / "deeper").iterdir()) == []
 
 
-def test_the_summary_is_written_when_the_record_cannot_be(tmp_path: Path, capsys) -> None:
-    from harness.pipeline import write_outputs
+def test_the_summary_is_written_when_the_record_cannot_be_and_the_run_fails(tmp_path: Path) -> None:
+    from harness.pipeline import RecordNotWritten, write_outputs
 
     (tmp_path / "blocked").write_text("")
     summary = {"status": "ok", "method": "dpo", "model": "llama_tiny", "dataset": "arith", "seed": 0,
+               "run_id": "dpo_llama_tiny_arith_s0_0123456789ab",
                "metrics": {"eval/gold_reward": 0.5},
                "config": {"results_dir": str(tmp_path / "blocked"), "group": "default"}}
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    write_outputs(summary, run_dir)
-    saved = json.loads((run_dir / "summary.json").read_text())
+    with pytest.raises(RecordNotWritten, match="could not write the results record"):
+        write_outputs(summary, run_dir)
+    saved = json.loads((run_dir / "summary.json").read_text())  # written first, kept
     assert saved["metrics"] == {"eval/gold_reward": 0.5} and "record" not in saved
     assert saved["record_error"].startswith(("NotADirectoryError", "FileExistsError"))
-    assert "could not write the results record" in capsys.readouterr().err
     summary["config"]["results_dir"] = str(tmp_path / "results")  # and the ordinary case: both
     write_outputs(summary, run_dir)
-    assert Path(json.loads((run_dir / "summary.json").read_text())["record"]).is_file()
+    record = Path(json.loads((run_dir / "summary.json").read_text())["record"])
+    assert record.name == "dpo_llama_tiny_arith_s0_0123456789ab.json" and record.is_file()
+    # the same run id again: refused, and the record already there is left as it was
+    before = record.read_bytes()
+    summary["metrics"] = {"eval/gold_reward": 0.9}
+    with pytest.raises(RecordNotWritten, match="FileExistsError"):
+        write_outputs(summary, run_dir)
+    assert record.read_bytes() == before
+
+
+def test_run_ids_are_unique_and_file_name_safe_whatever_the_names() -> None:
+    ids = {new_run_id("grpo", "llama_small", "arith", 0) for _ in range(200)}
+    assert len(ids) == 200
+    odd = new_run_id("dpo", "my model/α", "team data", 3)
+    assert re.fullmatch(r"dpo_my-model--_team-data_s3_[0-9a-f]{12}", odd)
+
+
+def test_the_config_hash_ignores_where_a_run_writes_and_nothing_else() -> None:
+    cfg = {"seed": 0, "method": {"name": "grpo", "beta": 0.04}, "cache_dir": "a", "results_dir": "b",
+           "logger": {"kind": "wandb"}, "log_level": "WARNING", "skip_done": True, "group": "g"}
+    same = {**cfg, "cache_dir": "elsewhere", "results_dir": None, "logger": {"kind": "none"},
+            "log_level": "INFO", "skip_done": False, "force_retrain": True}
+    assert config_hash(cfg) == config_hash(same)
+    for changed in ({"seed": 1}, {"method": {"name": "grpo", "beta": 0.05}}, {"group": "h"}):
+        assert config_hash({**cfg, **changed}) != config_hash(cfg)
+
+
+def test_a_finished_record_is_found_by_config_and_platform(tmp_path: Path) -> None:
+    cpu = {"torch": "2.13.0+cpu", "device": "cpu", "cpu_capability": "AVX512", "threads": 1,
+           "gpu": None, "env": {}}
+    cfg = {"seed": 0, "method": {"name": "grpo"}}
+
+    def write(status: str, config: dict, platform: dict, name: str) -> Path:
+        rec = new_record(run_id=name, method="grpo", model="m", dataset="d", seed=0, status=status,
+                         config=config, platform=platform)
+        return write_record(rec, tmp_path)
+
+    write("failed", cfg, cpu, "a")
+    write("ok", {**cfg, "seed": 1}, cpu, "b")
+    write("ok", cfg, {**cpu, "env": {"ATEN_CPU_CAPABILITY": "avx2"}}, "c")
+    assert finished_record(tmp_path, cfg, cpu) is None  # failed / other config / other kernels
+    done = write("ok", cfg, {**cpu, "threads": 2}, "d")  # threads do not change the platform
+    assert finished_record(tmp_path, cfg, cpu) == done
 
 
 def test_a_run_started_outside_the_repository_records_the_codes_commit(tmp_path, monkeypatch):
@@ -219,7 +275,8 @@ def test_a_run_started_outside_the_repository_records_the_codes_commit(tmp_path,
     from harness.pipeline import record_for
 
     monkeypatch.chdir(tmp_path)  # not a git repository
-    summary = {"method": "grpo", "model": "m", "dataset": "arith", "seed": 0, "status": "ok",
+    summary = {"run_id": "grpo_m_arith_s0_000000000000", "method": "grpo", "model": "m",
+               "dataset": "arith", "seed": 0, "status": "ok",
                "config": {"group": "g"}, "metrics": {}, "cost": {}}
     record = record_for(summary, tmp_path / "outputs" / "run")
     assert record["git_commit"] == git_commit(Path(__file__).parent)

@@ -12,6 +12,7 @@ A record is a JSON object::
      "per_prompt": {"split", "prompts_sha256", "gold_reward": [...], "ref_gold_reward": [...]},
      "reward_source": "gold" | "rm" | None,          # what train/reward measures
      "track": "oracle" | "preferences" | "",          # what the method learns from (track_of)
+     "config_hash": str,                              # config_hash(config): what it computed
      "history": {"train/reward": [[step, value], ...], "train/kl": [...],
                  "eval/gold_reward": [[step, value, trained_tokens, wall_s], ...]}}   # optional
 
@@ -22,16 +23,18 @@ a cached stage reports what it spent when it was trained), ``cost/method_wall_s`
 and ``cost/train_tokens_per_s`` (see :mod:`harness.evaluation.cost`).
 
 Records live in ``<runs_dir>/<run_id>.json``. They are written atomically (temporary file in the
-same folder, ``fsync``, ``os.replace``), so concurrent writers — a multirun sweep, several
-machines sharing a folder — never leave a half-written or corrupt record; the last writer of a
-``run_id`` wins. The leaderboard (:mod:`harness.evaluation.standings`) is a pure function of the
-records that :func:`load_records` returns.
+same folder, ``fsync``, then a hard link to the final name), so concurrent writers — a multirun
+sweep, several machines sharing a folder — never leave a half-written or corrupt record; a
+``run_id`` is unique (:func:`new_run_id`) and a record is never replaced. The leaderboard
+(:mod:`harness.evaluation.standings`) is a pure function of the records that
+:func:`load_records` returns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import math
 import re
@@ -51,8 +54,11 @@ __all__ = [
     "git_commit",
     "harness_version",
     "is_number",
+    "config_hash",
+    "finished_record",
     "load_records",
     "new_record",
+    "new_run_id",
     "now_iso",
     "track_of",
     "validate_record",
@@ -166,6 +172,7 @@ def new_record(
         "platform": dict(platform) if platform is not None else None,
         "per_prompt": dict(per_prompt) if per_prompt is not None else None,
         "reward_source": reward_source,
+        "config_hash": config_hash(config or {}),
     }
     record["track"] = track if track is not None else track_of(record)
     if history is not None:
@@ -223,14 +230,58 @@ def _json_default(obj: Any) -> Any:
 def write_record(record: Mapping[str, Any], runs_dir: Path | str) -> Path:
     """Validate ``record`` and write it atomically to ``<runs_dir>/<run_id>.json``.
 
-    Creates ``runs_dir`` if needed and overwrites an existing record of the same ``run_id``.
-    Non-finite floats are written as JSON ``NaN`` / ``Infinity`` (which :func:`load_records`
-    reads back); values JSON cannot hold (paths, numpy scalars, ...) are converted. Returns the
-    path written.
+    Creates ``runs_dir`` if needed; never replaces a record: an existing file of the same
+    ``run_id`` raises :class:`FileExistsError` and is left as it was (run ids are unique:
+    :func:`new_run_id`). Non-finite floats are written as JSON ``NaN`` / ``Infinity`` (which
+    :func:`load_records` reads back); values JSON cannot hold (paths, numpy scalars, ...) are
+    converted. Returns the path written.
     """
     validate_record(record)
     text = json.dumps(record, indent=2, sort_keys=False, default=_json_default, allow_nan=True)
-    return write_text(Path(runs_dir) / f"{record['run_id']}.json", text + "\n")
+    return write_text(Path(runs_dir) / f"{record['run_id']}.json", text + "\n", replace=False)
+
+
+def new_run_id(method: str, model: str, dataset: str, seed: int) -> str:
+    """A run's id, unique and file-name safe: ``<method>_<model>_<dataset>_s<seed>_<12 hex>``,
+    the names with any character outside ``[A-Za-z0-9_.-]`` as ``-``, the hex digits random.
+    Never derived from a folder name, so two runs never share one."""
+    import secrets
+
+    names = "_".join(re.sub(r"[^A-Za-z0-9_.-]", "-", str(x)) for x in (method, model, dataset))
+    return f"{names}_s{seed}_{secrets.token_hex(6)}".lstrip(".")
+
+
+#: top-level config fields that change where a run writes or how loudly, not what it computes
+CONFIG_HASH_IGNORES = ("cache_dir", "results_dir", "logger", "log_level", "force_retrain",
+                       "skip_done")
+
+
+def finished_record(runs_dir: Path | str, config: Mapping[str, Any],
+                    platform: Mapping[str, Any] | None) -> Path | None:
+    """The record in ``runs_dir`` of an ``ok`` run of ``config`` (the same :func:`config_hash`)
+    on the same platform (:func:`~harness.evaluation.stats.platform_identity`), if there is one:
+    that run need not run again. Unreadable files are passed over."""
+    from harness.evaluation.stats import platform_identity
+
+    want, where = config_hash(config), platform_identity(platform)
+    for path in sorted(Path(runs_dir).glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if (isinstance(record, dict) and record.get("status") == "ok"
+                and record.get("config_hash") == want
+                and platform_identity(record.get("platform")) == where):
+            return path
+    return None
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """sha256 of a run's resolved config as canonical JSON (sorted keys), without the fields of
+    :data:`CONFIG_HASH_IGNORES`: two runs with one hash computed the same thing (on one platform)."""
+    kept = {k: v for k, v in config.items() if k not in CONFIG_HASH_IGNORES}
+    text = json.dumps(kept, sort_keys=True, default=_json_default, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def load_records(runs_dir: Path | str) -> list[dict[str, Any]]:

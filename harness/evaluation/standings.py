@@ -209,6 +209,13 @@ _COST_TABLE = (
     Column("SFT s", "cost/sft/wall_s", "SFT stage training time (when cached: the time it took when trained)"),
     Column("RM s", "cost/rm/wall_s", "reward-model stage training time (when cached: when trained)"),
     Column("run s", "cost/wall_s", "wall-clock seconds of the whole run (cached stages load, not train)"),
+    Column("responses", "budget/responses", "responses the method sampled (and scored: one reward call "
+           "each); within a track every online method samples the same number"),
+    Column("pairs", "budget/pairs", "preference pairs the method trained on, repeats counted (offline "
+           "DPO: steps x batch; online DPO: the sampled pairs that were not ties)"),
+    Column("steps", "budget/optimizer_steps", "the method's optimiser steps"),
+    Column("trained tok", "budget/trained_tokens", "tokens of the sequences the method optimised on, "
+           "summed over passes"),
 )
 _SKIPPED_TASK_METRIC = re.compile(r"eval/harness_.+_gold/gold_reward|.*perplexity.*")
 

@@ -26,7 +26,8 @@ class AlignmentModule(L.LightningModule):
     adaptive KL coefficient).
     """
 
-    RESUME_ATTRS: tuple[str, ...] = ("tokens_trained", "tokens_generated", "gen_seconds")
+    RESUME_ATTRS: tuple[str, ...] = ("tokens_trained", "tokens_generated", "gen_seconds",
+                                     "responses", "reward_calls", "pairs_seen", "updates")
 
     def __init__(self, optim: OptimConfig, max_steps: int) -> None:
         super().__init__()
@@ -38,6 +39,12 @@ class AlignmentModule(L.LightningModule):
         self.tokens_trained = 0
         self.tokens_generated = 0
         self.gen_seconds = 0.0
+        #: the stage's budget (:meth:`budget`): responses sampled, reward calls made, preference
+        #: pairs trained on, optimiser steps taken by hand (manual optimisation)
+        self.responses = 0
+        self.reward_calls = 0
+        self.pairs_seen = 0
+        self.updates = 0
 
     def trainable_modules(self) -> list[torch.nn.Module]:
         raise NotImplementedError
@@ -157,9 +164,24 @@ class AlignmentModule(L.LightningModule):
         return loss
 
     def final_metrics(self) -> dict[str, float]:
-        """Metrics the module has once training is over, added to the stage's (none by default;
-        the reward model's kept checkpoint, for one)."""
-        return {}
+        """Metrics the module has once training is over, added to the stage's: its budget (and,
+        in subclasses, e.g. the reward model's kept checkpoint)."""
+        return self.budget()
+
+    def budget(self) -> dict[str, float]:
+        """What the stage spent, over every rank: ``budget/optimizer_steps`` (the policy's),
+        ``budget/trained_tokens`` (tokens of the sequences optimised on, summed over passes) and,
+        where the stage has them, ``budget/responses`` (sampled), ``budget/reward_calls`` (scored)
+        and ``budget/pairs`` (preference pairs trained on, with repeats)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        steps = self.global_step if self.automatic_optimization else self.updates
+        out = {"budget/optimizer_steps": float(steps),
+               "budget/trained_tokens": float(self.tokens_trained * world)}
+        for key, n in (("responses", self.responses), ("reward_calls", self.reward_calls),
+                       ("pairs", self.pairs_seen)):
+            if n:
+                out[f"budget/{key}"] = float(n * world)
+        return out
 
     def throughput(self, wall_s: float) -> dict[str, float]:
         """The stage's token counts and rates over its ``wall_s`` (generation over its own time)."""

@@ -246,6 +246,7 @@ class DPOModule(AlignmentModule):
             self.log("train/moe_aux_loss", aux.detach(), on_step=True, on_epoch=False, batch_size=b)
         self.log_throughput(int(batch["chosen_attention_mask"].sum()
                                 + batch["rejected_attention_mask"].sum()))
+        self.pairs_seen += b
         return total
 
     def validation_step(self, batch, batch_idx):

@@ -67,6 +67,7 @@ class OnlineDPOModule(GroupModule):
                 self.step(loss, (opt, sched, cfg.optim))
                 self.tokens_trained += int(ro.attention_mask[rows].sum())
                 kept = w.bool()
+                self.pairs_seen += int(kept.sum())
                 if kept.any():
                     self.accumulate(stats_acc, {
                         "loss": loss.detach(), "rewards_chosen": rc[kept].mean(),

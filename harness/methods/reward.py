@@ -149,6 +149,7 @@ class RewardModule(AlignmentModule):
                  batch_size=b)
         self.log_throughput(int(batch["chosen_attention_mask"].sum()
                                 + batch["rejected_attention_mask"].sum()))
+        self.pairs_seen += b
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -178,7 +179,7 @@ class RewardModule(AlignmentModule):
     def final_metrics(self) -> dict[str, float]:
         """The kept checkpoint's validation pair accuracy (``val/rewards_acc``) and step, the last
         validation's, and what ``finish`` measured."""
-        out = dict(self.finished)
+        out = {**super().final_metrics(), **self.finished}
         if self.last_val is not None:
             out["val/last_rewards_acc"] = self.last_val[0]
             kept = self.best if self.cfg.keep == "best" and self.best is not None else self.last_val

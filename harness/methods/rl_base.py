@@ -113,6 +113,8 @@ class OnPolicyModule(AlignmentModule):
                           packed_group=rows_per_prompt if packed else 0, region=self.region)
         ro.scores = missing_eos_penalty(ro.scores, ro.response, ro.mask, self.tokenizer.eos_token_id,
                                         self.rollout_cfg.missing_eos_penalty)
+        self.responses += len(ro)
+        self.reward_calls += len(ro)  # one score per response
         self.tokens_generated += int(ro.mask.sum())
         self.gen_seconds += ro.gen_s
         return ro
@@ -131,6 +133,7 @@ class OnPolicyModule(AlignmentModule):
                 opt.step()
             for _, sched, _ in updates:
                 sched.step()
+        self.updates += 1  # one step of the policy (PPO's critic steps with it)
 
     @staticmethod
     def accumulate(acc: dict[str, list[torch.Tensor]], stats: dict) -> None:
