@@ -286,6 +286,49 @@ def test_a_joblib_sweep_trains_the_shared_stage_once_and_keeps_every_record(tmp_
     assert all(r["status"] == "ok" for r in records)
 
 
+@pytest.mark.slow
+def test_a_relaunched_sweep_runs_only_the_jobs_it_has_no_ok_record_of(tmp_path):
+    """A sweep over seeds 0-1, then the same sweep over seeds 0-3 (as if the first had been cut
+    off after two jobs): the second runs seeds 2 and 3 only, and the folder holds 4 records."""
+    common = ["-m", "method=sft", "model=llama_tiny", "sft.max_steps=4", "eval.limit=4",
+              "eval.lm_eval.enabled=false", "logger=none", f"cache_dir={tmp_path}/cache",
+              f"results_dir={tmp_path}/results"]
+    first = harness(*common, "seed=0,1", f"hydra.sweep.dir={tmp_path}/first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = harness(*common, "seed=0,1,2,3", f"hydra.sweep.dir={tmp_path}/again")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("-> skipped, done before") == 2
+    ran = sorted(json.loads(p.read_text())["seed"] for p in (tmp_path / "again").glob("*/summary.json"))
+    assert ran == [2, 3]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")]
+    assert sorted(r["seed"] for r in records) == [0, 1, 2, 3]
+    # skip_done=false runs a done job again, as a new record beside the old one
+    forced = harness(*common, "seed=0", "skip_done=false", f"hydra.sweep.dir={tmp_path}/forced")
+    assert forced.returncode == 0 and "skipped" not in forced.stdout
+    assert len(list((tmp_path / "results" / "runs").glob("*.json"))) == 5
+
+
+@pytest.mark.slow
+def test_records_never_replace_each_other_whatever_the_run_folders_are_called(tmp_path):
+    """Run folders whose names once made records collide (a group with a slash, a space against
+    an underscore) or be refused (a non-ASCII name): every run keeps its own record."""
+    common = ["method=sft", "model=llama_tiny", "sft.max_steps=2", "eval.limit=4",
+              "eval.lm_eval.enabled=false", "logger=none", f"cache_dir={tmp_path}/cache",
+              f"results_dir={tmp_path}/results"]
+    runs = [("group=team/exp", "sft.optim.lr=0.003", f"hydra.run.dir={tmp_path}/team/exp/0"),
+            ("group=team/exp", "sft.optim.lr=0.001", f"hydra.run.dir={tmp_path}/team/exp/1"),
+            ("seed=0", f"hydra.run.dir={tmp_path}/D/exp 1/run"),
+            ("seed=1", f"hydra.run.dir={tmp_path}/D/exp_1/run"),
+            ("seed=2", f"hydra.run.dir={tmp_path}/D/α/run")]
+    for extra in runs:
+        out = harness(*common, *extra)
+        assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")]
+    assert len(records) == 5 and len({r["run_id"] for r in records}) == 5
+    assert sorted(r["config"]["sft"]["optim"]["lr"] for r in records if r["group"] == "team/exp") \
+        == [0.001, 0.003]
+
+
 def _free_port() -> int:
     import socket
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import json
 import math
 import random
 import re
@@ -797,3 +798,32 @@ def test_rows_mixing_dataset_settings_are_flagged():
     assert rows[0]["dataset_variants"] == 2
     (warning,) = [w for w in lb.comparison_warnings(rows) if "dataset settings" in w]
     assert "dpo · llama_small · toy" in warning
+
+
+def test_malformed_records_are_listed_and_counted_nowhere(tmp_path: Path) -> None:
+    """A record with only its names, and copies of a real record with a string seed, nested
+    metrics or an unknown schema_version: none becomes a seed; the page lists each by file."""
+    from harness.evaluation.records import write_record
+
+    runs = tmp_path / "runs"
+    good = rec("grpo", 0, {"eval/gold_reward": 0.5}, per_prompt=_per_prompt([0.5]))
+    write_record(good, runs)
+    bad = {"bare": {k: good[k] for k in ("status", "method", "model", "dataset")} | {"run_id": "bare"},
+           "string_seed": {**good, "run_id": "string_seed", "seed": "0"},
+           "nested": {**good, "run_id": "nested", "seed": 1,
+                      "metrics": {"eval": {"gold_reward": 0.9}}},
+           "future": {**good, "run_id": "future", "seed": 2, "schema_version": 99}}
+    for name, r in bad.items():
+        (runs / f"{name}.json").write_text(json.dumps(r))
+    with pytest.warns(UserWarning, match="skipping unreadable run record"):
+        paths = build_leaderboard(runs, tmp_path / "out", screenshot=False)
+    (row,) = build_table([good])
+    assert row["n_seeds"] == 1
+    md = paths["markdown"].read_text()
+    assert "4 file(s) in the runs folder are not valid records" in md
+    for name, why in (("bare.json", "'seed' must be an integer"), ("string_seed.json", "got '0'"),
+                      ("nested.json", "metrics['eval'] must be a number"),
+                      ("future.json", "schema_version 99")):
+        assert name in md and why in md, name
+    csv_rows = paths["csv"].read_text().splitlines()
+    assert len(csv_rows) == 2 and ",1," in csv_rows[1]  # one row, one seed

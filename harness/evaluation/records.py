@@ -49,6 +49,7 @@ from harness.config import OFFLINE_PAIR_METHODS
 
 __all__ = [
     "RECORD_STATUSES",
+    "SCHEMA_VERSION",
     "TRACKS",
     "finite",
     "git_commit",
@@ -66,6 +67,11 @@ __all__ = [
 ]
 
 RECORD_STATUSES = ("ok", "failed")
+SCHEMA_VERSION = 2
+"""The record format this harness writes: 2 added ``schema_version``, ``track`` and
+``config_hash``; 1 (no ``schema_version`` field) is every record before them."""
+SCHEMA_VERSIONS = (1, 2)
+"""The record formats this harness reads."""
 TRACKS = ("oracle", "preferences")
 """The information tracks: what a method learns from. ``oracle``: the task's exact (gold) reward;
 ``preferences``: the task's preference pairs, directly (offline DPO) or through the reward model
@@ -154,6 +160,7 @@ def new_record(
     passes :func:`validate_record`; ``history`` is left out when ``None``.
     """
     record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
         "status": status,
         "error": error,
@@ -185,10 +192,13 @@ def new_record(
 def validate_record(record: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` when ``record`` cannot be written or aggregated.
 
-    Checked: ``run_id`` is a non-empty string usable as a file name (letters, digits and
-    ``._=+,@-``, not starting with a dot), ``status`` is ``"ok"`` or ``"failed"``, ``method``,
-    ``model`` and ``dataset`` are strings, and ``metrics`` / ``cost`` / ``history`` (when present)
-    are mappings.
+    Checked (the record format, :data:`SCHEMA_VERSION`): ``run_id`` is a non-empty string usable
+    as a file name (letters, digits and ``._=+,@-``, not starting with a dot), ``status`` is
+    ``"ok"`` or ``"failed"``, ``method``, ``model`` and ``dataset`` are strings, ``seed`` an
+    integer >= 0, ``metrics`` and ``cost`` flat mappings of names to numbers (NaN allowed),
+    ``config`` / ``history`` / ``platform`` / ``per_prompt`` mappings and ``group`` / ``created``
+    / ``error`` strings when present, and ``schema_version`` (1 when absent: records written
+    before it) one this harness reads.
     """
     if not isinstance(record, Mapping):
         raise ValueError(f"a record must be a mapping, got {type(record).__name__}")
@@ -204,9 +214,28 @@ def validate_record(record: Mapping[str, Any]) -> None:
     for key in ("method", "model", "dataset"):
         if not isinstance(record.get(key), str):
             raise ValueError(f"record {run_id}: {key!r} must be a string, got {record.get(key)!r}")
-    for key in ("metrics", "cost", "history"):
+    version = record.get("schema_version", 1)
+    if version not in SCHEMA_VERSIONS or isinstance(version, bool):
+        raise ValueError(f"record {run_id}: schema_version {version!r} is not one this harness "
+                         f"reads ({', '.join(map(str, SCHEMA_VERSIONS))})")
+    seed = record.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"record {run_id}: 'seed' must be an integer >= 0, got {seed!r}")
+    for key in ("metrics", "cost"):
+        values = record.get(key)
+        if not isinstance(values, Mapping):
+            raise ValueError(f"record {run_id}: {key!r} must be a mapping of names to numbers, "
+                             f"got {type(values).__name__}")
+        for name, value in values.items():
+            if not is_number(value):
+                raise ValueError(f"record {run_id}: {key}[{name!r}] must be a number, got "
+                                 f"{type(value).__name__}")
+    for key in ("config", "history", "platform", "per_prompt"):
         if record.get(key) is not None and not isinstance(record[key], Mapping):
             raise ValueError(f"record {run_id}: {key!r} must be a mapping")
+    for key in ("group", "created", "error"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f"record {run_id}: {key!r} must be a string")
 
 
 def _json_default(obj: Any) -> Any:
@@ -284,12 +313,15 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def load_records(runs_dir: Path | str) -> list[dict[str, Any]]:
-    """All records in ``runs_dir`` (``*.json``), sorted by file name.
+def load_records(runs_dir: Path | str, rejected: list[tuple[Path, str]] | None = None,
+                 ) -> list[dict[str, Any]]:
+    """All valid records in ``runs_dir`` (``*.json``), sorted by file name.
 
-    Files that cannot be read, are not valid JSON, or are not valid records are skipped with a
-    ``UserWarning`` naming the file and the reason. Temporary files of in-flight writes (hidden
-    ``.*.tmp`` files) are ignored. A missing folder gives ``[]`` with a warning.
+    Files that cannot be read, are not valid JSON, or are not valid records
+    (:func:`validate_record`) are left out with a ``UserWarning`` naming the file and the reason,
+    and appended to ``rejected`` as ``(path, reason)`` when it is given (the leaderboard lists
+    them). Temporary files of in-flight writes (hidden ``.*.tmp`` files) are ignored. A missing
+    folder gives ``[]`` with a warning.
     """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
@@ -305,6 +337,8 @@ def load_records(runs_dir: Path | str) -> list[dict[str, Any]]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
             warnings.warn(f"skipping unreadable run record {path}: {exc}", UserWarning,
                           stacklevel=2)
+            if rejected is not None:
+                rejected.append((path, str(exc)))
             continue
         records.append(record)
     return records

@@ -1124,12 +1124,17 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     """
     runs_dir, out_dir = _shown(Path(runs_dir)), _shown(Path(out_dir))
     command, note, group = header_settings(out_dir, command, note, group)
-    all_records = load_records(runs_dir)
+    rejected: list[tuple[Path, str]] = []
+    all_records = load_records(runs_dir, rejected)
     records, chosen = select_group(all_records, group)
     rows = build_table(records)
     paired = paired_comparisons(records, n_boot=n_boot, seed=seed)
     information = information_effect(records, n_boot=n_boot, seed=seed)
     warnings = comparison_warnings(rows, records)
+    if rejected:
+        warnings.insert(0, f"{len(rejected)} file(s) in the runs folder are not valid records and "
+                           "are left out of every count: "
+                        + "; ".join(f"{p.name}: {why}" for p, why in rejected) + ".")
 
     command = command or reproduce_command(records)
     n_failed = sum(r.get("status") != "ok" for r in records)
