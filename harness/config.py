@@ -17,6 +17,7 @@ torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -34,6 +35,24 @@ __all__ = ["ConfigError", "EvalConfig", "LmEvalConfig", "LoggerConfig", "ModelCo
 def fail(prefix: str, name: str, value: Any, why: str) -> None:
     """Raise a ConfigError naming ``<prefix>.<name>`` (just ``<name>`` for top-level fields)."""
     raise ConfigError(f"{prefix + '.' if prefix else ''}{name}={value!r}: {why}")
+
+
+def reject_non_finite(node: Any, path: str) -> None:
+    """Every float of a config, at any depth (dataclass fields, mappings, lists), must be finite:
+    one rule for every field, checked before any work. Raises :class:`ConfigError` naming the
+    first field that is NaN or infinite (``method.beta=inf``)."""
+    if isinstance(node, float):
+        if not math.isfinite(node):
+            raise ConfigError(f"{path}={node}: must be a finite number")
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for f in fields(node):
+            reject_non_finite(getattr(node, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            reject_non_finite(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list | tuple):
+        for i, v in enumerate(node):
+            reject_non_finite(v, f"{path}[{i}]")
 
 
 def positive(obj: Any, prefix: str, *names: str) -> None:

@@ -30,6 +30,7 @@ from harness.config import (
     StageRef,
     TrainerConfig,
     model_config,
+    reject_non_finite,
     to_dataclass,
 )
 from harness.registry import base_stages, stage_config, stage_names
@@ -114,6 +115,9 @@ def validate(cfg: DictConfig) -> Settings:
                           "eval.max_new_tokens tokens)")
     dataset = task_config(cfg.dataset)
     _check_reward_available(dataset, method)
+    for section, node in (("model", model), ("dataset", dataset), ("method", method),
+                          *stages.items(), *groups.items()):
+        reject_non_finite(node, section)
     return Settings(model=model, dataset=dataset, method=method, stages=stages,
                     seed=top.seed, group=top.group, cache_dir=top.cache_dir,
                     force_retrain=top.force_retrain, results_dir=top.results_dir,

@@ -173,6 +173,14 @@ def test_the_precision_names_are_lightnings():
     ("method.rollout.max_new_tokens=128", "method.rollout.max_new_tokens"),
     ("eval.max_new_tokens=128", "eval.max_new_tokens"), ("trainer.precision=fp8", "trainer.precision"),
     ("trainer.accelerator=tpu", "trainer.accelerator"),
+    # one rule for every float: finite (these trained the SFT base, then failed with a traceback)
+    ("method.beta=inf", "method.beta=inf: must be a finite"),
+    ("sft.optim.lr=inf", "sft.optim.lr=inf: must be a finite"),
+    ("sft.optim.grad_clip=nan", "sft.optim.grad_clip=nan: must be a finite"),
+    ("sft.optim.beta1=nan", "sft.optim.beta1=nan: must be a finite"),
+    ("eval.lm_eval.limit=0", "eval.lm_eval.limit"),
+    # an allocation of 72 TB aborted the tokenizer trainer (exit 134)
+    ("dataset.vocab_size=1099511627776", "dataset.vocab_size=1099511627776: must be <= 1048576"),
 ])
 def test_bad_values_of_every_group_are_named(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

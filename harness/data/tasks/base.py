@@ -39,6 +39,8 @@ SPLITS: tuple[str, ...] = ("train", "validation")
 SFT_COLUMNS: tuple[str, ...] = ("prompt", "response")
 PAIR_COLUMNS: tuple[str, ...] = ("prompt", "chosen", "rejected")
 DEFAULT_CACHE_DIR = Path("~/.cache/harness/data")
+#: The largest tokenizer vocabulary a task config may ask for.
+MAX_VOCAB = 1 << 20
 #: Bump when a generator changes, so cached datasets are regenerated.
 DATA_VERSION = 3
 
@@ -79,6 +81,9 @@ class TaskConfig:
         if self.vocab_size is not None and int(self.vocab_size) < 260:
             raise ConfigError(f"dataset.vocab_size={self.vocab_size}: must be >= 260 "
                               "(256 bytes + 4 special tokens)")
+        if self.vocab_size is not None and int(self.vocab_size) > MAX_VOCAB:
+            raise ConfigError(f"dataset.vocab_size={self.vocab_size}: must be <= {MAX_VOCAB} "
+                              "(the tokenizer trainer allocates per entry; LLaMA 3 has 128,256)")
 
     def data_fields(self) -> dict[str, Any]:
         """The fields that generate the data (the fingerprint's input)."""
