@@ -16,6 +16,9 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,9 +149,23 @@ class StageCache:
             yield
             return
         lock_path = self.root / "stages" / f"{key}.lock"
-        with open(lock_path, "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        # read-write without truncating: the holder's line (pid, host, since when) stays readable
+        with open(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644), "r+") as fh:
             try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = fh.read().strip() or "another process"
+                log.info("stage %s: waiting for its lock, held by %s (another run trains it; "
+                         "this run will reuse it)", key, holder)
+                t0 = time.monotonic()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                log.info("stage %s: lock acquired after %.0f s", key, time.monotonic() - t0)
+            try:
+                fh.seek(0)
+                fh.truncate()
+                fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                fh.flush()
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)

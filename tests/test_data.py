@@ -646,3 +646,23 @@ def test_chosen_equal_to_rejected_warns_with_the_count_and_fails_when_all_are(tm
     same = [{**r, "rejected": r["chosen"]} for r in GOOD]
     with pytest.raises(DataError, match=r"chosen == rejected in all \d pairs"):
         preference(tmp_path, _pairs_file(tmp_path / "all.jsonl", same)).sft_dataset("train")
+
+
+def test_held_out_prompts_that_are_also_training_prompts_are_warned_about(tmp_path, caplog):
+    """120 copies of one pair: the one held-out prompt is a training prompt too, so its score
+    measures memory; a warning says so (distinct prompts: none)."""
+    import json
+    import logging
+
+    file = tmp_path / "same.jsonl"
+    file.write_text("".join(json.dumps({"prompt": "Say yes.", "chosen": " yes", "rejected": " no"})
+                            + "\n" for _ in range(120)))
+    caplog.set_level(logging.WARNING)
+    preference(tmp_path, file).splits()
+    assert "1 of the 1 distinct held-out prompts are also training prompts" in caplog.text
+    caplog.clear()
+    distinct = tmp_path / "distinct.jsonl"
+    distinct.write_text("".join(json.dumps({"prompt": f"Say {i}.", "chosen": f" {i}", "rejected": " no"})
+                                + "\n" for i in range(120)))
+    preference(tmp_path / "d", distinct).splits()
+    assert "also training prompts" not in caplog.text

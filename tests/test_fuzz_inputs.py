@@ -70,6 +70,16 @@ BAD_OVERRIDES: list[tuple[str, str]] = [  # (overrides, what the message must na
      "method.max_len=128: must be <= model.max_seq_len=64"),
     ("model.vocab_size=10", "model.vocab_size=10: smaller than the tokenizer's"),
     ("trainer.devices=[0]", "trainer.devices=[0]: a list of device ids needs GPUs"),
+    # non-finite numbers (these trained the SFT base, then failed with a traceback) and a
+    # vocabulary that aborted the tokenizer trainer (exit 134)
+    ("method=grpo method.beta=inf", "method.beta=inf: must be a finite number"),
+    ("sft.optim.lr=inf", "sft.optim.lr=inf: must be a finite number"),
+    ("sft.optim.grad_clip=nan", "sft.optim.grad_clip=nan: must be a finite number"),
+    ("sft.optim.beta1=nan", "sft.optim.beta1=nan: must be a finite number"),
+    ("dataset.vocab_size=1099511627776", "dataset.vocab_size=1099511627776: must be <= 1048576"),
+    ("method=dpo track=oracle", "track=oracle: method=dpo learns from the preference pairs"),
+    ("method=ppo method.reward_source=gold method.critic_init=rm", "method.critic_init='rm'"),
+    ("log_level=LOUD", "log_level='LOUD'"),
 ]
 
 GOOD_ROW = {"prompt": "Say yes.", "chosen": " yes", "rejected": " no"}
@@ -92,6 +102,9 @@ BAD_FILES: list[tuple[str, bytes, str]] = [  # (file name, content, what the mes
     ("same.jsonl", _jsonl([{"prompt": f"p{i}", "chosen": "x", "rejected": "x"} for i in range(5)]),
      "chosen == rejected in all 5 pairs"),
     ("sft_only.jsonl", _jsonl([{"prompt": "a", "completion": "b"}] * 5), "has no preference pairs"),
+    # one 1 MB line kept the tokenizer trainer busy past 200 s with no output
+    ("long.jsonl", _jsonl([GOOD_ROW] * 3 + [{**GOOD_ROW, "chosen": "x" * 1_000_000}]),
+     "row 3, column 'chosen' has 1,000,000 characters, more than dataset.max_chars=20,000"),
 ]
 
 
@@ -146,6 +159,17 @@ def test_bad_data_files_stop_before_work_naming_the_file(name, content, says, tm
                  f"+dataset.data_files={{train: {path}}}", f"+dataset.hf_cache_dir={tmp_path}/hf"],
                 tmp_path, capsys)
     assert said.startswith("data error: ") and str(path) in said and says in said, said[-2000:]
+    _nothing_written(tmp_path)
+
+
+def test_a_folder_given_as_a_data_file_is_named(tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(_jsonl([GOOD_ROW] * 4))
+    said = _run(["method=dpo", "logger=none", "dataset=preference", "dataset.path=json",
+                 f"+dataset.data_files={{train: {folder}}}", f"+dataset.hf_cache_dir={tmp_path}/hf"],
+                tmp_path, capsys)
+    assert said.startswith("data error: ") and f"{str(folder)!r} is a folder, not a data file" in said
     _nothing_written(tmp_path)
 
 

@@ -281,3 +281,33 @@ def test_a_run_started_outside_the_repository_records_the_codes_commit(tmp_path,
     record = record_for(summary, tmp_path / "outputs" / "run")
     assert record["git_commit"] == git_commit(Path(__file__).parent)
     assert record["git_commit"] is not None
+
+
+def test_a_run_waiting_for_a_stage_lock_says_who_holds_it(tmp_path: Path, caplog) -> None:
+    """Two runs sharing a cache: the second waits on the first's stage lock, and says so (with the
+    holder's pid and since when) instead of hanging in silence."""
+    import logging
+    import os
+    import threading
+    import time
+
+    from harness.cache import StageCache
+
+    cache = StageCache(tmp_path)
+    caplog.set_level(logging.INFO, logger="harness")
+    got = threading.Event()
+
+    def second() -> None:
+        with cache.lock("sft-abc"):
+            got.set()
+
+    with cache.lock("sft-abc"):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.3)
+        assert not got.is_set()  # still waiting
+    waiter.join(timeout=10)
+    assert got.is_set()
+    said = caplog.text
+    assert f"stage sft-abc: waiting for its lock, held by pid {os.getpid()} on" in said
+    assert "stage sft-abc: lock acquired after" in said

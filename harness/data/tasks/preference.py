@@ -70,6 +70,10 @@ class PreferenceConfig(TaskConfig):
         max_train: keep at most this many training rows (seeded sample; None: all).
         corpus_size: texts sampled from train to fit the tokenizer.
         hf_cache_dir: ``datasets``' cache folder (None: HF's default).
+        max_chars: the longest text a row's prompt or response may have (characters): a longer
+            one is refused, naming its file, split, row and column (``long_rows: refuse``), or
+            cut to it (``truncate``), before the tokenizer trains on it (one 1 MB line kept the
+            tokenizer trainer busy for minutes).
         seed: drives the carving, the eval sample and ``max_train``.
         vocab_size: the tokenizer's vocabulary size (not part of the data).
     """
@@ -93,6 +97,8 @@ class PreferenceConfig(TaskConfig):
     corpus_size: int = 20000
     hf_cache_dir: str | None = None
     vocab_size: int = 4096
+    max_chars: int = 20_000
+    long_rows: str = "refuse"       # refuse | truncate
 
     NON_DATA_FIELDS = (*TaskConfig.NON_DATA_FIELDS, "hf_cache_dir")
 
@@ -127,6 +133,10 @@ class PreferenceConfig(TaskConfig):
             raise ConfigError(f"{p}.n_eval={self.n_eval}: must be >= 1")
         if self.max_train is not None and int(self.max_train) < 1:
             raise ConfigError(f"{p}.max_train={self.max_train}: must be >= 1 or null")
+        if int(self.max_chars) < 1:
+            raise ConfigError(f"{p}.max_chars={self.max_chars}: must be >= 1")
+        if self.long_rows not in ("refuse", "truncate"):
+            raise ConfigError(f"{p}.long_rows={self.long_rows!r}: must be refuse or truncate")
 
 
 # ---------------------------------------------------------------------- HH parsing
@@ -203,6 +213,9 @@ class PreferenceTask(Task):
         for split, files in by_split.items():
             for f in [files] if isinstance(files, str | Path) else list(files):
                 p = Path(f)
+                if p.is_dir():
+                    raise DataError(f"{self.where}: split {split!r}: {str(p)!r} is a folder, "
+                                    "not a data file; name the file(s) in it")
                 if p.is_file() and p.stat().st_size == 0:
                     raise DataError(f"{self.where}: split {split!r} is empty (file {str(p)!r} "
                                     "has no data)")
@@ -255,6 +268,7 @@ class PreferenceTask(Task):
             src = {"chosen": c.chosen_column, "rejected": c.rejected_column}
         require_columns(ds, src.values(), where)
         cols = {dst: list(ds[col]) for dst, col in src.items()}
+        cut = 0
         for dst, values in cols.items():
             for i, v in enumerate(values):
                 if not isinstance(v, str):
@@ -262,6 +276,15 @@ class PreferenceTask(Task):
                                     f"{type(v).__name__} ({v!r}), expected a string")
                 if dst != "prompt" and not v.strip():
                     raise DataError(f"{where}: row {i}, column {src[dst]!r} is empty")
+                if len(v) > c.max_chars:
+                    if c.long_rows == "refuse":
+                        raise DataError(f"{where}: row {i}, column {src[dst]!r} has {len(v):,} "
+                                        f"characters, more than dataset.max_chars={c.max_chars:,}"
+                                        " (dataset.long_rows=truncate cuts such texts)")
+                    values[i], cut = v[:c.max_chars], cut + 1
+        if cut:
+            log.warning("%s: %d text(s) longer than dataset.max_chars=%d cut to it", where, cut,
+                        c.max_chars)
         if "chosen" in cols:
             self._check_degenerate_pairs(cols["chosen"], cols["rejected"], where)
         if fmt == "hh":
@@ -323,6 +346,11 @@ class PreferenceTask(Task):
             log.info("%s: no eval split %r; eval prompts come from the validation split",
                      self.where, c.eval_split)
             ev = val
+        overlap = set(ev["prompt"]) & set(train["prompt"])
+        if overlap:
+            log.warning("%s: %d of the %d distinct held-out prompts are also training prompts "
+                        "(e.g. %r): held-out scores there measure memory, not generalisation",
+                        self.where, len(overlap), len(set(ev["prompt"])), sorted(overlap)[0][:80])
         self._splits = {"train": train, "validation": val, "eval": ev}
         return self._splits
 
