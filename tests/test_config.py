@@ -281,9 +281,11 @@ def test_the_entry_point_stops_a_renamed_field_with_one_line():
         "config error: method.kl_coef: renamed to method.beta"
 
 
-@pytest.mark.parametrize("sweep", ["compare", "compare_courier"])
+@pytest.mark.parametrize("sweep", ["tracks", "tracks_preferences", "compare_courier"])
 def test_the_comparison_sweeps_cover_every_aligning_method(sweep):
-    """A method added to the registry (and conf/method) joins the comparison with no sweep edit."""
+    """A method added to the registry (and conf/method) joins the comparison with no sweep edit:
+    every aligning method on the preferences track, every one but the offline pair methods on the
+    oracle track (``+sweep=compare`` keeps the methods it was run with)."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -293,10 +295,11 @@ def test_the_comparison_sweeps_cover_every_aligning_method(sweep):
     override = OverridesParser.create().parse_override(f"method={spec['method']}")
     loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF)))
     swept = override.value().filter(loader.get_group_options("method"))
-    assert sorted(swept) == sorted(set(stage_names()) - set(base_stages()))
-    assert "rloo" in swept
+    expected = set(stage_names()) - set(base_stages()) - ({"dpo"} if sweep == "tracks" else set())
+    assert sorted(swept) == sorted(expected)
+    assert "rloo" in swept and "online_dpo" in swept
     cfg = composed([f"+sweep={sweep}"])
-    assert cfg.group == sweep
+    assert cfg.group == ("tracks" if sweep.startswith("tracks") else sweep)
     if sweep == "compare_courier":
         assert cfg.dataset.name == "courier_misrouted" and cfg.sft.max_steps == 1000
 
@@ -330,3 +333,13 @@ def test_tracks_refuse_what_has_no_run_on_them():
         validate(composed(["method=grpo", "track=gold"]))
     with pytest.raises(ConfigError, match="method.reward_source: set by track=oracle"):
         check_overrides(["method=ppo", "track=oracle", "method.reward_source=rm"])
+
+
+def test_every_online_method_samples_scores_and_steps_alike_by_default():
+    """Matched budgets within a track: PPO, GRPO, RLOO and online DPO each sample and score 19,200
+    responses (300 rollout batches of 64) and take one optimiser step per rollout batch."""
+    from harness.methods.config import planned_budget
+
+    for method in ("ppo", "grpo", "rloo", "online_dpo"):
+        cfg = validate(composed([f"method={method}"])).method
+        assert planned_budget(cfg) == {"responses": 19_200, "steps_per_batch": 1}, method

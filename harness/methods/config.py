@@ -213,9 +213,11 @@ class OnlineDPOConfig:
 class PPOConfig:
     """PPO with a critic, GAE, the clipped surrogate, a KL-shaped reward and an entropy bonus.
 
-    ``beta``: the per-token KL penalty ``r_t - beta log(pi/pi_ref)``, large enough that the policy
-    cannot drift into its reward model's errors (``sweeps/tune.sh`` tunes it); ``adaptive_kl``
-    adapts it towards ``target_kl`` over ``kl_horizon`` (Ziegler et al. 2019).
+    ``beta``: the per-token KL penalty ``r_t - beta log(pi/pi_ref)`` (``sweeps/tune.sh`` tunes
+    it); ``adaptive_kl`` adapts it towards ``target_kl`` over ``kl_horizon`` (Ziegler et al.
+    2019). The budget matches the group methods' (GRPO, RLOO, online DPO): 300 rollout batches of
+    64 responses (one per prompt here), one optimiser step per batch (one pass, one minibatch),
+    so that within a track every online method samples, scores and steps alike.
     ``update_epochs``: optimisation passes over each rollout batch. ``reward_source``: the
     sequence reward of a rollout, the reward model's score (rm) or the task's gold reward (gold),
     as for every online method. ``critic_init``: the critic starts from the reward model (rm) or
@@ -224,9 +226,9 @@ class PPOConfig:
     """
 
     name: str = "ppo"
-    n_iterations: int = 200         # rollout batches
-    update_epochs: int = 2
-    minibatch_size: int = 32
+    n_iterations: int = 300         # rollout batches
+    update_epochs: int = 1
+    minibatch_size: int = 64
     max_len: int = 128
     clip_eps: float = 0.2
     value_clip: float = 0.2
@@ -234,14 +236,14 @@ class PPOConfig:
     ent_coef: float = 0.01
     gamma: float = 1.0
     lam: float = 0.95
-    beta: float = 0.5
+    beta: float = 0.05
     adaptive_kl: bool = False
     target_kl: float = 6.0
     kl_horizon: int = 10000
     whiten_advantages: bool = True
     reward_source: str = "rm"       # rm | gold
     critic_init: str | None = None  # rm | sft | null (rm with a reward model, else sft)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=64))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5))
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5))
 
@@ -300,3 +302,15 @@ class DPOConfig:
         in_range(self, prefix, "label_smoothing", 0.0, 0.5, closed_hi=False)
         one_of(self, prefix, "loss_type", ("sigmoid", "ipo"))
         self.optim.check(f"{prefix}.optim")
+
+
+def planned_budget(cfg: PPOConfig | GroupConfig | OnlineDPOConfig) -> dict[str, int]:
+    """What an online method's config will spend: ``responses`` sampled (and scored: one reward
+    call each) over the stage, and ``steps_per_batch``, its optimiser steps per rollout batch
+    (passes x minibatches: rows for PPO and the group methods, pairs for online DPO, which has
+    at most one pair per prompt). A stage's ``budget/*`` metrics say what it did spend."""
+    prompts = cfg.rollout.prompts_per_batch
+    per_prompt = getattr(cfg, "group_size", 1)
+    units = prompts if isinstance(cfg, OnlineDPOConfig) else prompts * per_prompt
+    return {"responses": cfg.n_iterations * prompts * per_prompt,
+            "steps_per_batch": cfg.update_epochs * -(-units // cfg.minibatch_size)}

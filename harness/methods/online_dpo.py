@@ -29,12 +29,6 @@ class OnlineDPOModule(GroupModule):
 
     cfg: OnlineDPOConfig
 
-    @staticmethod
-    def optimizer_steps(cfg: OnlineDPOConfig) -> int:
-        """One step per minibatch of ``minibatch_size`` pairs (a prompt gives at most one)."""
-        return cfg.n_iterations * cfg.update_epochs * max(
-            1, -(-cfg.rollout.prompts_per_batch // cfg.minibatch_size))
-
     def training_step(self, batch, batch_idx):
         cfg = self.cfg
         ro = self.group_rollout(batch)

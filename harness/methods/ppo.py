@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from harness.distributed import all_reduce_sum, share_per_rank, world_size
-from harness.methods.config import PPOConfig
+from harness.methods.config import PPOConfig, planned_budget
 from harness.methods.losses import (
     adaptive_kl_coef,
     check_finite,
@@ -55,9 +55,9 @@ class PPOModule(OnPolicyModule):
 
     def __init__(self, policy: CausalLM, reference: CausalLM, critic: ScalarHead, tokenizer,
                  cfg: PPOConfig, score_fn: Callable, seed: int) -> None:
-        n_mb = max(1, -(-cfg.rollout.prompts_per_batch // cfg.minibatch_size))
         super().__init__(policy, reference, tokenizer, cfg.optim,
-                         cfg.n_iterations * cfg.update_epochs * n_mb, cfg.rollout, seed)
+                         cfg.n_iterations * planned_budget(cfg)["steps_per_batch"], cfg.rollout,
+                         seed)
         self.critic = critic
         self.cfg = cfg
         self.score_fn = score_fn

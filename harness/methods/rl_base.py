@@ -16,7 +16,7 @@ import torch
 from harness.config import OptimConfig, RolloutConfig
 from harness.distributed import all_reduce_sum
 from harness.methods.base import AlignmentModule
-from harness.methods.config import GroupConfig
+from harness.methods.config import GroupConfig, planned_budget
 from harness.methods.group_packing import group_minibatches, packed_response_logprobs
 from harness.methods.losses import (
     batch_std,
@@ -197,10 +197,9 @@ class GroupModule(OnPolicyModule):
 
     @staticmethod
     def optimizer_steps(cfg: GroupConfig) -> int:
-        """The stage's optimiser steps (the learning-rate schedule's length): one per minibatch of
-        ``minibatch_size`` rows, ``update_epochs`` passes over every rollout batch."""
-        return cfg.n_iterations * cfg.update_epochs * max(
-            1, -(-cfg.rollout.prompts_per_batch * cfg.group_size // cfg.minibatch_size))
+        """The stage's optimiser steps (the learning-rate schedule's length): ``update_epochs``
+        passes of minibatches over every rollout batch (:func:`planned_budget`)."""
+        return cfg.n_iterations * planned_budget(cfg)["steps_per_batch"]
 
     def group_rollout(self, batch: list[str]) -> Rollout:
         """Sample and score ``group_size`` completions of each prompt (rows grouped by prompt)."""
