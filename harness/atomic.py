@@ -2,12 +2,15 @@
 
 Files go to a uniquely named temporary sibling, are flushed and ``fsync``-ed, then renamed over the
 destination with :func:`os.replace`. Folders (checkpoints, tokenizers, cached datasets) are built
-in a temporary sibling folder and renamed into place by :func:`publish_dir`.
+in a temporary sibling folder and renamed into place by :func:`publish_dir`. Integrity: a folder's
+:func:`manifest` (size and sha256 of every file) is written with it (:data:`MANIFEST`, or the
+stage cache's ``stage.json``), and :func:`damage` says whether it still matches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -126,3 +129,57 @@ def check_writable(path: Path | str, field: str) -> None:
         raise ConfigError(f"{field}={str(path)!r}: cannot write there "
                           f"({exc.strerror or type(exc).__name__}); choose another folder with "
                           f"{field}=...") from exc
+
+
+CHUNK = 1 << 20
+#: the manifest file a published folder of derived data (datasets, tokenizers) carries
+MANIFEST = "manifest.json"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, list]:
+    """``{relative path: [size in bytes, sha256]}`` of every file under ``folder``."""
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, file_digest(p)]
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def damage(folder: Path, expected: dict[str, list]) -> str | None:
+    """The first difference between ``folder`` and its manifest (sizes first: cheap), or None."""
+    for rel, (size, _) in expected.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != size:
+            return f"{rel} has {p.stat().st_size} bytes, {size} when it was committed"
+    for rel, (_, digest) in expected.items():
+        if file_digest(folder / rel) != digest:
+            return f"{rel} changed since it was committed (sha256 differs)"
+    return None
+
+
+def write_manifest(folder: Path) -> None:
+    """Write ``folder``'s :func:`manifest` into it as :data:`MANIFEST` (call before publishing)."""
+    files = {k: v for k, v in manifest(folder).items() if k != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps(files, indent=1, sort_keys=True))
+
+
+def folder_damage(folder: Path) -> str | None:
+    """How ``folder`` differs from its :data:`MANIFEST` (None when it matches, or when it has none:
+    a folder published before manifests existed cannot be checked); an unreadable manifest is
+    damage too."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        expected = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{MANIFEST} unreadable ({type(exc).__name__})"
+    return damage(folder, expected)

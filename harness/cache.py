@@ -24,39 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.atomic import write_json
+from harness.atomic import damage, manifest, write_json
 
 log = logging.getLogger("harness")
-CHUNK = 1 << 20
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (hex), read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def manifest(folder: Path) -> dict[str, list]:
-    """``{relative path: [size in bytes, sha256]}`` of every file under ``folder``."""
-    return {p.relative_to(folder).as_posix(): [p.stat().st_size, file_digest(p)]
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def damage(folder: Path, expected: dict[str, list]) -> str | None:
-    """The first difference between ``folder`` and its manifest (sizes first: cheap), or None."""
-    for rel, (size, _) in expected.items():
-        p = folder / rel
-        if not p.is_file():
-            return f"{rel} is missing"
-        if p.stat().st_size != size:
-            return f"{rel} has {p.stat().st_size} bytes, {size} when it was committed"
-    for rel, (_, digest) in expected.items():
-        if file_digest(folder / rel) != digest:
-            return f"{rel} changed since it was committed (sha256 differs)"
-    return None
 
 
 def stage_key(kind: str, decides: dict[str, Any]) -> str:

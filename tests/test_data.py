@@ -666,3 +666,32 @@ def test_held_out_prompts_that_are_also_training_prompts_are_warned_about(tmp_pa
                                 + "\n" for i in range(120)))
     preference(tmp_path / "d", distinct).splits()
     assert "also training prompts" not in caplog.text
+
+
+def test_a_damaged_cached_dataset_or_tokenizer_is_built_again(tmp_path, caplog):
+    """One byte changed in a cached pairs-train arrow file (it turned `590+299=` into `590+999=`
+    and the run went on with other data), a truncated tokenizer.json (every later run failed with
+    a JSONDecodeError): each is found by its folder's manifest and built again, with a log line."""
+    import logging
+
+    from harness.data.tasks import build_task
+
+    cfg = {"name": "arith", "seed": 0, "n_train": 200, "n_pairs": 64, "n_eval": 16}
+    task = build_task(cfg, cache_dir=tmp_path / "data")
+    pairs = list(task.preference_dataset("train")["prompt"])
+    tok = load_or_build_tokenizer(task, {"vocab_size": 300}, tmp_path / "tok")
+    ids = tok("590+299=")["input_ids"]
+    arrow = next((task.cache_path / "pairs-train").glob("*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    at = data.find(pairs[0].encode())
+    data[at] = ord("9") if data[at] != ord("9") else ord("8")
+    arrow.write_bytes(bytes(data))
+    tok_json = next((tmp_path / "tok").glob("*/tokenizer.json"))
+    tok_json.write_text(tok_json.read_text()[:100])
+    caplog.set_level(logging.WARNING)
+    again = build_task(cfg, cache_dir=tmp_path / "data")
+    assert list(again.preference_dataset("train")["prompt"]) == pairs
+    assert "pairs-train is damaged (" in caplog.text and "changed since it was committed" in caplog.text
+    tok2 = load_or_build_tokenizer(again, {"vocab_size": 300}, tmp_path / "tok")
+    assert tok2("590+299=")["input_ids"] == ids
+    assert "tokenizer: cached" in caplog.text and "is damaged" in caplog.text

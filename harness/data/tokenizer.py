@@ -20,7 +20,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from harness.atomic import publish_dir
+from harness.atomic import folder_damage, publish_dir, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,18 @@ def load_or_build_tokenizer(task: Any, cfg: Mapping[str, Any] | None = None,
     vocab_size = int((cfg or {}).get("vocab_size") or task.config.vocab_size)
     root = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache/harness/tokenizers"
     path = root / tokenizer_key(task, vocab_size)
-    if (path / "tokenizer.json").exists():
+    problem = folder_damage(path) if path.is_dir() else None
+    if problem is not None:  # derived from the task: trained again, not trusted
+        log.warning("tokenizer: cached %s is damaged (%s); training it again", path, problem)
+    elif (path / "tokenizer.json").exists():
         log.debug("tokenizer: loading cached %s", path)
         return load_tokenizer(path, model_max_length)
     log.info("tokenizer: training a byte-level BPE (vocab_size=%d) on %s", vocab_size, task.name)
     tok = build_tokenizer(task.corpus(), vocab_size=vocab_size, model_max_length=model_max_length)
-    publish_dir(path, lambda tmp: tok.save_pretrained(str(tmp)), replace=False)
+
+    def save(tmp: Path) -> None:
+        tok.save_pretrained(str(tmp))
+        write_manifest(tmp)
+
+    publish_dir(path, save, replace=problem is not None)
     return load_tokenizer(path, model_max_length)

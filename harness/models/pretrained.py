@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.cache import file_digest
+from harness.atomic import file_digest
 from harness.models.architecture import ConfigError, ModelConfig
 
 log = logging.getLogger("harness")

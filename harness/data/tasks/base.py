@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Self
 from datasets import Dataset, load_from_disk
 from datasets import utils as hf_progress
 
-from harness.atomic import publish_dir, write_json
+from harness.atomic import folder_damage, publish_dir, write_json, write_manifest
 from harness.data.errors import ConfigError, DataError, require_columns, require_nonempty
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,13 @@ class Task(ABC):
             ds = _to_dataset(build())
         else:
             path = self.cache_path / key
-            if not (path / "dataset_info.json").exists():
+            problem = folder_damage(path) if path.is_dir() else None
+            if problem is not None:  # derived data: built again, not trusted
+                log.warning("data: cached %s/%s is damaged (%s); generating it again",
+                            self.cache_path.name, key, problem)
+            if problem is not None or not (path / "dataset_info.json").exists():
                 log.debug("data: generating %s/%s", self.cache_path.name, key)
-                _save_atomic(_to_dataset(build()), path)
+                _save_atomic(_to_dataset(build()), path, replace=problem is not None)
                 self._write_config()
             ds = load_from_disk(str(path))
         self._memo[key] = ds
@@ -227,12 +231,18 @@ def _to_dataset(columns: Mapping[str, Sequence[Any]]) -> Dataset:
     return columns if isinstance(columns, Dataset) else Dataset.from_dict(dict(columns))
 
 
-def _save_atomic(ds: Dataset, path: Path) -> None:
-    """``save_to_disk`` into a temporary sibling folder, then publish it as ``path``."""
+def _save_atomic(ds: Dataset, path: Path, replace: bool = False) -> None:
+    """``save_to_disk`` into a temporary sibling folder with its manifest (size and sha256 of every
+    file, checked on load), then publish it as ``path`` (``replace``: over a damaged copy)."""
     was_disabled = hf_progress.are_progress_bars_disabled()
     hf_progress.disable_progress_bars()  # one bar per small file is noise in the run's log
+
+    def build(tmp: Path) -> None:
+        ds.save_to_disk(str(tmp))
+        write_manifest(tmp)
+
     try:
-        publish_dir(path, lambda tmp: ds.save_to_disk(str(tmp)), replace=False)
+        publish_dir(path, build, replace=replace)
     finally:
         if not was_disabled:
             hf_progress.enable_progress_bars()
