@@ -80,6 +80,7 @@ BAD_OVERRIDES: list[tuple[str, str]] = [  # (overrides, what the message must na
     ("method=dpo track=oracle", "track=oracle: method=dpo learns from the preference pairs"),
     ("method=ppo method.reward_source=gold method.critic_init=rm", "method.critic_init='rm'"),
     ("log_level=LOUD", "log_level='LOUD'"),
+    ("model.max_seq_len=99999999999", "model.max_seq_len=99999999999: must be <= 1048576"),
 ]
 
 GOOD_ROW = {"prompt": "Say yes.", "chosen": " yes", "rejected": " no"}

@@ -138,6 +138,13 @@ class ModelConfig:
                 bad(f, "must be a positive integer")
         if self.vocab_size is not None and self.vocab_size <= 0:
             bad("vocab_size", "must be positive (or null to take it from the tokenizer)")
+        # values that size allocations: the largest published shapes are far below these
+        for f, most in (("max_seq_len", 1 << 20), ("vocab_size", 1 << 22), ("d_model", 1 << 16),
+                        ("d_ff", 1 << 18), ("n_layers", 1 << 10)):
+            value = getattr(self, f)
+            if value is not None and value > most:
+                bad(f, f"must be <= {most} (it sizes allocations; the largest published shapes "
+                       "are far below it)")
         if self.n_kv_heads is not None and self.n_kv_heads <= 0:
             bad("n_kv_heads", "must be a positive integer (or null for multi-head attention)")
         if self.n_heads % self.kv_heads != 0:
