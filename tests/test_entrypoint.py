@@ -317,9 +317,9 @@ def test_records_never_replace_each_other_whatever_the_run_folders_are_called(tm
               f"results_dir={tmp_path}/results"]
     runs = [("group=team/exp", "sft.optim.lr=0.003", f"hydra.run.dir={tmp_path}/team/exp/0"),
             ("group=team/exp", "sft.optim.lr=0.001", f"hydra.run.dir={tmp_path}/team/exp/1"),
-            ("seed=0", f"hydra.run.dir={tmp_path}/D/exp 1/run"),
-            ("seed=1", f"hydra.run.dir={tmp_path}/D/exp_1/run"),
-            ("seed=2", f"hydra.run.dir={tmp_path}/D/α/run")]
+            ("seed=0", f"hydra.run.dir='{tmp_path}/D/exp 1/run'"),
+            ("seed=1", f"hydra.run.dir='{tmp_path}/D/exp_1/run'"),
+            ("seed=2", f"hydra.run.dir='{tmp_path}/D/α/run'")]
     for extra in runs:
         out = harness(*common, *extra)
         assert out.returncode == 0, out.stderr[-3000:]
