@@ -5,7 +5,7 @@
 
 Writes ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv``, ``leaderboard.html``,
 ``reward_kl.png``, ``training_curves.png`` and (when Chromium is installed) ``leaderboard.png`` into
-``--out`` (see :mod:`harness.evaluation.standings`). ``--note`` and ``--command`` are kept in
+``--out`` (see :mod:`harness.evaluation.leaderboard`). ``--note`` and ``--command`` are kept in
 ``--out``/``leaderboard_header.json``, so a rebuild without them writes the same header. An empty
 runs folder is reported on stderr and still gives the files, with an empty table (exit status 0).
 A runs folder that does not exist, ``--n-boot`` below 1, or a ``--group`` that none of the records
@@ -61,8 +61,8 @@ def unknown_groups(runs: Path, group: str | None) -> str | None:
     named, or there are no records)."""
     if not group:
         return None
+    from harness.evaluation.leaderboard import group_names
     from harness.evaluation.records import load_records
-    from harness.evaluation.standings import group_names
 
     records = load_records(runs)
     present = {str(g) for r in records if (g := r.get("group"))}
@@ -76,7 +76,7 @@ def unknown_groups(runs: Path, group: str | None) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the leaderboard; print the files written. Returns the exit status."""
     args = parse_args(argv)
-    from harness.evaluation.standings import build_leaderboard
+    from harness.evaluation.leaderboard import build_leaderboard
 
     if not args.runs.is_dir():
         print(f"error: --runs {args.runs}: no such folder (nothing written)", file=sys.stderr)

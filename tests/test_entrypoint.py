@@ -235,7 +235,7 @@ def test_preference_data_runs_end_to_end_and_reaches_the_leaderboard(tmp_path):
     grpo = harness("method=grpo", *data, *tiny, f"hydra.run.dir={tmp_path}/grpo")
     assert grpo.returncode != 0 and "method.reward_source='gold'" in grpo.stderr
     assert not (tmp_path / "grpo" / "summary.json").exists()  # refused before any work
-    from harness.evaluation.standings import build_leaderboard
+    from harness.evaluation.leaderboard import build_leaderboard
 
     md = build_leaderboard(tmp_path / "results" / "runs", tmp_path / "lb",
                            screenshot=False)["markdown"].read_text()

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.evaluation import standings as lb
-from harness.evaluation.records import track_of, write_record
-from harness.evaluation.standings import (
+from harness.evaluation.leaderboard import (
     average_score,
     build_leaderboard,
     build_table,
@@ -34,11 +32,13 @@ from harness.evaluation.standings import (
     plot_training_curves,
     render_html,
     render_markdown,
-    screenshot,
     select_group,
     shown_columns,
+    take_screenshot,
     write_csv,
 )
+from harness.evaluation.leaderboard import build as lb
+from harness.evaluation.records import track_of, write_record
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
@@ -621,10 +621,10 @@ def test_screenshot(records: list[dict], tmp_path: Path, monkeypatch: pytest.Mon
     page.write_text(render_html(build_table(records), {}))
     with monkeypatch.context() as m:
         m.setattr(lb.shutil, "which", lambda name: None)
-        assert screenshot(page, tmp_path / "none.png") is None
+        assert take_screenshot(page, tmp_path / "none.png") is None
     if lb.shutil.which("chromium") is None:
         pytest.skip("chromium is not installed")
-    shot = screenshot(page, tmp_path / "lb.png", height=600)
+    shot = take_screenshot(page, tmp_path / "lb.png", height=600)
     assert shot is not None and shot.read_bytes().startswith(PNG_MAGIC)
     width = int.from_bytes(shot.read_bytes()[16:20], "big")
     assert width == 1400
@@ -778,7 +778,7 @@ def test_wandb_table(records: list[dict], tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_the_title_names_the_methods_of_the_rows():
-    from harness.evaluation.standings import default_title
+    from harness.evaluation.leaderboard import default_title
 
     rows = [{"method": "grpo"}, {"method": "rloo"}, {"method": "grpo"}, {"method": "dpo"}]
     assert default_title(rows) == "Alignment leaderboard: GRPO vs RLOO vs DPO"

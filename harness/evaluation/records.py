@@ -26,7 +26,7 @@ Records live in ``<runs_dir>/<run_id>.json``. They are written atomically (tempo
 same folder, ``fsync``, then a hard link to the final name), so concurrent writers — a multirun
 sweep, several machines sharing a folder — never leave a half-written or corrupt record; a
 ``run_id`` is unique (:func:`new_run_id`) and a record is never replaced. The leaderboard
-(:mod:`harness.evaluation.standings`) is a pure function of the records that
+(:mod:`harness.evaluation.leaderboard`) is a pure function of the records that
 :func:`load_records` returns.
 """
 

@@ -38,13 +38,13 @@ def build_leaderboard_after(results: Path, command: str, sweep_group: str) -> di
     another group (e.g. ``tune``, whose records only feed the reward–KL plot) keeps the command
     stored for the table's rows.
     """
-    from harness.evaluation.records import load_records
-    from harness.evaluation.standings import (
+    from harness.evaluation.leaderboard import (
         build_leaderboard,
         group_names,
         header_settings,
         select_group,
     )
+    from harness.evaluation.records import load_records
 
     _, _, stored_group = header_settings(results, None, None)
     _, shown = select_group(load_records(results / "runs"), stored_group)
@@ -59,14 +59,14 @@ def log_leaderboard_table(config: DictConfig, records: list[dict]) -> None:
     """The leaderboard rows as a ``wandb.Table`` in a run of its own (job_type ``leaderboard``).
 
     The rows are those of the leaderboard's main table (the ``compare`` group when the records
-    have one, else all; see :func:`harness.evaluation.standings.select_group`). Columns: method,
+    have one, else all; see :func:`harness.evaluation.leaderboard.select_group`). Columns: method,
     model, dataset, status, seeds (distinct ok seeds), then per metric key of
-    :func:`harness.evaluation.standings.columns` its mean over seeds and the bounds of its
+    :func:`harness.evaluation.leaderboard.columns` its mean over seeds and the bounds of its
     Student-t 95 % interval (``<key> ci_lo``, ``<key> ci_hi``; empty for a single seed).
     """
     import wandb
 
-    from harness.evaluation.standings import build_table, columns, select_group
+    from harness.evaluation.leaderboard import build_table, columns, select_group
 
     rows = build_table(select_group(records)[0])
     cols = columns(rows)

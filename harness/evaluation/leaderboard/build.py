@@ -1,0 +1,210 @@
+"""Build the whole leaderboard from a runs folder: the tables, the paired comparisons, the page in
+Markdown, CSV and HTML, the plots and a screenshot, with a header kept across rebuilds::
+
+    python -m harness.leaderboard --runs results/runs --out results [--group compare]
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from harness.atomic import write_bytes, write_text
+from harness.evaluation.leaderboard.comparisons import information_effect, paired_comparisons
+from harness.evaluation.leaderboard.diagnostics import comparison_warnings, table_platforms
+from harness.evaluation.leaderboard.render import render_html, render_markdown, write_csv, write_paired_csv
+from harness.evaluation.leaderboard.table import build_table, group_names, select_group
+from harness.evaluation.plots import plot_reward_kl, plot_training_curves
+from harness.evaluation.records import load_records
+
+SCREENSHOT_WIDTH = 1400
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def take_screenshot(html_path: Path | str, png_path: Path | str, width: int = SCREENSHOT_WIDTH,
+               height: int = 2400, timeout_s: float = 90.0) -> Path | None:
+    """A PNG of ``html_path`` as headless Chromium renders it in a ``width``×``height`` window
+    (written atomically to ``png_path``), or ``None`` when Chromium is not installed or fails."""
+    exe = _chromium()
+    if exe is None:
+        return None
+    html_path = Path(html_path).resolve()
+    with tempfile.TemporaryDirectory(prefix="leaderboard-shot-") as tmp:
+        shot = Path(tmp) / "shot.png"
+        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu",
+               f"--user-data-dir={tmp}/profile", f"--window-size={width},{height}",
+               f"--screenshot={shot}", html_path.as_uri()]
+        try:
+            subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if not shot.is_file() or shot.stat().st_size == 0:
+            return None
+        return write_bytes(png_path, shot.read_bytes())
+
+
+def reproduce_command(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """A Hydra multirun command covering the records' methods, models, datasets and seeds."""
+    if not records:
+        return None
+    parts = ["python", "-m", "harness", "-m"]
+    for key in ("method", "model", "dataset", "seed"):
+        values = sorted({str(r.get(key)) for r in records if r.get(key) is not None},
+                        key=lambda v: (len(v), v) if key == "seed" else (0, v))
+        if values:
+            parts.append(f"{key}={','.join(values)}")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory when it lies inside it (portable headers)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
+HEADER_FILE = "leaderboard_header.json"
+
+
+def header_settings(out_dir: Path, command: str | None, note: str | None,
+                    group: str | None = None) -> tuple[str | None, str | None, str | None]:
+    """The header's ``command``, ``note`` and the tables' ``group``, kept across rebuilds in
+    ``out_dir/leaderboard_header.json``.
+
+    A value given (even ``""``) replaces the stored one and is written back; a value not given
+    (``None``) is read from the file, so ``python -m harness.leaderboard`` with no ``--note``
+    rebuilds the same header it wrote last time. Raises ``ValueError`` naming the file when it is
+    not a JSON object of strings.
+    """
+    path = Path(out_dir) / HEADER_FILE
+    stored: dict[str, str] = {}
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err}); delete it or fix it") from err
+        if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
+            raise ValueError(f"{path}: expected a JSON object of strings "
+                             '{"command": "...", "note": "..."}; delete it or fix it')
+    given = {k: v for k, v in (("command", command), ("note", note), ("group", group))
+             if v is not None}
+    if given:
+        merged = {**{k: v for k, v in stored.items() if k in ("command", "note", "group")},
+                  **given}
+        if merged != stored:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            write_text(path, json.dumps(merged, indent=1, ensure_ascii=False) + "\n")
+        stored = merged
+    return (stored.get("command") or None, stored.get("note") or None,
+            stored.get("group") or None)
+
+
+def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | None = None, *,
+                      group: str | None = None, note: str | None = None, screenshot: bool = True,
+                      n_boot: int = 10_000, seed: int = 0) -> dict[str, Path]:
+    """Read the records in ``runs_dir`` and write, atomically, into ``out_dir``:
+    ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv``, ``leaderboard.html``,
+    ``reward_kl.png``, ``training_curves.png`` and, with ``screenshot`` and Chromium installed,
+    ``leaderboard.png`` (the HTML in a 1,400-pixel window). Returns ``{"markdown", "csv",
+    "paired_csv", "html", "reward_kl", "training_curves"[, "screenshot"]}`` → path.
+
+    The tables use the records of ``group`` (comma-separated for several; default: the one given
+    last time, else ``"compare"`` when any record has it, else all); the reward–KL plot uses all
+    records. ``note`` is shown in the header (e.g. "β and lr
+    tuned on the validation split"). ``command`` is the command that reproduces the runs; by
+    default a multirun command is derived from the records. Both are kept for later rebuilds in
+    ``out_dir/leaderboard_header.json`` (see :func:`header_settings`). ``n_boot`` and ``seed`` set the
+    paired bootstrap. An empty or missing ``runs_dir`` is not an error: all files are written
+    with an empty table and a note.
+    """
+    runs_dir, out_dir = _shown(Path(runs_dir)), _shown(Path(out_dir))
+    command, note, group = header_settings(out_dir, command, note, group)
+    rejected: list[tuple[Path, str]] = []
+    all_records = load_records(runs_dir, rejected)
+    records, chosen = select_group(all_records, group)
+    rows = build_table(records)
+    paired = paired_comparisons(records, n_boot=n_boot, seed=seed)
+    information = information_effect(records, n_boot=n_boot, seed=seed)
+    warnings = comparison_warnings(rows, records)
+    if rejected:
+        warnings.insert(0, f"{len(rejected)} file(s) in the runs folder are not valid records and "
+                           "are left out of every count: "
+                        + "; ".join(f"{p.name}: {why}" for p, why in rejected) + ".")
+
+    command = command or reproduce_command(records)
+    n_failed = sum(r.get("status") != "ok" for r in records)
+    versions = sorted({str(r.get("harness_version")) for r in records if r.get("harness_version")})
+    commits = sorted({str(r.get("git_commit"))[:12] for r in records if r.get("git_commit")})
+    rebuild = f"python -m harness.leaderboard --runs {shlex.quote(str(runs_dir))} " \
+              f"--out {shlex.quote(str(out_dir))}" + (f" --group {shlex.quote(group)}" if group else "")
+    header = []
+    if command:
+        header.append(f"Reproduce the runs: `{command}`")
+    header.append(f"Rebuild this leaderboard: `{rebuild}`")
+    if all_records:
+        prov = f"{len(records)} run records ({n_failed} failed) from `{runs_dir}`"
+        if chosen is not None:
+            others = defaultdict(int)
+            shown = group_names(chosen)
+            for r in all_records:
+                if r.get("group") not in shown:
+                    others[str(r.get("group"))] += 1
+            prov += f", group{'s' if len(shown) > 1 else ''} " \
+                    + ", ".join(f"`{g}`" for g in sorted(shown))
+            if others:
+                prov += " (other groups, used only in the reward–KL plot: " \
+                        + ", ".join(f"`{g}` {n}" for g, n in sorted(others.items())) + ")"
+        if versions:
+            prov += f"; harness {', '.join(versions)}"
+        if commits:
+            prov += f"; commits {', '.join(commits)}"
+        header.append(prov + ".")
+        where = f"the `{chosen}` sweep" if chosen and "," not in chosen else "their runs"
+        header.append(f"Methods are shown at the setting {where} ran (columns β and lr)"
+                      + (f": {note}" if note else "") + ".")
+        platforms = table_platforms(records)
+        header.append(("Platform: " if len(platforms) <= 1 else "Platforms: ")
+                      + ("; ".join(platforms) if platforms else "— (not recorded)") + ".")
+    else:
+        header.append(f"No run records found in `{runs_dir}`.")
+        if note:
+            header.append(note)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "reward_kl": plot_reward_kl(all_records, out_dir / "reward_kl.png"),
+        "training_curves": plot_training_curves(records, out_dir / "training_curves.png"),
+    }
+    plots = {"Reward–KL frontier: mean held-out gold reward vs KL per sequence at each β, 95% intervals "
+             "(all groups)": paths["reward_kl"],
+             "Training curves: held-out gold vs trained tokens, train/kl, reward-model score (EMA; raw faint)":
+                 paths["training_curves"]}
+    paths["markdown"] = write_text(
+        out_dir / "leaderboard.md",
+        render_markdown(rows, header, plots={c: p.name for c, p in plots.items()}, paired=paired,
+                        warnings=warnings, n_boot=n_boot, seed=seed, information=information))
+    paths["csv"] = write_csv(rows, out_dir / "leaderboard.csv")
+    paths["paired_csv"] = write_paired_csv([*paired, *information],
+                                           out_dir / "leaderboard_paired.csv")
+    paths["html"] = write_text(out_dir / "leaderboard.html",
+                                      render_html(rows, plots, header, paired=paired, warnings=warnings,
+                                                  n_boot=n_boot, seed=seed, information=information))
+    if screenshot:
+        shot = take_screenshot(paths["html"], out_dir / "leaderboard.png")
+        if shot is not None:
+            paths["screenshot"] = shot
+    return paths
+
+
+
