@@ -827,3 +827,14 @@ def test_malformed_records_are_listed_and_counted_nowhere(tmp_path: Path) -> Non
         assert name in md and why in md, name
     csv_rows = paths["csv"].read_text().splitlines()
     assert len(csv_rows) == 2 and ",1," in csv_rows[1]  # one row, one seed
+
+
+def test_a_reward_model_row_shows_its_accuracy_beside_the_sft_policys() -> None:
+    recs = [rec("rm", s, {"eval/rewards_acc": acc, "eval/sft_pair_acc": 0.8})
+            for s, acc in enumerate((0.85, 0.9, 0.95))]
+    recs += [rec("grpo", s, {"eval/gold_reward": 0.7}) for s in range(3)]
+    rows = build_table(recs)
+    labels = [c.label for c in shown_columns(rows)]
+    assert labels.index("RM acc") + 1 == labels.index("SFT pair acc")
+    md = render_markdown(rows)
+    assert "| RM acc | SFT pair acc |" in md and "| 0.90 ± 0.12 |" in md

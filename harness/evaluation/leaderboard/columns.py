@@ -103,6 +103,14 @@ _HELD_OUT_PREF = (
            "likelihood on the chosen response (strict)"),
     Column("SFT pref", "eval/ref_pref_accuracy", "the same for the SFT reference"),
 )
+_REWARD_MODEL = (
+    Column("RM acc", "eval/rewards_acc",
+           "reward-model rows: the kept checkpoint's pair accuracy on the validation pairs (the "
+           "chosen response scores higher)"),
+    Column("SFT pair acc", "eval/sft_pair_acc",
+           "reward-model rows: the SFT policy's own likelihood accuracy on the same pairs, what a "
+           "reward model must beat to add information"),
+)
 _TIME = Column("time", "cost/method_wall_s", "wall-clock seconds of the method's own training stage")
 _MEMORY = Column("memory", "cost/method_peak_mem_mb",
                  "peak memory (MB) of the method's own stage: the rise in process RSS on CPU (rss_rise), "
@@ -129,13 +137,14 @@ _SKIPPED_TASK_METRIC = re.compile(r"eval/harness_.+_gold/gold_reward|.*perplexit
 
 def shown_columns(rows: Sequence[Mapping[str, Any]]) -> list[Column]:
     """The metric columns of the main table: Gold, Δ vs SFT, SFT ref, Win rate, KL, the held-out
-    preference accuracies (data without a gold reward), then Pref acc and bits/byte when some row
+    preference accuracies (data without a gold reward), the reward model's pair accuracy beside
+    the SFT policy's (reward-model rows), then Pref acc and bits/byte when some row
     has them, any other lm-eval task metric (not
     ``harness_<task>_gold/gold_reward``, which repeats eval/gold_reward, nor perplexities), time,
     memory."""
     cols = list(_BASE_COLUMNS)
     keys = {k for r in rows for k in r["metrics"] if r["metrics"][k].get("n")}
-    cols += [c for c in _HELD_OUT_PREF if c.key in keys]
+    cols += [c for c in (*_HELD_OUT_PREF, *_REWARD_MODEL) if c.key in keys]
     claimed = set()
     for col in (_PREF, _BPB):
         hits = {k for k in keys if col.pattern and re.fullmatch(col.pattern, k)}
