@@ -152,7 +152,8 @@ def test_aggregation_over_seeds(records: list[dict]) -> None:
     # a single seed has no std and no interval
     ppo = _row(build_table(records), "ppo")
     assert ppo["metrics"]["eval/gold_reward"] == {"mean": 0.9, "std": None, "n": 1, "ci_lo": None,
-                                                  "ci_hi": None, "half": None}
+                                                  "ci_hi": None, "half": None, "iqm": 0.9,
+                                                  "iqm_lo": 0.9, "iqm_hi": 0.9}
 
 
 def test_t_interval_of_three_seeds() -> None:
@@ -275,9 +276,11 @@ def test_labels_and_footer() -> None:
     rows = build_table([_full_record(s, **{"eval/gold_reward": g}) for s, g in enumerate((0.6, 0.7, 0.8))])
     cols = shown_columns(rows)
     labels = [c.label for c in cols]
-    assert labels == ["Gold ↑", "Δ vs SFT", "SFT ref", "Win rate", "KL", "Pref acc", "bits/byte", "time", "memory"]
+    assert labels == ["Gold ↑", "Gold IQM", "Δ vs SFT", "SFT ref", "Win rate", "KL", "Pref acc",
+                      "bits/byte", "time", "memory"]
     resolved = [c.resolve(rows[0]) for c in cols]
-    assert resolved.count("eval/gold_reward") == 1  # no duplicate gold column
+    # the gold reward twice, as its mean and its IQM; lm-eval's gold task (the same) not again
+    assert [c.stat for c, k in zip(cols, resolved, strict=True) if k == "eval/gold_reward"] == ["mean", "iqm"]
     assert "eval/harness_toy_gold/gold_reward" not in resolved
     assert not [k for k in resolved if k and "perplexity" in k]
     assert "eval/harness_toy_pref/acc" in resolved and "eval/harness_toy_ppl/bits_per_byte" in resolved
@@ -289,7 +292,7 @@ def test_labels_and_footer() -> None:
     assert "two-level paired bootstrap" in footer and "nats per sequence" in footer
     md = render_markdown(rows)
     header = next(x for x in md.splitlines() if x.startswith("| method"))
-    assert "perplexity" not in header and header.count("Gold") == 1
+    assert "perplexity" not in header and header.count("Gold") == 2  # its mean and its IQM
     assert "2.1e+28" not in md and "21026" not in md
     # Δ vs SFT is computed per seed: 0.0, 0.1, 0.2 → mean 0.1
     assert rows[0]["metrics"]["eval/gold_gain"]["mean"] == pytest.approx(0.1)
@@ -318,7 +321,9 @@ def test_paired_comparisons() -> None:
     same = pairs[2]
     assert same["mean_diff"] == 0.0 and same["p"] == 1.0 and not same["significant"]
     md = render_markdown(build_table(recs), paired=pairs)
-    assert "## Paired differences" in md and "| ppo − dpo | +1.000 | [+1.000, +1.000] | 0.002 ✓" in md
+    # every seed +1: the t interval is [1, 1] and p 0 (decides ✓); P(A > B) 1; bootstrap p 2/1001
+    assert "## Paired differences" in md
+    assert "| ppo − dpo | +1.000 | [+1.000, +1.000] | 0 ✓ | 1.00 [1.00, 1.00] | [+1.000, +1.000] | 0.002 |" in md
     assert "<tr class=\"sig\">" in render_html(build_table(recs), {}, paired=pairs)
 
 
@@ -838,3 +843,23 @@ def test_a_reward_model_row_shows_its_accuracy_beside_the_sft_policys() -> None:
     assert labels.index("RM acc") + 1 == labels.index("SFT pair acc")
     md = render_markdown(rows)
     assert "| RM acc | SFT pair acc |" in md and "| 0.90 ± 0.12 |" in md
+
+
+def test_the_answer_is_written_from_the_comparisons() -> None:
+    """GRPO ahead of PPO by 0.5 on every seed (separable); GRPO ahead of RLOO by 0.5 on average
+    but not on every seed, RLOO level with PPO (neither separable at 3 seeds): the page opens with
+    sentences that say exactly that, with the numbers, per track."""
+    per_seed = {"grpo": ([1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0]),
+                "ppo": ([1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0]),
+                "rloo": ([1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0])}
+    recs = [rec(m, s, {"eval/gold_reward": sum(g[s]) / 4}, per_prompt=_per_prompt(list(map(float, g[s]))),
+                reward_source="gold") for m, g in per_seed.items() for s in range(3)]
+    rows, pairs = build_table(recs), paired_comparisons(recs, n_boot=500)
+    md = render_markdown(rows, paired=pairs)
+    head, _, rest = md.partition("## What this comparison shows")
+    assert rest and "| method |" not in head  # before the main table
+    assert ("- On the oracle track, llama_small · toy (group test): GRPO − PPO +0.500 "
+            "[+0.500, +0.500], P(GRPO > PPO) = 1.00, 3 seeds (p < 0.05). Not separable: "
+            "GRPO − RLOO +0.500 [-0.121, +1.121], P(GRPO > RLOO) = 1.00, 3 seeds; "
+            "PPO − RLOO +0.000 [-0.621, +0.621], P(PPO > RLOO) = 0.50, 3 seeds.") in md
+    assert "RLOO − PPO" not in md  # each pair once

@@ -10,15 +10,19 @@ import pytest
 from harness.evaluation.stats import (
     bootstrap_distribution,
     distinct_seeds,
+    iqm,
     kl_coefficient,
     learning_rate,
     mean_std,
     paired_bootstrap,
+    paired_t_test,
     platform_identity,
     platform_label,
+    probability_of_improvement,
     regularized_incomplete_beta,
     round_to_ci,
     sign_flip_test,
+    stratified_bootstrap_interval,
     summarize,
     t_cdf,
     t_quantile,
@@ -182,3 +186,49 @@ def test_sign_flip_by_hand() -> None:
     assert sign_flip_test([1.0, -1.0, 3.0]) == pytest.approx(0.75)
     assert sign_flip_test([]) is None
     assert sign_flip_test([1.0] * 20) is None
+
+
+# --------------------------------------------------------------------------- across seeds
+def test_iqm_by_hand_and_against_scipy() -> None:
+    # 8 values: drop the 2 lowest and 2 highest, mean of (3, 4, 5, 6) = 4.5
+    assert iqm([1, 2, 3, 4, 5, 6, 7, 100]) == 4.5
+    assert iqm([0.2, 0.9, 0.6]) == pytest.approx(1.7 / 3)  # 3 values: floor(0.75) = 0 cut
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 10, 11, 40):
+        x = rng.random(n)
+        assert iqm(x) == pytest.approx(scipy_stats.trim_mean(x, 0.25))
+
+
+def test_probability_of_improvement_by_hand_and_as_mann_whitney() -> None:
+    # x = (1, 2), y = (1, 0): pairs 1>1 tie (½), 1>0, 2>1, 2>0 -> (0.5 + 3) / 4
+    assert probability_of_improvement([1, 2], [1, 0]) == 0.875
+    assert probability_of_improvement([0.5] * 3, [0.5] * 4) == 0.5
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 5, 10) / 4, rng.integers(0, 5, 7) / 4  # with ties
+    u = scipy_stats.mannwhitneyu(x, y, alternative="greater").statistic
+    assert probability_of_improvement(x, y) == pytest.approx(u / (10 * 7))
+
+
+def test_the_stratified_bootstrap_resamples_each_sample_alone() -> None:
+    x = [0.2, 0.4, 0.6, 0.8, 1.0]
+    lo, hi = stratified_bootstrap_interval([x], iqm, n_boot=2000, seed=0)
+    assert 0.2 <= lo < iqm(x) < hi <= 1.0
+    assert stratified_bootstrap_interval([x], iqm, n_boot=2000, seed=0) == (lo, hi)  # seeded
+    # a constant sample has a point interval; two samples apart give P(X > Y) = 1 in every replicate
+    assert stratified_bootstrap_interval([[0.5] * 4], iqm, n_boot=100) == (0.5, 0.5)
+    assert stratified_bootstrap_interval([[0.9, 0.8], [0.1, 0.2, 0.3]], probability_of_improvement,
+                                         n_boot=200) == (1.0, 1.0)
+
+
+def test_the_paired_t_test_by_hand() -> None:
+    # D = (0.1, 0.2, 0.3): mean 0.2, s 0.1, se 0.1/sqrt(3); t(0.975, 2) = 4.302653
+    t = paired_t_test([0.1, 0.2, 0.3])
+    assert t.mean == pytest.approx(0.2) and t.n == 3
+    half = 4.302653 * 0.1 / 3 ** 0.5
+    assert (t.ci_lo, t.ci_hi) == (pytest.approx(0.2 - half, abs=1e-6), pytest.approx(0.2 + half, abs=1e-6))
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert t.p_value == pytest.approx(scipy_stats.ttest_1samp([0.1, 0.2, 0.3], 0).pvalue, rel=1e-6)
+    assert paired_t_test([0.05]).p_value is None  # one seed: no test
+    assert paired_t_test([0.1, 0.1]).p_value == 0.0 and paired_t_test([0.0, 0.0]).p_value == 1.0

@@ -7,6 +7,11 @@
 * :func:`paired_bootstrap` — the two-level (seeds, then prompts within seeds) paired bootstrap of
   a mean per-prompt difference, with a percentile interval and a two-sided p-value.
 * :func:`sign_flip_test` — the exact sign-flip (permutation) test over per-seed mean differences.
+* :func:`paired_t_test` — the paired t-test and interval over per-seed mean differences: what
+  decides a leaderboard "✓" (calibrated at the seed counts run, unlike a bootstrap of 3 seeds).
+* :func:`iqm`, :func:`probability_of_improvement`, :func:`stratified_bootstrap_interval` — the
+  interquartile mean and P(X > Y) over seeds with stratified bootstrap intervals (Agarwal et al.
+  2021, "Deep RL at the Edge of the Statistical Precipice"; rliable's estimators, on one task).
 * :func:`round_to_ci` — a mean and half-width rounded to what the interval supports.
 * :func:`kl_coefficient`, :func:`learning_rate`, :func:`platform_identity` — what a record says
   about its setting and the platform that computed it.
@@ -25,17 +30,22 @@ import numpy as np
 
 __all__ = [
     "PairedResult",
+    "SeedTest",
     "bootstrap_distribution",
     "distinct_seeds",
+    "iqm",
     "kl_coefficient",
     "learning_rate",
     "mean_std",
     "paired_bootstrap",
+    "paired_t_test",
     "platform_identity",
     "platform_label",
+    "probability_of_improvement",
     "regularized_incomplete_beta",
     "round_to_ci",
     "sign_flip_test",
+    "stratified_bootstrap_interval",
     "summarize",
     "t_cdf",
     "t_quantile",
@@ -324,3 +334,71 @@ def sign_flip_test(diffs: Sequence[float], max_exact: int = 16) -> float | None:
     observed = abs(x.sum())
     signs = np.array(list(itertools.product((1.0, -1.0), repeat=x.size)))
     return float((np.abs(signs @ x) >= observed - 1e-12).mean())
+
+
+# --------------------------------------------------------------------------- across seeds (rliable)
+def iqm(values: Sequence[float]) -> float:
+    """The interquartile mean (Agarwal et al. 2021): the mean of the values left after dropping
+    the ⌊n/4⌋ smallest and the ⌊n/4⌋ largest (``scipy.stats.trim_mean(x, 0.25)``, rliable's
+    ``aggregate_iqm`` on one task). Robust to a seed that does not take off, and uses half the
+    data, unlike the median."""
+    x = np.sort(np.asarray(values, dtype=float))
+    if x.size == 0:
+        raise ValueError("the IQM of no values")
+    cut = int(0.25 * x.size)
+    return float(x[cut:x.size - cut].mean())
+
+
+def probability_of_improvement(x: Sequence[float], y: Sequence[float]) -> float:
+    """P(X > Y) = 1/(n m) Σ_i Σ_j ([x_i > y_j] + ½[x_i = y_j]): the chance that a seed of X scores
+    above a seed of Y (ties half), the Mann–Whitney U statistic over n·m (Agarwal et al. 2021;
+    rliable's ``probability_of_improvement`` on one task)."""
+    a, b = np.asarray(x, dtype=float)[:, None], np.asarray(y, dtype=float)[None, :]
+    if a.size == 0 or b.size == 0:
+        raise ValueError("P(X > Y) needs values of both")
+    return float(((a > b) + 0.5 * (a == b)).mean())
+
+
+def stratified_bootstrap_interval(samples: Sequence[Sequence[float]], statistic, n_boot: int = 10_000,
+                                  seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of ``statistic(*resampled)`` where each sample (one method's
+    per-seed scores on one task: rliable's stratum) is resampled with replacement on its own,
+    ``n_boot`` times, with numpy's Generator seeded by ``seed`` (deterministic)."""
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(s, dtype=float) for s in samples]
+    picks = [rng.integers(0, a.size, size=(n_boot, a.size)) for a in arrays]
+    stats = np.array([statistic(*(a[p[k]] for a, p in zip(arrays, picks, strict=True)))
+                      for k in range(n_boot)])
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class SeedTest:
+    """The paired t-test over per-seed mean differences D_s (s = 1..S): the mean D̄, its
+    Student-t interval D̄ ± t(0.975, S − 1)·s_D/√S, and the two-sided p = 2(1 − F_t(|D̄|/(s_D/√S)))."""
+
+    mean: float
+    ci_lo: float | None
+    ci_hi: float | None
+    p_value: float | None
+    n: int
+
+
+def paired_t_test(diffs: Sequence[float], level: float = 0.95) -> SeedTest:
+    """:class:`SeedTest` of the per-seed differences: calibrated at any number of seeds >= 2 when
+    the D_s are roughly normal (the seeds are the unit of replication; the prompts of one seed
+    are not independent draws of the method). One seed: no interval, no p. Differences that are
+    all equal: a zero-width interval, and p 0 (unless they are all 0: p 1)."""
+    d = [float(v) for v in diffs]
+    mean, std = mean_std(d)
+    if mean is None:
+        raise ValueError("a t-test of no differences")
+    if std is None:
+        return SeedTest(mean, None, None, None, len(d))
+    if std == 0:
+        return SeedTest(mean, mean, mean, 1.0 if mean == 0 else 0.0, len(d))
+    se = std / math.sqrt(len(d))
+    half = t_quantile(0.5 + level / 2.0, len(d) - 1) * se
+    p = 2.0 * (1.0 - t_cdf(abs(mean) / se, len(d) - 1))
+    return SeedTest(mean, mean - half, mean + half, min(1.0, max(0.0, p)), len(d))

@@ -72,6 +72,7 @@ class Column:
     key: str
     definition: str
     pattern: str | None = None  # a regex for per-row keys like eval/harness_<task>_pref/acc
+    stat: str = "mean"          # mean (± the t half-width) | iqm ([its bootstrap interval])
 
     def resolve(self, row: Mapping[str, Any]) -> str | None:
         """The concrete metric key of this column in ``row`` (``None`` when it has none)."""
@@ -91,6 +92,9 @@ _BPB = Column("bits/byte", "eval/harness_<task>_ppl/bits_per_byte",
 _BASE_COLUMNS = (
     Column("Gold ↑", "eval/gold_reward",
            "mean gold (task) reward of the policy's responses to the held-out prompts; the ceiling is eval/gold_max"),
+    Column("Gold IQM", "eval/gold_reward",
+           "interquartile mean of the seeds' gold (the mean of the middle half; Agarwal et al. 2021) "
+           "with its 95% stratified bootstrap interval over seeds", stat="iqm"),
     Column("Δ vs SFT", GAIN, "eval/gold_reward − eval/ref_gold_reward per seed, then over seeds"),
     Column("SFT ref", "eval/ref_gold_reward", "the same gold reward for the SFT reference the method started from"),
     Column("Win rate", "eval/win_rate",

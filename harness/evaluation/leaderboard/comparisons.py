@@ -9,9 +9,15 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from harness.evaluation.leaderboard.table import row_groups, setting_label
+from harness.evaluation.leaderboard.table import SEED_BOOT, row_groups, setting_label
 from harness.evaluation.records import finite
-from harness.evaluation.stats import distinct_seeds, paired_bootstrap
+from harness.evaluation.stats import (
+    distinct_seeds,
+    paired_bootstrap,
+    paired_t_test,
+    probability_of_improvement,
+    stratified_bootstrap_interval,
+)
 
 ALPHA = 0.05
 INFORMATION_NOTE = ("the same method on the oracle track minus on the preferences track: what "
@@ -99,10 +105,16 @@ def _gold_list(per_prompt: Any) -> list[float] | None:
 
 def _compare(model: str, dataset: str, group: str, a: str, b: str, ra: Mapping[Any, Mapping[str, Any]],
              rb: Mapping[Any, Mapping[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:
+    """Methods A and B over their common seeds (their per-prompt gold on the same prompts): the
+    seed-level paired t-test (``t_lo``, ``t_hi``, ``t_p``; it decides ``significant``), P(A > B)
+    over the seeds' scores with its stratified bootstrap interval (``poi``, ``poi_lo``,
+    ``poi_hi``), the two-level paired bootstrap over seeds and prompts (``ci_lo``, ``ci_hi``,
+    ``p``) and the exact sign-flip p."""
     result: dict[str, Any] = {"model": model, "dataset": dataset, "group": group, "a": a, "b": b,
                               "n_seeds": 0, "n_prompts": 0, "seeds": [], "mean_diff": None, "ci_lo": None,
-                              "ci_hi": None, "p": None, "sign_flip_p": None, "significant": False,
-                              "skipped": None}
+                              "ci_hi": None, "p": None, "sign_flip_p": None, "t_lo": None, "t_hi": None,
+                              "t_p": None, "poi": None, "poi_lo": None, "poi_hi": None,
+                              "significant": False, "skipped": None}
     common = sorted(set(ra) & set(rb), key=lambda s: (s is None, str(s)))
     if not common:
         result["skipped"] = "no seed in common"
@@ -125,7 +137,14 @@ def _compare(model: str, dataset: str, group: str, a: str, b: str, ra: Mapping[A
         result["skipped"] = "; ".join(dict.fromkeys(r.split(": ", 1)[1] for r in reasons))
         return result
     res = paired_bootstrap(rows_a, rows_b, n_boot=n_boot, seed=seed)
+    score_a, score_b = [sum(g) / len(g) for g in rows_a], [sum(g) / len(g) for g in rows_b]
+    t = paired_t_test([x - y for x, y in zip(score_a, score_b, strict=True)])
+    poi_lo, poi_hi = stratified_bootstrap_interval([score_a, score_b], probability_of_improvement,
+                                                   n_boot=min(n_boot, SEED_BOOT), seed=seed)
     result.update(n_seeds=res.n_seeds, n_prompts=res.n_prompts, seeds=seeds, mean_diff=res.mean_diff,
                   ci_lo=res.ci_lo, ci_hi=res.ci_hi, p=res.p_value, sign_flip_p=res.sign_flip_p,
-                  significant=res.p_value < ALPHA, skipped="; ".join(reasons) or None)
+                  t_lo=t.ci_lo, t_hi=t.ci_hi, t_p=t.p_value,
+                  poi=probability_of_improvement(score_a, score_b), poi_lo=poi_lo, poi_hi=poi_hi,
+                  significant=t.p_value is not None and t.p_value < ALPHA,
+                  skipped="; ".join(reasons) or None)
     return result

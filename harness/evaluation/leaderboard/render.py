@@ -205,12 +205,14 @@ def _csv_value(x: Any) -> Any:
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
     """Write the rows as CSV (atomically): key columns, status, n_seeds, n_failed, n_duplicates,
     groups, beta, lr, platforms, then ``<metric>_mean``, ``_std``, ``_ci_lo``, ``_ci_hi``, ``_n``
-    for every key of :func:`columns` (full keys, full precision), then the error."""
+    for every key of :func:`columns` (full keys, full precision), then the gold reward's IQM and
+    its bootstrap interval (``eval/gold_reward_iqm``, ``_iqm_lo``, ``_iqm_hi``), then the error."""
     cols = columns(rows)
     header = [*KEY_COLUMNS, "status", "n_seeds", "n_failed", "n_duplicates", "groups", "beta", "lr",
               "platforms"]
     for c in cols:
         header += [f"{c}_{s}" for s in ("mean", "std", "ci_lo", "ci_hi", "n")]
+    header += [f"eval/gold_reward_{s}" for s in IQM_FIELDS]
     header.append("error")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -224,13 +226,17 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
         for c in cols:
             cell = row["metrics"].get(c) or {}
             values += [_csv_value(cell.get(s)) for s in ("mean", "std", "ci_lo", "ci_hi")] + [cell.get("n", 0)]
+        gold = row["metrics"].get("eval/gold_reward") or {}
+        values += [_csv_value(gold.get(s)) for s in IQM_FIELDS]
         values.append(_csv_value(row.get("error")))
         writer.writerow(values)
     return write_text(path, buf.getvalue())
 
 
+IQM_FIELDS = ("iqm", "iqm_lo", "iqm_hi")
 PAIRED_FIELDS = ("model", "dataset", "group", "track", "a", "b", "n_seeds", "n_prompts", "mean_diff",
-                  "ci_lo", "ci_hi", "p", "sign_flip_p", "significant", "skipped")
+                 "t_lo", "t_hi", "t_p", "poi", "poi_lo", "poi_hi", "ci_lo", "ci_hi", "p", "sign_flip_p",
+                 "significant", "skipped")
 
 
 def write_paired_csv(paired: Sequence[Mapping[str, Any]], path: Path | str) -> Path:

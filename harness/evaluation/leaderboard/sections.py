@@ -12,7 +12,7 @@ from typing import Any
 from harness.evaluation.leaderboard.columns import COST_TABLE, KEY_COLUMNS, TRACK_NOTE, Column, shown_columns
 from harness.evaluation.leaderboard.comparisons import INFORMATION_NOTE
 from harness.evaluation.leaderboard.diagnostics import comparison_warnings
-from harness.evaluation.leaderboard.table import default_title, mean_of
+from harness.evaluation.leaderboard.table import SEED_BOOT, default_title, mean_of
 from harness.evaluation.stats import round_to_ci
 
 
@@ -59,8 +59,13 @@ class Section:
 
 
 PAIRED_TIPS = ("A is the method with the higher mean gold", "mean over seeds and prompts of gold_A − gold_B",
-               "95% percentile interval of the two-level paired bootstrap",
-               "two-sided bootstrap p; ✓ p < 0.05", "exact sign-flip test over per-seed mean differences",
+               "Student-t 95% interval of the per-seed differences (the seeds are the replicates)",
+               "two-sided paired t-test over seeds; ✓ p < 0.05 (what decides a difference)",
+               "probability that a seed of A scores above a seed of B, ties half, with its stratified "
+               "bootstrap 95% interval",
+               "95% percentile interval of the two-level paired bootstrap (seeds, then prompts)",
+               "two-sided p of the two-level bootstrap",
+               "exact sign-flip test over per-seed mean differences",
                "seeds both methods ran on the same prompts", "held-out prompts per seed",
                "why seeds were left out")
 KEY_TIPS = {"method": "the alignment method", "model": "the policy model", "dataset": "the task",
@@ -80,6 +85,15 @@ def format_cell(cell: Mapping[str, Any] | None, n_seeds: int) -> str:
     if 0 < n < n_seeds:
         text += f" (n={n})"
     return text
+
+
+def format_iqm(cell: Mapping[str, Any] | None) -> str:
+    """``"0.850 [0.676, 0.966]"``: the IQM and its bootstrap interval; a bare IQM for one seed."""
+    if not cell or cell.get("iqm") is None:
+        return "—"
+    if cell.get("n", 0) < 2:
+        return f"{cell['iqm']:.3f}"
+    return f"{cell['iqm']:.3f} [{cell['iqm_lo']:.3f}, {cell['iqm_hi']:.3f}]"
 
 
 def _num(x: float) -> str:
@@ -137,16 +151,24 @@ def _p_text(p: float | None) -> str:
     return "—" if p is None else f"{p:.3g}" if p < 0.1 else f"{p:.2f}"
 
 
+def _interval(lo: float | None, hi: float | None, digits: int = 3) -> str:
+    return "—" if lo is None or hi is None else f"[{_bound(lo, digits)}, {_bound(hi, digits)}]"
+
+
 def _paired_cells(c: Mapping[str, Any]) -> list[str]:
     if c["mean_diff"] is None:
-        return [f"{c['a']} − {c['b']}", "—", "—", "—", "—", "0", "0", f"skipped: {c['skipped']}"]
-    mark = "✓" if c["significant"] else ""
-    return [f"{c['a']} − {c['b']}", _bound(c["mean_diff"]), f"[{_bound(c['ci_lo'])}, {_bound(c['ci_hi'])}]",
-            _p_text(c["p"]) + (f" {mark}" if mark else ""), _p_text(c["sign_flip_p"]), str(c["n_seeds"]),
-            str(c["n_prompts"]), c["skipped"] or ""]
+        return [f"{c['a']} − {c['b']}", "—", "—", "—", "—", "—", "—", "—", "0", "0",
+                f"skipped: {c['skipped']}"]
+    mark = " ✓" if c["significant"] else ""
+    poi = "—" if c.get("poi") is None else (
+        f"{c['poi']:.2f} [{c['poi_lo']:.2f}, {c['poi_hi']:.2f}]")
+    return [f"{c['a']} − {c['b']}", _bound(c["mean_diff"]), _interval(c.get("t_lo"), c.get("t_hi")),
+            _p_text(c.get("t_p")) + mark, poi, _interval(c["ci_lo"], c["ci_hi"]), _p_text(c["p"]),
+            _p_text(c["sign_flip_p"]), str(c["n_seeds"]), str(c["n_prompts"]), c["skipped"] or ""]
 
 
-PAIRED_HEAD = ("A − B", "Δ gold", "95% interval", "p", "sign-flip p", "seeds", "prompts", "note")
+PAIRED_HEAD = ("A − B", "Δ gold", "95% interval", "p", "P(A > B)", "bootstrap 95%", "bootstrap p",
+               "sign-flip p", "seeds", "prompts", "note")
 
 
 def footer_lines(cols: Sequence[Column], rows: Sequence[Mapping[str, Any]] = (), n_boot: int = 10_000,
@@ -174,13 +196,21 @@ def footer_lines(cols: Sequence[Column], rows: Sequence[Mapping[str, Any]] = (),
         "seeds: distinct seeds of ok runs; repeated records of one seed are one sample, the latest by "
         "created (‡k dup: k older records dropped); +k failed: seeds whose run failed, excluded from "
         "every mean.",
+        "A seed's score is its mean gold reward over the held-out prompts (with a 0/1 reward, the "
+        "share of the prompts it answers right); the seeds are the replicates, the prompts a second "
+        "level under them.",
         f"Paired differences: Δ gold = mean over seeds s and held-out prompts i of gold_A[s,i] − gold_B[s,i], "
-        "over the seeds both methods ran on the same prompts (equal per_prompt.prompts_sha256). 95% interval: "
-        f"percentile interval of a two-level paired bootstrap (B = {n_boot} replicates: seeds resampled with "
-        "replacement, then prompts with replacement within each seed, the same prompts for both methods; "
-        f"numpy seed {seed}). p: two-sided bootstrap p = min(1, 2·min(P(Δ*≤0), P(Δ*≥0))) with "
-        "P = (1 + count)/(B + 1); ✓: p < 0.05. Sign-flip p: exact permutation test of the per-seed mean "
-        "differences (its smallest value is 2/2^S: 0.25 with 3 seeds).",
+        "over the seeds both methods ran on the same prompts (equal per_prompt.prompts_sha256). 95% interval "
+        "and p: the paired t-test of the per-seed differences D_s (Student-t, S − 1 degrees of freedom), "
+        "calibrated at any number of seeds when the D_s are roughly normal; ✓: p < 0.05, the only "
+        "statistic that decides a difference. P(A > B): the share of (seed of A, seed of B) pairs where "
+        "A scores higher, ties half (Agarwal et al. 2021), with a stratified bootstrap 95% interval "
+        f"({SEED_BOOT} replicates, each method's seeds resampled on their own). Bootstrap 95% and p: the "
+        f"two-level paired bootstrap (B = {n_boot}: seeds with replacement, then prompts within each seed, "
+        f"the same prompts for both methods; numpy seed {seed}), p = min(1, 2·min(P(Δ*≤0), P(Δ*≥0))) "
+        "with P = (1 + count)/(B + 1): it sees only S seed values and is too narrow at 3 seeds, so it "
+        "decides nothing. Sign-flip p: exact permutation test of the per-seed differences (its smallest "
+        "value is 2/2^S: 0.25 with 3 seeds).",
     ]
     return lines
 
@@ -194,6 +224,44 @@ def _by_cell(paired: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str, s
     return out
 
 
+def _difference(c: Mapping[str, Any]) -> str:
+    """``"GRPO − PPO +0.012 [−0.030, +0.054], P(GRPO > PPO) = 0.56, 3 seeds"``."""
+    a, b = c["a"].upper(), c["b"].upper()
+    text = f"{a} − {b} {_bound(c['mean_diff'])} {_interval(c.get('t_lo'), c.get('t_hi'))}"
+    if c.get("poi") is not None:
+        text += f", P({a} > {b}) = {c['poi']:.2f}"
+    return text + f", {c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''}"
+
+
+def answer(paired: Sequence[Mapping[str, Any]], information: Sequence[Mapping[str, Any]] = ()
+           ) -> list[str]:
+    """What the comparison shows, one sentence per (track, model, dataset) and one per
+    information effect, written from the comparisons alone: the differences the paired t-test
+    over seeds separates (✓), then those it does not. Nothing is said that the records do not
+    support."""
+    out = []
+    for (model, dataset, group, track), cell in _by_cell(paired).items():
+        done = [c for c in cell if c["mean_diff"] is not None]
+        if not done:
+            continue
+        held = [c for c in done if c["significant"]]
+        where = f"On the {track or 'no'} track, {model} · {dataset} (group {group}): "
+        text = where + ("; ".join(_difference(c) for c in held) + " (p < 0.05)" if held
+                        else "no difference between methods is separable")
+        rest = [c for c in done if not c["significant"]]
+        if held and rest:
+            text += ". Not separable: " + "; ".join(_difference(c) for c in rest)
+        out.append(text + ".")
+    for (model, dataset, group, _), cell in _by_cell(information).items():
+        for c in cell:
+            if c["mean_diff"] is None:
+                continue
+            verdict = "separable (p < 0.05)" if c["significant"] else "not separable"
+            out.append(f"Information effect, {model} · {dataset} (group {group}): "
+                       f"{_difference(c)}: {verdict}.")
+    return out
+
+
 def main_cells(row: Mapping[str, Any], cols: Sequence[Column]) -> list[Cell]:
     """One row of the main table: its key columns, β and lr, one cell per shown column (mean ±
     half-width, sortable by the mean), the seeds and the status."""
@@ -203,8 +271,12 @@ def main_cells(row: Mapping[str, Any], cols: Sequence[Column]) -> list[Cell]:
     for col in cols:
         key = col.resolve(row)
         mean = None if failed or key is None else mean_of(row, key)
-        text = "failed" if failed else format_cell(row["metrics"].get(key) if key else None,
-                                                    row["n_seeds"])
+        cell = row["metrics"].get(key) if key else None
+        if col.stat == "iqm":
+            mean = None if failed or not cell or cell.get("iqm") is None else cell["iqm"]
+            text = "failed" if failed else format_iqm(cell)
+        else:
+            text = "failed" if failed else format_cell(cell, row["n_seeds"])
         tip = f"{key or col.key}" + (f" (n={row['metrics'][key]['n']})" if mean is not None else "")
         cells.append(Cell(text, "num", "" if mean is None else repr(mean), tip))
     cells.append(Cell(_seeds_text(row), "num", str(row["n_seeds"])))
@@ -234,7 +306,7 @@ def paired_table(items: Sequence[Mapping[str, Any]], caption: tuple[str, str]) -
         rows.append([Cell(cells[0]), *(Cell(x, "num") for x in cells[1:-1]), Cell(cells[-1], "wrap")])
     return Table(list(PAIRED_HEAD), list(PAIRED_TIPS), rows,
                  ["sig" if c["significant"] else "" for c in items],
-                 [":---"] + ["---:"] * 6 + [":---"], css="paired", caption=caption)
+                 [":---"] + ["---:"] * (len(PAIRED_HEAD) - 2) + [":---"], css="paired", caption=caption)
 
 
 def cost_table(rows: Sequence[Mapping[str, Any]]) -> Table:
@@ -259,7 +331,13 @@ def sections(rows: Sequence[Mapping[str, Any]], header_lines: Sequence[str] = ()
     table, then ``plots`` ({caption: image}, as the renderer links or embeds them)."""
     cols = shown_columns(rows)
     warnings = comparison_warnings(rows) if warnings is None else warnings
-    out = [Section(paragraphs=list(header_lines), warnings=list(warnings))]
+    out = [Section(paragraphs=list(header_lines))]
+    said = answer(paired or (), information or ())
+    if said:
+        out.append(Section("What this comparison shows", bullets=said,
+                            note="Each difference: A − B, Δ gold over seeds and prompts, the 95% "
+                                 "t-interval over seeds, P(A > B) over seeds (footer)."))
+    out.append(Section(warnings=list(warnings)))
     if not rows:
         out.append(Section(note="No run records found: the table is empty."))
     out.append(Section(tables=[main_table(rows, cols)], bullets=footer_lines(cols, rows, n_boot, seed),

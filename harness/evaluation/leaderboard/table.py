@@ -19,14 +19,18 @@ from harness.evaluation.leaderboard.columns import (
 from harness.evaluation.records import finite, is_number, track_of
 from harness.evaluation.stats import (
     distinct_seeds,
+    iqm,
     kl_coefficient,
     learning_rate,
     platform_identity,
     platform_label,
+    stratified_bootstrap_interval,
     summarize,
 )
 
 DEFAULT_GROUP = "compare"
+SEED_BOOT = 2_000
+"""Replicates of the seed-level bootstraps (the IQM, P(A > B)): a few seeds resample quickly."""
 
 
 def default_title(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -132,6 +136,10 @@ def build_table(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         per_run = [run_metrics(r) for r in ok]
         names = {AVERAGE, *HEADLINE_COLUMNS, *COST_COLUMNS} | {k for m in per_run for k in m}
         metrics = {name: summarize([m[name] for m in per_run if name in m]) for name in sorted(names)}
+        gold = [m["eval/gold_reward"] for m in per_run if finite(m.get("eval/gold_reward"))]
+        if gold:  # the interquartile mean over seeds with its stratified bootstrap interval
+            lo, hi = stratified_bootstrap_interval([gold], iqm, n_boot=SEED_BOOT)
+            metrics["eval/gold_reward"].update(iqm=iqm(gold), iqm_lo=lo, iqm_hi=hi)
         errors = list(dict.fromkeys(str(r.get("error") or "unknown error") for r in failed))
         rows.append({
             "method": method,
