@@ -12,7 +12,8 @@ files. ``build_leaderboard`` does it all for a folder::
 
 Modules: :mod:`.columns` (metric helpers, every column and its definition), :mod:`.table`
 (selecting and aggregating), :mod:`.comparisons` (paired tests), :mod:`.diagnostics` (warnings),
-:mod:`.sections` (the page as one list of sections), :mod:`.render` (Markdown, HTML, CSV),
+:mod:`.format` (numbers and cells), :mod:`.sections` (the page as one list of sections),
+:mod:`.render` (Markdown, HTML, CSV),
 :mod:`.build` (the whole leaderboard from a folder, its header, the screenshot).
 
 Conventions
@@ -57,13 +58,14 @@ from harness.evaluation.leaderboard.columns import (
 )
 from harness.evaluation.leaderboard.comparisons import information_effect, paired_comparisons
 from harness.evaluation.leaderboard.diagnostics import comparison_warnings, table_platforms
+from harness.evaluation.leaderboard.format import footer_lines, format_cell
 from harness.evaluation.leaderboard.render import (
     render_html,
     render_markdown,
     write_csv,
     write_paired_csv,
 )
-from harness.evaluation.leaderboard.sections import footer_lines, format_cell, sections
+from harness.evaluation.leaderboard.sections import sections
 from harness.evaluation.leaderboard.table import (
     DEFAULT_GROUP,
     build_table,

@@ -12,8 +12,20 @@ from typing import Any
 from harness.evaluation.leaderboard.columns import COST_TABLE, KEY_COLUMNS, TRACK_NOTE, Column, shown_columns
 from harness.evaluation.leaderboard.comparisons import INFORMATION_NOTE
 from harness.evaluation.leaderboard.diagnostics import comparison_warnings
-from harness.evaluation.leaderboard.table import SEED_BOOT, default_title, mean_of
-from harness.evaluation.stats import round_to_ci
+from harness.evaluation.leaderboard.format import (
+    PAIRED_HEAD,
+    bound,
+    cost_cells,
+    footer_lines,
+    format_cell,
+    format_iqm,
+    interval,
+    paired_cells,
+    seeds_text,
+    setting_text,
+    status_text,
+)
+from harness.evaluation.leaderboard.table import default_title, mean_of
 
 
 @dataclass
@@ -73,150 +85,6 @@ KEY_TIPS = {"method": "the alignment method", "model": "the policy model", "data
 
 
 # --------------------------------------------------------------------------- formatting
-def format_cell(cell: Mapping[str, Any] | None, n_seeds: int) -> str:
-    """``"0.600 ± 0.035"`` (mean ± 95 % half-width, rounded by
-    :func:`harness.evaluation.stats.round_to_ci`); a bare mean for one value; ``"—"`` when
-    missing; ``(n=k)`` when only ``k`` of the ``n_seeds`` seeds reported the metric."""
-    if not cell or cell.get("mean") is None:
-        return "—"
-    mean, n = cell["mean"], cell.get("n", n_seeds)
-    m, h = round_to_ci(mean, cell.get("half"))
-    text = m if h is None else f"{m} ± {h}"
-    if 0 < n < n_seeds:
-        text += f" (n={n})"
-    return text
-
-
-def format_iqm(cell: Mapping[str, Any] | None) -> str:
-    """``"0.850 [0.676, 0.966]"``: the IQM and its bootstrap interval; a bare IQM for one seed."""
-    if not cell or cell.get("iqm") is None:
-        return "—"
-    if cell.get("n", 0) < 2:
-        return f"{cell['iqm']:.3f}"
-    return f"{cell['iqm']:.3f} [{cell['iqm_lo']:.3f}, {cell['iqm_hi']:.3f}]"
-
-
-def _num(x: float) -> str:
-    return f"{x:g}"
-
-
-def _setting(values: Sequence[float]) -> str:
-    return "—" if not values else ", ".join(_num(v) for v in values)
-
-
-def _seeds_text(row: Mapping[str, Any]) -> str:
-    text = f"{row['n_seeds']}"
-    if row["n_failed"]:
-        text += f" (+{row['n_failed']} failed)"
-    if row.get("n_duplicates"):
-        text += f" ‡{row['n_duplicates']} dup"
-    return text
-
-
-def _status_text(row: Mapping[str, Any], limit: int | None = 120) -> str:
-    if row["status"] == "ok":
-        return "ok"
-    err = " ".join(str(row.get("error") or "").split())
-    if limit is not None and len(err) > limit:
-        err = err[: limit - 1] + "…"
-    return f"failed: {err}" if err else "failed"
-
-
-def _cached_text(row: Mapping[str, Any], stage: str) -> str:
-    """``"cached"`` when every seed loaded the stage from the cache, ``"cached k/n"`` for some."""
-    cell = row["metrics"].get(f"cost/{stage}/cached") or {}
-    if not cell.get("n") or cell.get("mean") is None:
-        return ""
-    k = round(cell["mean"] * cell["n"])
-    return "" if k == 0 else "cached" if k == cell["n"] else f"cached {k}/{cell['n']}"
-
-
-def _cost_cells(row: Mapping[str, Any]) -> list[str]:
-    cells = []
-    for col in COST_TABLE:
-        text = format_cell(row["metrics"].get(col.key), row["n_seeds"]).replace(" ± 0 ", " ").removesuffix(" ± 0")
-        stage = col.key.split("/")[1] if col.key.count("/") == 2 else None
-        if stage in ("sft", "rm") and (c := _cached_text(row, stage)):
-            text += f" ({c})"
-        cells.append(text)
-    return cells
-
-
-def _bound(x: float | None, digits: int = 3) -> str:
-    return "—" if x is None else f"{x:+.{digits}f}"
-
-
-def _p_text(p: float | None) -> str:
-    """Three significant digits below 0.1 (so 0.0498 never reads as "0.050"), else two decimals."""
-    return "—" if p is None else f"{p:.3g}" if p < 0.1 else f"{p:.2f}"
-
-
-def _interval(lo: float | None, hi: float | None, digits: int = 3) -> str:
-    return "—" if lo is None or hi is None else f"[{_bound(lo, digits)}, {_bound(hi, digits)}]"
-
-
-def _paired_cells(c: Mapping[str, Any]) -> list[str]:
-    if c["mean_diff"] is None:
-        return [f"{c['a']} − {c['b']}", "—", "—", "—", "—", "—", "—", "—", "0", "0",
-                f"skipped: {c['skipped']}"]
-    mark = " ✓" if c["significant"] else ""
-    poi = "—" if c.get("poi") is None else (
-        f"{c['poi']:.2f} [{c['poi_lo']:.2f}, {c['poi_hi']:.2f}]")
-    return [f"{c['a']} − {c['b']}", _bound(c["mean_diff"]), _interval(c.get("t_lo"), c.get("t_hi")),
-            _p_text(c.get("t_p")) + mark, poi, _interval(c["ci_lo"], c["ci_hi"]), _p_text(c["p"]),
-            _p_text(c["sign_flip_p"]), str(c["n_seeds"]), str(c["n_prompts"]), c["skipped"] or ""]
-
-
-PAIRED_HEAD = ("A − B", "Δ gold", "95% interval", "p", "P(A > B)", "bootstrap 95%", "bootstrap p",
-               "sign-flip p", "seeds", "prompts", "note")
-
-
-def footer_lines(cols: Sequence[Column], rows: Sequence[Mapping[str, Any]] = (), n_boot: int = 10_000,
-                 seed: int = 0) -> list[str]:
-    """The footer: how cells are computed, every shown column's label, metric key and definition,
-    the seeds column, and the paired test's method."""
-    lines = [
-        "Cells: mean ± half-width of the 95% confidence interval over distinct seeds, Student-t: "
-        "mean ± t(0.975, n−1)·s/√n with s the sample standard deviation (ddof=1); rounded so the "
-        "half-width keeps two significant digits. A bare number is a single seed (no interval); (n=k): "
-        "only k seeds reported the metric. The CSV has every metric at full precision (mean, std, ci_lo, "
-        "ci_hi, n).",
-        f"track: {TRACK_NOTE}.",
-        "β, lr: the method's KL coefficient (config.method.beta; config.method.kl_coef in PPO records "
-        "written before the rename) and learning rate (config.method.optim.lr) of the rows' runs.",
-    ]
-    for col in cols:
-        key = col.key
-        if col.pattern:
-            concrete = sorted({k for r in rows if (k := col.resolve(r))})
-            if concrete:
-                key += " (here: " + ", ".join(concrete) + ")"
-        lines.append(f"{col.label}: {key}: {col.definition}.")
-    lines += [
-        "seeds: distinct seeds of ok runs; repeated records of one seed are one sample, the latest by "
-        "created (‡k dup: k older records dropped); +k failed: seeds whose run failed, excluded from "
-        "every mean.",
-        "A seed's score is its mean gold reward over the held-out prompts (with a 0/1 reward, the "
-        "share of the prompts it answers right); the seeds are the replicates, the prompts a second "
-        "level under them.",
-        f"Paired differences: Δ gold = mean over seeds s and held-out prompts i of gold_A[s,i] − gold_B[s,i], "
-        "over the seeds both methods ran on the same prompts (equal per_prompt.prompts_sha256). 95% interval "
-        "and p: the paired t-test of the per-seed differences D_s (Student-t, S − 1 degrees of freedom), "
-        "calibrated at any number of seeds when the D_s are roughly normal; ✓: p < 0.05, the only "
-        "statistic that decides a difference. P(A > B): the share of (seed of A, seed of B) pairs where "
-        "A scores higher, ties half (Agarwal et al. 2021), with a stratified bootstrap 95% interval "
-        f"({SEED_BOOT} replicates, each method's seeds resampled on their own). Bootstrap 95% and p: the "
-        f"two-level paired bootstrap (B = {n_boot}: seeds with replacement, then prompts within each seed, "
-        f"the same prompts for both methods; numpy seed {seed}), p = min(1, 2·min(P(Δ*≤0), P(Δ*≥0))) "
-        "with P = (1 + count)/(B + 1): it sees only S seed values and is too narrow at 3 seeds, so it "
-        "decides nothing. Sign-flip p: exact permutation test of the per-seed differences (its smallest "
-        "value is 2/2^S: 0.25 with 3 seeds).",
-    ]
-    return lines
-
-
-
-
 def _by_cell(paired: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str, str], list[Mapping[str, Any]]]:
     out: dict[tuple[str, str, str, str], list[Mapping[str, Any]]] = {}
     for c in paired:
@@ -227,7 +95,7 @@ def _by_cell(paired: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str, s
 def _difference(c: Mapping[str, Any]) -> str:
     """``"GRPO − PPO +0.012 [−0.030, +0.054], P(GRPO > PPO) = 0.56, 3 seeds"``."""
     a, b = c["a"].upper(), c["b"].upper()
-    text = f"{a} − {b} {_bound(c['mean_diff'])} {_interval(c.get('t_lo'), c.get('t_hi'))}"
+    text = f"{a} − {b} {bound(c['mean_diff'])} {interval(c.get('t_lo'), c.get('t_hi'))}"
     if c.get("poi") is not None:
         text += f", P({a} > {b}) = {c['poi']:.2f}"
     return text + f", {c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''}"
@@ -267,7 +135,7 @@ def main_cells(row: Mapping[str, Any], cols: Sequence[Column]) -> list[Cell]:
     half-width, sortable by the mean), the seeds and the status."""
     failed = row["status"] == "failed"
     cells = [Cell(str(row[k])) for k in KEY_COLUMNS]
-    cells += [Cell(_setting(row["beta"])), Cell(_setting(row["lr"]))]
+    cells += [Cell(setting_text(row["beta"])), Cell(setting_text(row["lr"]))]
     for col in cols:
         key = col.resolve(row)
         mean = None if failed or key is None else mean_of(row, key)
@@ -279,8 +147,8 @@ def main_cells(row: Mapping[str, Any], cols: Sequence[Column]) -> list[Cell]:
             text = "failed" if failed else format_cell(cell, row["n_seeds"])
         tip = f"{key or col.key}" + (f" (n={row['metrics'][key]['n']})" if mean is not None else "")
         cells.append(Cell(text, "num", "" if mean is None else repr(mean), tip))
-    cells.append(Cell(_seeds_text(row), "num", str(row["n_seeds"])))
-    cells.append(Cell(_status_text(row), "wrap", tip=_status_text(row, limit=None)))
+    cells.append(Cell(seeds_text(row), "num", str(row["n_seeds"])))
+    cells.append(Cell(status_text(row), "wrap", tip=status_text(row, limit=None)))
     return cells
 
 
@@ -302,7 +170,7 @@ def main_table(rows: Sequence[Mapping[str, Any]], cols: Sequence[Column]) -> Tab
 def paired_table(items: Sequence[Mapping[str, Any]], caption: tuple[str, str]) -> Table:
     rows = []
     for c in items:
-        cells = _paired_cells(c)
+        cells = paired_cells(c)
         rows.append([Cell(cells[0]), *(Cell(x, "num") for x in cells[1:-1]), Cell(cells[-1], "wrap")])
     return Table(list(PAIRED_HEAD), list(PAIRED_TIPS), rows,
                  ["sig" if c["significant"] else "" for c in items],
@@ -310,7 +178,7 @@ def paired_table(items: Sequence[Mapping[str, Any]], caption: tuple[str, str]) -
 
 
 def cost_table(rows: Sequence[Mapping[str, Any]]) -> Table:
-    body = [[*(Cell(str(r[k])) for k in KEY_COLUMNS), *(Cell(x, "num") for x in _cost_cells(r))]
+    body = [[*(Cell(str(r[k])) for k in KEY_COLUMNS), *(Cell(x, "num") for x in cost_cells(r))]
             for r in rows]
     return Table([*KEY_COLUMNS, *(c.label for c in COST_TABLE)],
                  [*(KEY_TIPS[k] for k in KEY_COLUMNS), *(f"{c.key}: {c.definition}" for c in COST_TABLE)],
@@ -371,4 +239,4 @@ def page_title(rows: Sequence[Mapping[str, Any]], title: str | None) -> str:
     return title or default_title(rows)
 
 
-__all__ = ["Cell", "Section", "Table", "format_cell", "footer_lines", "page_title", "sections"]
+__all__ = ["Cell", "Section", "Table", "answer", "page_title", "sections"]
