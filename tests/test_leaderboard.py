@@ -547,12 +547,13 @@ def test_plots_with_beta_grid_and_new_history(tmp_path: Path) -> None:
                                 config={"method": {"kl_coef": beta, "optim": {"lr": 1e-4}}}))
     for fn in (plot_reward_kl, plot_training_curves):
         assert fn(recs, tmp_path / f"{fn.__name__}.png").read_bytes().startswith(PNG_MAGIC)
-    from harness.evaluation.plots import _frontier_points, _split, ema, ema_alpha
+    from harness.evaluation.plots import _frontier_points, ema, ema_alpha, split_of
 
     points = _frontier_points([r for r in recs if r["model"] == "moe_small"])
     assert [p["beta"] for p in points] == [0.5, 0.1, 0.05]  # sorted by KL: 2, 10, 20
     assert all(p["n"] == 2 for p in points)
-    assert _split(recs[0]) == "split not recorded" and _split({"per_prompt": {"split": "validation"}}) == "validation"
+    assert split_of(recs[0]) == "split not recorded"
+    assert split_of({"per_prompt": {"split": "validation"}}) == "validation"
     assert ema([1.0, 0.0, 0.0], alpha=0.5) == [1.0, 0.5, 0.25]
     assert (ema_alpha(10), ema_alpha(200), ema_alpha(2)) == (0.5, 0.1, 0.6)
 
@@ -566,7 +567,7 @@ def test_build_leaderboard(records: list[dict], tmp_path: Path) -> None:
                               screenshot=False, note="β and lr tuned on the validation split")
     assert {p.name for p in paths.values()} == {
         "leaderboard.md", "leaderboard.csv", "leaderboard_paired.csv", "leaderboard.html", "reward_kl.png",
-        "training_curves.png"}
+        "seeds.png", "overoptimisation.png", "training_curves.png"}
     assert all(p.is_file() and p.parent == tmp_path / "results" for p in paths.values())
     md = paths["markdown"].read_text()
     assert "`python -m harness -m x=1`" in md and "python -m harness.leaderboard" in md
@@ -863,3 +864,25 @@ def test_the_answer_is_written_from_the_comparisons() -> None:
             "GRPO − RLOO +0.500 [-0.121, +1.121], P(GRPO > RLOO) = 1.00, 3 seeds; "
             "PPO − RLOO +0.000 [-0.621, +0.621], P(PPO > RLOO) = 0.50, 3 seeds.") in md
     assert "RLOO − PPO" not in md  # each pair once
+
+
+def test_the_seed_strips_and_the_overoptimisation_figure(tmp_path: Path) -> None:
+    from harness.evaluation.seed_figures import (
+        overoptimisation_points,
+        plot_overoptimisation,
+        plot_seed_strips,
+    )
+
+    hist = {"eval/gold_reward": [[0, 0.6, 0, 0], [10, 0.7, 1, 1], [20, 0.5, 2, 2]],
+            "train/kl": [[k, 0.5 * k] for k in range(21)]}
+    recs = [rec("grpo", s, {"eval/gold_reward": 0.4, "eval/kl": 12.0, "eval/ref_gold_reward": 0.6},
+                reward_source="rm", history=hist) for s in range(3)]
+    # the run's end, then its curve over training at the KL of the nearest logged step
+    assert overoptimisation_points(recs[0]) == [(12.0, pytest.approx(-0.2)), (5.0, pytest.approx(0.1)),
+                                                (10.0, pytest.approx(-0.1))]
+    path, fits = plot_overoptimisation(recs, tmp_path / "o.png")
+    assert path.read_bytes().startswith(PNG_MAGIC) and ("llama_small", "toy", "grpo") in fits
+    assert plot_seed_strips(recs + [rec("sft", 0, {"eval/gold_reward": 0.6})],
+                            tmp_path / "s.png").read_bytes().startswith(PNG_MAGIC)
+    for fn in (plot_seed_strips, lambda r, p: plot_overoptimisation(r, p)[0]):  # nothing to draw
+        assert fn([], tmp_path / "empty.png").read_bytes().startswith(PNG_MAGIC)

@@ -1,8 +1,9 @@
 """The leaderboard's figures (matplotlib, Agg, no pyplot state): a pure function of run records.
 
-* :func:`plot_reward_kl` — the reward–KL frontier: per (model, dataset) a panel; per method a
-  curve over its KL-coefficient values (β), each point the mean over seeds of ``eval/gold_reward``
-  against ``eval/kl`` with Student-t 95 % error bars; the SFT reference as a dashed line.
+* :func:`plot_reward_kl` — the reward–KL frontier: per (model, dataset, track) a panel; per method
+  a line over its KL-coefficient values (β), each point the mean over seeds of
+  ``eval/gold_reward`` against ``eval/kl`` with Student-t 95 % error bars; test split only; the
+  SFT reference as a dashed line.
 * :func:`plot_training_curves` — per (model, dataset) a row of three panels: held-out gold reward
   (history ``eval/gold_reward``) against trained tokens, sequence-level ``train/kl``, and the
   reward model's scores (``train/reward`` of runs whose ``reward_source`` is ``"rm"``) on an axis
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.atomic import write_bytes
-from harness.evaluation.records import finite
+from harness.evaluation.records import finite, track_of
 from harness.evaluation.stats import distinct_seeds, kl_coefficient, learning_rate, summarize
 
 __all__ = ["EMA_ALPHA", "ema", "ema_alpha", "history_points", "plot_reward_kl", "plot_training_curves"]
@@ -34,7 +35,7 @@ def ema_alpha(n: int) -> float:
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
-def _new_figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> tuple[Any, list[list[Any]]]:
+def new_figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> tuple[Any, list[list[Any]]]:
     """A pyplot-free Agg figure (no global backend state: safe in libraries and threads)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -45,20 +46,20 @@ def _new_figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> 
     return fig, [list(r) for r in axes]
 
 
-def _save(fig: Any, path: Path | str) -> Path:
+def save_png(fig: Any, path: Path | str) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return write_bytes(path, buf.getvalue())
 
 
-def _style(methods: Iterable[str]) -> dict[str, tuple[Any, str]]:
+def method_style(methods: Iterable[str]) -> dict[str, tuple[Any, str]]:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]
     return {m: (cmap(i % 10), _MARKERS[i % len(_MARKERS)]) for i, m in enumerate(sorted(set(methods)))}
 
 
-def _note(ax: Any, text: str) -> None:
+def note_on(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#666", wrap=True)
 
 
@@ -76,90 +77,96 @@ def _fmt(x: float | None) -> str:
 
 
 # --------------------------------------------------------------------------- reward–KL
-def plot_reward_kl(records: Iterable[Mapping[str, Any]], path: Path | str) -> Path:
-    """The reward–KL frontier, one panel per (model, dataset) (points of different models or
-    datasets are never joined).
+def robust_limit(values: Sequence[float], factor: float = 3.0) -> float:
+    """The axis end that one outlier cannot stretch: the largest value not beyond ``factor`` times
+    the median (a β = 0 run at KL 20 beside the rest below 3 would squash them all at the left)."""
+    vals = sorted(v for v in values if finite(v))
+    if not vals:
+        return 1.0
+    median = vals[len(vals) // 2] if len(vals) % 2 else 0.5 * (vals[len(vals) // 2 - 1] + vals[len(vals) // 2])
+    kept = [v for v in vals if v <= factor * max(median, 1e-9)]
+    return max(kept) if kept else vals[-1]
 
-    In a panel, one curve per method (per method and learning rate when the records hold several
-    learning rates of it, and per held-out split: points measured on the validation split — the
-    tuning sweep's — are drawn hollow on a dashed line and never joined to test-split points): at
-    each KL coefficient β (``config.method.beta``; ``kl_coef`` in older PPO records) the
-    point (mean eval/kl, mean eval/gold_reward) over distinct seeds, with Student-t 95 % error bars
-    on both, the points sorted by KL and joined, each labelled with its β. Records of every group
-    are used (tuning sweeps supply the β grid). The SFT reference (mean ``eval/ref_gold_reward``)
-    is a dashed horizontal line per split, the task's ceiling (``eval/gold_max``) a dotted one. The
-    axes span the points and those lines (:func:`_fit_axes`). With no usable record the figure
-    says so.
-    """
-    panels = {}
-    for key, recs in _panels(records).items():
-        usable = [r for r in recs if finite((r.get("metrics") or {}).get("eval/kl"))
-                  and finite((r.get("metrics") or {}).get("eval/gold_reward"))]
-        if usable:
-            panels[key] = (usable, recs)
+
+def plot_reward_kl(records: Iterable[Mapping[str, Any]], path: Path | str) -> Path:
+    """The reward–KL frontier as in the DPO paper's Figure 2: one panel per (model, dataset,
+    track) — methods that learn from different information never share one — and per method one
+    line over its KL coefficients β (``config.method.beta``; ``kl_coef`` in older PPO records),
+    one per learning rate where it ran several:
+    at each β the mean over distinct seeds of (``eval/kl``, ``eval/gold_reward``) with Student-t
+    95 % error bars, joined in order of KL. Test split only (records that do not say their split
+    count as test: they predate the validation split). Methods are named in the legend (with
+    their β range), never on the points. The KL axis ends where one outlier cannot stretch it
+    (:func:`robust_limit`); a point beyond is drawn at the edge as a ▶ and its KL given in the
+    legend. The SFT reference is a dashed line, the task's ceiling a dotted one."""
+    panels: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for (model, dataset), recs in _panels(records).items():
+        for r in recs:
+            m = r.get("metrics") or {}
+            if split_of(r) != "validation" and finite(m.get("eval/kl")) and finite(m.get("eval/gold_reward")):
+                panels.setdefault((model, dataset, track_of(r) or "no track"), []).append(r)
+    panels = dict(sorted(panels.items()))
     n = max(1, len(panels))
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
-    fig, axes = _new_figure(4.6 * ncols + 0.4, 4.6 * nrows, nrows, ncols)
+    fig, axes = new_figure(4.8 * ncols + 0.4, 4.4 * nrows, nrows, ncols)
     flat = [ax for row in axes for ax in row]
     if not panels:
         flat[0].set_title("Reward–KL frontier")
-        _note(flat[0], "no ok runs with eval/kl and eval/gold_reward")
-        return _save(fig, path)
-    style = _style(str(r.get("method")) for usable, _ in panels.values() for r in usable)
-    for ax, ((model, dataset), (usable, recs)) in zip(flat, panels.items(), strict=False):
-        ax.set_title(f"{model} · {dataset}", fontsize="medium")
+        note_on(flat[0], "no ok runs with eval/kl and eval/gold_reward on the test split")
+        return save_png(fig, path)
+    style = method_style(str(r.get("method")) for recs in panels.values() for r in recs)
+    for ax, ((model, dataset, track), recs) in zip(flat, panels.items(), strict=False):
+        ax.set_title(f"{model} · {dataset} · {track} track", fontsize="medium")
         ax.set_xlabel("KL(policy ‖ SFT) per sequence, nats  [eval/kl]")
         ax.set_ylabel("held-out gold reward  [eval/gold_reward]")
-        by_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-        for r in usable:
-            by_method[str(r.get("method"))].append(r)
-        several_splits = len({_split(r) for r in usable}) > 1
-        span_x: list[float] = []
-        span_y: list[float] = []
-        for method, mrecs in sorted(by_method.items()):
-            color, marker = style[method]
+        curves = {}  # per method, and per learning rate where the records hold several
+        for method in sorted({str(r.get("method")) for r in recs}):
+            mrecs = [r for r in recs if str(r.get("method")) == method]
             lrs = sorted({learning_rate(r) for r in mrecs}, key=lambda x: (x is None, x or 0.0))
-            splits = sorted({_split(r) for r in mrecs}, key=_split_order)
             for lr in lrs:
-                for split in splits:
-                    curve = _frontier_points([r for r in mrecs if learning_rate(r) == lr and _split(r) == split])
-                    if not curve:
-                        continue
-                    label = method if len(lrs) == 1 else f"{method} lr={_fmt(lr)}"
-                    label += f" ({split})" if several_splits else ""
-                    held_out = split != "validation"
-                    xs, ys = [p["kl"] for p in curve], [p["gold"] for p in curve]
-                    span_x += xs
-                    span_y += ys
-                    ax.errorbar(xs, ys, xerr=[p["kl_err"] for p in curve], yerr=[p["gold_err"] for p in curve],
-                                color=color, marker=marker, markersize=5, linewidth=1.4, capsize=2,
-                                elinewidth=0.8, label=label, linestyle="-" if held_out else "--",
-                                markerfacecolor=color if held_out else "white")
-                    for p in curve:
-                        ax.annotate(f"β={_fmt(p['beta'])}" + (f" (n={p['n']})" if p["n"] < 2 else ""),
-                                    (p["kl"], p["gold"]), textcoords="offset points", xytext=(4, 4),
-                                    fontsize=7, color=color)
-        for split in sorted({_split(r) for r in recs}, key=_split_order):
-            refs = [float(r["metrics"]["eval/ref_gold_reward"]) for r in distinct_seeds(
-                [r for r in recs if _split(r) == split
-                 and finite((r.get("metrics") or {}).get("eval/ref_gold_reward"))])[0]]
-            if refs:
-                span_y.append(sum(refs) / len(refs))
-                ax.axhline(sum(refs) / len(refs), color="grey", linewidth=1,
-                           linestyle="--" if split != "validation" else (0, (1, 3)),
-                           label=f"SFT reference{f' ({split})' if several_splits else ''}, {len(refs)} seeds")
+                name = method if len(lrs) == 1 else f"{method} lr={_fmt(lr)}"
+                curves[(method, name)] = _frontier_points([r for r in mrecs if learning_rate(r) == lr])
+        right = 1.05 * robust_limit([p["kl"] for c in curves.values() for p in c])
+        span_y: list[float] = []
+        for (method, name), curve in curves.items():
+            color, marker = style[method]
+            betas = sorted(p["beta"] for p in curve if p["beta"] is not None)
+            label = name + (f" (β {_fmt(betas[0])})" if len(betas) == 1 else
+                              f" (β {_fmt(betas[0])}–{_fmt(betas[-1])})" if betas else "")
+            inside = [p for p in curve if p["kl"] <= right]
+            beyond = [p for p in curve if p["kl"] > right]
+            if beyond:
+                label += "; beyond the axis: KL " + ", ".join(f"{p['kl']:.1f}" for p in beyond)
+            xs = [min(p["kl"], right) for p in curve]
+            ys = [p["gold"] for p in curve]
+            span_y += ys
+            ax.plot(xs, ys, color=color, linewidth=1.4, label=label)
+            ax.errorbar([p["kl"] for p in inside], [p["gold"] for p in inside],
+                        xerr=[p["kl_err"] for p in inside], yerr=[p["gold_err"] for p in inside],
+                        color=color, marker=marker, markersize=5, linestyle="none", capsize=2,
+                        elinewidth=0.8)
+            if beyond:
+                ax.plot([right] * len(beyond), [p["gold"] for p in beyond], color=color,
+                        marker=">", markersize=7, linestyle="none")
+        refs = [float(r["metrics"]["eval/ref_gold_reward"]) for r in distinct_seeds(
+            [r for r in recs if finite((r.get("metrics") or {}).get("eval/ref_gold_reward"))])[0]]
+        if refs:
+            span_y.append(sum(refs) / len(refs))
+            ax.axhline(sum(refs) / len(refs), color="grey", linewidth=1, linestyle="--",
+                       label=f"SFT reference ({len(refs)} seeds)")
         caps = [float(r["metrics"]["eval/gold_max"]) for r in recs
                 if finite((r.get("metrics") or {}).get("eval/gold_max"))]
         if caps:
             span_y.append(max(caps))
             ax.axhline(max(caps), color="black", linestyle=":", linewidth=0.8, label="ceiling (eval/gold_max)")
-        _fit_axes(ax, span_x, span_y)
+        _fit_axes(ax, [0.0, right], span_y)
+        ax.set_xlim(0.0, right * 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize="x-small", frameon=False)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="x-small", frameon=False)
     for ax in flat[len(panels):]:
         ax.set_visible(False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _fit_axes(ax: Any, xs: Sequence[float], ys: Sequence[float], pad: float = 0.08) -> None:
@@ -175,15 +182,11 @@ def _fit_axes(ax: Any, xs: Sequence[float], ys: Sequence[float], pad: float = 0.
         setter(lo - margin, hi + margin)
 
 
-def _split(record: Mapping[str, Any]) -> str:
+def split_of(record: Mapping[str, Any]) -> str:
     """The held-out split a record's gold reward was measured on (``per_prompt.split``)."""
     per_prompt = record.get("per_prompt")
     split = per_prompt.get("split") if isinstance(per_prompt, Mapping) else None
     return str(split) if split else "split not recorded"
-
-
-def _split_order(split: str) -> tuple[int, str]:
-    return ({"test": 0, "validation": 1}.get(split, 2), split)
 
 
 def _frontier_points(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -257,13 +260,13 @@ def plot_training_curves(records: Iterable[Mapping[str, Any]], path: Path | str)
     """
     panels = _panels(records)
     nrows = max(1, len(panels))
-    fig, axes = _new_figure(15, 3.6 * nrows, nrows, 3)
+    fig, axes = new_figure(15, 3.6 * nrows, nrows, 3)
     if not panels:
         for ax, (key, title, _) in zip(axes[0], _PANELS, strict=True):
             ax.set_title(title, fontsize="small")
-            _note(ax, f"no {key} history in the run records")
-        return _save(fig, path)
-    style = _style(str(r.get("method")) for recs in panels.values() for r in recs)
+            note_on(ax, f"no {key} history in the run records")
+        return save_png(fig, path)
+    style = method_style(str(r.get("method")) for recs in panels.values() for r in recs)
     for row_axes, ((model, dataset), recs) in zip(axes, panels.items(), strict=True):
         by_series: dict[tuple[str, float | None], list[Mapping[str, Any]]] = defaultdict(list)
         for r in recs:
@@ -285,7 +288,7 @@ def plot_training_curves(records: Iterable[Mapping[str, Any]], path: Path | str)
                 len(p) >= 3 for runs in curves.values() for s in runs for p in s)
             ax.set_xlabel("trained tokens" if use_tokens else "step")
             if not curves:
-                _note(ax, f"no {key} history" + (f" with reward_source={source}" if source else ""))
+                note_on(ax, f"no {key} history" + (f" with reward_source={source}" if source else ""))
                 continue
             for (method, label), runs in curves.items():
                 color, _ = style[method]
@@ -295,4 +298,4 @@ def plot_training_curves(records: Iterable[Mapping[str, Any]], path: Path | str)
                         label=f"{label} ({len(runs)} seeds)")
             ax.grid(alpha=0.3)
             ax.legend(loc="best", fontsize="x-small")
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -23,6 +23,7 @@ from harness.evaluation.leaderboard.render import render_html, render_markdown, 
 from harness.evaluation.leaderboard.table import build_table, group_names, select_group
 from harness.evaluation.plots import plot_reward_kl, plot_training_curves
 from harness.evaluation.records import load_records
+from harness.evaluation.seed_figures import plot_overoptimisation, plot_seed_strips
 
 SCREENSHOT_WIDTH = 1400
 
@@ -115,9 +116,11 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
                       n_boot: int = 10_000, seed: int = 0) -> dict[str, Path]:
     """Read the records in ``runs_dir`` and write, atomically, into ``out_dir``:
     ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv``, ``leaderboard.html``,
-    ``reward_kl.png``, ``training_curves.png`` and, with ``screenshot`` and Chromium installed,
+    ``reward_kl.png``, ``seeds.png``, ``overoptimisation.png``, ``training_curves.png`` and, with
+    ``screenshot`` and Chromium installed,
     ``leaderboard.png`` (the HTML in a 1,400-pixel window). Returns ``{"markdown", "csv",
-    "paired_csv", "html", "reward_kl", "training_curves"[, "screenshot"]}`` → path.
+    "paired_csv", "html", "reward_kl", "seeds", "overoptimisation", "training_curves"[,
+    "screenshot"]}`` → path.
 
     The tables use the records of ``group`` (comma-separated for several; default: the one given
     last time, else ``"compare"`` when any record has it, else all); the reward–KL plot uses all
@@ -184,10 +187,16 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "reward_kl": plot_reward_kl(all_records, out_dir / "reward_kl.png"),
+        "seeds": plot_seed_strips(records, out_dir / "seeds.png"),
+        "overoptimisation": plot_overoptimisation(all_records, out_dir / "overoptimisation.png")[0],
         "training_curves": plot_training_curves(records, out_dir / "training_curves.png"),
     }
-    plots = {"Reward–KL frontier: mean held-out gold reward vs KL per sequence at each β, 95% intervals "
-             "(all groups)": paths["reward_kl"],
+    plots = {"Seeds: every seed's held-out gold (dots) and the IQM (bar), per track": paths["seeds"],
+             "Reward–KL frontier per track: mean held-out gold vs KL per sequence at each β, 95% "
+             "intervals, test split (all groups)": paths["reward_kl"],
+             "Reward over-optimisation (Gao et al. 2022): gold gain vs √KL of the runs trained on the "
+             "reward model, over β and over training, with the fitted d(α − β log d) (all groups)":
+                 paths["overoptimisation"],
              "Training curves: held-out gold vs trained tokens, train/kl, reward-model score (EMA; raw faint)":
                  paths["training_curves"]}
     paths["markdown"] = write_text(
