@@ -101,6 +101,7 @@ def validate(cfg: DictConfig) -> Settings:
               (("trainer", TrainerConfig), ("logger", LoggerConfig), ("eval", EvalConfig))}
     for g, c in groups.items():
         c.check(g)
+    _check_wandb_key(groups["logger"])
     # the SFT base (every run's start and evaluation length) and the stage the run is for
     own = name if name in stages else "method"
     for section, c in {"sft": stages["sft"], own: stages.get(name, method)}.items():
@@ -122,6 +123,17 @@ def validate(cfg: DictConfig) -> Settings:
                     seed=top.seed, group=top.group, cache_dir=top.cache_dir,
                     force_retrain=top.force_retrain, results_dir=top.results_dir,
                     log_level=top.log_level, skip_done=top.skip_done, **groups)
+
+
+def _check_wandb_key(logger: LoggerConfig) -> None:
+    """W&B online needs a key (``wandb login`` or ``WANDB_API_KEY``): without one it would fail
+    only when the first stage's logger starts, after the data and the tokenizer."""
+    from harness.tracking.wandb_auth import credentials_found, wants_online
+
+    if logger.kind == "wandb" and wants_online(logger.offline) and not credentials_found():
+        raise ConfigError(f"logger.offline={logger.offline!r}: W&B online needs a key: run "
+                          "`wandb login` or set WANDB_API_KEY (or keep logger.offline=true and "
+                          "upload later with `wandb sync`)")
 
 
 def apply_track(cfg: DictConfig, track: str | None) -> None:

@@ -1,9 +1,9 @@
 """Errors of the data layer: bad data fails with a message that says what is wrong and where.
 
 :class:`DataError` is raised for problems with the *data* (a missing column, an empty split, a row
-that cannot be parsed); invalid *configuration* values raise
-:class:`harness.models.architecture.ConfigError` (re-exported here), whose message names the field.
-Both are :class:`ValueError` subclasses.
+that cannot be parsed); invalid *configuration* values raise :class:`ConfigError`, whose message
+names the field. Both live in :mod:`harness.errors` (re-exported here) and are :class:`ValueError`
+subclasses.
 """
 
 from __future__ import annotations
@@ -11,13 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from harness.models.architecture import ConfigError
+from harness.errors import ConfigError, DataError
 
 __all__ = ["ConfigError", "DataError", "config_error", "require_columns", "require_nonempty"]
-
-
-class DataError(ValueError):
-    """The data is unusable (missing column, empty split, unparseable row); the message says why."""
 
 
 def config_error(prefix: str, field: str, value: Any, why: str) -> ConfigError:

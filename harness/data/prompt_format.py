@@ -20,9 +20,9 @@ from typing import Any
 from datasets import Dataset
 
 from harness.data.tasks.base import Task
-from harness.data.templates import alpaca_prompt
+from harness.data.templates import FORMATS, alpaca_prompt
 
-FORMATS = ("auto", "raw", "alpaca", "chat")
+__all__ = ["FORMATS", "FormattedTask", "effective_format", "format_prompt"]
 
 
 def effective_format(fmt: str, tokenizer: Any) -> str:

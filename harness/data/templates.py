@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+FORMATS = ("auto", "raw", "alpaca", "chat")
+"""How prompts reach the model (``dataset.prompt_format``; :mod:`harness.data.prompt_format`)."""
+
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."

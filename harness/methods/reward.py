@@ -262,7 +262,7 @@ def finish_reward_model(rm: ScalarHead, sft: Any, ctx, cfg: RMConfig) -> dict[st
     responses of the SFT policy ``sft`` to training prompts drawn by the seed's ``rm_norm``
     stream), and the SFT policy's own likelihood pair accuracy on the validation pairs the reward
     model was validated on. Returns their metrics."""
-    from harness.evaluation.preference_eval import pair_logps_table, prefers_chosen
+    from harness.methods.dpo import pair_logps_table, prefers_chosen
     from harness.seeding import generator
 
     device = next(rm.parameters()).device

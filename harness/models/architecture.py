@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
+from harness.errors import ConfigError  # re-exported: the models' config errors
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
-
+__all__ = ["ConfigError"]
 
 #: the backbone's linear layers an adapter may target (transformers' Llama names)
 LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -73,7 +73,7 @@ class TaskConfig:
 
     def validate(self) -> None:
         """Check the values; raise :class:`ConfigError` naming the field. Subclasses extend."""
-        from harness.data.prompt_format import FORMATS
+        from harness.data.templates import FORMATS
 
         if self.prompt_format not in FORMATS:
             raise ConfigError(f"dataset.prompt_format={self.prompt_format!r}: must be one of "
