@@ -255,3 +255,20 @@ def test_the_bench_answers_help_without_the_sections_heavy_imports():
                 if line.startswith("import time:")}
     assert proc.returncode == 0 and "--vs-steps" in proc.stdout
     assert "harness.bench.cli" in imported and "lightning" not in imported
+
+
+def test_the_trl_crosscheck_stops_without_trl_and_checks_its_options():
+    import importlib.util
+
+    from harness.bench.crosscheck import main, parse_args
+
+    args = parse_args(["--seeds", "0", "1", "--methods", "dpo"])
+    assert args.seeds == [0, 1] and args.methods == ["dpo"] and args.model == "llama_small"
+    with pytest.raises(SystemExit):
+        parse_args(["--methods", "ppo"])  # PPO is TRL 1.12's, mapped by the bench, not here
+    with pytest.raises(SystemExit):
+        parse_args(["--seeds", "-1"])
+    if importlib.util.find_spec("trl") is not None:
+        pytest.skip("TRL is installed: the cross-check would train")
+    with pytest.raises(SystemExit, match=r"pip install -e '\.\[trl\]'"):
+        main(["--seeds", "0"])
