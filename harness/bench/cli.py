@@ -109,7 +109,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "DIR/cost_curves.{md,json,png}")
     p.add_argument("--vs-steps", nargs="+", default=["grpo", "dpo"], choices=("grpo", "dpo", "ppo"),
                    help="--vs: the steps compared (default grpo dpo; ppo needs TRL 1.12 in an "
-                        "environment of its own, see README)")
+                        "environment of its own, see harness/bench/README.md)")
     p.add_argument("--ppo-prompts", type=int, help="--vs: PPO prompts per step (default 8; quick 2)")
     p.add_argument("--rounds", type=int, help="--vs: interleaved rounds (default 3; quick 1)")
     p.add_argument("--pairs", type=int, help="--vs: DPO pairs per step (default 8; quick 2)")

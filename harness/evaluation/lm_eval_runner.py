@@ -3,7 +3,7 @@
 :func:`run_lm_eval` calls ``lm_eval.simple_evaluate(model="hf", ...)`` on a Hugging Face-format
 checkpoint (what :func:`harness.models.hf.save_checkpoint` writes), with the tasks found in an
 include folder (what :func:`harness.evaluation.tasks.export_task_data` writes) or lm-eval's
-built-in tasks; :func:`lm_eval_command` gives the equivalent ``lm_eval`` command line, for the README
+built-in tasks; :func:`lm_eval_command` gives the equivalent ``lm_eval`` command line, for the docs
 and the leaderboard. lm-eval is imported lazily (importing it takes seconds).
 
 ``add_bos_token`` defaults to False: the harness tasks put the BOS string in their contexts (the

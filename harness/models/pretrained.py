@@ -47,7 +47,7 @@ def package_file(spec: str) -> Path:
     found = importlib.util.find_spec(package) if package else None
     if found is None or not found.submodule_search_locations:
         raise ConfigError(f"model.pretrained={spec!r}: the Python package {package!r} is not "
-                          "installed (README, 'Real models': the command that installs it)")
+                          "installed (conf/README.md, 'Real models': the command that installs it)")
     path = Path(next(iter(found.submodule_search_locations))) / name
     if not path.is_file():
         raise ConfigError(f"model.pretrained={spec!r}: no file {name!r} in {path.parent}")
