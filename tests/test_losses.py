@@ -613,8 +613,8 @@ def _two_rank_statistics(rank: int, init: str, out: str) -> None:
         explained_variance,
         masked_moments,
         masked_whiten,
-        token_normaliser,
     )
+    from harness.methods.reduction import Reduction
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     x, mask, values = _batch()
@@ -623,7 +623,7 @@ def _two_rank_statistics(rank: int, init: str, out: str) -> None:
     # GRPO's token losses (x as the per-token loss): bnpo on the rank's part of one minibatch;
     # dapo over two minibatches of the rank's rows, each divided by the rollout's tokens
     def loss(rows: slice, loss_type: str, rollout_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        mode, n = token_normaliser(loss_type, mask[rows], rollout_tokens, share_per_rank)
+        mode, n = Reduction(sharded=True).normaliser(loss_type, mask[rows], rollout_tokens)
         return aggregate_loss(x[rows], mask[rows], mode, n_active=n)
 
     bnpo = loss(slice(None), "bnpo")
@@ -677,11 +677,12 @@ def test_batch_statistics_over_two_ranks_equal_those_of_the_whole_batch(two_rank
 
 
 def test_grpo_token_losses_over_two_ranks_average_to_the_global_token_mean(two_rank_parts):
-    """GRPO bnpo and dapo under DDP (token_normaliser with share = share_per_rank), on 2 gloo ranks
+    """GRPO bnpo and dapo under DDP (Reduction(sharded=True).normaliser), on 2 gloo ranks
     whose rows hold different numbers of valid tokens (rank 0: 6, rank 1: 9): DDP's mean of the
     ranks' losses is the whole batch's token mean sum(m l) / sum(m) = 55.7196 / 15, which the mean
     of the ranks' own token means is not."""
-    from harness.methods.losses import aggregate_loss, token_normaliser
+    from harness.methods.losses import aggregate_loss
+    from harness.methods.reduction import Reduction
 
     x, mask, _ = _batch()
     parts = two_rank_parts
@@ -694,5 +695,6 @@ def test_grpo_token_losses_over_two_ranks_average_to_the_global_token_mean(two_r
     own = (aggregate_loss(x[:2], mask[:2], "bnpo") + aggregate_loss(x[2:], mask[2:], "bnpo")) / 2
     assert abs(float(own) - whole) > 0.1
     # one process: nothing to share; the modes pass through (grpo and dr_grpo are global as is)
-    assert token_normaliser("bnpo", mask) == ("bnpo", None)
-    assert token_normaliser("grpo", mask, torch.tensor(3.0), lambda n: n) == ("grpo", None)
+    assert Reduction().normaliser("bnpo", mask) == ("bnpo", None)
+    assert Reduction(sharded=True).normaliser("grpo", mask, torch.tensor(3.0)) == ("grpo", None)
+    assert Reduction().share(torch.tensor(7.0)) == 7.0 and Reduction().sum_fn is None

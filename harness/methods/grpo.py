@@ -13,14 +13,12 @@ and TRL; dr_grpo: over B x max_new_tokens).
 
 from __future__ import annotations
 
-from harness.distributed import share_per_rank
 from harness.methods.config import GRPOConfig
 from harness.methods.losses import (
     aggregate_loss,
     group_relative_advantages,
     kl_k3,
     ppo_clipped_surrogate,
-    token_normaliser,
 )
 from harness.methods.rl_base import GroupModule, GroupStage
 
@@ -34,16 +32,14 @@ class GRPOModule(GroupModule):
         cfg = self.cfg
         ro = self.group_rollout(batch)
         adv = group_relative_advantages(ro.scores, cfg.group_size, scale_rewards=cfg.scale_rewards)
-        # dapo: every minibatch divides by the active tokens of the whole rollout batch; under DDP
-        # the global batch's, over the world size, since DDP averages the ranks' gradients
-        n_active = share_per_rank(ro.mask.sum()) if cfg.loss_type == "dapo" else None
-
-        sharded = self.ranks() is not None
+        reduction = self.reduction
+        # dapo: every minibatch divides by the active tokens of the whole rollout batch (under
+        # DDP the global batch's, over the world size)
+        n_active = reduction.share(ro.mask.sum()) if cfg.loss_type == "dapo" else None
 
         def policy_loss(idx, logp, mask):
             a = adv[idx, None].expand_as(logp)
-            agg, n = token_normaliser(cfg.loss_type, mask, n_active,
-                                      share_per_rank if sharded else None)
+            agg, n = reduction.normaliser(cfg.loss_type, mask, n_active)
             pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], a, mask, cfg.clip_eps,
                                               cfg.clip_eps_high, aggregation=agg,
                                               max_len=cfg.rollout.max_new_tokens, n_active=n)
@@ -55,7 +51,7 @@ class GRPOModule(GroupModule):
             stats.update(kl_k3_per_token=kl.detach())
             return pg + cfg.beta * kl, stats
 
-        self.update(ro, adv, batch_idx, policy_loss)
+        self.policy_update(ro, adv, batch_idx, policy_loss)
 
 
 class GRPOStage(GroupStage):

@@ -387,28 +387,6 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, mode: str, max_len: int | No
     return masked_sum(per_token, mask) / (per_token.shape[0] * length)
 
 
-def token_normaliser(loss_type: str, mask: Tensor, rollout_tokens: Tensor | None = None,
-                     share: Callable[[Tensor], Tensor] | None = None) -> tuple[str, Tensor | None]:
-    """The :func:`aggregate_loss` mode and ``n_active`` for GRPO's ``loss_type`` on one minibatch
-    (``mask`` [B, T] of this process's rows).
-
-    - ``dapo``: ``("dapo", rollout_tokens)``, the valid tokens of the whole rollout batch (under
-      DDP already shared per rank by the caller: the global count over the world size).
-    - ``bnpo`` with ``share`` (under DDP, ``share`` = ``harness.distributed.share_per_rank``):
-      ``("dapo", share(mask.sum()))``. Each rank divides its token-loss sum by the global
-      minibatch's token count over the world size W, so DDP's mean of the ranks' gradients is the
-      gradient of the *global* minibatch's token mean ``sum l / sum m``; a rank's own token mean
-      would weight a rank of short responses like one of long responses.
-    - otherwise ``(loss_type, None)``: ``grpo`` (a mean of per-sequence means) and ``dr_grpo``
-      (``/ (B * max_len)``) are already global under DDP's average, every rank holding B rows.
-    """
-    if loss_type == "dapo":
-        return "dapo", rollout_tokens
-    if loss_type == "bnpo" and share is not None:
-        return "dapo", share(mask.sum())
-    return loss_type, None
-
-
 def ppo_clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                           clip_eps: float, clip_eps_high: float | None = None,
                           aggregation: str = "token", max_len: int | None = None,

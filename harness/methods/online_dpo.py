@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from harness.distributed import share_per_rank
 from harness.methods.config import OnlineDPOConfig
 from harness.methods.losses import dpo_loss, online_pairs, pairwise_accuracy
 from harness.methods.rl_base import GroupModule, GroupStage
@@ -34,43 +33,38 @@ class OnlineDPOModule(GroupModule):
         ro = self.group_rollout(batch)
         chosen, rejected, valid = online_pairs(ro.scores, cfg.group_size)
         valid = valid.float()
-        sharded = self.ranks() is not None
+        reduction = self.reduction
         ref = (ro.ref_logp * ro.mask).sum(-1)  # [B] sequence log-probs under the reference
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        stats_acc: dict[str, list[torch.Tensor]] = {}
-        for _ in range(cfg.update_epochs):
-            for idx in minibatches(len(chosen), cfg.minibatch_size, self.generator):
-                w = valid[idx]
-                # the minibatch's pairs (the global minibatch's under DDP, whose ranks average
-                # their gradients: each divides its sum by the global count over the world size)
-                n = share_per_rank(w.sum()) if sharded else w.sum()
-                if not n > 0:  # only ties: no preference to learn from (every rank agrees)
-                    sched.step()
-                    continue
-                rows = torch.cat((chosen[idx], rejected[idx]))
-                with self.region("forward"):
-                    logp, _, aux = response_logprobs(self.policy, ro.input_ids[rows],
-                                                     ro.attention_mask[rows], ro.prompt_len,
-                                                     cfg.rollout.temperature)
-                    seq = (logp * ro.mask[rows]).sum(-1)
-                    b = len(idx)
-                    losses, rc, rr = dpo_loss(seq[:b], seq[b:], ref[chosen[idx]],
-                                              ref[rejected[idx]], cfg.beta, cfg.label_smoothing,
-                                              cfg.loss_type)
-                    loss = self.checked("train/loss", (losses * w).sum() / n + aux)
-                self.step(loss, (opt, sched, cfg.optim))
-                self.tokens_trained += int(ro.attention_mask[rows].sum())
-                kept = w.bool()
-                self.pairs_seen += int(kept.sum())
-                if kept.any():
-                    self.accumulate(stats_acc, {
-                        "loss": loss.detach(), "rewards_chosen": rc[kept].mean(),
-                        "rewards_rejected": rr[kept].mean(),
-                        "rewards_margin": (rc - rr)[kept].mean(),
-                        "rewards_acc": pairwise_accuracy(rc[kept], rr[kept]),
-                        "moe_aux_loss": aux.detach()})
-        stats_acc["pair_frac"] = [valid.mean()]
-        self.log_rollout(ro, None, stats_acc, batch_idx)
+
+        def minibatch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
+            w = valid[idx]
+            # the minibatch's pairs (the global minibatch's under DDP, whose ranks average their
+            # gradients: each divides its sum by the global count over the world size)
+            n = reduction.share(w.sum())
+            if not n > 0:  # only ties: no preference to learn from (every rank agrees)
+                return None
+            rows = torch.cat((chosen[idx], rejected[idx]))
+            logp, _, aux = response_logprobs(self.policy, ro.input_ids[rows],
+                                             ro.attention_mask[rows], ro.prompt_len,
+                                             cfg.rollout.temperature)
+            seq = (logp * ro.mask[rows]).sum(-1)
+            b = len(idx)
+            losses, rc, rr = dpo_loss(seq[:b], seq[b:], ref[chosen[idx]], ref[rejected[idx]],
+                                      cfg.beta, cfg.label_smoothing, cfg.loss_type)
+            self.tokens_trained += int(ro.attention_mask[rows].sum())
+            kept = w.bool()
+            self.pairs_seen += int(kept.sum())
+            stats = {"moe_aux_loss": aux.detach()}
+            if kept.any():
+                stats.update(rewards_chosen=rc[kept].mean(), rewards_rejected=rr[kept].mean(),
+                             rewards_margin=(rc - rr)[kept].mean(),
+                             rewards_acc=pairwise_accuracy(rc[kept], rr[kept]))
+            return (losses * w).sum() / n + aux, stats
+
+        self.update(ro, None, batch_idx, minibatch_loss,
+                    lambda: minibatches(len(chosen), cfg.minibatch_size, self.generator),
+                    cfg.update_epochs, (self.optimizers(), self.lr_schedulers(), cfg.optim),
+                    extra={"pair_frac": [valid.mean()]})
 
 
 class OnlineDPOStage(GroupStage):

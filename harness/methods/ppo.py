@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import torch
 
-from harness.distributed import all_reduce_sum, share_per_rank, world_size
+from harness.distributed import world_size
 from harness.methods.config import PPOConfig, planned_budget
 from harness.methods.losses import (
     adaptive_kl_coef,
@@ -32,7 +32,6 @@ from harness.methods.losses import (
     masked_sum,
     masked_whiten,
     ppo_clipped_surrogate,
-    token_normaliser,
 )
 from harness.methods.optim import build_optimizer
 from harness.methods.rl_base import OnPolicyModule, OnPolicyStage
@@ -85,51 +84,47 @@ class PPOModule(OnPolicyModule):
             adv, returns = gae_advantages(rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
             # under DDP: statistics and token counts of the global batch (every rank holds a
             # part), so a run on W ranks updates as the one-rank run at the same global batch
-            sum_fn = all_reduce_sum if self.ranks() is not None else None
+            reduction = self.reduction
             if cfg.whiten_advantages:
-                adv = masked_whiten(adv, ro.mask, sum_fn=sum_fn)
+                adv = masked_whiten(adv, ro.mask, sum_fn=reduction.sum_fn)
+
+        def minibatch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            mask = ro.mask[idx]
+            # without a bonus (ent_coef 0) the entropy is logged only: no gradient through it,
+            # which would add exact zeros to the logits' gradient
+            logp, ent, aux_p = response_logprobs(
+                self.policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len,
+                cfg.rollout.temperature, with_entropy=True, entropy_grad=cfg.ent_coef > 0)
+            # token means over the minibatch (under DDP the global minibatch's tokens over the
+            # world size: the ranks' k-th minibatches form it)
+            agg, n_tok = reduction.normaliser("bnpo", mask)
+            pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], adv[idx], mask,
+                                              cfg.clip_eps, aggregation=agg, n_active=n_tok)
+            entropy = masked_mean(ent, mask) if n_tok is None else masked_sum(ent, mask) / n_tok
+            values, aux_c = critic_values(self.critic, ro.input_ids[idx], ro.attention_mask[idx],
+                                          ro.prompt_len, n_new)
+            vf, vstats = clipped_value_loss(values, old_values[idx], returns[idx], mask,
+                                            cfg.value_clip, n_tokens=n_tok)
+            loss = pg - cfg.ent_coef * entropy + cfg.vf_coef * vf + aux_p + aux_c
+            return loss, {**stats, **vstats, "pg_loss": pg.detach(), "value_loss": vf.detach(),
+                          "entropy": entropy.detach(), "moe_aux_loss": (aux_p + aux_c).detach()}
+
         (opt_p, opt_c), (sched_p, sched_c) = self.optimizers(), self.lr_schedulers()
-        stats_acc: dict[str, list[torch.Tensor]] = {}
-        for _ in range(cfg.update_epochs):
-            for idx in minibatches(len(ro), cfg.minibatch_size, self.generator):
-                with self.region("forward"):
-                    mask = ro.mask[idx]
-                    # without a bonus (ent_coef 0) the entropy is logged only: no gradient
-                    # through it, which would add exact zeros to the logits' gradient
-                    logp, ent, aux_p = response_logprobs(
-                        self.policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len,
-                        cfg.rollout.temperature, with_entropy=True,
-                        entropy_grad=cfg.ent_coef > 0)
-                    # DDP averages the ranks' gradients: token means divide by the global
-                    # minibatch's tokens over the world size (the ranks' k-th minibatches form it)
-                    agg, n_tok = token_normaliser("bnpo", mask,
-                                                  share=None if sum_fn is None else share_per_rank)
-                    pg, stats = ppo_clipped_surrogate(logp, ro.old_logp[idx], adv[idx], mask,
-                                                      cfg.clip_eps, aggregation=agg, n_active=n_tok)
-                    entropy = (masked_mean(ent, mask) if n_tok is None
-                               else masked_sum(ent, mask) / n_tok)
-                    values, aux_c = critic_values(self.critic, ro.input_ids[idx],
-                                                  ro.attention_mask[idx], ro.prompt_len, n_new)
-                    vf, vstats = clipped_value_loss(values, old_values[idx], returns[idx], mask,
-                                                    cfg.value_clip, n_tokens=n_tok)
-                    loss = pg - cfg.ent_coef * entropy + cfg.vf_coef * vf + aux_p + aux_c
-                    self.checked("train/loss", loss)
-                self.step(loss, (opt_p, sched_p, cfg.optim), (opt_c, sched_c, cfg.critic_optim))
-                stats.update(vstats)
-                stats.update(loss=loss.detach(), pg_loss=pg.detach(), value_loss=vf.detach(),
-                             entropy=entropy.detach(), moe_aux_loss=(aux_p + aux_c).detach())
-                self.accumulate(stats_acc, stats)
+        extra = {"explained_var": [explained_variance(old_values, returns, ro.mask,
+                                                      reduction.sum_fn)],
+                 "beta": [torch.tensor(self.beta)]}  # the coefficient this batch was shaped with
+        self.update(ro, adv[ro.mask.bool()], batch_idx, minibatch_loss,
+                    lambda: minibatches(len(ro), cfg.minibatch_size, self.generator),
+                    cfg.update_epochs, (opt_p, sched_p, cfg.optim),
+                    (opt_c, sched_c, cfg.critic_optim), extra=extra)
         # minibatches partition the rollout: one host sync per rollout, not per minibatch
         self.tokens_trained += cfg.update_epochs * int(ro.attention_mask.sum())
-        kl_rows = (kl_log_ratio(ro.old_logp, ro.ref_logp) * ro.mask).sum(-1)
-        observed_kl = float(kl_rows.mean() if sum_fn is None
-                            else sum_fn(kl_rows.sum()) / (len(ro) * world_size()))
-        stats_acc["explained_var"] = [explained_variance(old_values, returns, ro.mask, sum_fn)]
-        stats_acc["beta"] = [torch.tensor(self.beta)]
         if cfg.adaptive_kl:
+            kl_rows = (kl_log_ratio(ro.old_logp, ro.ref_logp) * ro.mask).sum(-1)
+            observed_kl = float(kl_rows.mean() if reduction.sum_fn is None
+                                else reduction.sum_fn(kl_rows.sum()) / (len(ro) * world_size()))
             self.beta = adaptive_kl_coef(self.beta, observed_kl, cfg.target_kl,
-                                            cfg.kl_horizon, len(ro))
-        self.log_rollout(ro, adv[ro.mask.bool()], stats_acc, batch_idx)
+                                         cfg.kl_horizon, len(ro))
 
 
 class PPOStage(OnPolicyStage):

@@ -25,6 +25,7 @@ from harness.methods.losses import (
     masked_mean,
     missing_eos_penalty,
 )
+from harness.methods.reduction import Reduction
 from harness.methods.rollout import Rollout, make_rollout, minibatches, response_logprobs
 from harness.models.llama import CausalLM
 from harness.seeding import generator
@@ -118,6 +119,40 @@ class OnPolicyModule(AlignmentModule):
         self.tokens_generated += int(ro.mask.sum())
         self.gen_seconds += ro.gen_s
         return ro
+
+    @property
+    def reduction(self) -> Reduction:
+        """How statistics and normalisers span the batch: this process's rows, or under DDP the
+        global batch the ranks hold in parts (:class:`~harness.methods.reduction.Reduction`)."""
+        return Reduction(sharded=self.ranks() is not None)
+
+    def update(self, ro: Rollout, adv: torch.Tensor | None, iteration: int,
+               minibatch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict] | None],
+               batches: Callable[[], list[torch.Tensor]], passes: int,
+               *updates: tuple[Any, Any, OptimConfig],
+               extra: dict[str, list[torch.Tensor]] | None = None) -> None:
+        """The on-policy update, one loop for every method: ``passes`` passes over the rollout,
+        each over ``batches()`` (its minibatches of row or pair indices, drawn anew per pass), one
+        optimisation step per minibatch (:meth:`step` with ``updates``) of the loss that
+        ``minibatch_loss(idx)`` returns with its statistics; ``None`` there: nothing to learn
+        from in that minibatch, the schedules advance without a step. Then the rollout's metrics
+        (:meth:`log_rollout`): the minibatches' statistics averaged, ``train/loss`` among them,
+        and ``extra``."""
+        stats_acc: dict[str, list[torch.Tensor]] = {}
+        for _ in range(passes):
+            for idx in batches():
+                with self.region("forward"):
+                    out = minibatch_loss(idx)
+                if out is None:
+                    for _, sched, _ in updates:
+                        sched.step()
+                    continue
+                loss, stats = out
+                self.checked("train/loss", loss)
+                self.step(loss, *updates)
+                self.accumulate(stats_acc, {"loss": loss.detach(), **stats})
+        stats_acc.update(extra or {})
+        self.log_rollout(ro, adv, stats_acc, iteration)
 
     def step(self, loss: torch.Tensor, *updates: tuple[Any, Any, OptimConfig]) -> None:
         """One optimisation step of ``loss`` for each ``(optimiser, scheduler, its config)``:
@@ -231,31 +266,25 @@ class GroupModule(OnPolicyModule):
         return response_logprobs(self.policy, input_ids, attention_mask, prompt_len,
                                  cfg.rollout.temperature, with_entropy=True, entropy_grad=False)
 
-    def update(self, ro: Rollout, adv: torch.Tensor, iteration: int,
-               policy_loss: Callable[..., tuple[torch.Tensor, dict]]) -> None:
-        """``update_epochs`` passes of minibatches over the rollout, one optimiser step each, then
-        the rollout's metrics. ``policy_loss(idx, logp, mask)`` gives the minibatch's policy loss
-        and its stats (logp, mask: [b, N] of the rows ``idx``); the MoE auxiliary loss is added."""
+    def policy_update(self, ro: Rollout, adv: torch.Tensor, iteration: int,
+                      policy_loss: Callable[..., tuple[torch.Tensor, dict]]) -> None:
+        """:meth:`update` over minibatches of the rollout's rows (whole groups with
+        ``share_prompt``). ``policy_loss(idx, logp, mask)`` gives the minibatch's policy loss and
+        its stats (logp, mask: [b, N] of the rows ``idx``); the MoE auxiliary loss is added."""
         cfg = self.cfg
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        stats_acc: dict[str, list[torch.Tensor]] = {}
-        for _ in range(cfg.update_epochs):
-            for idx in self.minibatches(len(ro)):
-                with self.region("forward"):
-                    mask = ro.mask[idx]
-                    logp, ent, aux = self.logprobs(ro.input_ids[idx], ro.attention_mask[idx],
-                                                   ro.prompt_len)
-                    pg, stats = policy_loss(idx, logp, mask)
-                    loss = self.checked("train/loss", pg + aux)
-                self.step(loss, (opt, sched, cfg.optim))
-                stats.update(loss=loss.detach(), entropy=masked_mean(ent, mask),
-                             moe_aux_loss=aux.detach())
-                self.accumulate(stats_acc, stats)
+
+        def minibatch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            mask = ro.mask[idx]
+            logp, ent, aux = self.logprobs(ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len)
+            pg, stats = policy_loss(idx, logp, mask)
+            return pg + aux, {**stats, "entropy": masked_mean(ent, mask), "moe_aux_loss": aux.detach()}
+
+        self.update(ro, adv, iteration, minibatch_loss, lambda: self.minibatches(len(ro)),
+                    cfg.update_epochs, (self.optimizers(), self.lr_schedulers(), cfg.optim))
         # minibatches partition the rollout: one host sync per rollout, not per minibatch; the
         # sequences' tokens, a prompt once per row also when share_prompt runs it once per group,
         # so that the throughput compares across layouts
         self.tokens_trained += cfg.update_epochs * int(ro.attention_mask.sum())
-        self.log_rollout(ro, adv, stats_acc, iteration)
 
 
 def group_layout(batch: int, group_size: int) -> tuple[int, int]:

@@ -41,7 +41,7 @@ class RLOOModule(GroupModule):
             return rloo_policy_loss(logp, ro.old_logp[idx], None if ref is None else ref[idx],
                                     adv[idx], mask, cfg.clip_eps, 0.0 if in_reward else cfg.beta)
 
-        self.update(ro, adv, batch_idx, policy_loss)
+        self.policy_update(ro, adv, batch_idx, policy_loss)
 
 
 class RLOOStage(GroupStage):
