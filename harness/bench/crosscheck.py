@@ -46,11 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=Path("results"),
                    help="where the records go (<results>/runs/)")
     p.add_argument("--cache-dir", default=None, help="the harness's cache_dir (default: its own)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: as each job of a +launch=parallel sweep computes)")
     p.add_argument("--overrides", nargs="*", default=[],
                    help="extra harness overrides for both sides (e.g. method.n_iterations=30)")
     args = p.parse_args(argv)
     if any(s < 0 for s in args.seeds):
         p.error("--seeds: must be >= 0")
+    if args.threads < 1:
+        p.error("--threads: must be >= 1")
     return args
 
 
@@ -152,9 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     from harness.bench.vs_trl import require_trl
 
     require_trl()
+    import torch
+
     from harness.console import quiet_console
 
     quiet_console()
+    torch.set_num_threads(args.threads)
     for seed in args.seeds:
         for method in args.methods:
             rec = crosscheck(method, args.model, seed, args.overrides, args.cache_dir, args.results)
