@@ -8,9 +8,10 @@ harness's settings mapped to TRL's (:func:`harness.bench.vs_trl.grpo_args`, ``dp
 optimiser, schedule, batch, group, clip range, KL coefficient, loss aggregation and sampling), and
 the trained policy is evaluated exactly as a harness run is (:func:`harness.pipeline.evaluate`:
 held-out gold on the test split, win rate and KL against the same SFT reference). Each becomes a
-results record of method ``trl_<method>`` in group ``trl`` (its track as the harness method's),
-so the leaderboard can set it beside the harness's own runs of the same seeds, and its wall time
-is the trainer's: the end-to-end speed for the same number of generated responses.
+results record of method ``trl_<method>`` in the group of the harness's runs (``--group``, default
+``tracks``) and on the harness method's track, so the leaderboard pairs it with the harness's own
+runs of the same seeds (``trl_grpo − grpo``, prompt by prompt), and its wall time is the
+trainer's: the end-to-end speed for the same number of generated responses.
 
 What does not map (and so may differ): TRL draws its own prompt order (``RepeatSampler``) and
 samples with ``transformers.generate``, so the two sides see different rollouts from the same
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=Path("results"),
                    help="where the records go (<results>/runs/)")
     p.add_argument("--cache-dir", default=None, help="the harness's cache_dir (default: its own)")
+    p.add_argument("--group", default="tracks",
+                   help="the records' group: the harness's runs of the same group and track are "
+                        "then paired with TRL's on the leaderboard")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: as each job of a +launch=parallel sweep computes)")
     p.add_argument("--overrides", nargs="*", default=[],
@@ -114,7 +118,7 @@ def train_with_trl(method: str, cfg: Any, weights: Path, task: Any, tok: Any, se
 
 
 def crosscheck(method: str, model: str, seed: int, overrides: list[str], cache_dir: str | None,
-               results: Path) -> dict[str, Any]:
+               results: Path, group: str = "tracks") -> dict[str, Any]:
     """One TRL run of ``method`` for ``seed``, evaluated by the harness; its record, written."""
     import torch
 
@@ -135,7 +139,7 @@ def crosscheck(method: str, model: str, seed: int, overrides: list[str], cache_d
     source = "gold" if method != "dpo" else None
     record = new_record(
         run_id=new_run_id(f"trl_{method}", model, r.s.dataset.name, seed), method=f"trl_{method}",
-        model=model, dataset=r.s.dataset.name, seed=seed, group="trl",
+        model=model, dataset=r.s.dataset.name, seed=seed, group=group,
         metrics=metrics, cost={"cost/method_wall_s": wall}, cache_keys={"sft": base.record.key},
         config={**r.cfg, "trl": {"trainer": {"grpo": "GRPOTrainer", "dpo": "DPOTrainer"}[method],
                                  "version": _trl_version()}},
@@ -164,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     for seed in args.seeds:
         for method in args.methods:
-            rec = crosscheck(method, args.model, seed, args.overrides, args.cache_dir, args.results)
+            rec = crosscheck(method, args.model, seed, args.overrides, args.cache_dir, args.results,
+                             args.group)
             m = rec["metrics"]
             print(json.dumps({"method": rec["method"], "seed": seed, "gold": m.get("eval/gold_reward"),
                               "kl": m.get("eval/kl"), "wall_s": round(rec["cost"]["cost/method_wall_s"], 1),
