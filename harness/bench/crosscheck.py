@@ -144,6 +144,7 @@ def crosscheck(method: str, model: str, seed: int, overrides: list[str], cache_d
         config={**r.cfg, "trl": {"trainer": {"grpo": "GRPOTrainer", "dpo": "DPOTrainer"}[method],
                                  "version": _trl_version()}},
         platform=platform_info("cpu"), per_prompt=per_prompt, reward_source=source,
+        track="oracle" if method != "dpo" else "preferences",
         repo_path=Path(__file__).resolve().parent)
     write_record(record, results / "runs")
     return record
