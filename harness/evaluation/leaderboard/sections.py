@@ -125,8 +125,12 @@ def answer(paired: Sequence[Mapping[str, Any]], information: Sequence[Mapping[st
             if c["mean_diff"] is None:
                 continue
             verdict = "separable (p < 0.05)" if c["significant"] else "not separable"
-            out.append(f"Information effect, {model} · {dataset} (group {group}): "
-                       f"{_difference(c)}: {verdict}.")
+            method = c["a"].removesuffix(" · oracle").upper()
+            poi = "" if c.get("poi") is None else f", P(oracle > preferences) = {c['poi']:.2f}"
+            out.append(f"Information effect, {model} · {dataset} (group {group}): {method} on the "
+                       f"oracle track − on the preferences track {bound(c['mean_diff'])} "
+                       f"{interval(c.get('t_lo'), c.get('t_hi'))}{poi}, {c['n_seeds']} seeds: "
+                       f"{verdict}.")
     return out
 
 
