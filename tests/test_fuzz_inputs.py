@@ -100,6 +100,10 @@ BAD_FILES: list[tuple[str, bytes, str]] = [  # (file name, content, what the mes
     ("empty_field.jsonl", _jsonl([GOOD_ROW] * 3 + [{**GOOD_ROW, "chosen": ""}]), "column 'chosen' is empty"),
     ("null_field.jsonl", _jsonl([GOOD_ROW] * 3 + [{**GOOD_ROW, "rejected": None}]), "column 'rejected' is NoneType"),
     ("number.jsonl", _jsonl([GOOD_ROW] * 3 + [{**GOOD_ROW, "prompt": 7}]), "column 'prompt' is int"),
+    # the row is the file's own (reported once as row 0)
+    ("late_number.jsonl", _jsonl([{**GOOD_ROW, "prompt": f"Say {i}."} for i in range(100)]
+                                 + [{**GOOD_ROW, "prompt": 7}] + [GOOD_ROW] * 19),
+     "row 100, column 'prompt' is int"),
     ("same.jsonl", _jsonl([{"prompt": f"p{i}", "chosen": "x", "rejected": "x"} for i in range(5)]),
      "chosen == rejected in all 5 pairs"),
     ("sft_only.jsonl", _jsonl([{"prompt": "a", "completion": "b"}] * 5), "has no preference pairs"),
