@@ -39,8 +39,16 @@ def write_bytes(path: Path | str, data: bytes, replace: bool = True) -> Path:
         if replace:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)
-            os.unlink(tmp)
+            try:
+                os.link(tmp, path)  # atomic, and fails if path exists (another writer won)
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: check, then rename
+                if path.exists():
+                    raise FileExistsError(f"{path} exists") from None
+                os.replace(tmp, path)
+            else:
+                os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

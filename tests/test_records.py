@@ -311,3 +311,19 @@ def test_a_run_waiting_for_a_stage_lock_says_who_holds_it(tmp_path: Path, caplog
     said = caplog.text
     assert f"stage sft-abc: waiting for its lock, held by pid {os.getpid()} on" in said
     assert "stage sft-abc: lock acquired after" in said
+
+
+def test_a_file_system_without_hard_links_still_never_replaces(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from harness.atomic import write_bytes
+
+    def no_links(*_):
+        raise PermissionError("hard links not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = write_bytes(tmp_path / "r.json", b"first", replace=False)
+    assert path.read_bytes() == b"first"
+    with pytest.raises(FileExistsError):
+        write_bytes(tmp_path / "r.json", b"second", replace=False)
+    assert path.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
