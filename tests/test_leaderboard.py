@@ -866,6 +866,50 @@ def test_the_answer_is_written_from_the_comparisons() -> None:
     assert "RLOO − PPO" not in md  # each pair once
 
 
+def test_the_answer_claims_a_difference_only_where_it_holds_on_the_other_kernels(tmp_path: Path) -> None:
+    """GRPO ahead of PPO by 0.5 on every seed here. Re-run on AVX2: on llama_small it holds (the
+    same records' gold, another platform), on moe_small PPO is ahead there (the pair in the other
+    order, so the difference is turned to GRPO − PPO): the answer claims the first only, and says
+    why not the second; a third model never run on AVX2 says so. The folder is kept for rebuilds
+    and named in the header and the rebuild command."""
+    grpo, ppo = ([1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0]), ([1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0])
+    here = {"platform": {"torch": "2.13.0+cpu", "device": "cpu", "cpu_capability": "AVX512"}}
+    avx2 = {"platform": {"torch": "2.13.0+cpu", "device": "cpu", "cpu_capability": "AVX2"}}
+
+    def runs(model: str, a: tuple, b: tuple, platform: dict) -> list[dict]:
+        return [rec(m, s, {"eval/gold_reward": sum(g[s]) / 4}, model=model, reward_source="gold",
+                    per_prompt=_per_prompt(list(map(float, g[s]))), **platform)
+                for m, g in (("grpo", a), ("ppo", b)) for s in range(3)]
+
+    for model in ("llama_small", "moe_small", "gpt2"):
+        for r in runs(model, grpo, ppo, here):
+            write_record(r, tmp_path / "runs")
+    for r in runs("llama_small", grpo, ppo, avx2) + runs("moe_small", ppo, grpo, avx2):
+        write_record(r, tmp_path / "avx2")
+    md = build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False, n_boot=500,
+                           check_runs=tmp_path / "avx2")["markdown"].read_text()
+    assert ("- On the oracle track, llama_small · toy (group test): GRPO − PPO +0.500 [+0.500, +0.500], "
+            "P(GRPO > PPO) = 1.00, 3 seeds (holds on AVX2: +0.500 [+0.500, +0.500], 3 seeds) "
+            "(p < 0.05 on both kernels).") in md
+    assert ("- On the oracle track, moe_small · toy (group test): no difference between methods is "
+            "separable on both kernels.") not in md  # the sentence names the difference it drops
+    assert ("- On the oracle track, moe_small · toy (group test): no difference between methods is "
+            "separable on both kernels") in md
+    assert "(not on AVX2: -0.500 [-0.500, -0.500], 3 seeds)" in md
+    assert "gpt2 · toy (group test): no difference between methods is separable on both kernels" in md
+    assert "(not run on AVX2)" in md
+    assert f"12 records of the same groups in `{tmp_path / 'avx2'}` (AVX2)" in md
+    assert f"--check-runs {tmp_path / 'avx2'}" in md
+    again = build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False, n_boot=500)
+    assert "(holds on AVX2" in again["markdown"].read_text()  # kept for the rebuild
+    cleared = build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False, n_boot=500,
+                                check_runs="")
+    assert "AVX2" not in cleared["markdown"].read_text()
+    with pytest.raises(ValueError, match="check_runs .*: no such folder"):
+        build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False,
+                          check_runs=tmp_path / "nowhere")
+
+
 def test_the_seed_strips_and_the_overoptimisation_figure(tmp_path: Path) -> None:
     from harness.evaluation.seed_figures import (
         overoptimisation_points,

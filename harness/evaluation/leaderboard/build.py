@@ -19,6 +19,7 @@ from typing import Any
 from harness.atomic import write_bytes, write_text
 from harness.evaluation.leaderboard.comparisons import information_effect, paired_comparisons
 from harness.evaluation.leaderboard.diagnostics import comparison_warnings, table_platforms
+from harness.evaluation.leaderboard.kernels import check_on, kernels_name
 from harness.evaluation.leaderboard.render import render_html, render_markdown, write_csv, write_paired_csv
 from harness.evaluation.leaderboard.table import build_table, group_names, select_group
 from harness.evaluation.plots import plot_reward_kl, plot_training_curves
@@ -76,11 +77,14 @@ def _shown(path: Path) -> Path:
 
 
 HEADER_FILE = "leaderboard_header.json"
+HEADER_KEYS = ("command", "note", "group", "check_runs")
 
 
 def header_settings(out_dir: Path, command: str | None, note: str | None,
-                    group: str | None = None) -> tuple[str | None, str | None, str | None]:
-    """The header's ``command``, ``note`` and the tables' ``group``, kept across rebuilds in
+                    group: str | None = None, check_runs: str | None = None,
+                    ) -> tuple[str | None, str | None, str | None, str | None]:
+    """The header's ``command``, ``note``, the tables' ``group`` and the ``check_runs`` folder
+    (records of the same sweep on other kernels), kept across rebuilds in
     ``out_dir/leaderboard_header.json``.
 
     A value given (even ``""``) replaces the stored one and is written back; a value not given
@@ -98,22 +102,22 @@ def header_settings(out_dir: Path, command: str | None, note: str | None,
         if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
             raise ValueError(f"{path}: expected a JSON object of strings "
                              '{"command": "...", "note": "..."}; delete it or fix it')
-    given = {k: v for k, v in (("command", command), ("note", note), ("group", group))
-             if v is not None}
+    given = {k: v for k, v in (("command", command), ("note", note), ("group", group),
+                               ("check_runs", check_runs)) if v is not None}
     if given:
-        merged = {**{k: v for k, v in stored.items() if k in ("command", "note", "group")},
-                  **given}
+        merged = {**{k: v for k, v in stored.items() if k in HEADER_KEYS}, **given}
         if merged != stored:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             write_text(path, json.dumps(merged, indent=1, ensure_ascii=False) + "\n")
         stored = merged
     return (stored.get("command") or None, stored.get("note") or None,
-            stored.get("group") or None)
+            stored.get("group") or None, stored.get("check_runs") or None)
 
 
 def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | None = None, *,
                       group: str | None = None, note: str | None = None, screenshot: bool = True,
-                      n_boot: int = 10_000, seed: int = 0) -> dict[str, Path]:
+                      n_boot: int = 10_000, seed: int = 0,
+                      check_runs: Path | str | None = None) -> dict[str, Path]:
     """Read the records in ``runs_dir`` and write, atomically, into ``out_dir``:
     ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv``, ``leaderboard.html``,
     ``reward_kl.png``, ``seeds.png``, ``overoptimisation.png``, ``training_curves.png`` and, with
@@ -127,18 +131,30 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     records. ``note`` is shown in the header (e.g. "β and lr
     tuned on the validation split"). ``command`` is the command that reproduces the runs; by
     default a multirun command is derived from the records. Both are kept for later rebuilds in
-    ``out_dir/leaderboard_header.json`` (see :func:`header_settings`). ``n_boot`` and ``seed`` set the
+    ``out_dir/leaderboard_header.json`` (see :func:`header_settings`), as is ``check_runs``: a
+    folder of records of the same sweep run on other kernels (e.g. ``results/avx2/runs``), whose
+    paired comparisons decide with the table's which differences the answer section claims
+    (:mod:`~harness.evaluation.leaderboard.kernels`; ``""`` clears it). ``n_boot`` and ``seed`` set the
     paired bootstrap. An empty or missing ``runs_dir`` is not an error: all files are written
     with an empty table and a note.
     """
     runs_dir, out_dir = _shown(Path(runs_dir)), _shown(Path(out_dir))
-    command, note, group = header_settings(out_dir, command, note, group)
+    command, note, group, check = header_settings(
+        out_dir, command, note, group, None if check_runs is None else str(check_runs))
     rejected: list[tuple[Path, str]] = []
     all_records = load_records(runs_dir, rejected)
     records, chosen = select_group(all_records, group)
     rows = build_table(records)
     paired = paired_comparisons(records, n_boot=n_boot, seed=seed)
     information = information_effect(records, n_boot=n_boot, seed=seed)
+    if check:
+        if not Path(check).is_dir():
+            raise ValueError(f"check_runs {check}: no such folder")
+        check_records, _ = select_group(load_records(check), chosen)
+        name = kernels_name(check_records)
+        paired = check_on(paired, paired_comparisons(check_records, n_boot=n_boot, seed=seed), name)
+        information = check_on(
+            information, information_effect(check_records, n_boot=n_boot, seed=seed), name)
     warnings = comparison_warnings(rows, records)
     if rejected:
         warnings.insert(0, f"{len(rejected)} file(s) in the runs folder are not valid records and "
@@ -150,7 +166,8 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     versions = sorted({str(r.get("harness_version")) for r in records if r.get("harness_version")})
     commits = sorted({str(r.get("git_commit"))[:12] for r in records if r.get("git_commit")})
     rebuild = f"python -m harness.leaderboard --runs {shlex.quote(str(runs_dir))} " \
-              f"--out {shlex.quote(str(out_dir))}" + (f" --group {shlex.quote(group)}" if group else "")
+              f"--out {shlex.quote(str(out_dir))}" + (f" --group {shlex.quote(group)}" if group else "") \
+              + (f" --check-runs {shlex.quote(check)}" if check else "")
     header = []
     if command:
         header.append(f"Reproduce the runs: `{command}`")
@@ -179,6 +196,10 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
         platforms = table_platforms(records)
         header.append(("Platform: " if len(platforms) <= 1 else "Platforms: ")
                       + ("; ".join(platforms) if platforms else "— (not recorded)") + ".")
+        if check:
+            header.append(f"Differences are claimed only where they hold on both kernels: checked "
+                          f"against {len(check_records)} records of the same groups in `{check}` "
+                          f"({name}).")
     else:
         header.append(f"No run records found in `{runs_dir}`.")
         if note:

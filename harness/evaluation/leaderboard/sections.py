@@ -25,6 +25,7 @@ from harness.evaluation.leaderboard.format import (
     setting_text,
     status_text,
 )
+from harness.evaluation.leaderboard.kernels import holds_everywhere
 from harness.evaluation.leaderboard.table import default_title, mean_of
 
 
@@ -93,38 +94,63 @@ def _by_cell(paired: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str, s
 
 
 def _difference(c: Mapping[str, Any]) -> str:
-    """``"GRPO − PPO +0.012 [−0.030, +0.054], P(GRPO > PPO) = 0.56, 3 seeds"``."""
+    """``"GRPO − PPO +0.012 [−0.030, +0.054], P(GRPO > PPO) = 0.56, 3 seeds"``, then what the
+    same pair showed on other kernels when it was checked there (:func:`_elsewhere`)."""
     a, b = c["a"].upper(), c["b"].upper()
     text = f"{a} − {b} {bound(c['mean_diff'])} {interval(c.get('t_lo'), c.get('t_hi'))}"
     if c.get("poi") is not None:
         text += f", P({a} > {b}) = {c['poi']:.2f}"
-    return text + f", {c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''}"
+    return text + f", {c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''}" + _elsewhere(c)
+
+
+def _elsewhere(c: Mapping[str, Any]) -> str:
+    """``" (holds on AVX2: +0.010 [+0.002, +0.018], 10 seeds)"``, ``" (not on AVX2: …)"`` or
+    ``" (not run on AVX2)"`` for a comparison checked on other kernels (:func:`check_on`); ``""``
+    for one that was not, or one the t-test does not separate here."""
+    if "check_platform" not in c or not c.get("significant"):
+        return ""
+    where, o = c["check_platform"], c.get("check")
+    if o is None:
+        return f" (not run on {where})"
+    verdict = "holds" if o["holds"] else "not"
+    return (f" ({verdict} on {where}: {bound(o['mean_diff'])} {interval(o['t_lo'], o['t_hi'])}, "
+            f"{o['n_seeds']} seed{'s' if o['n_seeds'] != 1 else ''})")
 
 
 def answer(paired: Sequence[Mapping[str, Any]], information: Sequence[Mapping[str, Any]] = ()
            ) -> list[str]:
     """What the comparison shows, one sentence per (track, model, dataset) and one per
     information effect, written from the comparisons alone: the differences the paired t-test
-    over seeds separates (✓), then those it does not. Nothing is said that the records do not
-    support."""
+    over seeds separates (p < 0.05) — and, where the comparisons were checked on other kernels
+    (:func:`~harness.evaluation.leaderboard.kernels.check_on`), separates there too in the same
+    direction — then those it does not. Nothing is said that the records do not support."""
     out = []
     for (model, dataset, group, track), cell in _by_cell(paired).items():
         done = [c for c in cell if c["mean_diff"] is not None]
         if not done:
             continue
-        held = [c for c in done if c["significant"]]
+        held = [c for c in done if holds_everywhere(c)]
+        both = " on both kernels" if any("check_platform" in c for c in done) else ""
         where = f"On the {track or 'no'} track, {model} · {dataset} (group {group}): "
-        text = where + ("; ".join(_difference(c) for c in held) + " (p < 0.05)" if held
-                        else "no difference between methods is separable")
-        rest = [c for c in done if not c["significant"]]
-        if held and rest:
-            text += ". Not separable: " + "; ".join(_difference(c) for c in rest)
+        rest = [c for c in done if not holds_everywhere(c)]
+        if held:
+            text = where + "; ".join(_difference(c) for c in held) + f" (p < 0.05{both})"
+            if rest:
+                text += ". Not separable" + both + ": " + "; ".join(_difference(c) for c in rest)
+        else:  # naming what one set of kernels alone separates, with what the other showed
+            text = where + "no difference between methods is separable" + both
+            alone = [c for c in rest if c["significant"]]
+            if alone:
+                text += ": " + "; ".join(_difference(c) for c in alone)
         out.append(text + ".")
     for (model, dataset, group, _), cell in _by_cell(information).items():
         for c in cell:
             if c["mean_diff"] is None:
                 continue
-            verdict = "separable (p < 0.05)" if c["significant"] else "not separable"
+            checked = " on both kernels" if "check_platform" in c else ""
+            verdict = (f"separable (p < 0.05{checked}){_elsewhere(c)}" if holds_everywhere(c)
+                       else f"not separable{checked}{_elsewhere(c)}" if c["significant"]
+                       else "not separable")
             method = c["a"].removesuffix(" · oracle").upper()
             poi = "" if c.get("poi") is None else f", P(oracle > preferences) = {c['poi']:.2f}"
             out.append(f"Information effect, {model} · {dataset} (group {group}): {method} on the "
