@@ -97,8 +97,9 @@ class Fit:
     """A stage ready to train.
 
     ``model`` is what the stage produces (saved, handed on, evaluated); ``networks`` every network
-    the stage holds and ``trainable`` those it optimises (the bench's memory figures);
-    ``sequences`` the sequences forwarded per training batch and ``layout`` what one batch is.
+    the stage holds, by role, and ``trainable`` those it optimises (gradient checkpointing applies
+    to them). What one batch is, for the bench, is the bench's business
+    (:mod:`harness.bench.shapes`).
     """
 
     module: L.LightningModule
@@ -107,11 +108,6 @@ class Fit:
     model: nn.Module
     networks: dict[str, nn.Module]
     trainable: list[nn.Module]
-    sequences: int
-    layout: str
-    #: optimisation passes over each batch and their minibatch size (on-policy methods)
-    passes: int | None = None
-    minibatch: int | None = None
 
 
 @dataclass
@@ -165,11 +161,6 @@ class Stage:
         """The stage's model when ``cfg`` says not to train it (e.g. ``sft.enabled=false``: the
         pretrained model itself), else None (the stage trains)."""
         return None
-
-    def sized(self, cfg: Any, batch: int, n_batches: int) -> Any:
-        """``cfg`` with only its sizes changed so one training batch forwards ``batch`` sequences
-        and training lasts ``n_batches`` batches (the bench's comparable step)."""
-        raise NotImplementedError
 
     def reward_source(self, cfg: Any) -> str | None:
         """What ``train/reward`` measures: ``gold``, ``rm`` or None (no reward during training)."""

@@ -9,7 +9,7 @@ import torch
 
 from harness import bench
 from harness.bench.memory import state_memory
-from harness.methods.rl_base import group_layout
+from harness.bench.shapes import group_layout
 from harness.models.llama import CausalLM, ScalarHead
 
 TINY = ["--models", "llama_tiny", "--threads", "1", "--batch", "4", "--prompt-len", "4", "--new-tokens", "4",
@@ -41,6 +41,35 @@ def test_grpo_layout_keeps_the_sequence_count():
     assert group_layout(12, 8) == (2, 6)
     with pytest.raises(ValueError):
         group_layout(1, 8)
+
+
+@pytest.mark.parametrize("batch", [4, 8, 12])
+def test_every_stage_sized_for_the_bench_forwards_the_batch_it_was_asked_for(batch):
+    """The bench's shapes come from each stage's data and config, with no bench code per method:
+    every registered stage, sized to ``batch`` sequences and 3 batches, forwards ``batch``
+    sequences a batch in the layout of its kind, and nothing but its sizes changes."""
+    from dataclasses import asdict
+
+    from harness.bench.common import compose_config
+    from harness.bench.shapes import shape, sized
+    from harness.registry import get_stage, stage_names
+    from harness.settings import validate
+
+    layouts = {"sft": f"{batch} demos", "rm": f"{batch // 2} pairs", "dpo": f"{batch // 2} pairs",
+               "ppo": f"{batch} prompts"}
+    for name in stage_names():
+        stage = get_stage(name)
+        cfg = validate(compose_config([f"method={name}"])).stage_config(name)
+        small = sized(stage, cfg, batch, 3)
+        got = shape(stage, small)
+        assert got.sequences == batch, name
+        prompts, group = group_layout(batch, cfg.group_size) if hasattr(cfg, "group_size") else (0, 0)
+        assert got.layout == layouts.get(name, f"{prompts} prompts x {group}"), name
+        assert (got.passes is None) == (stage.data != "prompts"), name
+        steps = small.max_steps if stage.data != "prompts" else small.n_iterations
+        assert steps == 3, name
+        changed = {k for k, v in asdict(small).items() if asdict(cfg)[k] != v}
+        assert changed <= {"batch_size", "max_steps", "n_iterations", "group_size", "rollout"}, name
 
 
 def test_state_memory_of_grpo_is_about_half_of_ppo():

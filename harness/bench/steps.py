@@ -18,9 +18,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from harness.bench.common import Column, compose_config, median, quiet, resolve_device, sync
+from harness.bench.shapes import Shape, shape, sized
 from harness.config import ModelConfig, OptimConfig
 from harness.models.llama import ScalarHead
 from harness.settings import validate
+from harness.stage import Fit
 from harness.step_profile import PHASES, build_profiler, counts, phase_seconds, recorded
 
 
@@ -60,16 +62,66 @@ def rollout_overrides(method: str, new_tokens: int | None) -> list[str]:
     return [f"method.rollout.max_new_tokens={int(new_tokens)}"] if "rollout" in fields else []
 
 
+@dataclasses.dataclass
+class Setup:
+    """A stage ready to train, as the bench uses it: its :class:`~harness.stage.Fit` and what one
+    training batch is (:class:`~harness.bench.shapes.Shape`)."""
+
+    fit: Fit
+    shape: Shape
+
+    @property
+    def module(self) -> L.LightningModule:
+        return self.fit.module
+
+    @property
+    def data(self) -> Any:
+        return self.fit.data
+
+    @property
+    def budget(self) -> Any:
+        return self.fit.budget
+
+    @property
+    def model(self) -> nn.Module:
+        return self.fit.model
+
+    @property
+    def networks(self) -> dict[str, nn.Module]:
+        return self.fit.networks
+
+    @property
+    def trainable(self) -> list[nn.Module]:
+        return self.fit.trainable
+
+    @property
+    def sequences(self) -> int:
+        return self.shape.sequences
+
+    @property
+    def layout(self) -> str:
+        return self.shape.layout
+
+    @property
+    def passes(self) -> int | None:
+        return self.shape.passes
+
+    @property
+    def minibatch(self) -> int | None:
+        return self.shape.minibatch
+
+
 def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
                  n_batches: int, seed: int = 0, device: torch.device | None = None,
                  minibatch: int | None = None,
                  before_models: Callable[[], None] | None = None,
                  overrides: Sequence[str] = (), fused_adamw: bool = False) -> Any:
-    """The stage's :class:`~harness.stage.Fit` as the pipeline builds it, from random-init inputs.
+    """The stage's :class:`~harness.stage.Fit` as the pipeline builds it, from random-init inputs,
+    with what one of its batches is (a :class:`Setup`).
 
     The stage's config is its default (``conf/``, composed with the Hydra ``overrides``, e.g.
     ``method.rollout.max_new_tokens=16``) with only its sizes changed
-    (:meth:`~harness.stage.Stage.sized`: ``batch`` sequences per batch, ``n_batches`` batches)
+    (:func:`harness.bench.shapes.sized`: ``batch`` sequences per batch, ``n_batches`` batches)
     and, if given, its ``minibatch_size``; ``fused_adamw`` turns on ``fused`` in each of its
     optimiser sections (``optim``, PPO's ``critic_optim``); ``before_models()`` runs before any
     network is built.
@@ -82,7 +134,7 @@ def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch
     device = device or resolve_device()
     settings = validate(compose_config([f"method={method}", *overrides]))
     stage = get_stage(method)
-    cfg = stage.sized(settings.stage_config(method), batch, n_batches)
+    cfg = sized(stage, settings.stage_config(method), batch, n_batches)
     if minibatch is not None and hasattr(cfg, "minibatch_size"):
         cfg = dataclasses.replace(cfg, minibatch_size=minibatch)
     if fused_adamw:
@@ -101,7 +153,7 @@ def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch
         inputs[need] = Built(need, settings.stage_config(need), model,
                              StageRecord(key=f"random-{need}", path=Path(".")), Path("."))
     with contextlib.redirect_stderr(io.StringIO()):  # DPO's reference-log-prob bar
-        return stage.build(ctx, cfg, inputs)
+        return Setup(stage.build(ctx, cfg, inputs), shape(stage, cfg))
 
 
 class StepTimer(L.Callback):

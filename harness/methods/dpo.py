@@ -11,7 +11,7 @@ that part only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -313,8 +313,4 @@ class DPOStage(Stage):
                    Budget(max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
                           val_every=cfg.val_every),
                    model=policy, networks={"policy": policy, "reference": reference},
-                   trainable=[policy], sequences=2 * cfg.batch_size,
-                   layout=f"{cfg.batch_size} pairs")
-
-    def sized(self, cfg: DPOConfig, batch: int, n_batches: int) -> DPOConfig:
-        return replace(cfg, batch_size=max(1, batch // 2), max_steps=n_batches)
+                   trainable=[policy])

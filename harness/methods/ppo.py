@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 
@@ -154,9 +153,4 @@ class PPOStage(OnPolicyStage):
         if rm is not None:
             networks["reward_model"] = rm
         return Fit(module, ctx.prompt_loader(n, cfg.n_iterations), self.budget(cfg), model=policy,
-                   networks=networks, trainable=[policy, critic], sequences=n, layout=f"{n} prompts",
-                   passes=cfg.update_epochs, minibatch=cfg.minibatch_size)
-
-    def sized(self, cfg: PPOConfig, batch: int, n_batches: int) -> PPOConfig:
-        return replace(cfg, n_iterations=n_batches,
-                       rollout=replace(cfg.rollout, prompts_per_batch=batch))
+                   networks=networks, trainable=[policy, critic])

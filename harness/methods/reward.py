@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -224,11 +223,7 @@ class RewardStage(Stage):
         return Fit(RewardModule(rm, cfg, finish), ctx.datamodule("pairs", cfg),
                    Budget(max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
                           val_every=cfg.val_every),
-                   model=rm, networks={"reward_model": rm}, trainable=[rm],
-                   sequences=2 * cfg.batch_size, layout=f"{cfg.batch_size} pairs")
-
-    def sized(self, cfg: RMConfig, batch: int, n_batches: int) -> RMConfig:
-        return replace(cfg, batch_size=max(1, batch // 2), max_steps=n_batches)
+                   model=rm, networks={"reward_model": rm}, trainable=[rm])
 
     def summary_metrics(self, metrics):
         out = super().summary_metrics(metrics)

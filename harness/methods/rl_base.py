@@ -287,18 +287,6 @@ class GroupModule(OnPolicyModule):
         self.tokens_trained += cfg.update_epochs * int(ro.attention_mask.sum())
 
 
-def group_layout(batch: int, group_size: int) -> tuple[int, int]:
-    """(prompts, group size) with prompts * group == ``batch``: the largest group <= ``group_size``
-    (the bench's sizes for the group methods)."""
-    g = min(group_size, batch)
-    while g > 2 and batch % g:
-        g -= 1
-    if g < 2 or batch % g:
-        raise ValueError(f"batch={batch}: a group method needs an even batch of >= 2 sequences "
-                         f"(prompts x group_size with group_size >= 2)")
-    return batch // g, g
-
-
 class OnPolicyStage(Stage):
     """What the on-policy stages share: rewards from the task's gold reward or the reward model
     (``cfg.reward_source``), rollout batches of training prompts, a budget in rollout batches."""
@@ -333,18 +321,9 @@ class GroupStage(OnPolicyStage):
         score = self.scorer(ctx, cfg, inputs)
         policy, reference = policy_from(inputs, ctx.model_cfg.lora)
         module = self.module(policy, reference, ctx.tokenizer, cfg, score, ctx.seed)
-        p, g = cfg.rollout.prompts_per_batch, cfg.group_size
+        p = cfg.rollout.prompts_per_batch
         networks = {"policy": policy, "reference": reference}
         if "rm" in inputs:
             networks["reward_model"] = inputs["rm"].model
         return Fit(module, ctx.prompt_loader(p, cfg.n_iterations), self.budget(cfg), model=policy,
-                   networks=networks, trainable=[policy], sequences=p * g,
-                   layout=f"{p} prompts x {g}", passes=cfg.update_epochs,
-                   minibatch=cfg.minibatch_size)
-
-    def sized(self, cfg, batch: int, n_batches: int):
-        from dataclasses import replace
-
-        prompts, group = group_layout(batch, cfg.group_size)
-        return replace(cfg, n_iterations=n_batches, group_size=group,
-                       rollout=replace(cfg.rollout, prompts_per_batch=prompts))
+                   networks=networks, trainable=[policy])

@@ -7,8 +7,6 @@ R is the set of response positions (prompt tokens carry the label -100 and are m
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from harness.distributed import all_reduce_sum, world_size
@@ -93,8 +91,4 @@ class SFTStage(Stage):
         return Fit(SFTModule(policy, cfg), ctx.datamodule("sft", cfg),
                    Budget(max_steps=cfg.max_steps, grad_clip=cfg.optim.grad_clip,
                           val_every=cfg.val_every),
-                   model=policy, networks={"policy": policy}, trainable=[policy],
-                   sequences=cfg.batch_size, layout=f"{cfg.batch_size} demos")
-
-    def sized(self, cfg: SFTConfig, batch: int, n_batches: int) -> SFTConfig:
-        return replace(cfg, batch_size=batch, max_steps=n_batches)
+                   model=policy, networks={"policy": policy}, trainable=[policy])
