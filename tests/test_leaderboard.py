@@ -866,7 +866,8 @@ def test_the_answer_is_written_from_the_comparisons() -> None:
     assert "RLOO − PPO" not in md  # each pair once
 
 
-def test_the_answer_claims_a_difference_only_where_it_holds_on_the_other_kernels(tmp_path: Path) -> None:
+def test_the_answer_claims_a_difference_only_where_it_holds_on_the_other_kernels(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """GRPO ahead of PPO by 0.5 on every seed here. Re-run on AVX2: on llama_small it holds (the
     same records' gold, another platform), on moe_small PPO is ahead there (the pair in the other
     order, so the difference is turned to GRPO − PPO): the answer claims the first only, and says
@@ -883,11 +884,12 @@ def test_the_answer_claims_a_difference_only_where_it_holds_on_the_other_kernels
 
     for model in ("llama_small", "moe_small", "gpt2"):
         for r in runs(model, grpo, ppo, here):
-            write_record(r, tmp_path / "runs")
+            write_record(r, tmp_path / "results" / "runs")
     for r in runs("llama_small", grpo, ppo, avx2) + runs("moe_small", ppo, grpo, avx2):
         write_record(r, tmp_path / "avx2")
-    md = build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False, n_boot=500,
-                           check_runs=tmp_path / "avx2")["markdown"].read_text()
+    monkeypatch.chdir(tmp_path)
+    md = build_leaderboard(Path("results/runs"), Path("results"), screenshot=False, n_boot=500,
+                           check_runs=Path("avx2"))["markdown"].read_text()
     assert ("- On the oracle track, llama_small · toy (group test): GRPO − PPO +0.500 [+0.500, +0.500], "
             "P(GRPO > PPO) = 1.00, 3 seeds (holds on AVX2: +0.500 [+0.500, +0.500], 3 seeds) "
             "(p < 0.05 on both kernels).") in md
@@ -898,15 +900,27 @@ def test_the_answer_claims_a_difference_only_where_it_holds_on_the_other_kernels
     assert "(not on AVX2: -0.500 [-0.500, -0.500], 3 seeds)" in md
     assert "gpt2 · toy (group test): no difference between methods is separable on both kernels" in md
     assert "(not run on AVX2)" in md
-    assert f"12 records of the same groups in `{tmp_path / 'avx2'}` (AVX2)" in md
-    assert f"--check-runs {tmp_path / 'avx2'}" in md
-    again = build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False, n_boot=500)
-    assert "(holds on AVX2" in again["markdown"].read_text()  # kept for the rebuild
-    cleared = build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False, n_boot=500,
+    assert "12 records of the same groups in `avx2` (AVX2)" in md and "--check-runs avx2" in md
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # kept relative to the output folder: found from any directory
+    again = build_leaderboard(Path("../results/runs"), Path("../results"), screenshot=False, n_boot=500)
+    assert "(holds on AVX2" in again["markdown"].read_text()
+    # a sweep's rebuild with the kept folder gone says so and does not fail the sweep
+    (tmp_path / "avx2").rename(tmp_path / "avx2-moved")
+    from omegaconf import OmegaConf
+
+    from harness.tracking.callbacks import LeaderboardCallback
+
+    LeaderboardCallback().on_multirun_end(OmegaConf.create(
+        {"results_dir": str(tmp_path / "results"), "group": "test", "logger": {"kind": "none"}}))
+    assert "leaderboard not rebuilt: check_runs" in capsys.readouterr().out
+    (tmp_path / "avx2-moved").rename(tmp_path / "avx2")
+    cleared = build_leaderboard(tmp_path / "results" / "runs", tmp_path / "results", screenshot=False, n_boot=500,
                                 check_runs="")
     assert "AVX2" not in cleared["markdown"].read_text()
     with pytest.raises(ValueError, match="check_runs .*: no such folder"):
-        build_leaderboard(tmp_path / "runs", tmp_path / "out", screenshot=False,
+        build_leaderboard(tmp_path / "results" / "runs", tmp_path / "results", screenshot=False,
                           check_runs=tmp_path / "nowhere")
 
 

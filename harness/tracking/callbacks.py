@@ -23,7 +23,12 @@ class LeaderboardCallback(Callback):
 
         results = Path(to_absolute_path(config.results_dir or "results"))
         command = "python -m harness " + " ".join(sys.argv[1:])
-        paths = build_leaderboard_after(results, command, str(config.group))
+        try:
+            paths = build_leaderboard_after(results, command, str(config.group))
+        except ValueError as err:  # the sweep's records are written; only the page is not
+            log.warning("leaderboard not rebuilt: %s (python -m harness.leaderboard rebuilds it)", err)
+            print(f"leaderboard not rebuilt: {err}")
+            return
         log.info("leaderboard rebuilt: %s", paths.get("markdown"))
         print(f"leaderboard: {paths.get('markdown')}")
         if config.logger.kind == "wandb":

@@ -7,6 +7,7 @@ Markdown, CSV and HTML, the plots and a screenshot, with a header kept across re
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -134,13 +135,17 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     ``out_dir/leaderboard_header.json`` (see :func:`header_settings`), as is ``check_runs``: a
     folder of records of the same sweep run on other kernels (e.g. ``results/avx2/runs``), whose
     paired comparisons decide with the table's which differences the answer section claims
-    (:mod:`~harness.evaluation.leaderboard.kernels`; ``""`` clears it). ``n_boot`` and ``seed`` set the
+    (:mod:`~harness.evaluation.leaderboard.kernels`; kept relative to ``out_dir``; ``""`` clears
+    it; a kept folder that is gone is a ``ValueError``). ``n_boot`` and ``seed`` set the
     paired bootstrap. An empty or missing ``runs_dir`` is not an error: all files are written
     with an empty table and a note.
     """
     runs_dir, out_dir = _shown(Path(runs_dir)), _shown(Path(out_dir))
-    command, note, group, check = header_settings(
-        out_dir, command, note, group, None if check_runs is None else str(check_runs))
+    # the check folder is kept relative to out_dir, so a rebuild from any directory finds it
+    given_check = None if check_runs is None else \
+        os.path.relpath(Path(check_runs).resolve(), out_dir.resolve()) if str(check_runs) else ""
+    command, note, group, stored_check = header_settings(out_dir, command, note, group, given_check)
+    check = None if not stored_check else _shown((out_dir / stored_check).resolve())
     rejected: list[tuple[Path, str]] = []
     all_records = load_records(runs_dir, rejected)
     records, chosen = select_group(all_records, group)
@@ -148,8 +153,8 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     paired = paired_comparisons(records, n_boot=n_boot, seed=seed)
     information = information_effect(records, n_boot=n_boot, seed=seed)
     if check:
-        if not Path(check).is_dir():
-            raise ValueError(f"check_runs {check}: no such folder")
+        if not check.is_dir():
+            raise ValueError(f"check_runs {check}: no such folder (--check-runs '' forgets it)")
         check_records, _ = select_group(load_records(check), chosen)
         name = kernels_name(check_records)
         paired = check_on(paired, paired_comparisons(check_records, n_boot=n_boot, seed=seed), name)
@@ -167,7 +172,7 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     commits = sorted({str(r.get("git_commit"))[:12] for r in records if r.get("git_commit")})
     rebuild = f"python -m harness.leaderboard --runs {shlex.quote(str(runs_dir))} " \
               f"--out {shlex.quote(str(out_dir))}" + (f" --group {shlex.quote(group)}" if group else "") \
-              + (f" --check-runs {shlex.quote(check)}" if check else "")
+              + (f" --check-runs {shlex.quote(str(check))}" if check else "")
     header = []
     if command:
         header.append(f"Reproduce the runs: `{command}`")
