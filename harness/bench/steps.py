@@ -115,7 +115,7 @@ def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch
                  n_batches: int, seed: int = 0, device: torch.device | None = None,
                  minibatch: int | None = None,
                  before_models: Callable[[], None] | None = None,
-                 overrides: Sequence[str] = (), fused_adamw: bool = False) -> Any:
+                 overrides: Sequence[str] = (), fused_adamw: bool = False) -> Setup:
     """The stage's :class:`~harness.stage.Fit` as the pipeline builds it, from random-init inputs,
     with what one of its batches is (a :class:`Setup`).
 
