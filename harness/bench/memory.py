@@ -128,8 +128,8 @@ def measure_memory(method: str, model_cfg: ModelConfig, task: Any, tok: Any, bat
                 else peak_rss_bytes())
         state = state_memory(setup.networks, setup.trainable, trainer.optimizers)
     return {
-        "model": model_cfg.name, "method": method, "layout": setup.layout,
-        "sequences": setup.sequences, "minibatch": setup.minibatch, "iters": iters,
+        "model": model_cfg.name, "method": method, "layout": setup.shape.layout,
+        "sequences": setup.shape.sequences, "minibatch": setup.shape.minibatch, "iters": iters,
         "device": str(device), "measure": "cuda max_memory_allocated" if device.type == "cuda"
         else "peak RSS (VmHWM)", "baseline_bytes": base["bytes"], "peak_bytes": peak,
         "delta_bytes": max(0, peak - base["bytes"]), "peak_reset": base["peak_reset"], **state,

@@ -63,52 +63,11 @@ def rollout_overrides(method: str, new_tokens: int | None) -> list[str]:
 
 
 @dataclasses.dataclass
-class Setup:
+class Setup(Fit):
     """A stage ready to train, as the bench uses it: its :class:`~harness.stage.Fit` and what one
-    training batch is (:class:`~harness.bench.shapes.Shape`)."""
+    training batch is (``shape``: :class:`~harness.bench.shapes.Shape`)."""
 
-    fit: Fit
     shape: Shape
-
-    @property
-    def module(self) -> L.LightningModule:
-        return self.fit.module
-
-    @property
-    def data(self) -> Any:
-        return self.fit.data
-
-    @property
-    def budget(self) -> Any:
-        return self.fit.budget
-
-    @property
-    def model(self) -> nn.Module:
-        return self.fit.model
-
-    @property
-    def networks(self) -> dict[str, nn.Module]:
-        return self.fit.networks
-
-    @property
-    def trainable(self) -> list[nn.Module]:
-        return self.fit.trainable
-
-    @property
-    def sequences(self) -> int:
-        return self.shape.sequences
-
-    @property
-    def layout(self) -> str:
-        return self.shape.layout
-
-    @property
-    def passes(self) -> int | None:
-        return self.shape.passes
-
-    @property
-    def minibatch(self) -> int | None:
-        return self.shape.minibatch
 
 
 def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
@@ -153,7 +112,9 @@ def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch
         inputs[need] = Built(need, settings.stage_config(need), model,
                              StageRecord(key=f"random-{need}", path=Path(".")), Path("."))
     with contextlib.redirect_stderr(io.StringIO()):  # DPO's reference-log-prob bar
-        return Setup(stage.build(ctx, cfg, inputs), shape(stage, cfg))
+        fit = stage.build(ctx, cfg, inputs)
+    return Setup(**{f.name: getattr(fit, f.name) for f in dataclasses.fields(fit)},
+                 shape=shape(stage, cfg))
 
 
 class StepTimer(L.Callback):
@@ -264,12 +225,12 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
               if profiler is not None else None)
     return {
         "model": model_cfg.name, "vocab": model_cfg.vocab_size, "method": method,
-        "layout": setup.layout,
-        "sequences": setup.sequences, "minibatch": setup.minibatch,
-        "passes": setup.passes, "s_per_batch": s_batch, "opt_steps_per_batch": opt,
+        "layout": setup.shape.layout,
+        "sequences": setup.shape.sequences, "minibatch": setup.shape.minibatch,
+        "passes": setup.shape.passes, "s_per_batch": s_batch, "opt_steps_per_batch": opt,
         # tokens trained on per batch (attention-mask tokens, summed over optimisation passes)
         "tokens_per_batch": setup.module.tokens_trained / n,
-        "s_per_opt_step": s_batch / opt, "seq_per_s": setup.sequences / s_batch,
+        "s_per_opt_step": s_batch / opt, "seq_per_s": setup.shape.sequences / s_batch,
         "times": times, "iters": iters, "device": str(device), "precision": precision,
         "phases": phases,
     }

@@ -404,12 +404,12 @@ def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: i
     cfg = setup.module.cfg
     theirs, info = trl_step_times(method, cfg, weights, task, tok, warmup + iters, seed, device,
                                   root)
-    layout = setup.layout
+    layout = setup.shape.layout
     if method in ("grpo", "ppo"):
         layout += f" x {new_tokens} tokens"
     if method == "ppo":
         layout += f", {cfg.update_epochs} epochs"
-    row = {"method": method, "layout": layout, "sequences": setup.sequences,
+    row = {"method": method, "layout": layout, "sequences": setup.shape.sequences,
            "harness_s": ours["s_per_batch"], "trl_s": median(theirs[warmup:]),
            "harness_times": ours["times"], "trl_times": theirs[warmup:],
            "seq_len": step_tokens(method, cfg, task, tok), "threads": info["threads"]}
@@ -417,7 +417,7 @@ def one_round(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: i
     row["flops"] = step_flops(method, model_cfg, cfg, row["seq_len"])
     if method == "grpo":
         n_rollouts = warmup + iters
-        row["harness_response_tokens"] = setup.module.tokens_generated / (n_rollouts * setup.sequences)
+        row["harness_response_tokens"] = setup.module.tokens_generated / (n_rollouts * setup.shape.sequences)
         row["trl_response_tokens"] = info.get("response_tokens")
     return row
 
