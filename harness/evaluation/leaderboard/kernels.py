@@ -13,17 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from harness.evaluation.stats import platform_identity
+
 
 def kernels_name(records: Iterable[Mapping[str, Any]]) -> str:
     """What the ok records ran on, short: their CPU capabilities (``"AVX2"``) or GPU names,
     several joined by ``"/"``; ``"another platform"`` when no record says."""
-    names = set()
-    for r in records:
-        platform = r.get("platform") if r.get("status") == "ok" else None
-        if isinstance(platform, Mapping):
-            name = platform.get("gpu") or platform.get("cpu_capability")
-            if name:
-                names.add(str(name))
+    ids = {platform_identity(r.get("platform")) for r in records if r.get("status") == "ok"}
+    names = {str(i[3] or i[2]) for i in ids if i is not None and (i[3] or i[2])}  # gpu, capability
     return "/".join(sorted(names)) or "another platform"
 
 
