@@ -922,6 +922,7 @@ def test_the_answer_claims_a_difference_only_where_it_holds_on_the_other_kernels
     with pytest.raises(ValueError, match="check_runs .*: no such folder"):
         build_leaderboard(tmp_path / "results" / "runs", tmp_path / "results", screenshot=False,
                           check_runs=tmp_path / "nowhere")
+    assert "nowhere" not in (tmp_path / "results" / lb.HEADER_FILE).read_text()  # not kept
 
 
 def test_the_seed_strips_and_the_overoptimisation_figure(tmp_path: Path) -> None:

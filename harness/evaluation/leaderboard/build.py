@@ -141,6 +141,9 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     with an empty table and a note.
     """
     runs_dir, out_dir = _shown(Path(runs_dir)), _shown(Path(out_dir))
+    if check_runs is not None and str(check_runs) and not Path(check_runs).is_dir():
+        # before it is kept in the header: a typo must not break every later rebuild
+        raise ValueError(f"check_runs {check_runs}: no such folder (nothing written)")
     # the check folder is kept relative to out_dir, so a rebuild from any directory finds it
     given_check = None if check_runs is None else \
         os.path.relpath(Path(check_runs).resolve(), out_dir.resolve()) if str(check_runs) else ""
