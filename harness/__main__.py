@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> float | None:
         kind = "config" if isinstance(exc, ConfigError) else "data"
         sys.exit(f"{kind} error: {exc}")
     except Exception as exc:
-        from harness.pipeline import RecordNotWritten
+        from harness.pipeline.outputs import RecordNotWritten
 
         if isinstance(exc, RecordNotWritten):
             sys.exit(f"record error: {exc}")

@@ -2,7 +2,7 @@
 
 What a resume checkpoint holds is Lightning's own (``Trainer.save_checkpoint``): the module's
 weights, every optimiser and scheduler state, the loops' progress, the callbacks' states (the
-training curves: :class:`harness.pipeline.HistoryRecorder`, the held-out gold curve) and the
+training curves: :class:`harness.pipeline.trainer.HistoryRecorder`, the held-out gold curve) and the
 train loader's position (:class:`harness.data.resumable.ResumableLoader`), plus what
 :class:`harness.methods.base.AlignmentModule` adds: the global RNG states (dropout, noisy-gating
 noise), the module's own generators (the rollout sampler) and its running state (e.g. PPO's

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from harness.cache import StageRecord
 from harness.data.datamodule import AlignmentDataModule
 from harness.data.resumable import ResumableLoader
+from harness.evaluation.cost import StageCost
 from harness.models.architecture import ConfigError, LoRASettings, ModelConfig
 from harness.models.hf import load_checkpoint, save_checkpoint
 from harness.models.llama import CausalLM, ScalarHead
@@ -35,14 +36,20 @@ from harness.seeding import generator
 
 @dataclass
 class StageContext:
-    """What a stage may use to build itself: the run's task, tokenizer, backbone config and seed."""
+    """What a stage may use to build itself: the run's task, tokenizer, backbone config and seed
+    (:func:`harness.pipeline.prepare.prepare` builds it from the settings)."""
 
     task: Any
     tokenizer: Any
+    #: the backbone's config with ``vocab_size`` taken from the tokenizer when it was null
     model_cfg: ModelConfig
     seed: int
     #: the folder of ``model.pretrained`` (None: the backbone starts from a fresh initialisation)
     pretrained: Path | None = None
+    #: the sha256 of the pretrained weights: base stages are keyed by it, not by the folder
+    weights_sha256: str | None = None
+    #: the prompt format in effect (``dataset.prompt_format``, ``auto`` resolved for the tokenizer)
+    prompt_format: str = "raw"
 
     def new_policy(self) -> CausalLM:
         """The backbone SFT starts from: the pretrained weights of ``model.pretrained``, else a
@@ -112,13 +119,18 @@ class Fit:
 
 @dataclass
 class Built:
-    """A finished stage: its config, its trained model and its record (key, path, metrics)."""
+    """A finished stage: its config, its trained model and its record (key, path, metrics); what
+    it cost (when trained: in this run; from the cache: what it spent when it was trained) and
+    the training curves of this run's training (``{metric: [[step, value], ...]}``; empty for a
+    stage from the cache)."""
 
     name: str
     config: Any
     model: nn.Module
     record: StageRecord
     checkpoint: Path
+    cost: StageCost = field(default_factory=StageCost)
+    history: dict[str, list[list[float]]] = field(default_factory=dict)
 
 
 class Stage:

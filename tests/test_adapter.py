@@ -38,14 +38,13 @@ def folder(tmp_path_factory) -> Path:
     return gpt2_folder(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2")
 
 
-def _run_of(folder: Path, tmp_path: Path, *extra: str):
-    from omegaconf import OmegaConf
-
-    from harness.pipeline import Run
+def _context_of(folder: Path, tmp_path: Path, *extra: str):
+    """The run's set-up (:func:`harness.pipeline.prepare.prepare`) for the checkpoint ``folder``."""
+    from harness.pipeline.prepare import prepare
     from harness.settings import validate
 
     cfg = composed(["model=hf", f"model.pretrained={folder}", f"cache_dir={tmp_path}/c", *extra])
-    return Run(validate(cfg), OmegaConf.to_container(cfg, resolve=True), tmp_path / "run")
+    return prepare(validate(cfg), tmp_path / "c")
 
 
 def test_a_gpt2_checkpoint_runs_through_transformers_and_says_what_it_lacks(folder, tmp_path, caplog):
@@ -69,8 +68,8 @@ def test_a_gpt2_checkpoint_runs_through_transformers_and_says_what_it_lacks(fold
 
     adapter._REPORTED.discard("tiny-gpt2")
     with caplog.at_level(logging.WARNING, logger="harness"):
-        _run_of(folder, tmp_path).ctx.new_policy()
-        _run_of(folder, tmp_path).ctx.new_policy()
+        _context_of(folder, tmp_path).new_policy()
+        _context_of(folder, tmp_path).new_policy()
     said = [r.getMessage() for r in caplog.records if "not available through it" in r.getMessage()]
     assert len(said) == 1 and "GPT2LMHeadModel" in said[0] and "upcycling" in said[0]
 
@@ -78,7 +77,7 @@ def test_a_gpt2_checkpoint_runs_through_transformers_and_says_what_it_lacks(fold
 @pytest.mark.parametrize("method", ["dpo", "grpo", "rloo"])
 def test_a_shared_prompt_is_refused_through_transformers_before_work(folder, tmp_path, method):
     with pytest.raises(ConfigError, match="method.share_prompt=true: the packed layout"):
-        _run_of(folder, tmp_path, f"method={method}", "method.share_prompt=true")
+        _context_of(folder, tmp_path, f"method={method}", "method.share_prompt=true")
     assert not list((tmp_path / "c").glob("stages/*"))   # no stage trained
 
 
@@ -87,8 +86,8 @@ def test_the_adapter_gives_transformers_logits_and_samples_like_it(folder, tmp_p
 
     from harness.models.generation import generate
 
-    r = _run_of(folder, tmp_path)
-    ours = r.ctx.new_policy()
+    ctx = _context_of(folder, tmp_path)
+    ours = ctx.new_policy()
     assert not any(isinstance(m, torch.nn.Dropout) and m.p for m in ours.modules())  # dropout off
     theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.randint(4, ours.cfg.vocab_size, (2, 12))
@@ -97,8 +96,8 @@ def test_the_adapter_gives_transformers_logits_and_samples_like_it(folder, tmp_p
         assert torch.allclose(out.logits, theirs(ids).logits, atol=1e-5)
         assert out.hidden.shape == (2, 12, 32) and float(out.aux_loss) == 0.0 and not out.expert_load
     # left-padded prompts of two lengths, KV-cached: each row as if alone, and as HF greedy
-    pad = r.tokenizer.pad_token_id
-    eos = r.tokenizer.eos_token_id
+    pad = ctx.tokenizer.pad_token_id
+    eos = ctx.tokenizer.eos_token_id
     a, b = [5, 9, 13, 7, 21], [8, 30]
     batch = torch.tensor([a, [pad] * 3 + b])
     mask = torch.tensor([[1] * 5, [0] * 3 + [1] * 2])
@@ -174,7 +173,7 @@ def test_the_parameter_breakdown_counts_a_gpt2_checkpoint(folder):
 def test_gradient_checkpointing_through_the_adapter_keeps_the_gradients(folder, tmp_path):
     import copy
 
-    policy = _run_of(folder, tmp_path).ctx.new_policy().train()
+    policy = _context_of(folder, tmp_path).new_policy().train()
     recomputing = copy.deepcopy(policy)
     recomputing.set_gradient_checkpointing(True)
     assert recomputing.hf.is_gradient_checkpointing and not policy.hf.is_gradient_checkpointing

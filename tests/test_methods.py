@@ -76,17 +76,17 @@ def test_an_experiment_sets_the_sft_budget_and_an_override_wins():
 def _run(overrides: list[str], tmp_path: Path):
     from omegaconf import OmegaConf
 
-    from harness.pipeline import Run
+    from harness.pipeline import stage_runner
     from harness.settings import validate
 
     cfg = composed(overrides)
-    return Run(validate(cfg), OmegaConf.to_container(cfg, resolve=True), tmp_path)
+    return stage_runner(validate(cfg), OmegaConf.to_container(cfg, resolve=True), tmp_path)
 
 
 def _decides(r, name: str, inputs=None) -> dict:
-    from harness.registry import get_stage
+    from harness.pipeline.stages import decides
 
-    return r.decides(get_stage(name), r.s.stage_config(name), inputs or {})
+    return decides(r.ctx, r.settings, r.settings.stage_config(name), inputs or {})
 
 
 def test_a_retrained_sft_base_gets_a_new_reward_model_key(tmp_path):

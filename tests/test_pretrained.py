@@ -81,18 +81,17 @@ def test_the_checkpoint_decides_the_shape_and_the_name(llama_folder):
 def test_the_pretrained_backbone_gives_transformers_logits(tmp_path, layout):
     from transformers import AutoModelForCausalLM
 
-    from harness.pipeline import Run
+    from harness.pipeline.prepare import prepare
     from harness.settings import validate
 
     folder = write_folder(tmp_path / f"tiny-{layout}", moe=layout == "mixtral",
                           qwen2=layout == "qwen2")
     cfg = composed(["model=hf", f"model.pretrained={folder}", f"cache_dir={tmp_path}/c"])
-    from omegaconf import OmegaConf
-    r = Run(validate(cfg), OmegaConf.to_container(cfg, resolve=True), tmp_path / "run")
-    assert r.tokenizer.vocab_size == r.ctx.model_cfg.vocab_size  # the checkpoint's tokenizer
-    ours = r.ctx.new_policy().eval()
+    ctx = prepare(validate(cfg), tmp_path / "c")
+    assert ctx.tokenizer.vocab_size == ctx.model_cfg.vocab_size  # the checkpoint's tokenizer
+    ours = ctx.new_policy().eval()
     theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids = torch.randint(4, r.ctx.model_cfg.vocab_size, (2, 12))
+    ids = torch.randint(4, ctx.model_cfg.vocab_size, (2, 12))
     with torch.no_grad():
         assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-4)
 

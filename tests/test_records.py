@@ -209,7 +209,7 @@ def test_a_folder_that_cannot_be_written_is_refused_naming_its_field(tmp_path: P
 
 
 def test_the_summary_is_written_when_the_record_cannot_be_and_the_run_fails(tmp_path: Path) -> None:
-    from harness.pipeline import RecordNotWritten, write_outputs
+    from harness.pipeline.outputs import RecordNotWritten, write_outputs
 
     (tmp_path / "blocked").write_text("")
     summary = {"status": "ok", "method": "dpo", "model": "llama_tiny", "dataset": "arith", "seed": 0,
@@ -272,7 +272,7 @@ def test_a_finished_record_is_found_by_config_and_platform(tmp_path: Path) -> No
 
 def test_a_run_started_outside_the_repository_records_the_codes_commit(tmp_path, monkeypatch):
     """The commit comes from where the harness's code is, not from the current directory."""
-    from harness.pipeline import record_for
+    from harness.pipeline.outputs import record_for
 
     monkeypatch.chdir(tmp_path)  # not a git repository
     summary = {"run_id": "grpo_m_arith_s0_000000000000", "method": "grpo", "model": "m",

@@ -24,7 +24,7 @@ from harness.methods.grpo import GRPOConfig, GRPOModule
 from harness.methods.losses import aggregate_loss, ppo_clipped_surrogate
 from harness.models.architecture import ModelConfig
 from harness.models.llama import CausalLM
-from harness.pipeline import stage_costs
+from harness.pipeline.outputs import stage_costs
 from harness.seeding import STREAMS, generator, stream_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +189,8 @@ def test_one_seed_gives_the_same_run_in_two_processes_and_another_seed_another(t
 def test_validation_prompts_never_overlap_the_test_prompts(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from harness.pipeline import Run
+    from harness.pipeline.evaluation import eval_prompts
+    from harness.pipeline.prepare import prepare
     from harness.settings import register_configs
 
     register_configs()
@@ -197,15 +198,14 @@ def test_validation_prompts_never_overlap_the_test_prompts(tmp_path):
         cfg = compose(config_name="config", overrides=[
             "model=llama_tiny", "dataset.n_train=200", "dataset.n_pairs=32", "dataset.n_eval=50",
             f"cache_dir={tmp_path}/cache", "logger=none"])
-    from omegaconf import OmegaConf
-
     from harness.settings import validate
 
-    run = Run(validate(cfg), OmegaConf.to_container(cfg, resolve=True), tmp_path / "run")
-    test, val = run.eval_prompts("test"), run.eval_prompts("validation")
+    settings = validate(cfg)
+    task, e = prepare(settings, tmp_path / "cache").task, settings.eval
+    test, val = eval_prompts(task, e, "test"), eval_prompts(task, e, "validation")
     assert len(test) == 50 and len(val) == 50 and len(set(val)) == 50
     assert not set(test) & set(val)
-    assert run.eval_prompts("validation", limit=8) == val[:8]
+    assert eval_prompts(task, e, "validation", limit=8) == val[:8]
 
 
 # ------------------------------------------------------------------------------------- tuning

@@ -6,7 +6,7 @@ not there) is already a Hugging Face folder; TRL 1.16's ``GRPOTrainer`` (oracle 
 gold reward) or ``DPOTrainer`` (the task's preference pairs) trains a copy of it with the
 harness's settings mapped to TRL's (:func:`harness.bench.vs_trl.grpo_args`, ``dpo_args``: the same
 optimiser, schedule, batch, group, clip range, KL coefficient, loss aggregation and sampling), and
-the trained policy is evaluated exactly as a harness run is (:func:`harness.pipeline.evaluate`:
+the trained policy is evaluated exactly as a harness run is (:func:`harness.pipeline.evaluation.evaluate`:
 held-out gold on the test split, win rate and KL against the same SFT reference). Each becomes a
 results record of method ``trl_<method>`` in the group of the harness's runs (``--group``, default
 ``tracks``) and on the harness method's track, so the leaderboard pairs it with the harness's own
@@ -64,13 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def harness_run(method: str, model: str, seed: int, overrides: list[str], cache_dir: str | None,
                 run_dir: Path) -> Any:
-    """The harness's :class:`~harness.pipeline.Run` of ``method`` for ``seed`` (its settings,
-    task, tokenizer and stage cache), composed as ``python -m harness`` composes it."""
+    """The harness's stage runner (:func:`harness.pipeline.stage_runner`) of ``method`` for
+    ``seed`` (its settings, task, tokenizer and stage cache), composed as ``python -m harness``
+    composes it."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from harness.conf_path import config_dir
-    from harness.pipeline import Run
+    from harness.pipeline import stage_runner
     from harness.settings import register_configs, validate
 
     register_configs()
@@ -81,7 +82,7 @@ def harness_run(method: str, model: str, seed: int, overrides: list[str], cache_
                                                        f"seed={seed}", "logger=none", *track,
                                                        *extra, *overrides])
     settings = validate(cfg)
-    return Run(settings, OmegaConf.to_container(cfg, resolve=True), run_dir)
+    return stage_runner(settings, OmegaConf.to_container(cfg, resolve=True), run_dir)
 
 
 def train_with_trl(method: str, cfg: Any, weights: Path, task: Any, tok: Any, seed: int,
@@ -125,23 +126,24 @@ def crosscheck(method: str, model: str, seed: int, overrides: list[str], cache_d
     from harness.evaluation.platform import platform_info
     from harness.evaluation.records import new_record, new_run_id, write_record
     from harness.models.hf import load_checkpoint
-    from harness.pipeline import evaluate
+    from harness.pipeline.evaluation import evaluate
 
     with tempfile.TemporaryDirectory(prefix="crosscheck-") as tmp:
         root = Path(tmp)
         r = harness_run(method, model, seed, overrides, cache_dir, root / "run")
         base = r.obtain("sft")  # the harness's SFT base: the cache's, or trained now
-        cfg = r.s.method
+        s, task, tok = r.settings, r.ctx.task, r.ctx.tokenizer
         torch.manual_seed(seed)
-        wall = train_with_trl(method, cfg, Path(base.checkpoint), r.task, r.tokenizer, seed, root)
+        wall = train_with_trl(method, s.method, Path(base.checkpoint), task, tok, seed, root)
         policy = load_checkpoint(root / "policy")[0]
-        metrics, _, per_prompt = evaluate(r, policy.eval(), base.model.eval(), r.s.eval_max_len)
+        metrics, _, per_prompt = evaluate(policy.eval(), base.model.eval(), task, tok, s.eval,
+                                          seed, s.eval_max_len)
     source = "gold" if method != "dpo" else None
     record = new_record(
-        run_id=new_run_id(f"trl_{method}", model, r.s.dataset.name, seed), method=f"trl_{method}",
-        model=model, dataset=r.s.dataset.name, seed=seed, group=group,
+        run_id=new_run_id(f"trl_{method}", model, s.dataset.name, seed), method=f"trl_{method}",
+        model=model, dataset=s.dataset.name, seed=seed, group=group,
         metrics=metrics, cost={"cost/method_wall_s": wall}, cache_keys={"sft": base.record.key},
-        config={**r.cfg, "trl": {"trainer": {"grpo": "GRPOTrainer", "dpo": "DPOTrainer"}[method],
+        config={**r.resolved, "trl": {"trainer": {"grpo": "GRPOTrainer", "dpo": "DPOTrainer"}[method],
                                  "version": _trl_version()}},
         platform=platform_info("cpu"), per_prompt=per_prompt, reward_source=source,
         track="oracle" if method != "dpo" else "preferences",

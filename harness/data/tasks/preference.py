@@ -20,7 +20,7 @@ takes up to ``n_eval`` distinct prompts (seeded shuffle) from ``eval_split``, fa
 validation split when the data has no such split. There is no gold reward: ``has_gold_reward`` is
 False and :meth:`PreferenceTask.reward` raises :class:`NoGoldRewardError`; evaluation falls back to
 preference accuracy on the eval pairs (``chosen`` / ``rejected`` are kept in ``eval_dataset``;
-:func:`harness.pipeline.evaluate_preferences`), and RL methods need ``reward_source=rm``.
+:func:`harness.pipeline.evaluation.evaluate_preferences`), and RL methods need ``reward_source=rm``.
 
 Datasets are not saved again by the harness: ``datasets``' own cache keeps the downloaded or parsed
 files (``hf_cache_dir``, default HF's).
