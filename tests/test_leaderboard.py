@@ -321,10 +321,51 @@ def test_paired_comparisons() -> None:
     same = pairs[2]
     assert same["mean_diff"] == 0.0 and same["p"] == 1.0 and not same["significant"]
     md = render_markdown(build_table(recs), paired=pairs)
-    # every seed +1: the t interval is [1, 1] and p 0 (decides ✓); P(A > B) 1; bootstrap p 2/1001
+    # every seed +1: the t interval is [1, 1], p 0 and Holm p 0 (decides ✓); A ahead in 3 of 3
+    # seeds; P(A > B) 1; bootstrap p 2/1001
     assert "## Paired differences" in md
-    assert "| ppo − dpo | +1.000 | [+1.000, +1.000] | 0 ✓ | 1.00 [1.00, 1.00] | [+1.000, +1.000] | 0.002 |" in md
+    assert ("| ppo − dpo | +1.000 | [+1.000, +1.000] | 0 | 0 ✓ | 3/3 | 1.00 [1.00, 1.00] | "
+            "[+1.000, +1.000] | 0.002 |") in md
     assert "<tr class=\"sig\">" in render_html(build_table(recs), {}, paired=pairs)
+
+
+def test_holm_adjusts_p_values_as_computed_by_hand() -> None:
+    from harness.evaluation.stats import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4·0.005, 3·0.01, 2·0.03, max(1·0.04, 0.06)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([None, 0.2, 0.01]) == [None, pytest.approx(0.2), pytest.approx(0.02)]  # m = 2
+    assert holm([0.6, 0.5]) == [1.0, 1.0]  # 2·0.5 capped at 1; then max(1, 1·0.6)
+    assert holm([]) == []
+
+
+def test_a_pair_the_t_test_alone_separates_is_no_difference_after_holm() -> None:
+    """Three methods, three pairs in one table: PPO − DPO is separated by its own t-test
+    (D = 1, 2, 1, 3 twentieths: p 0.0354) but not after Holm over the table (3 · 0.0354 = 0.106),
+    so no ✓ and the answer claims nothing; ``wins`` counts the seeds where A is ahead."""
+    from harness.evaluation.leaderboard.sections import answer
+
+    n = 20
+
+    def gold(k: int) -> list[float]:  # a seed's score is k/20
+        return [1.0] * k + [0.0] * (n - k)
+
+    scores = {"ppo": (10, 11, 12, 13), "dpo": (9, 9, 11, 10), "grpo": (9, 10, 11, 10)}
+    recs = [rec(m, s, {"eval/gold_reward": k[s] / n}, per_prompt=_per_prompt(gold(k[s])))
+            for s in range(4) for m, k in scores.items()]
+    pairs = {(c["a"], c["b"]): c for c in paired_comparisons(recs, n_boot=200)}
+    close = pairs[("ppo", "dpo")]
+    assert close["wins"] == 4 and close["t_p"] == pytest.approx(0.035353, abs=1e-5)
+    # sorted p: 0.0354 (x3), 0.0577 (x2), 0.391 (x1), each at least the one before
+    assert close["holm_p"] == pytest.approx(3 * close["t_p"]) and not close["significant"]
+    assert pairs[("ppo", "grpo")]["holm_p"] == pytest.approx(2 * pairs[("ppo", "grpo")]["t_p"])
+    assert pairs[("grpo", "dpo")]["holm_p"] == pytest.approx(pairs[("grpo", "dpo")]["t_p"])
+    assert pairs[("grpo", "dpo")]["wins"] == 1  # D = 0, +1, 0, 0: ahead in one seed, tied in three
+    text = " ".join(answer(list(pairs.values())))
+    assert "no difference between methods is separable" in text and "PPO − DPO" not in text
+    md = render_markdown(build_table(recs), paired=list(pairs.values()))
+    assert "| ppo − dpo | +0.087 | [+0.011, +0.164] | 0.0354 | 0.11 | 4/4 |" in md
+    assert not [line for line in md.splitlines() if line.startswith("|") and "✓" in line]
 
 
 def test_tracks_split_rows_and_pair_methods_only_within_one() -> None:
@@ -859,10 +900,13 @@ def test_the_answer_is_written_from_the_comparisons() -> None:
     md = render_markdown(rows, paired=pairs)
     head, _, rest = md.partition("## What this comparison shows")
     assert rest and "| method |" not in head  # before the main table
+    # GRPO − RLOO: D = 0.25, 0.75, 0.5: t-test p 0.074, Holm (second of three) 2 · 0.074
     assert ("- On the oracle track, llama_small · toy (group test): GRPO − PPO +0.500 "
-            "[+0.500, +0.500], P(GRPO > PPO) = 1.00, 3 seeds (p < 0.05). Not separable: "
-            "GRPO − RLOO +0.500 [-0.121, +1.121], P(GRPO > RLOO) = 1.00, 3 seeds; "
-            "PPO − RLOO +0.000 [-0.621, +0.621], P(PPO > RLOO) = 0.50, 3 seeds.") in md
+            "[+0.500, +0.500], Holm p 0, P(GRPO > PPO) = 1.00, GRPO ahead in 3 of 3 seeds "
+            "(Holm p < 0.05). Not separable: "
+            "GRPO − RLOO +0.500 [-0.121, +1.121], Holm p 0.15, P(GRPO > RLOO) = 1.00, GRPO ahead in "
+            "3 of 3 seeds; PPO − RLOO +0.000 [-0.621, +0.621], Holm p 1.00, P(PPO > RLOO) = 0.50, "
+            "PPO ahead in 1 of 3 seeds.") in md
     assert "RLOO − PPO" not in md  # each pair once
 
 
@@ -891,8 +935,8 @@ def test_the_answer_claims_a_difference_only_where_it_holds_on_the_other_kernels
     md = build_leaderboard(Path("results/runs"), Path("results"), screenshot=False, n_boot=500,
                            check_runs=Path("avx2"))["markdown"].read_text()
     assert ("- On the oracle track, llama_small · toy (group test): GRPO − PPO +0.500 [+0.500, +0.500], "
-            "P(GRPO > PPO) = 1.00, 3 seeds (holds on AVX2: +0.500 [+0.500, +0.500], 3 seeds) "
-            "(p < 0.05 on both kernels).") in md
+            "Holm p 0, P(GRPO > PPO) = 1.00, GRPO ahead in 3 of 3 seeds (holds on AVX2: +0.500 "
+            "[+0.500, +0.500], 3 seeds) (Holm p < 0.05 on both kernels).") in md
     assert ("- On the oracle track, moe_small · toy (group test): no difference between methods is "
             "separable on both kernels.") not in md  # the sentence names the difference it drops
     assert ("- On the oracle track, moe_small · toy (group test): no difference between methods is "

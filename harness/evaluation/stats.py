@@ -8,7 +8,9 @@
   a mean per-prompt difference, with a percentile interval and a two-sided p-value.
 * :func:`sign_flip_test` — the exact sign-flip (permutation) test over per-seed mean differences.
 * :func:`paired_t_test` — the paired t-test and interval over per-seed mean differences: what
-  decides a leaderboard "✓" (calibrated at the seed counts run, unlike a bootstrap of 3 seeds).
+  tests each pair (calibrated at the seed counts run, unlike a bootstrap of 3 seeds).
+* :func:`holm` — Holm's step-down adjustment of a family of p-values: the adjusted p of the
+  t-tests over the pairs of one table is what decides a leaderboard "✓".
 * :func:`iqm`, :func:`probability_of_improvement`, :func:`stratified_bootstrap_interval` — the
   interquartile mean and P(X > Y) over seeds with stratified bootstrap intervals (Agarwal et al.
   2021, "Deep RL at the Edge of the Statistical Precipice"; rliable's estimators, on one task).
@@ -33,6 +35,7 @@ __all__ = [
     "SeedTest",
     "bootstrap_distribution",
     "distinct_seeds",
+    "holm",
     "iqm",
     "kl_coefficient",
     "learning_rate",
@@ -402,3 +405,22 @@ def paired_t_test(diffs: Sequence[float], level: float = 0.95) -> SeedTest:
     half = t_quantile(0.5 + level / 2.0, len(d) - 1) * se
     p = 2.0 * (1.0 - t_cdf(abs(mean) / se, len(d) - 1))
     return SeedTest(mean, mean - half, mean + half, min(1.0, max(0.0, p)), len(d))
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values of one family of tests (Holm 1979), in the input order.
+
+    With the m finite p-values sorted, p_(1) <= ... <= p_(m), the adjusted
+    p̃_(k) = min(1, max_{j <= k} (m − j + 1)·p_(j)); rejecting every p̃ < α keeps the chance of
+    any false claim in the family at most α, whatever the tests' dependence. ``None`` (a test
+    that gave no p) stays ``None`` and does not count in m. Ties keep their input order (the
+    running max makes the result the same either way).
+    """
+    index = sorted((i for i, p in enumerate(p_values) if p is not None), key=lambda i: p_values[i])
+    m = len(index)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for k, i in enumerate(index):
+        running = max(running, min(1.0, (m - k) * float(p_values[i])))
+        out[i] = running
+    return out

@@ -1,6 +1,12 @@
 """Paired comparisons on the held-out prompts: two methods of one track (and group), and one
 method across the two tracks (the information effect), each over the seeds both ran, prompt by
-prompt, with the two-level paired bootstrap of :mod:`harness.evaluation.stats`."""
+prompt, with the two-level paired bootstrap of :mod:`harness.evaluation.stats`.
+
+What decides a difference (``significant``, the leaderboard's ✓): the paired t-test over seeds,
+its p adjusted by Holm's step-down method over the family of comparisons made together — the
+pairs of methods of one table (model, dataset, group, track), or the information effects of one
+(model, dataset, group) — so that a table of six pairs does not claim one by chance more often
+than a single test would (at most ``ALPHA`` for the whole table)."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from harness.evaluation.leaderboard.table import SEED_BOOT, row_groups, setting_
 from harness.evaluation.records import finite
 from harness.evaluation.stats import (
     distinct_seeds,
+    holm,
     paired_bootstrap,
     paired_t_test,
     probability_of_improvement,
@@ -54,9 +61,10 @@ def paired_comparisons(records: Iterable[Mapping[str, Any]], n_boot: int = 10_00
     length; d[s, i] = gold_A[s, i] − gold_B[s, i] goes to
     :func:`harness.evaluation.stats.paired_bootstrap` (``n_boot`` replicates, numpy seed
     ``seed``). Returns dicts ``{"model", "dataset", "group", "track", "a", "b", "n_seeds",
-    "n_prompts", "seeds", "mean_diff", "ci_lo", "ci_hi", "p", "sign_flip_p", "significant",
-    "skipped"}``; ``skipped`` says why a pair could not be compared (then the numbers are
-    ``None``).
+    "n_prompts", "seeds", "mean_diff", "ci_lo", "ci_hi", "p", "sign_flip_p", "t_lo", "t_hi", "t_p",
+    "holm_p", "wins", "poi", "poi_lo", "poi_hi", "significant", "skipped"}``; ``skipped`` says why a
+    pair could not be compared (then the numbers are ``None``). ``holm_p``: ``t_p`` adjusted over
+    the pairs of the same (model, dataset, group, track); ``significant``: ``holm_p < ALPHA``.
     """
     out = []
     for (model, dataset, group, track), methods in sorted(_cells(records).items()):
@@ -70,7 +78,7 @@ def paired_comparisons(records: Iterable[Mapping[str, Any]], n_boot: int = 10_00
             for b in order[i + 1:]:
                 out.append({**_compare(model, dataset, group, a, b, methods[a], methods[b], n_boot,
                                        seed), "track": track})
-    return out
+    return _decide(out)
 
 
 def information_effect(records: Iterable[Mapping[str, Any]], n_boot: int = 10_000, seed: int = 0,
@@ -93,7 +101,20 @@ def information_effect(records: Iterable[Mapping[str, Any]], n_boot: int = 10_00
                     out.append({**_compare(model, dataset, group, f"{a} · oracle",
                                            f"{b} · preferences", methods[a], other[b], n_boot, seed),
                                 "track": "oracle − preferences"})
-    return out
+    return _decide(out)
+
+
+def _decide(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each comparison's ``holm_p`` (its t-test's p adjusted by :func:`holm` over the comparisons
+    of its (model, dataset, group, track): one family) and ``significant`` (``holm_p < ALPHA``)."""
+    families: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for c in comparisons:
+        families[(c["model"], c["dataset"], c["group"], c["track"])].append(c)
+    for family in families.values():
+        for c, adjusted in zip(family, holm([c["t_p"] for c in family]), strict=True):
+            c["holm_p"] = adjusted
+            c["significant"] = adjusted is not None and adjusted < ALPHA
+    return comparisons
 
 
 def _gold_list(per_prompt: Any) -> list[float] | None:
@@ -106,15 +127,16 @@ def _gold_list(per_prompt: Any) -> list[float] | None:
 def _compare(model: str, dataset: str, group: str, a: str, b: str, ra: Mapping[Any, Mapping[str, Any]],
              rb: Mapping[Any, Mapping[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:
     """Methods A and B over their common seeds (their per-prompt gold on the same prompts): the
-    seed-level paired t-test (``t_lo``, ``t_hi``, ``t_p``; it decides ``significant``), P(A > B)
+    seed-level paired t-test (``t_lo``, ``t_hi``, ``t_p``; adjusted over its family it decides
+    ``significant``: :func:`_decide`), the seeds where A scores above B (``wins``), P(A > B)
     over the seeds' scores with its stratified bootstrap interval (``poi``, ``poi_lo``,
     ``poi_hi``), the two-level paired bootstrap over seeds and prompts (``ci_lo``, ``ci_hi``,
     ``p``) and the exact sign-flip p."""
     result: dict[str, Any] = {"model": model, "dataset": dataset, "group": group, "a": a, "b": b,
                               "n_seeds": 0, "n_prompts": 0, "seeds": [], "mean_diff": None, "ci_lo": None,
                               "ci_hi": None, "p": None, "sign_flip_p": None, "t_lo": None, "t_hi": None,
-                              "t_p": None, "poi": None, "poi_lo": None, "poi_hi": None,
-                              "significant": False, "skipped": None}
+                              "t_p": None, "holm_p": None, "wins": None, "poi": None, "poi_lo": None,
+                              "poi_hi": None, "significant": False, "skipped": None}
     common = sorted(set(ra) & set(rb), key=lambda s: (s is None, str(s)))
     if not common:
         result["skipped"] = "no seed in common"
@@ -138,13 +160,13 @@ def _compare(model: str, dataset: str, group: str, a: str, b: str, ra: Mapping[A
         return result
     res = paired_bootstrap(rows_a, rows_b, n_boot=n_boot, seed=seed)
     score_a, score_b = [sum(g) / len(g) for g in rows_a], [sum(g) / len(g) for g in rows_b]
-    t = paired_t_test([x - y for x, y in zip(score_a, score_b, strict=True)])
+    diffs = [x - y for x, y in zip(score_a, score_b, strict=True)]
+    t = paired_t_test(diffs)
     poi_lo, poi_hi = stratified_bootstrap_interval([score_a, score_b], probability_of_improvement,
                                                    n_boot=min(n_boot, SEED_BOOT), seed=seed)
     result.update(n_seeds=res.n_seeds, n_prompts=res.n_prompts, seeds=seeds, mean_diff=res.mean_diff,
                   ci_lo=res.ci_lo, ci_hi=res.ci_hi, p=res.p_value, sign_flip_p=res.sign_flip_p,
-                  t_lo=t.ci_lo, t_hi=t.ci_hi, t_p=t.p_value,
+                  t_lo=t.ci_lo, t_hi=t.ci_hi, t_p=t.p_value, wins=sum(d > 0 for d in diffs),
                   poi=probability_of_improvement(score_a, score_b), poi_lo=poi_lo, poi_hi=poi_hi,
-                  significant=t.p_value is not None and t.p_value < ALPHA,
                   skipped="; ".join(reasons) or None)
     return result

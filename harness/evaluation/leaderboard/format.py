@@ -95,18 +95,20 @@ def interval(lo: float | None, hi: float | None, digits: int = 3) -> str:
 
 def paired_cells(c: Mapping[str, Any]) -> list[str]:
     if c["mean_diff"] is None:
-        return [f"{c['a']} − {c['b']}", "—", "—", "—", "—", "—", "—", "—", "0", "0",
+        return [f"{c['a']} − {c['b']}", "—", "—", "—", "—", "—", "—", "—", "—", "—", "0", "0",
                 f"skipped: {c['skipped']}"]
     mark = " ✓" if c["significant"] else ""
     poi = "—" if c.get("poi") is None else (
         f"{c['poi']:.2f} [{c['poi_lo']:.2f}, {c['poi_hi']:.2f}]")
+    wins = "—" if c.get("wins") is None else f"{c['wins']}/{c['n_seeds']}"
     return [f"{c['a']} − {c['b']}", bound(c["mean_diff"]), interval(c.get("t_lo"), c.get("t_hi")),
-            p_text(c.get("t_p")) + mark, poi, interval(c["ci_lo"], c["ci_hi"]), p_text(c["p"]),
-            p_text(c["sign_flip_p"]), str(c["n_seeds"]), str(c["n_prompts"]), c["skipped"] or ""]
+            p_text(c.get("t_p")), p_text(c.get("holm_p")) + mark, wins, poi,
+            interval(c["ci_lo"], c["ci_hi"]), p_text(c["p"]), p_text(c["sign_flip_p"]),
+            str(c["n_seeds"]), str(c["n_prompts"]), c["skipped"] or ""]
 
 
-PAIRED_HEAD = ("A − B", "Δ gold", "95% interval", "p", "P(A > B)", "bootstrap 95%", "bootstrap p",
-               "sign-flip p", "seeds", "prompts", "note")
+PAIRED_HEAD = ("A − B", "Δ gold", "95% interval", "p", "Holm p", "A ahead", "P(A > B)",
+               "bootstrap 95%", "bootstrap p", "sign-flip p", "seeds", "prompts", "note")
 
 
 def footer_lines(cols: Sequence[Column], rows: Sequence[Mapping[str, Any]] = (), n_boot: int = 10_000,
@@ -140,8 +142,12 @@ def footer_lines(cols: Sequence[Column], rows: Sequence[Mapping[str, Any]] = (),
         f"Paired differences: Δ gold = mean over seeds s and held-out prompts i of gold_A[s,i] − gold_B[s,i], "
         "over the seeds both methods ran on the same prompts (equal per_prompt.prompts_sha256). 95% interval "
         "and p: the paired t-test of the per-seed differences D_s (Student-t, S − 1 degrees of freedom), "
-        "calibrated at any number of seeds when the D_s are roughly normal; ✓: p < 0.05, the only "
-        "statistic that decides a difference. P(A > B): the share of (seed of A, seed of B) pairs where "
+        "calibrated at any number of seeds when the D_s are roughly normal. Holm p: that p adjusted by "
+        "Holm's step-down method over the pairs of one table (all pairs of methods of one model, task, "
+        "group and track; the information effects of one model, task and group), so that the chance of "
+        "any false claim in a table is at most 5%; ✓: Holm p < 0.05, the only statistic that decides a "
+        "difference. A ahead: the seeds where A scores above B, of the seeds both ran (paired). "
+        "P(A > B): the share of (seed of A, seed of B) pairs where "
         "A scores higher, ties half (Agarwal et al. 2021), with a stratified bootstrap 95% interval "
         f"({SEED_BOOT} replicates, each method's seeds resampled on their own). Bootstrap 95% and p: the "
         f"two-level paired bootstrap (B = {n_boot}: seeds with replacement, then prompts within each seed, "

@@ -2,7 +2,7 @@
 differently (``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``, another CPU, a GPU) gives
 a second folder of records; its paired comparisons, matched pair by pair with the table's, decide
 whether the answer section may claim a difference: only where the paired t-test separates it on
-both, in the same direction.
+both (Holm-adjusted over each folder's own table), in the same direction.
 
 Which seed "takes off" flips with the kernels (llama_small seed 2: 0.97 on AVX-512, 0.76-0.79 on
 AVX2), so a difference seen on one set of kernels alone can be the rounding of a few seeds.
@@ -35,8 +35,8 @@ def check_on(comparisons: Sequence[Mapping[str, Any]], others: Sequence[Mapping[
     the same (model, dataset, group, track) in ``others`` as ``{"n_seeds", "mean_diff", "t_lo",
     "t_hi", "significant", "holds"}``, its difference turned to this comparison's A − B (the two
     folders may order a pair differently), ``holds`` true when the other's t-test separates it
-    (p < 0.05) with the same sign as here; ``check`` is ``None`` when ``others`` has no numbers
-    for the pair."""
+    (its ``significant``: Holm p < 0.05 in its own table) with the same sign as here; ``check``
+    is ``None`` when ``others`` has no numbers for the pair."""
     index = {_pair_key(o): o for o in others if o.get("mean_diff") is not None}
     out = []
     for c in comparisons:

@@ -235,7 +235,8 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
 
 IQM_FIELDS = ("iqm", "iqm_lo", "iqm_hi")
 PAIRED_FIELDS = ("model", "dataset", "group", "track", "a", "b", "n_seeds", "n_prompts", "mean_diff",
-                 "t_lo", "t_hi", "t_p", "poi", "poi_lo", "poi_hi", "ci_lo", "ci_hi", "p", "sign_flip_p",
+                 "t_lo", "t_hi", "t_p", "holm_p", "wins", "poi", "poi_lo", "poi_hi", "ci_lo", "ci_hi", "p",
+                 "sign_flip_p",
                  "significant", "skipped")
 
 

@@ -20,6 +20,7 @@ from harness.evaluation.leaderboard.format import (
     format_cell,
     format_iqm,
     interval,
+    p_text,
     paired_cells,
     seeds_text,
     setting_text,
@@ -73,7 +74,10 @@ class Section:
 
 PAIRED_TIPS = ("A is the method with the higher mean gold", "mean over seeds and prompts of gold_A − gold_B",
                "Student-t 95% interval of the per-seed differences (the seeds are the replicates)",
-               "two-sided paired t-test over seeds; ✓ p < 0.05 (what decides a difference)",
+               "two-sided paired t-test over seeds",
+               "the t-test's p adjusted by Holm's method over the pairs of this table; ✓ Holm p < 0.05 "
+               "(what decides a difference)",
+               "seeds where A scores above B, of the seeds both ran",
                "probability that a seed of A scores above a seed of B, ties half, with its stratified "
                "bootstrap 95% interval",
                "95% percentile interval of the two-level paired bootstrap (seeds, then prompts)",
@@ -94,13 +98,19 @@ def _by_cell(paired: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str, s
 
 
 def _difference(c: Mapping[str, Any]) -> str:
-    """``"GRPO − PPO +0.012 [−0.030, +0.054], P(GRPO > PPO) = 0.56, 3 seeds"``, then what the
+    """``"GRPO − PPO +0.012 [−0.030, +0.054], Holm p 0.41, P(GRPO > PPO) = 0.56, GRPO ahead in 2 of
+    3 seeds"``, then what the
     same pair showed on other kernels when it was checked there (:func:`_elsewhere`)."""
     a, b = c["a"].upper(), c["b"].upper()
     text = f"{a} − {b} {bound(c['mean_diff'])} {interval(c.get('t_lo'), c.get('t_hi'))}"
+    if c.get("holm_p") is not None:
+        text += f", Holm p {p_text(c['holm_p'])}"
     if c.get("poi") is not None:
         text += f", P({a} > {b}) = {c['poi']:.2f}"
-    return text + f", {c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''}" + _elsewhere(c)
+    seeds = f"{c['n_seeds']} seed{'s' if c['n_seeds'] != 1 else ''}"
+    if c.get("wins") is not None:
+        seeds = f"{a} ahead in {c['wins']} of {seeds}"
+    return text + ", " + seeds + _elsewhere(c)
 
 
 def _elsewhere(c: Mapping[str, Any]) -> str:
@@ -121,7 +131,8 @@ def answer(paired: Sequence[Mapping[str, Any]], information: Sequence[Mapping[st
            ) -> list[str]:
     """What the comparison shows, one sentence per (track, model, dataset) and one per
     information effect, written from the comparisons alone: the differences the paired t-test
-    over seeds separates (p < 0.05) — and, where the comparisons were checked on other kernels
+    over seeds separates (Holm-adjusted p < 0.05 over the comparisons of the table) — and, where
+    the comparisons were checked on other kernels
     (:func:`~harness.evaluation.leaderboard.kernels.check_on`), separates there too in the same
     direction — then those it does not. Nothing is said that the records do not support."""
     out = []
@@ -134,7 +145,7 @@ def answer(paired: Sequence[Mapping[str, Any]], information: Sequence[Mapping[st
         where = f"On the {track or 'no'} track, {model} · {dataset} (group {group}): "
         rest = [c for c in done if not holds_everywhere(c)]
         if held:
-            text = where + "; ".join(_difference(c) for c in held) + f" (p < 0.05{both})"
+            text = where + "; ".join(_difference(c) for c in held) + f" (Holm p < 0.05{both})"
             if rest:
                 text += ". Not separable" + both + ": " + "; ".join(_difference(c) for c in rest)
         else:  # naming what one set of kernels alone separates, with what the other showed
@@ -148,7 +159,7 @@ def answer(paired: Sequence[Mapping[str, Any]], information: Sequence[Mapping[st
             if c["mean_diff"] is None:
                 continue
             checked = " on both kernels" if "check_platform" in c else ""
-            verdict = (f"separable (p < 0.05{checked}){_elsewhere(c)}" if holds_everywhere(c)
+            verdict = (f"separable (Holm p < 0.05{checked}){_elsewhere(c)}" if holds_everywhere(c)
                        else f"not separable{checked}{_elsewhere(c)}" if c["significant"]
                        else "not separable")
             method = c["a"].removesuffix(" · oracle").upper()
@@ -234,7 +245,9 @@ def sections(rows: Sequence[Mapping[str, Any]], header_lines: Sequence[str] = ()
     if said:
         out.append(Section("What this comparison shows", bullets=said,
                             note="Each difference: A − B, Δ gold over seeds and prompts, the 95% "
-                                 "t-interval over seeds, P(A > B) over seeds (footer)."))
+                                 "t-interval over seeds, the paired t-test's p adjusted by Holm's "
+                                 "method over the pairs of its table (what decides), P(A > B) over "
+                                 "seeds, and the seeds where A is ahead (footer)."))
     out.append(Section(warnings=list(warnings)))
     if not rows:
         out.append(Section(note="No run records found: the table is empty."))
@@ -253,7 +266,8 @@ def sections(rows: Sequence[Mapping[str, Any]], header_lines: Sequence[str] = ()
                                           f"(group {group})"))
                       for (model, dataset, group, track), cell in _by_cell(items).items()]
             out.append(Section(title, tables=tables,
-                               note="Bold and ✓: p < 0.05. See the footer above for the method."))
+                               note="Bold and ✓: Holm p < 0.05 (the t-test's p adjusted over the "
+                                    "pairs of the table). See the footer above for the method."))
     ok_rows = [r for r in rows if r["status"] == "ok"]
     if ok_rows:
         out.append(Section("Cost", tables=[cost_table(ok_rows)], bullets=[
