@@ -307,10 +307,40 @@ def finished_record(runs_dir: Path | str, config: Mapping[str, Any],
 
 def config_hash(config: Mapping[str, Any]) -> str:
     """sha256 of a run's resolved config as canonical JSON (sorted keys), without the fields of
-    :data:`CONFIG_HASH_IGNORES`: two runs with one hash computed the same thing (on one platform)."""
-    kept = {k: v for k, v in config.items() if k not in CONFIG_HASH_IGNORES}
+    :data:`CONFIG_HASH_IGNORES` and without a stage field added later at its default
+    (:func:`without_later_defaults`): two runs with one hash computed the same thing (on one
+    platform), and a field that a new version adds does not orphan the records made before it."""
+    kept = {k: v for k, v in without_later_defaults(config).items() if k not in CONFIG_HASH_IGNORES}
     text = json.dumps(kept, sort_keys=True, default=_json_default, allow_nan=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def without_later_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` without the stage-config fields marked as added later
+    (:data:`harness.methods.config.LATER`) that hold their default, in the method's section and
+    each base stage's (``sft``, ``rm``); every other field as it is."""
+    from dataclasses import MISSING, asdict, fields, is_dataclass
+
+    from harness.registry import base_stages, stage_config, stage_names
+
+    out = dict(config)
+    method = out.get("method")
+    sections = {b: b for b in base_stages()}
+    if isinstance(method, Mapping):
+        sections["method"] = method.get("name")
+    for section, stage in sections.items():
+        values = out.get(section)
+        if stage not in stage_names() or not isinstance(values, Mapping):
+            continue
+        later = {}
+        for f in fields(stage_config(stage)):
+            if f.metadata.get("later"):
+                default = f.default if f.default is not MISSING else f.default_factory()
+                later[f.name] = asdict(default) if is_dataclass(default) else default
+        if any(values.get(k, MISSING) == v for k, v in later.items()):
+            out[section] = {k: v for k, v in values.items()
+                            if not (k in later and v == later[k])}
+    return out
 
 
 def load_records(runs_dir: Path | str, rejected: list[tuple[Path, str]] | None = None,

@@ -14,6 +14,32 @@ from omegaconf import MISSING
 
 from harness.config import OptimConfig, RolloutConfig, fail, in_range, one_of, positive
 
+#: the metadata of a field added after records were written: at its default the run computes what
+#: it computed before the field existed, so a record's config hash leaves it out
+#: (:func:`harness.evaluation.records.config_hash`) and a relaunched sweep still finds its records
+LATER = {"later": True}
+
+
+@dataclass
+class RefSyncConfig:
+    """A reference policy that follows the policy (TR-DPO, Gorbatovski et al. 2024; TRL's
+    ``sync_ref_model``; the EMA reference of Xu et al. 2024): after every ``every``-th optimiser
+    step of the policy, π_ref ← α·π_θ + (1 − α)·π_ref, parameter by parameter, α = ``alpha``
+    (1: a hard copy). ``every: 0`` (the default) keeps the reference frozen at the SFT base.
+
+    TRL counts its Trainer's global steps, which are optimiser steps as here (its defaults:
+    ``ref_model_sync_steps`` 512, ``ref_model_mixup_alpha`` 0.6). Held-out KL and win rate are
+    always measured against the SFT base, never the moving reference.
+    """
+
+    every: int = 0
+    alpha: float = 0.6
+
+    def check(self, prefix: str) -> None:
+        in_range(self, prefix, "every", 0, None)
+        if not 0.0 < self.alpha <= 1.0:
+            fail(prefix, "alpha", self.alpha, "must be in (0, 1] (the policy's share of the mix)")
+
 
 def check_rollout_fits(cfg: GroupConfig | PPOConfig | OnlineDPOConfig, prefix: str) -> None:
     """A rollout's sequences are ``max_len`` tokens at most: the prompt keeps what
@@ -100,7 +126,8 @@ class GroupConfig:
     backward run each group in one packed row with its prompt once
     (:mod:`harness.methods.group_packing`): the same log-probs to rounding for fewer FLOPs; a
     minibatch then holds whole groups (``minibatch_size`` a multiple of ``group_size``). Off by
-    default, so that runs repeat the records made without it."""
+    default, so that runs repeat the records made without it. ``ref_sync``: a reference that
+    follows the policy (:class:`RefSyncConfig`; off by default)."""
 
     name: str = MISSING
     n_iterations: int = 300
@@ -114,8 +141,10 @@ class GroupConfig:
     share_prompt: bool = False
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=8))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=5))
+    ref_sync: RefSyncConfig = field(default_factory=RefSyncConfig, metadata=LATER)
 
     def check(self, prefix: str = "method") -> None:
+        self.ref_sync.check(f"{prefix}.ref_sync")
         positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len",
                  "clip_eps")
         if self.group_size < 2:
@@ -180,7 +209,8 @@ class OnlineDPOConfig:
     all score the same, and the DPO loss (``beta``, ``loss_type``, ``label_smoothing`` as offline
     DPO's) trains on them against the frozen reference: ``update_epochs`` passes of minibatches
     of ``minibatch_size`` pairs. ``share_prompt``: the rollout's reference pass scores each
-    prompt's k responses in one packed row (as GRPO's). The defaults generate as many responses
+    prompt's k responses in one packed row (as GRPO's). ``ref_sync``: a reference that follows
+    the policy (:class:`RefSyncConfig`; off by default). The defaults generate as many responses
     as GRPO and RLOO do (8 prompts x 8, 300 batches)."""
 
     name: str = "online_dpo"
@@ -196,8 +226,10 @@ class OnlineDPOConfig:
     share_prompt: bool = False
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=8))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5))
+    ref_sync: RefSyncConfig = field(default_factory=RefSyncConfig, metadata=LATER)
 
     def check(self, prefix: str = "method") -> None:
+        self.ref_sync.check(f"{prefix}.ref_sync")
         positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len", "beta")
         if self.group_size < 2:
             fail(prefix, "group_size", self.group_size, "must be >= 2 (a pair needs two responses)")
@@ -222,7 +254,8 @@ class PPOConfig:
     sequence reward of a rollout, the reward model's score (rm) or the task's gold reward (gold),
     as for every online method. ``critic_init``: the critic starts from the reward model (rm) or
     the SFT base (sft); null takes the reward model when there is one (``reward_source=rm``),
-    else the SFT base. ``critic_start`` is the choice made.
+    else the SFT base. ``critic_start`` is the choice made. ``ref_sync``: a reference that follows
+    the policy (:class:`RefSyncConfig`; off by default).
     """
 
     name: str = "ppo"
@@ -246,8 +279,10 @@ class PPOConfig:
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(prompts_per_batch=64))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5))
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5))
+    ref_sync: RefSyncConfig = field(default_factory=RefSyncConfig, metadata=LATER)
 
     def check(self, prefix: str = "method") -> None:
+        self.ref_sync.check(f"{prefix}.ref_sync")
         positive(self, prefix, "n_iterations", "update_epochs", "minibatch_size", "max_len",
                  "clip_eps", "target_kl", "kl_horizon")
         for f in ("value_clip", "vf_coef", "ent_coef", "beta"):

@@ -55,7 +55,7 @@ class PPOModule(OnPolicyModule):
                  cfg: PPOConfig, score_fn: Callable, seed: int) -> None:
         super().__init__(policy, reference, tokenizer, cfg.optim,
                          cfg.n_iterations * planned_budget(cfg)["steps_per_batch"], cfg.rollout,
-                         seed)
+                         seed, ref_sync=cfg.ref_sync)
         self.critic = critic
         self.cfg = cfg
         self.score_fn = score_fn

@@ -6,6 +6,7 @@ minibatches of it. Lightning's epoch is the configured number of rollout batches
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -16,7 +17,7 @@ import torch
 from harness.config import OptimConfig, RolloutConfig
 from harness.distributed import all_reduce_sum
 from harness.methods.base import AlignmentModule
-from harness.methods.config import GroupConfig, planned_budget
+from harness.methods.config import GroupConfig, RefSyncConfig, planned_budget
 from harness.methods.group_packing import group_minibatches, packed_response_logprobs
 from harness.methods.losses import (
     batch_std,
@@ -27,6 +28,7 @@ from harness.methods.losses import (
 )
 from harness.methods.reduction import Reduction
 from harness.methods.rollout import Rollout, make_rollout, minibatches, response_logprobs
+from harness.models.architecture import ConfigError
 from harness.models.llama import CausalLM
 from harness.seeding import generator
 from harness.stage import Budget, Fit, Stage, policy_from
@@ -41,6 +43,15 @@ def global_rows(n_prompts: int, rows_per_prompt: int, rank: int, world: int) -> 
     return (prompt[:, None] * rows_per_prompt + torch.arange(rows_per_prompt)).reshape(-1)
 
 
+@torch.no_grad()
+def mix_into(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    """The moving reference's update (TR-DPO's soft update, Gorbatovski et al. 2024; TRL's
+    ``SyncRefModelCallback``): θ_ref ← α·θ + (1 − α)·θ_ref for every parameter pair, in place
+    (α = 1: a hard copy). The two networks must have the same parameters in the same order."""
+    for ref, new in zip(reference.parameters(), policy.parameters(), strict=True):
+        ref.mul_(1.0 - alpha).add_(new.detach().to(ref.dtype), alpha=alpha)
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode and no gradients: the reference policy and the reward model."""
     model.eval()
@@ -52,16 +63,20 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 class OnPolicyModule(AlignmentModule):
     """Holds the policy, the frozen reference, the tokenizer and a seeded sampling generator.
 
-    ``seed`` is the run's seed; the sampler draws from its ``rollout`` stream.
+    ``seed`` is the run's seed; the sampler draws from its ``rollout`` stream. ``ref_sync``: with
+    ``every > 0`` the reference follows the policy (:func:`mix_into` after every ``every``-th
+    optimiser step) and is then the module's own copy, so that the SFT base the run evaluates
+    against stays as it was.
     """
 
     def __init__(self, policy: CausalLM, reference: CausalLM, tokenizer, optim: OptimConfig,
                  total_steps: int, rollout: RolloutConfig, seed: int, samples_every: int = 10,
-                 ) -> None:
+                 ref_sync: RefSyncConfig | None = None) -> None:
         super().__init__(optim, total_steps)
         self.automatic_optimization = False
         self.policy = policy
-        self.reference = freeze(reference)
+        self.ref_sync = ref_sync or RefSyncConfig()
+        self.reference = freeze(copy.deepcopy(reference) if self.ref_sync.every else reference)
         self.tokenizer = tokenizer
         self.rollout_cfg = rollout
         self.samples_every = samples_every
@@ -169,6 +184,8 @@ class OnPolicyModule(AlignmentModule):
             for _, sched, _ in updates:
                 sched.step()
         self.updates += 1  # one step of the policy (PPO's critic steps with it)
+        if self.ref_sync.every and self.updates % self.ref_sync.every == 0:
+            mix_into(self.reference, self.policy, self.ref_sync.alpha)
 
     @staticmethod
     def accumulate(acc: dict[str, list[torch.Tensor]], stats: dict) -> None:
@@ -226,7 +243,7 @@ class GroupModule(OnPolicyModule):
     def __init__(self, policy: CausalLM, reference: CausalLM, tokenizer, cfg: GroupConfig,
                  score_fn: Callable, seed: int) -> None:
         super().__init__(policy, reference, tokenizer, cfg.optim, self.optimizer_steps(cfg),
-                         cfg.rollout, seed)
+                         cfg.rollout, seed, ref_sync=cfg.ref_sync)
         self.cfg = cfg
         self.score_fn = score_fn
 
@@ -293,6 +310,16 @@ class OnPolicyStage(Stage):
 
     def needs(self, cfg) -> tuple[str, ...]:
         return ("sft", "rm") if self.reward_source(cfg) == "rm" else ("sft",)
+
+    def check_model(self, cfg, model_cfg) -> None:
+        """As :meth:`Stage.check_model`, and a moving reference (``ref_sync.every > 0``) needs full
+        fine-tuning: with LoRA the reference is the policy's own weights with the adapters off."""
+        super().check_model(cfg, model_cfg)
+        if cfg.ref_sync.every and model_cfg.lora.r:
+            raise ConfigError(f"method.ref_sync.every={cfg.ref_sync.every}: a moving reference "
+                              f"needs full fine-tuning; with LoRA (model.lora.r={model_cfg.lora.r}) "
+                              "the reference is the policy with its adapters off (TRL refuses "
+                              "sync_ref_model with PEFT too)")
 
     def reward_source(self, cfg) -> str:
         return cfg.reward_source
