@@ -368,6 +368,27 @@ def test_a_pair_the_t_test_alone_separates_is_no_difference_after_holm() -> None
     assert not [line for line in md.splitlines() if line.startswith("|") and "✓" in line]
 
 
+def test_a_reference_implementation_is_paired_with_its_own_method_only() -> None:
+    """TRL's GRPO (``trl_grpo``) is compared with the harness's GRPO, never with PPO, in a family of
+    its own: GRPO − PPO alone is the methods' family (Holm p = its p), and the answer says whether
+    TRL agrees in a sentence of its own, not among the methods' differences."""
+    from harness.evaluation.leaderboard.sections import answer
+
+    per_seed = {"grpo": ([1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0]),
+                "trl_grpo": ([1, 1, 1, 0], [1, 1, 0, 1], [1, 1, 1, 0]),
+                "ppo": ([1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0])}
+    recs = [rec(m, s, {"eval/gold_reward": sum(g[s]) / 4}, per_prompt=_per_prompt(list(map(float, g[s]))),
+                reward_source="gold") for m, g in per_seed.items() for s in range(3)]
+    pairs = paired_comparisons(recs, n_boot=200)
+    assert sorted((c["a"], c["b"]) for c in pairs) == [("grpo", "ppo"), ("grpo", "trl_grpo")]
+    for c in pairs:
+        assert c["holm_p"] == pytest.approx(c["t_p"])  # each alone in its family
+    said = answer(pairs)
+    assert "TRL" not in said[0] and "GRPO − PPO" in said[0]
+    assert said[-1].startswith("Reference implementation, oracle track, llama_small · toy (group "
+                               "test): GRPO − TRL_GRPO +0.083") and said[-1].endswith(": not separable.")
+
+
 def test_tracks_split_rows_and_pair_methods_only_within_one() -> None:
     """GRPO on the gold reward and GRPO on the reward model are two rows; methods are paired
     within a track only (PPO on rm with GRPO on rm, never with GRPO on gold); offline DPO is on the

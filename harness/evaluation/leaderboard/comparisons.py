@@ -6,7 +6,12 @@ What decides a difference (``significant``, the leaderboard's ✓): the paired t
 its p adjusted by Holm's step-down method over the family of comparisons made together — the
 pairs of methods of one table (model, dataset, group, track), or the information effects of one
 (model, dataset, group) — so that a table of six pairs does not claim one by chance more often
-than a single test would (at most ``ALPHA`` for the whole table)."""
+than a single test would (at most ``ALPHA`` for the whole table).
+
+A reference implementation's row (``trl_grpo``: TRL's trainer from the same SFT bases, scored by
+the harness; :mod:`harness.bench.crosscheck`) is compared with its own method only (``trl_grpo −
+grpo``): it checks the harness, it is not a method of the comparison, so it neither enters the
+methods' family nor is paired with the other methods."""
 
 from __future__ import annotations
 
@@ -27,6 +32,27 @@ from harness.evaluation.stats import (
 )
 
 ALPHA = 0.05
+REFERENCE_PREFIX = "trl_"
+"""The method-name prefix of a reference implementation's records (``trl_grpo``)."""
+
+
+def is_reference(name: str) -> bool:
+    """Whether the row ``name`` (``"trl_grpo"``, ``"trl_dpo (β=0.1, lr=5e-06)"``) is a reference
+    implementation's."""
+    return name.startswith(REFERENCE_PREFIX)
+
+
+def _method_of(name: str) -> str:
+    """The harness method a row stands for: ``"trl_grpo (β=…)"`` -> ``"grpo"``."""
+    return name.split(" (")[0].removeprefix(REFERENCE_PREFIX)
+
+
+def _compared(a: str, b: str) -> bool:
+    """Two rows of one table are compared when both are methods, or one is a reference
+    implementation of the other."""
+    if is_reference(a) or is_reference(b):
+        return is_reference(a) != is_reference(b) and _method_of(a) == _method_of(b)
+    return True
 INFORMATION_NOTE = ("the same method on the oracle track minus on the preferences track: what "
                     "learning from the pairs instead of the gold reward costs")
 
@@ -76,8 +102,9 @@ def paired_comparisons(records: Iterable[Mapping[str, Any]], n_boot: int = 10_00
         order = sorted(methods, key=lambda m: (-gold(m), m))
         for i, a in enumerate(order):
             for b in order[i + 1:]:
-                out.append({**_compare(model, dataset, group, a, b, methods[a], methods[b], n_boot,
-                                       seed), "track": track})
+                if _compared(a, b):
+                    out.append({**_compare(model, dataset, group, a, b, methods[a], methods[b],
+                                           n_boot, seed), "track": track})
     return _decide(out)
 
 
@@ -106,10 +133,12 @@ def information_effect(records: Iterable[Mapping[str, Any]], n_boot: int = 10_00
 
 def _decide(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each comparison's ``holm_p`` (its t-test's p adjusted by :func:`holm` over the comparisons
-    of its (model, dataset, group, track): one family) and ``significant`` (``holm_p < ALPHA``)."""
+    of its (model, dataset, group, track): one family, the reference implementations' checks
+    another) and ``significant`` (``holm_p < ALPHA``)."""
     families: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for c in comparisons:
-        families[(c["model"], c["dataset"], c["group"], c["track"])].append(c)
+        reference = is_reference(c["a"]) or is_reference(c["b"])
+        families[(c["model"], c["dataset"], c["group"], c["track"], reference)].append(c)
     for family in families.values():
         for c, adjusted in zip(family, holm([c["t_p"] for c in family]), strict=True):
             c["holm_p"] = adjusted

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.evaluation.leaderboard.columns import COST_TABLE, KEY_COLUMNS, TRACK_NOTE, Column, shown_columns
-from harness.evaluation.leaderboard.comparisons import INFORMATION_NOTE
+from harness.evaluation.leaderboard.comparisons import INFORMATION_NOTE, is_reference
 from harness.evaluation.leaderboard.diagnostics import comparison_warnings
 from harness.evaluation.leaderboard.format import (
     PAIRED_HEAD,
@@ -134,10 +134,18 @@ def answer(paired: Sequence[Mapping[str, Any]], information: Sequence[Mapping[st
     over seeds separates (Holm-adjusted p < 0.05 over the comparisons of the table) — and, where
     the comparisons were checked on other kernels
     (:func:`~harness.evaluation.leaderboard.kernels.check_on`), separates there too in the same
-    direction — then those it does not. Nothing is said that the records do not support."""
-    out = []
+    direction — then those it does not; then, per table, whether each reference implementation
+    (TRL's trainer, :func:`~harness.evaluation.leaderboard.comparisons.is_reference`) agrees with
+    the harness's method. Nothing is said that the records do not support."""
+    out, references = [], []
     for (model, dataset, group, track), cell in _by_cell(paired).items():
         done = [c for c in cell if c["mean_diff"] is not None]
+        for c in done:
+            if is_reference(c["a"]) or is_reference(c["b"]):
+                verdict = "they differ (Holm p < 0.05)" if c["significant"] else "not separable"
+                references.append(f"Reference implementation, {track or 'no'} track, {model} · "
+                                  f"{dataset} (group {group}): {_difference(c)}: {verdict}.")
+        done = [c for c in done if not (is_reference(c["a"]) or is_reference(c["b"]))]
         if not done:
             continue
         held = [c for c in done if holds_everywhere(c)]
@@ -168,7 +176,7 @@ def answer(paired: Sequence[Mapping[str, Any]], information: Sequence[Mapping[st
                        f"oracle track − on the preferences track {bound(c['mean_diff'])} "
                        f"{interval(c.get('t_lo'), c.get('t_hi'))}{poi}, {c['n_seeds']} seeds: "
                        f"{verdict}.")
-    return out
+    return out + references
 
 
 def main_cells(row: Mapping[str, Any], cols: Sequence[Column]) -> list[Cell]:
