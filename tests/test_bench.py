@@ -293,6 +293,7 @@ def test_the_trl_crosscheck_stops_without_trl_and_checks_its_options():
 
     args = parse_args(["--seeds", "0", "1", "--methods", "dpo"])
     assert args.seeds == [0, 1] and args.methods == ["dpo"] and args.model == "llama_small"
+    assert parse_args([]).methods == ["grpo", "rloo", "dpo"]
     with pytest.raises(SystemExit):
         parse_args(["--methods", "ppo"])  # PPO is TRL 1.12's, mapped by the bench, not here
     with pytest.raises(SystemExit):

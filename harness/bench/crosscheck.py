@@ -2,9 +2,10 @@
 harness's own starting point, scored by the harness's own evaluation.
 
 For each seed: the harness's SFT base of that seed (from the stage cache, trained first if it is
-not there) is already a Hugging Face folder; TRL 1.16's ``GRPOTrainer`` (oracle track: the task's
-gold reward) or ``DPOTrainer`` (the task's preference pairs) trains a copy of it with the
-harness's settings mapped to TRL's (:func:`harness.bench.vs_trl.grpo_args`, ``dpo_args``: the same
+not there) is already a Hugging Face folder; TRL 1.16's ``GRPOTrainer`` or ``RLOOTrainer``
+(oracle track: the task's gold reward) or ``DPOTrainer`` (the task's preference pairs) trains a
+copy of it with the harness's settings mapped to TRL's (:func:`harness.bench.vs_trl.grpo_args`,
+``rloo_args``, ``dpo_args``: the same
 optimiser, schedule, batch, group, clip range, KL coefficient, loss aggregation and sampling), and
 the trained policy is evaluated exactly as a harness run is (:func:`harness.pipeline.evaluation.evaluate`:
 held-out gold on the test split, win rate and KL against the same SFT reference). Each becomes a
@@ -16,8 +17,11 @@ trainer's: the end-to-end speed for the same number of generated responses.
 What does not map (and so may differ): TRL draws its own prompt order (``RepeatSampler``) and
 samples with ``transformers.generate``, so the two sides see different rollouts from the same
 seed; TRL's GRPO divides by the group's std with Bessel's correction (the harness by the
-population std); TRL's DPO pads and truncates its own way. PPO needs TRL 1.12 (``--vs-steps ppo``
-of the bench); RLOO and online DPO are not mapped here.
+population std); TRL's RLOO clips the sequence's ratio where the harness clips each token's (the
+same update at one pass: :func:`~harness.bench.vs_trl.rloo_args`); TRL's DPO pads and truncates
+its own way. PPO needs TRL 1.12 (``--vs-steps ppo`` of the bench); online DPO is not mapped here
+(TRL's ``OnlineDPOTrainer`` samples 2 responses per prompt, the harness's best-of-k against
+worst-of-k takes k = 8).
 
 TRL is an optional extra, never in CI: ``python3 -m venv .venv-trl && . .venv-trl/bin/activate &&
 pip install torch==2.13.0 && pip install -e '.[trl]'``.
@@ -35,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-METHODS = ("grpo", "dpo")
+METHODS = ("grpo", "rloo", "dpo")
 """The harness methods with a TRL trainer mapped here."""
 
 
@@ -91,16 +95,25 @@ def train_with_trl(method: str, cfg: Any, weights: Path, task: Any, tok: Any, se
     harness's data, save the policy to ``out``; returns the seconds ``trainer.train()`` took."""
     import torch
     from datasets import Dataset
-    from trl import DPOTrainer, GRPOTrainer
+    from trl import DPOTrainer, GRPOTrainer, RLOOTrainer
 
-    from harness.bench.vs_trl import dpo_args, gold_reward, grpo_args, left_padding, quiet_trl
+    from harness.bench.vs_trl import (
+        dpo_args,
+        gold_reward,
+        grpo_args,
+        left_padding,
+        quiet_trl,
+        rloo_args,
+    )
 
     bos, device = tok.bos_token, torch.device("cpu")
     with quiet_trl(), contextlib.redirect_stderr(io.StringIO()):
-        if method == "grpo":
+        if method in ("grpo", "rloo"):
             prompts = sorted(set(task.sft_dataset("train")["prompt"]))
-            trainer = GRPOTrainer(model=str(weights), reward_funcs=[gold_reward(task, bos)],
-                                  args=grpo_args(cfg, cfg.n_iterations, out / "trl", seed, device),
+            trainer_cls, args_of = {"grpo": (GRPOTrainer, grpo_args),
+                                    "rloo": (RLOOTrainer, rloo_args)}[method]
+            trainer = trainer_cls(model=str(weights), reward_funcs=[gold_reward(task, bos)],
+                                  args=args_of(cfg, cfg.n_iterations, out / "trl", seed, device),
                                   train_dataset=Dataset.from_dict({"prompt": [bos + p for p in prompts]}),
                                   processing_class=left_padding(tok))
         else:
@@ -143,7 +156,8 @@ def crosscheck(method: str, model: str, seed: int, overrides: list[str], cache_d
         run_id=new_run_id(f"trl_{method}", model, s.dataset.name, seed), method=f"trl_{method}",
         model=model, dataset=s.dataset.name, seed=seed, group=group,
         metrics=metrics, cost={"cost/method_wall_s": wall}, cache_keys={"sft": base.record.key},
-        config={**r.resolved, "trl": {"trainer": {"grpo": "GRPOTrainer", "dpo": "DPOTrainer"}[method],
+        config={**r.resolved, "trl": {"trainer": {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer",
+                                                  "dpo": "DPOTrainer"}[method],
                                  "version": _trl_version()}},
         platform=platform_info("cpu"), per_prompt=per_prompt, reward_source=source,
         track="oracle" if method != "dpo" else "preferences",

@@ -197,6 +197,36 @@ def grpo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.devi
     )
 
 
+def rloo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.device) -> Any:
+    """``trl.RLOOConfig`` (TRL 1.16) equal to the harness's :class:`~harness.methods.config.RLOOConfig`
+    ``cfg``: as :func:`grpo_args`, the whole rollout in one minibatch and one pass; both put the
+    KL in the reward as β times the sequence sum of the per-token log-ratio log π_old − log π_ref
+    (``kl_penalty: reward``; TRL has no other form), leave-one-out baselines, no advantage
+    normalisation (TRL's ``normalize_advantages`` default), the same clip range and sampling.
+
+    Where the conventions differ: TRL clips the *sequence* ratio exp(Σ_t log π − Σ_t log π_old)
+    and averages the sequences' losses; the harness clips each token's ratio and sums the token
+    losses of a sequence. At one pass over one minibatch every ratio is 1 when the gradient is
+    taken, so both give A_i · ∇ Σ_t log π_t per sequence: the same update."""
+    from trl import RLOOConfig
+
+    sequences = cfg.rollout.prompts_per_batch * cfg.group_size
+    if cfg.minibatch_size < sequences or cfg.update_epochs != 1:
+        raise ValueError("the TRL cross-check compares one minibatch of the whole rollout and one "
+                         f"pass: minibatch_size={cfg.minibatch_size}, update_epochs={cfg.update_epochs}")
+    if cfg.kl_penalty != "reward":
+        raise ValueError(f"method.kl_penalty={cfg.kl_penalty!r}: TRL's RLOO puts the KL in the "
+                         "reward only (kl_penalty=reward)")
+    return RLOOConfig(
+        **common_args(cfg.optim, steps, out_dir, seed, device),
+        per_device_train_batch_size=sequences, gradient_accumulation_steps=1,
+        num_generations=cfg.group_size, max_completion_length=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+        beta=cfg.beta, epsilon=cfg.clip_eps, epsilon_high=cfg.clip_eps,
+        num_iterations=cfg.update_epochs, normalize_advantages=False, log_completions=False,
+    )
+
+
 def dpo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.device) -> Any:
     """``trl.DPOConfig`` equal to the harness's :class:`~harness.methods.config.DPOConfig` ``cfg``:
     ``batch_size`` pairs a step, the reference log-probs computed once before training (as the
