@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader, RandomSampler
 from harness.cache import StageRecord
 from harness.data.datamodule import AlignmentDataModule
 from harness.data.resumable import ResumableLoader
-from harness.evaluation.cost import StageCost
 from harness.models.architecture import ConfigError, LoRASettings, ModelConfig
 from harness.models.hf import load_checkpoint, save_checkpoint
 from harness.models.llama import CausalLM, ScalarHead
@@ -120,7 +119,8 @@ class Fit:
 @dataclass
 class Built:
     """A finished stage: its config, its trained model and its record (key, path, metrics); what
-    it cost (when trained: in this run; from the cache: what it spent when it was trained) and
+    it cost, as the stage runner measures it (when trained: in this run; from the cache: what it
+    spent when it was trained; None for a stage built outside the runner, e.g. by the bench) and
     the training curves of this run's training (``{metric: [[step, value], ...]}``; empty for a
     stage from the cache)."""
 
@@ -129,7 +129,9 @@ class Built:
     model: nn.Module
     record: StageRecord
     checkpoint: Path
-    cost: StageCost = field(default_factory=StageCost)
+    #: a :class:`harness.evaluation.cost.StageCost` (typed loosely: the stage interface sits below
+    #: evaluation and imports nothing from it)
+    cost: Any = None
     history: dict[str, list[list[float]]] = field(default_factory=dict)
 
 
