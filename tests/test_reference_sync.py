@@ -46,7 +46,7 @@ def test_mix_into_moves_each_parameter_a_share_alpha_towards_the_policy() -> Non
 def test_the_reference_follows_the_policy_and_the_sft_base_stays(method, tmp_path) -> None:
     """``every=1, alpha=1``: after training the module's reference is the policy, bit for bit,
     while the SFT base (what the run evaluates against) is what it was; ``every=0``: the
-    reference is the SFT base itself, untouched."""
+    module's reference is the SFT base itself."""
     from harness.pipeline import stage_runner
     from harness.registry import get_stage
 
@@ -54,28 +54,28 @@ def test_the_reference_follows_the_policy_and_the_sft_base_stays(method, tmp_pat
                        "method.minibatch_size=2"],
               "ppo": ["method.rollout.prompts_per_batch=4", "method.minibatch_size=2",
                       "method.reward_source=gold"]}[method]
-    for every in (1, 0):
+
+    def job_of(every: int):
         cfg = _composed([*TINY, f"method={method}", "method.n_iterations=2",
                          "method.rollout.max_new_tokens=4", f"method.ref_sync.every={every}",
                          "method.ref_sync.alpha=1.0", f"cache_dir={tmp_path}/c", *budget])
         settings = validate(cfg)
         runner = stage_runner(settings, OmegaConf.to_container(cfg, resolve=True), tmp_path / "r")
         sft = runner.obtain("sft")
-        before = copy.deepcopy(sft.model.state_dict())
-        job = get_stage(method).build(runner.ctx, settings.method, {"sft": sft})
-        L.Trainer(max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False).fit(job.module, job.data)
-        m = job.module
-        assert m.updates >= 2
-        policy, reference = dict(m.policy.named_parameters()), dict(m.reference.named_parameters())
-        trained = any(not torch.equal(policy[k], before[k]) for k in policy)
-        assert trained
-        if every:
-            assert m.reference is not sft.model
-            assert all(torch.equal(reference[k], policy[k]) for k in policy)
-        else:
-            assert m.reference is sft.model
-        assert all(torch.equal(v, before[k]) for k, v in sft.model.state_dict().items())
+        return sft, get_stage(method).build(runner.ctx, settings.method, {"sft": sft})
+
+    sft, frozen = job_of(0)
+    assert frozen.module.reference is sft.model
+    sft, job = job_of(1)
+    before = copy.deepcopy(sft.model.state_dict())
+    L.Trainer(max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(job.module, job.data)
+    m = job.module
+    assert m.updates >= 2 and m.reference is not sft.model
+    policy, reference = dict(m.policy.named_parameters()), dict(m.reference.named_parameters())
+    assert any(not torch.equal(policy[k], before[k]) for k in policy)  # the policy moved
+    assert all(torch.equal(reference[k], policy[k]) for k in policy)  # and the reference with it
+    assert all(torch.equal(v, before[k]) for k, v in sft.model.state_dict().items())
 
 
 def test_a_moving_reference_is_refused_with_lora_and_bad_values_name_the_field(tmp_path) -> None:
