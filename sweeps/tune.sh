@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
-# Tune each method's KL coefficient (method.beta) and learning rate on the validation split of
-# prompts (every conf/sweep/tune_<method>.yaml: 3 x 2 settings x 2 seeds), then print the best
-# setting of each. Extra Hydra overrides are passed through, e.g.: bash sweeps/tune.sh model=llama_small
+# Tune every method on each track with the same budget: every conf/sweep/tune_<method>.yaml grid
+# (3 KL coefficients x 2 learning rates x 2 seeds, validation split, group `tune`) on the oracle
+# track (PPO, GRPO, RLOO, online DPO: the gold reward) and the preferences track (the same on the
+# reward model, and offline DPO on the pairs), jobs side by side (+launch=parallel, one thread
+# each); then print each method's best setting per track. Resumable: run it again after a cut and
+# finished jobs are skipped. Extra Hydra overrides pass through, e.g.
+#   bash sweeps/tune.sh model=llama_small
+#   TRACKS=oracle bash sweeps/tune.sh model=moe_small
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for sweep in conf/sweep/tune_*.yaml; do
-  python -m harness -m "+sweep=$(basename "$sweep" .yaml)" "$@"
+for track in ${TRACKS:-oracle preferences}; do
+  for sweep in conf/sweep/tune_*.yaml; do
+    method=$(basename "$sweep" .yaml)
+    method=${method#tune_}
+    if [ "$track" = oracle ] && [ "$method" = dpo ]; then
+      continue  # offline DPO learns from the pairs: the preferences track only
+    fi
+    python -m harness -m +launch=parallel "+sweep=tune_$method" track="$track" "$@"
+  done
 done
 python -m harness.tuning

@@ -210,12 +210,15 @@ def test_validation_prompts_never_overlap_the_test_prompts(tmp_path):
 
 # ------------------------------------------------------------------------------------- tuning
 def _tune_record(method: str, seed: int, kl: float, lr: float, gold: float, split="validation",
-                 created="2026-12-01T00:00:00+00:00") -> dict:
+                 created="2026-12-01T00:00:00+00:00", track: str | None = None) -> dict:
     field = "beta"
-    return {"run_id": f"{method}-{seed}-{kl}-{lr}-{created}", "status": "ok", "method": method,
-            "model": "m", "dataset": "d", "seed": seed, "group": "tune", "created": created,
-            "metrics": {"eval/gold_reward": gold}, "per_prompt": {"split": split},
-            "config": {"method": {field: kl, "optim": {"lr": lr}}}}
+    out = {"run_id": f"{method}-{seed}-{kl}-{lr}-{created}-{track}", "status": "ok",
+           "method": method, "model": "m", "dataset": "d", "seed": seed, "group": "tune",
+           "created": created, "metrics": {"eval/gold_reward": gold}, "per_prompt": {"split": split},
+           "config": {"method": {field: kl, "optim": {"lr": lr}}}}
+    if track is not None:
+        out["track"] = track
+    return out
 
 
 def test_tuning_picks_the_best_mean_validation_gold_per_method():
@@ -229,15 +232,50 @@ def test_tuning_picks_the_best_mean_validation_gold_per_method():
             _tune_record("dpo", 0, 1.0, 1e-4, 0.99, split="test"),
             _tune_record("ppo", 0, 0.2, 3e-5, 0.6), _tune_record("ppo", 0, 1.0, 3e-5, 0.6)]
     best = best_settings(recs)
-    dpo = best[("dpo", "m", "d")]
+    dpo = best[("dpo", "m", "d", "preferences")]  # an offline pair method's track
     assert (dpo["kl"], dpo["lr"], dpo["n_seeds"]) == (0.1, 1e-4, 2)
     assert dpo["gold"] == pytest.approx(0.75)
-    ppo = best[("ppo", "m", "d")]
+    ppo = best[("ppo", "m", "d", "")]  # a record that names no track nor reward source
     assert ppo["kl"] == 0.2  # a tie goes to the smaller KL coefficient
     assert ppo["overrides"] == "method=ppo method.beta=0.2 method.optim.lr=3e-05"
 
 
-@pytest.mark.parametrize("method", ["dpo", "grpo", "ppo"])
+def test_tuning_picks_a_setting_per_track():
+    """GRPO on the gold reward is best at a small KL, on the reward model at a large one: each
+    track gets its own winner, and its overrides name the track."""
+    from harness.tuning import best_settings
+
+    recs = [_tune_record("grpo", s, kl, 3e-4, gold, track=track)
+            for s in (0, 1)
+            for track, kl, gold in (("oracle", 0.04, 0.8), ("oracle", 0.1, 0.7),
+                                    ("preferences", 0.04, 0.1), ("preferences", 0.1, 0.4))]
+    best = best_settings(recs)
+    assert best[("grpo", "m", "d", "oracle")]["kl"] == 0.04
+    assert best[("grpo", "m", "d", "preferences")]["kl"] == 0.1
+    assert best[("grpo", "m", "d", "preferences")]["overrides"] == \
+        "method=grpo track=preferences method.beta=0.1 method.optim.lr=0.0003"
+
+
+TUNED = ("dpo", "grpo", "online_dpo", "ppo", "rloo")
+
+
+def test_every_aligning_method_has_a_tuning_grid_of_one_size():
+    """One budget for every method: 3 KL coefficients x 2 learning rates x 2 seeds each, and a
+    grid for every aligning method in conf/method."""
+    import yaml
+
+    methods = {p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")} - {"sft", "rm"}
+    methods = {m for m in methods if not m.startswith("base_")}
+    assert methods == set(TUNED)
+    sizes = {}
+    for m in TUNED:
+        params = yaml.safe_load((ROOT / "conf" / "sweep" / f"tune_{m}.yaml").read_text())[
+            "hydra"]["sweeper"]["params"]
+        sizes[m] = tuple(len(str(params[k]).split(",")) for k in ("method.beta", "method.optim.lr", "seed"))
+    assert set(sizes.values()) == {(3, 2, 2)}, sizes
+
+
+@pytest.mark.parametrize("method", TUNED)
 def test_tuning_sweeps_evaluate_on_the_validation_split(method):
     from hydra import compose, initialize_config_dir
 
