@@ -430,6 +430,10 @@ def test_the_information_effect_pairs_a_method_with_itself_across_tracks() -> No
     assert effect["n_seeds"] == 3 and effect["n_prompts"] == 4
     md = render_markdown(build_table(recs), information=[effect])
     assert "## Information effect" in md and "| grpo · oracle − grpo · preferences | +0.500 |" in md
+    # the answer's sentence: every seed +0.5, so p 0 (Holm: alone in its family) and 3 of 3 ahead
+    assert ("- Information effect, llama_small · toy (group test): GRPO on the oracle track − on "
+            "the preferences track +0.500 [+0.500, +0.500], Holm p 0, P(oracle > preferences) = "
+            "1.00, ahead on the oracle track in 3 of 3 seeds: separable (Holm p < 0.05).") in md
 
 
 def test_paired_comparisons_check_the_prompts() -> None:

@@ -171,10 +171,13 @@ def answer(paired: Sequence[Mapping[str, Any]], information: Sequence[Mapping[st
                        else f"not separable{checked}{_elsewhere(c)}" if c["significant"]
                        else "not separable")
             method = c["a"].removesuffix(" · oracle").upper()
+            holm = "" if c.get("holm_p") is None else f", Holm p {p_text(c['holm_p'])}"
             poi = "" if c.get("poi") is None else f", P(oracle > preferences) = {c['poi']:.2f}"
+            seeds = (f"{c['n_seeds']} seeds" if c.get("wins") is None
+                     else f"ahead on the oracle track in {c['wins']} of {c['n_seeds']} seeds")
             out.append(f"Information effect, {model} · {dataset} (group {group}): {method} on the "
                        f"oracle track − on the preferences track {bound(c['mean_diff'])} "
-                       f"{interval(c.get('t_lo'), c.get('t_hi'))}{poi}, {c['n_seeds']} seeds: "
+                       f"{interval(c.get('t_lo'), c.get('t_hi'))}{holm}{poi}, {seeds}: "
                        f"{verdict}.")
     return out + references
 
