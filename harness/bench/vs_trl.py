@@ -181,19 +181,29 @@ def grpo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.devi
     coefficient, reward scaling and sampling settings."""
     from trl import GRPOConfig
 
+    return GRPOConfig(
+        **group_args(cfg, steps, out_dir, seed, device),
+        epsilon_high=cfg.clip_eps_high if cfg.clip_eps_high is not None else cfg.clip_eps,
+        loss_type=cfg.loss_type, scale_rewards="group" if cfg.scale_rewards else "none",
+    )
+
+
+def group_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.device) -> dict[str, Any]:
+    """The arguments TRL's GRPO and RLOO configs share, from a harness
+    :class:`~harness.methods.config.GroupConfig`: the whole rollout (prompts x group) in one
+    minibatch, one pass, the group size, response length, sampling, KL coefficient and clip range.
+    Raises ``ValueError`` for a config of several minibatches or passes (TRL would differ)."""
     sequences = cfg.rollout.prompts_per_batch * cfg.group_size
     if cfg.minibatch_size < sequences or cfg.update_epochs != 1:
-        raise ValueError("--vs trl compares one minibatch of the whole rollout and one pass: "
-                         f"minibatch_size={cfg.minibatch_size}, update_epochs={cfg.update_epochs}")
-    return GRPOConfig(
+        raise ValueError("the comparison with TRL takes one minibatch of the whole rollout and one "
+                         f"pass: minibatch_size={cfg.minibatch_size}, update_epochs={cfg.update_epochs}")
+    return dict(
         **common_args(cfg.optim, steps, out_dir, seed, device),
         per_device_train_batch_size=sequences, gradient_accumulation_steps=1,
         num_generations=cfg.group_size, max_completion_length=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
-        beta=cfg.beta, epsilon=cfg.clip_eps,
-        epsilon_high=cfg.clip_eps_high if cfg.clip_eps_high is not None else cfg.clip_eps,
-        loss_type=cfg.loss_type, scale_rewards="group" if cfg.scale_rewards else "none",
-        num_iterations=cfg.update_epochs, log_completions=False,
+        beta=cfg.beta, epsilon=cfg.clip_eps, num_iterations=cfg.update_epochs,
+        log_completions=False,
     )
 
 
@@ -210,21 +220,11 @@ def rloo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.devi
     taken, so both give A_i · ∇ Σ_t log π_t per sequence: the same update."""
     from trl import RLOOConfig
 
-    sequences = cfg.rollout.prompts_per_batch * cfg.group_size
-    if cfg.minibatch_size < sequences or cfg.update_epochs != 1:
-        raise ValueError("the TRL cross-check compares one minibatch of the whole rollout and one "
-                         f"pass: minibatch_size={cfg.minibatch_size}, update_epochs={cfg.update_epochs}")
     if cfg.kl_penalty != "reward":
         raise ValueError(f"method.kl_penalty={cfg.kl_penalty!r}: TRL's RLOO puts the KL in the "
                          "reward only (kl_penalty=reward)")
-    return RLOOConfig(
-        **common_args(cfg.optim, steps, out_dir, seed, device),
-        per_device_train_batch_size=sequences, gradient_accumulation_steps=1,
-        num_generations=cfg.group_size, max_completion_length=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
-        beta=cfg.beta, epsilon=cfg.clip_eps, epsilon_high=cfg.clip_eps,
-        num_iterations=cfg.update_epochs, normalize_advantages=False, log_completions=False,
-    )
+    return RLOOConfig(**group_args(cfg, steps, out_dir, seed, device), epsilon_high=cfg.clip_eps,
+                      normalize_advantages=False)
 
 
 def dpo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.device) -> Any:

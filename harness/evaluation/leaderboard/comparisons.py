@@ -42,6 +42,12 @@ def is_reference(name: str) -> bool:
     return name.startswith(REFERENCE_PREFIX)
 
 
+def checks_reference(c: Mapping[str, Any]) -> bool:
+    """Whether the comparison ``c`` checks a reference implementation against its method (one
+    side a ``trl_*`` row), rather than comparing two methods."""
+    return is_reference(c["a"]) or is_reference(c["b"])
+
+
 def _method_of(name: str) -> str:
     """The harness method a row stands for: ``"trl_grpo (β=…)"`` -> ``"grpo"``."""
     return name.split(" (")[0].removeprefix(REFERENCE_PREFIX)
@@ -137,8 +143,7 @@ def _decide(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     another) and ``significant`` (``holm_p < ALPHA``)."""
     families: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for c in comparisons:
-        reference = is_reference(c["a"]) or is_reference(c["b"])
-        families[(c["model"], c["dataset"], c["group"], c["track"], reference)].append(c)
+        families[(c["model"], c["dataset"], c["group"], c["track"], checks_reference(c))].append(c)
     for family in families.values():
         for c, adjusted in zip(family, holm([c["t_p"] for c in family]), strict=True):
             c["holm_p"] = adjusted

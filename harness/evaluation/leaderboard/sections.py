@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.evaluation.leaderboard.columns import COST_TABLE, KEY_COLUMNS, TRACK_NOTE, Column, shown_columns
-from harness.evaluation.leaderboard.comparisons import INFORMATION_NOTE, is_reference
+from harness.evaluation.leaderboard.comparisons import INFORMATION_NOTE, checks_reference
 from harness.evaluation.leaderboard.diagnostics import comparison_warnings
 from harness.evaluation.leaderboard.format import (
     PAIRED_HEAD,
@@ -141,11 +141,11 @@ def answer(paired: Sequence[Mapping[str, Any]], information: Sequence[Mapping[st
     for (model, dataset, group, track), cell in _by_cell(paired).items():
         done = [c for c in cell if c["mean_diff"] is not None]
         for c in done:
-            if is_reference(c["a"]) or is_reference(c["b"]):
+            if checks_reference(c):
                 verdict = "they differ (Holm p < 0.05)" if c["significant"] else "not separable"
                 references.append(f"Reference implementation, {track or 'no'} track, {model} · "
                                   f"{dataset} (group {group}): {_difference(c)}: {verdict}.")
-        done = [c for c in done if not (is_reference(c["a"]) or is_reference(c["b"]))]
+        done = [c for c in done if not checks_reference(c)]
         if not done:
             continue
         held = [c for c in done if holds_everywhere(c)]
