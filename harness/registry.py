@@ -1,103 +1,100 @@
-"""The stage registry: every stage of the harness, by name (``method=<name>`` picks one).
+"""The stage registry: every method of the harness, by name (``method=<name>`` picks one).
 
-Adding a method is one module with its :class:`~harness.stage.Stage` and its Lightning module, its
-config dataclass in :mod:`harness.methods.config`, one YAML in ``conf/method/`` naming the config
-(``- base_<name>``), and one line here. The pipeline, the bench, the sweeps
-(``conf/sweep/compare.yaml`` globs ``conf/method``) and the leaderboard need no change.
+A method is one package, ``harness/methods/<name>/`` (its ``__init__`` holds the config dataclass
+and ``METHOD``, a :class:`~harness.methods.declaration.Method`; its ``stage.py`` the stage and the
+Lightning module), and one YAML, ``conf/method/<name>.yaml`` (``- base_<name>``). The registry
+finds the packages under :mod:`harness.methods` by their ``METHOD``; the pipeline, the bench, the
+sweeps (``conf/sweep/compare.yaml`` globs ``conf/method``) and the leaderboard need no change.
 
-An entry names the stage's config and whether it is a base stage beside the stage's class path, so
-that composing and checking a config (:func:`harness.settings.register_configs`,
+Composing and checking a config (:func:`harness.settings.register_configs`,
 :func:`harness.settings.validate`; ``python -m harness --cfg job``, ``--help``, a bad override's
-error) imports neither Lightning nor torch: a stage's module is imported the first time the stage
-itself is asked for, and then it must agree with its entry.
+error) imports the packages' ``__init__`` only, which import neither Lightning nor torch: a
+stage's module is imported the first time the stage itself is asked for.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING
 
-from harness.methods.config import (
-    DPOConfig,
-    GRPOConfig,
-    OnlineDPOConfig,
-    PPOConfig,
-    RLOOConfig,
-    RMConfig,
-    SFTConfig,
-)
+from harness.methods.declaration import Method
 
 if TYPE_CHECKING:
     from harness.stage import Stage
 
+METHODS_PACKAGE = "harness.methods"
 
-@dataclass(frozen=True)
-class Entry:
-    """One registered stage: ``path`` its class as ``"module:Class"`` (imported on first use),
-    ``config`` its config dataclass, ``base`` whether other stages build on it (configured in
-    its own section and cached: sft, rm)."""
 
-    path: str
-    config: type
-    base: bool = False
+def discover(package: str = METHODS_PACKAGE) -> dict[str, Method]:
+    """Every :class:`Method` declared as ``METHOD`` by a subpackage of ``package``, by name, in
+    listing order (``Method.order``, then name). A package's name must be its method's name
+    (``method=<name>`` picks both it and ``conf/method/<name>.yaml``)."""
+    found: dict[str, Method] = {}
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__, package + "."):
+        if not info.ispkg:
+            continue
+        declared = getattr(importlib.import_module(info.name), "METHOD", None)
+        if declared is None:
+            continue
+        folder = info.name.rsplit(".", 1)[1]
+        if not isinstance(declared, Method) or declared.name != folder:
+            raise ValueError(f"{info.name}.METHOD must be a Method named {folder!r} (its package's "
+                             f"name); found {declared!r}")
+        found[declared.name] = declared
+    return dict(sorted(found.items(), key=lambda kv: (kv[1].order, kv[0])))
 
 
 @dataclass
 class Registry:
-    """Stage classes by name, imported lazily from their entries."""
+    """Stage classes by name, imported lazily from their declarations."""
 
-    entries: Mapping[str, Entry]
+    entries: Mapping[str, Method]
     _loaded: dict[str, Stage] = field(default_factory=dict)
 
-    def entry(self, name: str) -> Entry:
+    def entry(self, name: str) -> Method:
         if name not in self.entries:
             raise KeyError(f"unknown stage {name!r}; known: {', '.join(self.entries)}")
         return self.entries[name]
 
     def get(self, name: str) -> Stage:
-        """The stage ``name``, its module imported on first use; it must be the stage its entry
-        names (name, config class and base flag), else ``ValueError``."""
+        """The stage ``name``, its module imported on first use; its class must declare the
+        method it is registered under (``class XStage(Stage, method=METHOD)``), else
+        ``ValueError``."""
         e = self.entry(name)
         if name not in self._loaded:
-            module, cls = e.path.split(":")
+            module, cls = e.stage.split(":")
             stage = getattr(importlib.import_module(module), cls)()
-            found = (stage.name, stage.config, stage.base)
-            if found != (name, e.config, e.base):
-                raise ValueError(
-                    f"{e.path} is stage {stage.name!r} (config {stage.config.__name__}, base "
-                    f"{stage.base}); registered as {name!r} (config {e.config.__name__}, base "
-                    f"{e.base})")
+            if getattr(stage, "method", None) != e:
+                raise ValueError(f"{e.stage} declares {getattr(stage, 'method', None)!r}; it is "
+                                 f"registered as {e!r}")
             self._loaded[name] = stage
         return self._loaded[name]
 
 
-STAGES = Registry({
-    "sft": Entry("harness.methods.sft:SFTStage", SFTConfig, base=True),
-    "rm": Entry("harness.methods.reward:RewardStage", RMConfig, base=True),
-    "ppo": Entry("harness.methods.ppo:PPOStage", PPOConfig),
-    "grpo": Entry("harness.methods.grpo:GRPOStage", GRPOConfig),
-    "dpo": Entry("harness.methods.dpo:DPOStage", DPOConfig),
-    "rloo": Entry("harness.methods.rloo:RLOOStage", RLOOConfig),
-    "online_dpo": Entry("harness.methods.online_dpo:OnlineDPOStage", OnlineDPOConfig),
-})
+@cache
+def stages() -> Registry:
+    """The registry of every method under :mod:`harness.methods` (found once per process)."""
+    return Registry(discover())
 
 
 def get_stage(name: str) -> Stage:
     """The stage registered as ``name`` (its module is imported on first use)."""
-    return STAGES.get(name)
+    return stages().get(name)
 
 
 def stage_config(name: str) -> type:
     """The config dataclass of the stage ``name``, without importing the stage."""
-    return STAGES.entry(name).config
+    return stages().entry(name).config
 
 
 def stage_names() -> tuple[str, ...]:
-    return tuple(STAGES.entries)
+    return tuple(stages().entries)
 
 
 def base_stages() -> tuple[str, ...]:
     """The stages others build on (configured in their own sections, cached): sft, rm."""
-    return tuple(n for n, e in STAGES.entries.items() if e.base)
+    return tuple(n for n, e in stages().entries.items() if e.base)

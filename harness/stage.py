@@ -136,10 +136,12 @@ class Built:
 
 
 class Stage:
-    """One stage of the pipeline. Subclasses set the class attributes and implement :meth:`build`.
+    """One stage of the pipeline. A method's stage names its declaration
+    (``class GRPOStage(GroupStage, method=METHOD)``, :class:`~harness.methods.declaration.Method`),
+    which gives it ``name``, ``config`` (the config dataclass, whose defaults are the stage's) and
+    ``base`` (a stage others build on, configured in its own section and cached: sft, rm); it sets
+    the other class attributes it changes and implements :meth:`build`.
 
-    ``config``: the config dataclass (its defaults are the stage's defaults; ``name`` = the stage).
-    ``base``: a stage others build on, configured in its own section and cached (sft, rm).
     ``produces_policy``: the stage's model is a policy, evaluated on the task's gold reward
     against its reference; False for the reward model (its ``eval/rewards_acc`` is its score).
     ``reference``: the stage whose model is the frozen reference (None: no reference).
@@ -147,12 +149,21 @@ class Stage:
     pairs) or ``prompts`` (on-policy methods); read before any work so bad data stops a run early.
     """
 
+    #: the method's declaration (a :class:`harness.methods.declaration.Method`; read by attribute,
+    #: not imported: the methods sit above this interface)
+    method: ClassVar[Any]
     name: ClassVar[str]
     config: ClassVar[type]
     base: ClassVar[bool] = False
     produces_policy: ClassVar[bool] = True
     reference: ClassVar[str | None] = "sft"
     data: ClassVar[str] = "prompts"
+
+    def __init_subclass__(cls, method: Any = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if method is not None:
+            cls.method = method
+            cls.name, cls.config, cls.base = method.name, method.config, method.base
 
     def needs(self, cfg: Any) -> tuple[str, ...]:
         """The stages this one builds on (by name), for config ``cfg``."""

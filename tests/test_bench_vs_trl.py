@@ -114,7 +114,7 @@ def test_share_prompt_reaches_the_benched_dpo_and_grpo_stages(tmp_path):
     once, policy and reference alike, GRPO each group; PPO is untouched."""
     from harness.bench.steps import build_method, prepare_data
     from harness.bench.vs_trl import harness_overrides
-    from harness.methods.dpo import pair_logps, shared_prompt_pair_logps
+    from harness.methods.dpo.stage import pair_logps, shared_prompt_pair_logps
 
     assert parse_args(["--share-prompt"]).share_prompt and not parse_args([]).share_prompt
     assert harness_overrides("dpo", 16, True) == ["method.share_prompt=true"]
@@ -181,7 +181,7 @@ def test_vs_trl_runs_both_sides_at_tiny_sizes(tmp_path, capsys):
 
 
 def test_dpo_reference_is_scored_before_the_clock():
-    class Ref:  # harness.methods.dpo.ReferenceLogps' interface: table [n, 2], lookup(index)
+    class Ref:  # harness.methods.dpo.stage.ReferenceLogps' interface: table [n, 2], lookup(index)
         table = torch.full((5, 2), float("nan"))
         asked: torch.Tensor | None = None
 

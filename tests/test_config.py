@@ -17,15 +17,17 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING
 
 from harness.config import ConfigError, EvalConfig, LoggerConfig, RunSchema, TrainerConfig
-from harness.methods.config import DPOConfig, GRPOConfig
+from harness.methods.declaration import Method
+from harness.methods.dpo import DPOConfig
+from harness.methods.grpo import GRPOConfig
 from harness.registry import (
-    STAGES,
-    Entry,
     Registry,
     base_stages,
+    discover,
     get_stage,
     stage_config,
     stage_names,
+    stages,
 )
 from harness.settings import check_overrides, register_configs, validate
 
@@ -110,22 +112,48 @@ def test_every_registered_stage_has_a_method_option_and_composes():
         assert s.method_name == name
 
 
-def test_every_registered_stage_is_the_stage_its_entry_names():
+def test_every_registered_stage_is_the_stage_its_package_declares():
     for name in stage_names():
-        stage = get_stage(name)  # the registry compares it with its entry on first use
-        assert (stage.name, stage.config, stage.base) == (name, stage_config(name),
-                                                          STAGES.entries[name].base)
+        stage = get_stage(name)  # the registry compares its declaration with the entry on first use
+        assert stage.method == stages().entry(name)
+        assert (stage.name, stage.config) == (name, stage_config(name))
     assert base_stages() == ("sft", "rm")
+    assert stage_names()[:2] == ("sft", "rm")  # the base stages first, in the order they build
 
 
 @pytest.mark.parametrize(("entry", "message"), [
-    (Entry("harness.methods.grpo:GRPOStage", DPOConfig), "config GRPOConfig"),
-    (Entry("harness.methods.grpo:GRPOStage", GRPOConfig, base=True), "base False"),
-    (Entry("harness.methods.dpo:DPOStage", GRPOConfig), "is stage 'dpo'"),
+    (Method("grpo", DPOConfig, "harness.methods.grpo.stage:GRPOStage"), "declares"),
+    (Method("grpo", GRPOConfig, "harness.methods.grpo.stage:GRPOStage", base=True), "declares"),
+    (Method("grpo", GRPOConfig, "harness.methods.dpo.stage:DPOStage"), r"declares Method\(name='dpo'"),
 ])
 def test_a_stage_that_disagrees_with_its_entry_is_refused(entry, message):
     with pytest.raises(ValueError, match=message):
         Registry({"grpo": entry}).get("grpo")
+
+
+def _package(root: Path, name: str, init: str) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text(init)
+
+
+def test_discovery_finds_every_declared_method_and_refuses_a_misnamed_one(tmp_path, monkeypatch):
+    """A subpackage's ``METHOD`` registers it; one without is skipped (a helper package); one
+    whose method's name is not its folder's is refused, naming both."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _package(tmp_path, "plug", "")
+    decl = ("from dataclasses import dataclass\nfrom harness.methods.declaration import Method\n"
+            "@dataclass\nclass C:\n    name: str = {name!r}\n"
+            "METHOD = Method({name!r}, C, 'plug.{folder}.stage:S'{extra})\n")
+    _package(tmp_path / "plug", "zeta", decl.format(name="zeta", folder="zeta", extra=""))
+    _package(tmp_path / "plug", "alpha", decl.format(name="alpha", folder="alpha", extra=""))
+    _package(tmp_path / "plug", "base", decl.format(name="base", folder="base",
+                                                    extra=", base=True, order=0"))
+    _package(tmp_path / "plug", "helpers", "X = 1\n")
+    assert list(discover("plug")) == ["base", "alpha", "zeta"]
+    _package(tmp_path / "plug", "wrong", decl.format(name="other", folder="wrong", extra=""))
+    with pytest.raises(ValueError, match="plug.wrong.METHOD must be a Method named 'wrong'"):
+        discover("plug")
+
 
 
 def test_checking_a_config_at_the_entry_point_imports_neither_lightning_nor_torch():

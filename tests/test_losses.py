@@ -577,7 +577,7 @@ def test_rloo_policy_loss_clips_and_adds_the_k3_term():
 
 
 def test_sft_loss_under_ddp_is_the_mean_over_every_token_of_the_global_batch():
-    from harness.methods.sft import sft_loss
+    from harness.methods.sft.stage import sft_loss
 
     torch.manual_seed(0)
     logits = torch.randn(4, 6, 11)

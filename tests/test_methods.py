@@ -15,14 +15,15 @@ from harness.config import ConfigError, RolloutConfig
 from harness.data.datamodule import AlignmentDataModule
 from harness.data.tasks import build_task
 from harness.data.tokenizer import build_tokenizer
-from harness.methods.dpo import (
-    DPOConfig,
+from harness.methods.dpo import DPOConfig
+from harness.methods.dpo.stage import (
     DPOModule,
     ReferenceLogps,
     pair_logps,
     reference_logps,
 )
-from harness.methods.grpo import GRPOConfig, GRPOModule
+from harness.methods.grpo import GRPOConfig
+from harness.methods.grpo.stage import GRPOModule
 from harness.methods.losses import NonFiniteError
 from harness.models.architecture import ModelConfig
 from harness.models.hf import load_checkpoint
@@ -236,7 +237,7 @@ def test_a_shared_prompt_packs_each_pair_in_one_row_by_hand():
     """[bos + prompt, chosen, rejected]: positions restart at P for the rejected tokens, which do
     not see the chosen ones; both sides' first tokens are predicted from position P - 1."""
     from harness.data.collate import PairCollator, _pair_from_ids
-    from harness.methods.dpo import pack_shared_prompt
+    from harness.methods.dpo.stage import pack_shared_prompt
 
     rows = [_pair_from_ids(1, 2, [5, 6], [7], [8, 9], 64, "truncate"),      # P 3, C 2, R 3
             _pair_from_ids(1, 2, [5], [7, 7], [9], 64, "truncate")]        # P 2, C 3, R 2
@@ -259,7 +260,7 @@ def test_a_shared_prompt_packs_each_pair_in_one_row_by_hand():
 @pytest.mark.parametrize("moe", [False, True])
 def test_shared_prompt_log_probs_equal_the_two_row_layout(tiny_task, moe):
     """The packed layout gives pair_logps' sums and gradients (to rounding), dense and MoE."""
-    from harness.methods.dpo import shared_prompt_pair_logps
+    from harness.methods.dpo.stage import shared_prompt_pair_logps
 
     _, tok = tiny_task
     torch.manual_seed(0)
@@ -295,7 +296,7 @@ def test_shared_prompt_log_probs_equal_the_two_row_layout(tiny_task, moe):
 def test_dpo_with_a_shared_prompt_scores_its_reference_the_same_way(tiny_task):
     """policy == reference at step 0 gives a margin of exactly 0 (both packed) and the loss log 2;
     the run's loss agrees with the two-row layout's to rounding."""
-    from harness.methods.dpo import shared_prompt_pair_logps
+    from harness.methods.dpo.stage import shared_prompt_pair_logps
 
     task, tok = tiny_task
     ref = tiny_model(tok).eval()
@@ -440,7 +441,8 @@ def test_same_seed_same_metrics_and_sft_reused(tmp_path):
 def test_a_zero_kl_coefficient_skips_the_reference_pass(tiny_task, method):
     """beta = 0: nothing reads the reference's log-probs, so the rollout runs no reference forward
     (a sixth of a GRPO step) and logs no train/kl; beta > 0 runs it once per rollout."""
-    from harness.methods.rloo import RLOOConfig, RLOOModule
+    from harness.methods.rloo import RLOOConfig
+    from harness.methods.rloo.stage import RLOOModule
 
     task, tok = tiny_task
     config, module_cls = (GRPOConfig, GRPOModule) if method == "grpo" else (RLOOConfig, RLOOModule)
@@ -463,7 +465,7 @@ def test_the_reward_model_keeps_its_best_validated_checkpoint_normalised(tmp_pat
     the best pair accuracy (the earliest of equals), and says which; its score head is normalised
     so that the SFT policy's sampled responses score mean 0, std 1; the SFT policy's own pair
     accuracy on the same pairs stands beside its own."""
-    from harness.methods.reward import RewardStage, sft_score_moments
+    from harness.methods.rm.stage import RewardStage, sft_score_moments
     from harness.seeding import generator
 
     cfg = composed([*TINY_SFT, "method=rm", "rm.max_steps=12", "rm.val_every=4",
@@ -488,7 +490,7 @@ def test_the_reward_model_keeps_its_best_validated_checkpoint_normalised(tmp_pat
 
 
 def test_folding_the_normalisation_into_the_score_head_by_hand(tiny_task):
-    from harness.methods.reward import fold_normalisation, moments, pool_scores
+    from harness.methods.rm.stage import fold_normalisation, moments, pool_scores
     from harness.models.llama import ScalarHead
 
     _, tok = tiny_task
@@ -518,7 +520,8 @@ class _Sched:
 def _online_dpo_step(tok, scores: list[float], beta: float = 0.5):
     """One online DPO training step outside Lightning: k = 4 responses to each of 2 prompts scored
     ``scores``; returns (module, rollout, the losses it stepped on, the scheduler, logged stats)."""
-    from harness.methods.online_dpo import OnlineDPOConfig, OnlineDPOModule
+    from harness.methods.online_dpo import OnlineDPOConfig
+    from harness.methods.online_dpo.stage import OnlineDPOModule
 
     torch.manual_seed(1)
     policy = CausalLM(ModelConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4,
@@ -624,7 +627,8 @@ def test_the_rloo_loss_without_a_reference_is_its_loss_at_zero_beta():
 
 def test_the_reward_model_counts_the_tokens_it_trains_on(tiny_task):
     """cost/rm/train_tokens(_per_s): the RM stage counted none, so its cost read 0 tokens/s."""
-    from harness.methods.reward import RewardModule, RMConfig
+    from harness.methods.rm import RMConfig
+    from harness.methods.rm.stage import RewardModule
     from harness.models.llama import ScalarHead
 
     task, tok = tiny_task

@@ -20,7 +20,8 @@ from harness.data.tokenizer import build_tokenizer
 from harness.evaluation.cost import StageCost, StageMeter
 from harness.evaluation.platform import platform_info
 from harness.evaluation.stats import platform_identity
-from harness.methods.grpo import GRPOConfig, GRPOModule
+from harness.methods.grpo import GRPOConfig
+from harness.methods.grpo.stage import GRPOModule
 from harness.methods.losses import aggregate_loss, ppo_clipped_surrogate
 from harness.models.architecture import ModelConfig
 from harness.models.llama import CausalLM

@@ -181,7 +181,7 @@ def fit(setup: Any, n_batches: int, device: torch.device, root: Path,
 
 def precompute_reference(module: Any, device: torch.device) -> None:
     """Score every pair's reference log-probs before the clock starts (DPO's ``ref``,
-    :class:`harness.methods.dpo.ReferenceLogps`, otherwise scores them when a batch first needs
+    :class:`harness.methods.dpo.stage.ReferenceLogps`, otherwise scores them when a batch first needs
     them): TRL's ``precompute_ref_log_probs=True`` does the same before its training loop."""
     ref = getattr(module, "ref", None)
     if ref is not None:

@@ -174,7 +174,7 @@ def common_args(optim: OptimConfig, steps: int, out_dir: Path, seed: int,
 
 
 def grpo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.device) -> Any:
-    """``trl.GRPOConfig`` equal to the harness's :class:`~harness.methods.config.GRPOConfig` ``cfg``:
+    """``trl.GRPOConfig`` equal to the harness's :class:`~harness.methods.grpo.GRPOConfig` ``cfg``:
     the whole rollout (prompts x group) in one minibatch of ``per_device_train_batch_size``, one
     generation per optimiser step (no stale ``old`` log-probs: importance ratio 1 at the first
     pass, as the harness's sampler log-probs), the same loss aggregation, clip range, KL
@@ -208,7 +208,7 @@ def group_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.dev
 
 
 def rloo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.device) -> Any:
-    """``trl.RLOOConfig`` (TRL 1.16) equal to the harness's :class:`~harness.methods.config.RLOOConfig`
+    """``trl.RLOOConfig`` (TRL 1.16) equal to the harness's :class:`~harness.methods.rloo.RLOOConfig`
     ``cfg``: as :func:`grpo_args`, the whole rollout in one minibatch and one pass; both put the
     KL in the reward as β times the sequence sum of the per-token log-ratio log π_old − log π_ref
     (``kl_penalty: reward``; TRL has no other form), leave-one-out baselines, no advantage
@@ -228,7 +228,7 @@ def rloo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.devi
 
 
 def dpo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.device) -> Any:
-    """``trl.DPOConfig`` equal to the harness's :class:`~harness.methods.config.DPOConfig` ``cfg``:
+    """``trl.DPOConfig`` equal to the harness's :class:`~harness.methods.dpo.DPOConfig` ``cfg``:
     ``batch_size`` pairs a step, the reference log-probs computed once before training (as the
     harness does), the same beta, label smoothing, loss and maximum length."""
     from trl import DPOConfig
@@ -243,7 +243,7 @@ def dpo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.devic
 
 def ppo_args(cfg: Any, steps: int, out_dir: Path, seed: int, device: torch.device) -> Any:
     """``trl.experimental.ppo.PPOConfig`` (TRL 1.12) equal to the harness's
-    :class:`~harness.methods.config.PPOConfig` ``cfg``: ``prompts_per_batch`` prompts a step in one
+    :class:`~harness.methods.ppo.PPOConfig` ``cfg``: ``prompts_per_batch`` prompts a step in one
     minibatch, ``update_epochs`` epochs, the same response length, sampling temperature, KL
     coefficient (k1 in the reward, as the harness's ``kl_penalized_rewards``), clip ranges, value
     coefficient, gamma and lambda, responses cut at EOS; no reward whitening (the harness whitens

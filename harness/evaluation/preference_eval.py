@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.methods.dpo import pair_logps_table, prefers_chosen
+from harness.methods.dpo.stage import pair_logps_table, prefers_chosen
 
 __all__ = ["implicit_reward_correct", "pair_logps_table", "prefers_chosen"]
 

@@ -327,7 +327,7 @@ class OnPolicyStage(Stage):
     def scorer(self, ctx, cfg, inputs) -> Callable:
         """The sequence reward of a rollout: the reward model's score or the gold reward."""
         if self.reward_source(cfg) == "rm":
-            from harness.methods.reward import scorer_of
+            from harness.methods.rm.stage import scorer_of
 
             return scorer_of(inputs["rm"])
         return ctx.gold_scorer()

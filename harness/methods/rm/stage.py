@@ -24,13 +24,13 @@ from typing import Any
 import torch
 
 from harness.methods.base import AlignmentModule
-from harness.methods.config import RMConfig
 from harness.methods.losses import (
     bradley_terry_loss,
     last_valid_index,
     masked_mean,
     pairwise_accuracy,
 )
+from harness.methods.rm import METHOD, RMConfig
 from harness.models.hf import load_checkpoint, save_checkpoint
 from harness.models.llama import ScalarHead
 from harness.stage import Budget, Built, Fit, Stage, scalar_head
@@ -203,13 +203,10 @@ def scorer_of(built: Built) -> Callable:
     return rm_scorer(built.model, built.config.pooling)
 
 
-class RewardStage(Stage):
+class RewardStage(Stage, method=METHOD):
     """The reward model, built on the SFT base and cached: PPO and ``reward_source=rm`` use it."""
 
     data = "pairs"
-    name = "rm"
-    config = RMConfig
-    base = True
     produces_policy = False
     reference = None
 
@@ -257,7 +254,7 @@ def finish_reward_model(rm: ScalarHead, sft: Any, ctx, cfg: RMConfig) -> dict[st
     responses of the SFT policy ``sft`` to training prompts drawn by the seed's ``rm_norm``
     stream), and the SFT policy's own likelihood pair accuracy on the validation pairs the reward
     model was validated on. Returns their metrics."""
-    from harness.methods.dpo import pair_logps_table, prefers_chosen
+    from harness.methods.dpo.stage import pair_logps_table, prefers_chosen
     from harness.seeding import generator
 
     device = next(rm.parameters()).device

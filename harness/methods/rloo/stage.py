@@ -14,13 +14,13 @@ Per rollout batch (k = ``group_size`` samples per prompt):
 
 from __future__ import annotations
 
-from harness.methods.config import RLOOConfig
 from harness.methods.losses import (
     rloo_advantages,
     rloo_policy_loss,
     sequence_kl_shaped_rewards,
 )
 from harness.methods.rl_base import GroupModule, GroupStage
+from harness.methods.rloo import METHOD, RLOOConfig
 
 
 class RLOOModule(GroupModule):
@@ -44,7 +44,5 @@ class RLOOModule(GroupModule):
         self.policy_update(ro, adv, batch_idx, policy_loss)
 
 
-class RLOOStage(GroupStage):
-    name = "rloo"
-    config = RLOOConfig
+class RLOOStage(GroupStage, method=METHOD):
     module = RLOOModule

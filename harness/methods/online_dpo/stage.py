@@ -10,15 +10,15 @@ Per rollout batch (k = ``group_size`` responses to each prompt, sampled from pi_
 The reference log-probabilities come from the rollout's reference pass (the same numbers a
 GRPO rollout computes), the policy's from a forward over the chosen and rejected rows only. It
 puts DPO on the online methods' footing: the same prompts, responses and reward calls as GRPO and
-RLOO at the same budget; offline DPO (:mod:`harness.methods.dpo`) stays the pairs' method.
+RLOO at the same budget; offline DPO (:mod:`harness.methods.dpo.stage`) stays the pairs' method.
 """
 
 from __future__ import annotations
 
 import torch
 
-from harness.methods.config import OnlineDPOConfig
 from harness.methods.losses import dpo_loss, online_pairs, pairwise_accuracy
+from harness.methods.online_dpo import METHOD, OnlineDPOConfig
 from harness.methods.rl_base import GroupModule, GroupStage
 from harness.methods.rollout import minibatches, response_logprobs
 
@@ -67,7 +67,5 @@ class OnlineDPOModule(GroupModule):
                     extra={"pair_frac": [valid.mean()]})
 
 
-class OnlineDPOStage(GroupStage):
-    name = "online_dpo"
-    config = OnlineDPOConfig
+class OnlineDPOStage(GroupStage, method=METHOD):
     module = OnlineDPOModule

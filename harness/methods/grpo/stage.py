@@ -13,7 +13,7 @@ and TRL; dr_grpo: over B x max_new_tokens).
 
 from __future__ import annotations
 
-from harness.methods.config import GRPOConfig
+from harness.methods.grpo import METHOD, GRPOConfig
 from harness.methods.losses import (
     aggregate_loss,
     group_relative_advantages,
@@ -54,7 +54,5 @@ class GRPOModule(GroupModule):
         self.policy_update(ro, adv, batch_idx, policy_loss)
 
 
-class GRPOStage(GroupStage):
-    name = "grpo"
-    config = GRPOConfig
+class GRPOStage(GroupStage, method=METHOD):
     module = GRPOModule

@@ -11,8 +11,8 @@ import torch
 
 from harness.distributed import all_reduce_sum, world_size
 from harness.methods.base import AlignmentModule
-from harness.methods.config import SFTConfig
 from harness.methods.losses import masked_mean, token_logprobs
+from harness.methods.sft import METHOD, SFTConfig
 from harness.models.llama import CausalLM
 from harness.stage import Budget, Fit, Stage
 
@@ -67,13 +67,10 @@ class SFTModule(AlignmentModule):
         self.log("val/loss", nll, prog_bar=True, on_step=False, on_epoch=True)
 
 
-class SFTStage(Stage):
+class SFTStage(Stage, method=METHOD):
     """The SFT base every other stage builds on: a fresh backbone trained on the demonstrations."""
 
     data = "sft"
-    name = "sft"
-    config = SFTConfig
-    base = True
     reference = None
 
     def needs(self, cfg: SFTConfig) -> tuple[str, ...]:

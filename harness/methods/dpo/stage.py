@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from harness.data.collate import PairCollator, encode_pair
 from harness.methods.base import AlignmentModule
-from harness.methods.config import DPOConfig
+from harness.methods.dpo import METHOD, DPOConfig
 from harness.methods.losses import dpo_loss, pairwise_accuracy, sequence_logprobs, token_logprobs
 from harness.models.llama import CausalLM
 from harness.stage import Budget, Fit, Stage, policy_from
@@ -294,12 +294,10 @@ class DPOModule(AlignmentModule):
                       on_step=False, on_epoch=True, batch_size=b)
 
 
-class DPOStage(Stage):
+class DPOStage(Stage, method=METHOD):
     """DPO from the SFT base: each pair's reference log-probabilities computed once, when needed."""
 
     data = "pairs"
-    name = "dpo"
-    config = DPOConfig
 
     def build(self, ctx, cfg: DPOConfig, inputs) -> Fit:
         dm = ctx.datamodule("pairs", cfg)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from harness.distributed import world_size
-from harness.methods.config import PPOConfig, planned_budget
+from harness.methods.config import planned_budget
 from harness.methods.losses import (
     adaptive_kl_coef,
     check_finite,
@@ -33,6 +33,7 @@ from harness.methods.losses import (
     ppo_clipped_surrogate,
 )
 from harness.methods.optim import build_optimizer
+from harness.methods.ppo import METHOD, PPOConfig
 from harness.methods.rl_base import OnPolicyModule, OnPolicyStage
 from harness.methods.rollout import minibatches, response_logprobs
 from harness.models.llama import CausalLM, ScalarHead
@@ -126,12 +127,9 @@ class PPOModule(OnPolicyModule):
                                          cfg.kl_horizon, len(ro))
 
 
-class PPOStage(OnPolicyStage):
+class PPOStage(OnPolicyStage, method=METHOD):
     """PPO on the cached reward model's scores (``reward_source=rm``) or the task's gold reward
     (``gold``); the critic starts from the reward model or the SFT base (``critic_start``)."""
-
-    name = "ppo"
-    config = PPOConfig
 
     def build(self, ctx, cfg: PPOConfig, inputs) -> Fit:
         rm = inputs["rm"].model if "rm" in inputs else None
