@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tune every method on each track with the same budget: every conf/sweep/tune_<method>.yaml grid
-# (3 KL coefficients x 2 learning rates x 2 seeds, validation split, group `tune`) on the oracle
+# (3 KL coefficients x 3 learning rates x 2 seeds, validation split, group `tune`) on the oracle
 # track (PPO, GRPO, RLOO, online DPO: the gold reward) and the preferences track (the same on the
 # reward model, and offline DPO on the pairs), jobs side by side (+launch=parallel, one thread
 # each); then print each method's best setting per track. Resumable: run it again after a cut and

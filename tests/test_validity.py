@@ -261,7 +261,7 @@ TUNED = ("dpo", "grpo", "online_dpo", "ppo", "rloo")
 
 
 def test_every_aligning_method_has_a_tuning_grid_of_one_size():
-    """One budget for every method: 3 KL coefficients x 2 learning rates x 2 seeds each, and a
+    """One budget for every method: 3 KL coefficients x 3 learning rates x 2 seeds each, and a
     grid for every aligning method in conf/method."""
     import yaml
 
@@ -273,7 +273,7 @@ def test_every_aligning_method_has_a_tuning_grid_of_one_size():
         params = yaml.safe_load((ROOT / "conf" / "sweep" / f"tune_{m}.yaml").read_text())[
             "hydra"]["sweeper"]["params"]
         sizes[m] = tuple(len(str(params[k]).split(",")) for k in ("method.beta", "method.optim.lr", "seed"))
-    assert set(sizes.values()) == {(3, 2, 2)}, sizes
+    assert set(sizes.values()) == {(3, 3, 2)}, sizes
 
 
 @pytest.mark.parametrize("method", TUNED)
