@@ -15,11 +15,11 @@ import hydra
 import yaml
 from omegaconf import DictConfig
 
-from harness.conf_path import config_dir
 from harness.config import ConfigError
 from harness.data.errors import DataError
-from harness.run_uid import new_run_uid
 from harness.settings import check_overrides, register_configs, validate
+from harness.util.conf_path import config_dir
+from harness.util.run_uid import new_run_uid
 
 register_configs()
 
@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> float | None:
               f"{summary['dataset']} | seed {summary['seed']} -> skipped, done before: "
               f"{summary['record']}")
         return None
-    from harness.report import print_summary
+    from harness.pipeline.report import print_summary
 
     print_summary(summary)
     return summary.get("metrics", {}).get("eval/gold_reward")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.atomic import damage, manifest, write_json
+from harness.util.atomic import damage, manifest, write_json
 
 log = logging.getLogger("harness")
 
@@ -98,7 +98,7 @@ class StageCache:
 
     def commit(self, record: StageRecord) -> None:
         """Mark the stage complete by writing ``stage.json`` atomically (rank 0 only)."""
-        from harness.distributed import is_rank_zero
+        from harness.util.distributed import is_rank_zero
 
         if not is_rank_zero():
             return
@@ -113,7 +113,7 @@ class StageCache:
         Only rank 0 of a DDP run locks: the other ranks train the same stage in the same
         collective and would otherwise wait for a lock that rank 0 holds while waiting for them.
         """
-        from harness.distributed import is_rank_zero
+        from harness.util.distributed import is_rank_zero
 
         if not is_rank_zero():
             yield

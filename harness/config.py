@@ -237,7 +237,7 @@ class TrainerConfig:
     #: Lightning's profiler by its Trainer name (simple | advanced | pytorch), null = none. Its
     #: report goes to ``<run dir>/profile/fit-<stage>.txt``; with ``simple`` the log, a JSON file
     #: and the stage's logger (``profile/<phase>_s``) also get each stage's time split into phases
-    #: (sampling, reference, forward, backward, optimiser, ...: :mod:`harness.step_profile`).
+    #: (sampling, reference, forward, backward, optimiser, ...: :mod:`harness.util.step_profile`).
     #: Timing only: the results do not change.
     profiler: str | None = None
 
@@ -256,7 +256,7 @@ class TrainerConfig:
         if self.resume_every < 0:
             fail(prefix, "resume_every", self.resume_every, "must be >= 0 (0: no resume checkpoints)")
         if self.profiler is not None:
-            from harness.step_profile import PROFILERS
+            from harness.util.step_profile import PROFILERS
 
             one_of(self, prefix, "profiler", (*PROFILERS, None))
         if str(self.strategy).startswith(("fsdp", "deepspeed")):
@@ -299,7 +299,7 @@ class LoggerConfig:
 
     def check(self, prefix: str = "logger") -> None:
         """The values alone; whether W&B online has a key is the environment's to say
-        (:func:`harness.settings.validate` asks :mod:`harness.tracking.wandb_auth`)."""
+        (:func:`harness.settings.validate` asks :mod:`harness.util.wandb_auth`)."""
         one_of(self, prefix, "kind", ("wandb", "csv", "none"))
 
 
@@ -322,7 +322,7 @@ class RunSchema:
     #: where each finished run adds its record (null = none); ``python -m harness.leaderboard``
     results_dir: str | None = "${oc.env:HARNESS_RESULTS_DIR,results}"
     #: the level at which third-party libraries' lines (Lightning, transformers, datasets, W&B,
-    #: lm-eval) reach the console and the run's log (:mod:`harness.console`); the harness's own
+    #: lm-eval) reach the console and the run's log (:mod:`harness.util.console`); the harness's own
     #: lines are always shown
     log_level: str = "WARNING"
     #: the information track, what the method learns from (``null``: as ``method.reward_source``
@@ -335,7 +335,7 @@ class RunSchema:
     skip_done: bool = True
 
     def check(self) -> None:
-        from harness.console import LEVELS
+        from harness.util.console import LEVELS
 
         in_range(self, "", "seed", 0, 2**32 - 1)
         one_of(self, "", "log_level", LEVELS)

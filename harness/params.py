@@ -13,7 +13,6 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from harness.conf_path import config_dir
 from harness.config import ConfigError, ModelConfig, model_config
 from harness.models.param_count import (
     format_breakdown,
@@ -22,6 +21,7 @@ from harness.models.param_count import (
     parameter_breakdown,
 )
 from harness.settings import register_configs
+from harness.util.conf_path import config_dir
 
 register_configs()  # the model presets name the `base_model` schema: register before composing
 

@@ -128,7 +128,7 @@ def validate(cfg: DictConfig) -> Settings:
 def _check_wandb_key(logger: LoggerConfig) -> None:
     """W&B online needs a key (``wandb login`` or ``WANDB_API_KEY``): without one it would fail
     only when the first stage's logger starts, after the data and the tokenizer."""
-    from harness.tracking.wandb_auth import credentials_found, wants_online
+    from harness.util.wandb_auth import credentials_found, wants_online
 
     if logger.kind == "wandb" and wants_online(logger.offline) and not credentials_found():
         raise ConfigError(f"logger.offline={logger.offline!r}: W&B online needs a key: run "
@@ -211,7 +211,7 @@ def check_overrides(overrides: Sequence[str], experiments: Sequence[str] = (),
 def register_configs() -> None:
     """Register every schema with Hydra's ConfigStore (idempotent)."""
     from harness.data.tasks import TASKS
-    from harness.run_uid import run_uid
+    from harness.util.run_uid import run_uid
 
     OmegaConf.register_new_resolver("run_uid", run_uid, replace=True)
     cs = ConfigStore.instance()

@@ -30,7 +30,7 @@ from harness.data.resumable import ResumableLoader
 from harness.models.architecture import ConfigError, LoRASettings, ModelConfig
 from harness.models.hf import load_checkpoint, save_checkpoint
 from harness.models.llama import CausalLM, ScalarHead
-from harness.seeding import generator
+from harness.util.seeding import generator
 
 
 @dataclass

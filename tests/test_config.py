@@ -227,7 +227,7 @@ def test_ppo_on_the_gold_reward_refuses_a_critic_from_a_reward_model_it_has_not(
 
 
 def test_wandb_online_without_a_key_is_refused_before_work(monkeypatch, tmp_path):
-    from harness.tracking.wandb_auth import credentials_found, wants_online
+    from harness.util.wandb_auth import credentials_found, wants_online
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_BASE_URL", raising=False)

@@ -1,4 +1,4 @@
-"""What a run prints (harness/console.py): the stages as they start and finish, one progress bar per
+"""What a run prints (harness/util/console.py): the stages as they start and finish, one progress bar per
 training stage, the summary; no third-party line the user did not ask for, and none twice."""
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ def test_the_sweep_check_expands_jobs_as_the_basic_sweeper():
     from hydra import compose, initialize_config_dir
 
     from harness.settings import register_configs
-    from harness.sweep_check import sweep_jobs
+    from harness.tracking.sweep_check import sweep_jobs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -606,7 +606,6 @@ def _two_rank_statistics(rank: int, init: str, out: str) -> None:
     rows 2-4) through the all-reduce, saved for the test to read."""
     import torch.distributed as dist
 
-    from harness.distributed import all_reduce_sum, share_per_rank
     from harness.methods.losses import (
         aggregate_loss,
         batch_std,
@@ -615,6 +614,7 @@ def _two_rank_statistics(rank: int, init: str, out: str) -> None:
         masked_whiten,
     )
     from harness.methods.reduction import Reduction
+    from harness.util.distributed import all_reduce_sum, share_per_rank
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     x, mask, values = _batch()

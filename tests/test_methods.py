@@ -466,7 +466,7 @@ def test_the_reward_model_keeps_its_best_validated_checkpoint_normalised(tmp_pat
     so that the SFT policy's sampled responses score mean 0, std 1; the SFT policy's own pair
     accuracy on the same pairs stands beside its own."""
     from harness.methods.rm.stage import RewardStage, sft_score_moments
-    from harness.seeding import generator
+    from harness.util.seeding import generator
 
     cfg = composed([*TINY_SFT, "method=rm", "rm.max_steps=12", "rm.val_every=4",
                     "rm.norm_samples=64", "results_dir=null", f"cache_dir={tmp_path}/cache"])

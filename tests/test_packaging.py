@@ -70,7 +70,7 @@ def test_wheel_ships_configs_and_runs_outside_the_repository(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
-    where = _run([sys.executable, "-c", "import harness, harness.conf_path as c; "
+    where = _run([sys.executable, "-c", "import harness, harness.util.conf_path as c; "
                   "print(harness.__file__); print(c.config_dir())"], cwd=work, env=env)
     package_file, conf_dir = (Path(line) for line in where.stdout.split())
     assert package_file.resolve() == (site / "harness" / "__init__.py").resolve()

@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness.conf_path import config_dir
 from harness.settings import register_configs, validate
+from harness.util.conf_path import config_dir
 
 TINY = ["model=llama_tiny", "logger=none", "dataset.n_train=200", "dataset.n_pairs=32",
         "dataset.n_eval=20", "sft.max_steps=3", "rm.max_steps=2", "eval.curve_points=0"]

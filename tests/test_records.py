@@ -198,8 +198,8 @@ def test_win_rate_and_gold_accuracy_by_hand():
 
 # ------------------------------------------------------------- folders that cannot be written
 def test_a_folder_that_cannot_be_written_is_refused_naming_its_field(tmp_path: Path) -> None:
-    from harness.atomic import check_writable
     from harness.config import ConfigError
+    from harness.util.atomic import check_writable
 
     (tmp_path / "blocked").write_text("a file where a folder should be")
     with pytest.raises(ConfigError, match=r"results_dir='.*blocked/runs': cannot write there"):
@@ -316,7 +316,7 @@ def test_a_run_waiting_for_a_stage_lock_says_who_holds_it(tmp_path: Path, caplog
 def test_a_file_system_without_hard_links_still_never_replaces(tmp_path: Path, monkeypatch) -> None:
     import os
 
-    from harness.atomic import write_bytes
+    from harness.util.atomic import write_bytes
 
     def no_links(*_):
         raise PermissionError("hard links not supported here")

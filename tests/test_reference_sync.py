@@ -13,10 +13,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from harness.conf_path import config_dir
 from harness.config import ConfigError
 from harness.methods.rl_base import mix_into
 from harness.settings import register_configs, validate
+from harness.util.conf_path import config_dir
 
 TINY = ["model=llama_tiny", "logger=none", "dataset.n_train=200", "dataset.n_pairs=32",
         "dataset.n_eval=20", "sft.max_steps=3", "eval.curve_points=0"]

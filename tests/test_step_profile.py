@@ -1,4 +1,4 @@
-"""Where a step's time goes (:mod:`harness.step_profile`): the phase split from a profiler's
+"""Where a step's time goes (:mod:`harness.util.step_profile`): the phase split from a profiler's
 durations, the regions the methods mark, and ``trainer.profiler`` on the real entry point."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.profilers import AdvancedProfiler, SimpleProfiler
 
 from harness.config import ConfigError, TrainerConfig
-from harness.step_profile import (
+from harness.util.step_profile import (
     BATCH_ACTION,
     action,
     build_profiler,
@@ -115,9 +115,9 @@ def test_a_profiled_run_reports_phases_and_computes_what_an_unprofiled_one_does(
     every metric that is not a timing equal to the same run without a profiler."""
     from hydra import compose, initialize_config_dir
 
-    from harness.conf_path import config_dir
     from harness.pipeline import run
     from harness.settings import register_configs
+    from harness.util.conf_path import config_dir
 
     def composed(overrides: list[str]):
         register_configs()

@@ -26,7 +26,7 @@ from harness.methods.losses import aggregate_loss, ppo_clipped_surrogate
 from harness.models.architecture import ModelConfig
 from harness.models.llama import CausalLM
 from harness.pipeline.outputs import stage_costs
-from harness.seeding import STREAMS, generator, stream_seed
+from harness.util.seeding import STREAMS, generator, stream_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ Three sections, each printed as a table per model preset (``--json PATH`` also d
    LightningModules, built from the method configs in ``conf/method`` (only batch sizes and
    iteration counts overridden), trained by a real ``lightning.Trainer`` on the built-in ``arith``
    task from a random-init policy; a callback times ``on_train_batch_start`` -> ``on_train_batch_end``.
-   ``--profile`` splits each batch into phases (:mod:`harness.step_profile`).
+   ``--profile`` splits each batch into phases (:mod:`harness.util.step_profile`).
 3. **memory**: peak memory of PPO against GRPO at the same number of sequences per rollout: the
    model state computed from the tensors (parameters of every network held, gradients, AdamW
    states) and the measured peak (CUDA allocator, or peak RSS of a fresh subprocess on CPU).
@@ -62,7 +62,7 @@ from harness.bench.common import (
     resolve_device,
 )
 from harness.bench.sampler import PRECISIONS, bench_sampler, load_note, sampler_columns, sampler_notes
-from harness.conf_path import config_dir
+from harness.util.conf_path import config_dir
 
 QUICK = {"batch": 16, "prompt_len": 8, "new_tokens": 16, "iters": 2, "warmup": 1, "mem_iters": 1}
 DEFAULTS = {"batch": 64, "prompt_len": 8, "new_tokens": 32, "iters": 5, "warmup": 1, "mem_iters": 2}
@@ -132,7 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="steps section: also split each method's batch into phases (sampling, "
                         "reward, reference, value, forward, backward, optimizer, other) with "
-                        "Lightning's SimpleProfiler (harness.step_profile)")
+                        "Lightning's SimpleProfiler (harness.util.step_profile)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)

@@ -15,9 +15,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from harness.conf_path import config_dir
 from harness.config import ModelConfig
 from harness.settings import register_configs
+from harness.util.conf_path import config_dir
 
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 """Set (unless already set) by :func:`main`: the bench builds every model locally."""

@@ -74,9 +74,9 @@ def harness_run(method: str, model: str, seed: int, overrides: list[str], cache_
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from harness.conf_path import config_dir
     from harness.pipeline import stage_runner
     from harness.settings import register_configs, validate
+    from harness.util.conf_path import config_dir
 
     register_configs()
     track = ["track=oracle"] if method != "dpo" else []
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     require_trl()
     import torch
 
-    from harness.console import quiet_console
+    from harness.util.console import quiet_console
 
     quiet_console()
     torch.set_num_threads(args.threads)

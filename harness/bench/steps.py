@@ -23,7 +23,7 @@ from harness.config import ModelConfig, OptimConfig
 from harness.models.llama import ScalarHead
 from harness.settings import validate
 from harness.stage import Fit
-from harness.step_profile import PHASES, build_profiler, counts, phase_seconds, recorded
+from harness.util.step_profile import PHASES, build_profiler, counts, phase_seconds, recorded
 
 
 def prepare_data(n_examples: int, cache_dir: Path, seed: int = 0,
@@ -121,7 +121,7 @@ class StepTimer(L.Callback):
     """Wall time of every training batch (``on_train_batch_start`` -> ``on_train_batch_end``) and
     the number of steps of the first optimiser (the policy's, or the reward model's) in it;
     ``marks``: the trainer's profiler durations counted at the start of every batch
-    (:func:`harness.step_profile.counts`), so a phase split can leave the warm-up out."""
+    (:func:`harness.util.step_profile.counts`), so a phase split can leave the warm-up out."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -202,7 +202,7 @@ def bench_method_steps(method: str, model_cfg: ModelConfig, task: Any, tok: Any,
     ``before_fit(setup)`` sees the built :class:`~harness.stage.Fit` before it trains (the
     comparison with TRL exports the initial policy there); ``profile``: Lightning's
     ``SimpleProfiler`` records the method's phases, and ``phases`` holds their seconds per batch
-    over the timed batches (:func:`harness.step_profile.phase_seconds`).
+    over the timed batches (:func:`harness.util.step_profile.phase_seconds`).
     """
     device = device or resolve_device()
     n = warmup + iters
@@ -289,7 +289,7 @@ def phase_notes() -> list[str]:
     return [
         "Seconds per training batch of each phase (share of the batch), summed over the timed",
         "batches by Lightning's SimpleProfiler around the regions the methods mark",
-        "(harness.step_profile): sample = KV-cached sampling, reward = decoding + scoring,",
+        "(harness.util.step_profile): sample = KV-cached sampling, reward = decoding + scoring,",
         "reference = the frozen reference's log-probs, value = the critic's values before the",
         "update, forward = the trained networks' forward passes and losses (SFT/RM/DPO: the whole",
         "training_step with its logging, and zero_grad), backward, optimizer = clipping + AdamW +",

@@ -2,7 +2,7 @@
 
 :class:`DataError` is raised for problems with the *data* (a missing column, an empty split, a row
 that cannot be parsed); invalid *configuration* values raise :class:`ConfigError`, whose message
-names the field. Both live in :mod:`harness.errors` (re-exported here) and are :class:`ValueError`
+names the field. Both live in :mod:`harness.util.errors` (re-exported here) and are :class:`ValueError`
 subclasses.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from harness.errors import ConfigError, DataError
+from harness.util.errors import ConfigError, DataError
 
 __all__ = ["ConfigError", "DataError", "config_error", "require_columns", "require_nonempty"]
 

@@ -20,7 +20,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from harness.atomic import folder_damage, publish_dir, write_manifest
+from harness.util.atomic import folder_damage, publish_dir, write_manifest
 
 log = logging.getLogger(__name__)
 

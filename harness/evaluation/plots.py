@@ -19,9 +19,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.atomic import write_bytes
 from harness.evaluation.records import finite, track_of
 from harness.evaluation.stats import distinct_seeds, kl_coefficient, learning_rate, summarize
+from harness.util.atomic import write_bytes
 
 __all__ = ["EMA_ALPHA", "ema", "ema_alpha", "history_points", "plot_reward_kl", "plot_training_curves"]
 

@@ -44,8 +44,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness.atomic import write_text
 from harness.config import OFFLINE_PAIR_METHODS
+from harness.util.atomic import write_text
 
 __all__ = [
     "RECORD_STATUSES",

@@ -14,7 +14,7 @@ from harness.config import OptimConfig
 from harness.methods.losses import check_finite
 from harness.methods.optim import build_optimizer
 from harness.models.llama import CausalLMOutput
-from harness.step_profile import CLOSURE, STEP, action
+from harness.util.step_profile import CLOSURE, STEP, action
 
 
 class AlignmentModule(L.LightningModule):
@@ -94,7 +94,7 @@ class AlignmentModule(L.LightningModule):
 
     @contextlib.contextmanager
     def region(self, name: str) -> Iterator[None]:
-        """The block as the phase ``name`` of the step (:mod:`harness.step_profile`) on the
+        """The block as the phase ``name`` of the step (:mod:`harness.util.step_profile`) on the
         trainer's profiler; nothing when none records."""
         if not self.profiling():
             yield
@@ -126,7 +126,7 @@ class AlignmentModule(L.LightningModule):
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Lightning's hook (automatic optimisation only); while a profiler records, the whole
         step and its closure (training_step, zero_grad, backward) are regions of their own, whose
-        difference is the optimiser's share (:func:`harness.step_profile.phase_seconds`)."""
+        difference is the optimiser's share (:func:`harness.util.step_profile.phase_seconds`)."""
         if not self.profiling() or optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 

@@ -121,7 +121,7 @@ def masked_moments(x: Tensor, mask: Tensor, unbiased: bool = True,
 
     x, mask: same shape; returns two 0-dim tensors. The variance is 0 when n = 0, and (unbiased)
     when n = 1, instead of raising or returning NaN. ``sum_fn`` (e.g.
-    :func:`harness.distributed.all_reduce_sum`) sums the partial sums over the parts of a batch
+    :func:`harness.util.distributed.all_reduce_sum`) sums the partial sums over the parts of a batch
     held elsewhere, so mu and var are those of the whole batch (DDP ranks); without it, this
     batch's, computed as ever.
     """

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from harness.distributed import all_reduce_sum, share_per_rank
+from harness.util.distributed import all_reduce_sum, share_per_rank
 
 __all__ = ["Reduction"]
 

@@ -15,7 +15,6 @@ import lightning as L
 import torch
 
 from harness.config import OptimConfig, RolloutConfig
-from harness.distributed import all_reduce_sum
 from harness.methods.base import AlignmentModule
 from harness.methods.config import GroupConfig, RefSyncConfig, planned_budget
 from harness.methods.group_packing import group_minibatches, packed_response_logprobs
@@ -30,8 +29,9 @@ from harness.methods.reduction import Reduction
 from harness.methods.rollout import Rollout, make_rollout, minibatches, response_logprobs
 from harness.models.architecture import ConfigError
 from harness.models.llama import CausalLM
-from harness.seeding import generator
 from harness.stage import Budget, Fit, Stage, policy_from
+from harness.util.distributed import all_reduce_sum
+from harness.util.seeding import generator
 
 
 def global_rows(n_prompts: int, rows_per_prompt: int, rank: int, world: int) -> torch.Tensor:
@@ -80,7 +80,7 @@ class OnPolicyModule(AlignmentModule):
         self.tokenizer = tokenizer
         self.rollout_cfg = rollout
         self.samples_every = samples_every
-        #: the sampler's and the minibatch order's stream (``harness.seeding``, stream "rollout")
+        #: the sampler's and the minibatch order's stream (``harness.util.seeding``, stream "rollout")
         self.generator = generator(seed, "rollout")
         #: under a multi-process strategy: the global batch's sampling noise (``sampling_noise``)
         self.noise_generator = generator(seed, "rollout_noise")

@@ -112,7 +112,7 @@ def sample_with_reference(policy: CausalLM, reference: CausalLM | None, tokenize
     ``packed_group`` G > 0: consecutive groups of G rows share a prompt, and the reference scores
     each group in one packed row (:func:`~harness.methods.group_packing.packed_response_logprobs`).
     ``cuda_graph``: :func:`~harness.models.generation.generate`'s (a GPU's graphed decode step);
-    ``region``: marks the phases ``sample`` and ``reference`` (:mod:`harness.step_profile`).
+    ``region``: marks the phases ``sample`` and ``reference`` (:mod:`harness.util.step_profile`).
     """
     device = policy.device
     ids, pmask = encode_prompts(tokenizer, prompts, max_len - max_new_tokens)
@@ -154,7 +154,7 @@ def make_rollout(policy: CausalLM, reference: CausalLM | None, tokenizer, prompt
     [B, max_new_tokens]: each row's sampling noise instead of ``generator``'s multinomial draws.
     ``packed_group`` G > 0: the reference pass packs each group of G rows with its prompt once.
     ``region``: marks the phases ``sample``, ``reference`` and ``reward``
-    (:mod:`harness.step_profile`).
+    (:mod:`harness.util.step_profile`).
     """
     s = sample_with_reference(policy, reference, tokenizer, prompts, cfg.max_new_tokens, max_len,
                               cfg.temperature, cfg.top_k, cfg.top_p, generator, noise,

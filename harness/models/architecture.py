@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-from harness.errors import ConfigError  # re-exported: the models' config errors
+from harness.util.errors import ConfigError  # re-exported: the models' config errors
 
 __all__ = ["ConfigError"]
 

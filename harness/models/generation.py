@@ -76,7 +76,7 @@ def generate(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
     :func:`inverse_cdf_sample` from ``noise[i, t]`` instead of ``torch.multinomial`` from
     ``generator``, so each row's tokens depend on its own noise only (not on the batch around it).
     A ``generator`` on another device than the model (the run's random streams are CPU
-    generators, ``harness.seeding``, so that they do not depend on where a run computes) gives
+    generators, ``harness.util.seeding``, so that they do not depend on where a run computes) gives
     that noise: ``torch.rand(B, max_new_tokens, generator=generator)``, drawn once per call.
     ``cuda_graph``: on a GPU, the harness's own model decodes by replaying one CUDA graph per token
     (:class:`~harness.models.decoding.GraphedDecodeStep`: the attention rounds differently in

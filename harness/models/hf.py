@@ -35,9 +35,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from harness.atomic import publish_dir
 from harness.models.architecture import ModelConfig
 from harness.models.llama import CausalLM
+from harness.util.atomic import publish_dir
 
 __all__ = ["config_from_hf", "load_checkpoint", "save_checkpoint", "to_hf_config", "to_hf_model"]
 

@@ -26,8 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.atomic import file_digest
 from harness.models.architecture import ConfigError, ModelConfig
+from harness.util.atomic import file_digest
 
 log = logging.getLogger("harness")
 
@@ -69,7 +69,7 @@ def gguf_folder(gguf: Path, cache_dir: Path) -> Path:
                           "package (pip install gguf)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.atomic import publish_dir
+    from harness.util.atomic import publish_dir
 
     def build(tmp: Path) -> None:
         log.info("converting %s to a Hugging Face folder (once; dequantised to float32)", gguf)

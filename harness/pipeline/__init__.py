@@ -26,10 +26,7 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from harness.atomic import check_writable
 from harness.cache import StageCache
-from harness.console import quiet_console
-from harness.distributed import is_rank_zero
 from harness.evaluation.cost import StageMeter
 from harness.evaluation.platform import platform_info
 from harness.evaluation.records import finished_record, new_run_id
@@ -41,6 +38,9 @@ from harness.registry import get_stage
 from harness.settings import Settings, validate
 from harness.stage import Built
 from harness.tracking.loggers import RunLoggers
+from harness.util.atomic import check_writable
+from harness.util.console import quiet_console
+from harness.util.distributed import is_rank_zero
 
 log = logging.getLogger("harness")
 

@@ -19,7 +19,7 @@ from harness.evaluation.curves import HeldOutGoldCurve
 from harness.evaluation.drift import sequence_kl
 from harness.evaluation.gold import gold_eval, win_rate
 from harness.models.llama import CausalLM
-from harness.seeding import stream_seed
+from harness.util.seeding import stream_seed
 
 #: what an evaluation returns: (metrics, samples, per_prompt)
 Evaluation = tuple[dict[str, float], list[dict], dict[str, Any]]

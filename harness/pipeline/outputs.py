@@ -8,8 +8,8 @@ from typing import Any
 
 from hydra.utils import to_absolute_path
 
-from harness.atomic import write_json
 from harness.evaluation.cost import StageCost
+from harness.util.atomic import write_json
 
 
 def record_for(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:

@@ -18,19 +18,19 @@ from typing import Any
 import lightning as L
 
 from harness import resume
-from harness.atomic import write_json
 from harness.cache import StageCache, StageRecord, stage_key
 from harness.config import OptimConfig
-from harness.distributed import broadcast_from_rank_zero, is_rank_zero
 from harness.evaluation.cost import StageCost, StageMeter
 from harness.pipeline.evaluation import held_out_curve
 from harness.pipeline.trainer import HistoryRecorder, build_trainer
 from harness.registry import get_stage
-from harness.seeding import seed_stage
 from harness.settings import Settings
 from harness.stage import Built, Fit, Stage, StageContext, set_gradient_checkpointing
-from harness.step_profile import BATCH_ACTION, format_split, phase_seconds, recorded
 from harness.tracking.loggers import RunLoggers
+from harness.util.atomic import write_json
+from harness.util.distributed import broadcast_from_rank_zero, is_rank_zero
+from harness.util.seeding import seed_stage
+from harness.util.step_profile import BATCH_ACTION, format_split, phase_seconds, recorded
 
 log = logging.getLogger("harness")
 
@@ -227,7 +227,7 @@ class StageRunner:
 
     def report_phases(self, stage: str, trainer: L.Trainer) -> None:
         """With ``trainer.profiler=simple``: the stage's seconds per training batch by phase
-        (:mod:`harness.step_profile`) in the log, in ``<run dir>/profile/<stage>-phases.json`` and,
+        (:mod:`harness.util.step_profile`) in the log, in ``<run dir>/profile/<stage>-phases.json`` and,
         as ``profile/<phase>_s``, in the stage's logger (its W&B run's summary)."""
         durations = recorded(trainer.profiler)
         if not durations or not is_rank_zero():

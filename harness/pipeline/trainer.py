@@ -9,8 +9,8 @@ import lightning as L
 
 from harness.config import TrainerConfig
 from harness.stage import Budget
-from harness.step_profile import build_profiler
 from harness.tracking.progress import stage_progress_bar
+from harness.util.step_profile import build_profiler
 
 
 def build_trainer(trainer: TrainerConfig, logger, ckpt_dir: Path, run_dir: Path, budget: Budget,

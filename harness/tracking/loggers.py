@@ -9,7 +9,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from harness.tracking.wandb_auth import wants_online
+from harness.util.wandb_auth import wants_online
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -30,8 +30,8 @@ from typing import Any, ClassVar, Self
 from datasets import Dataset, load_from_disk
 from datasets import utils as hf_progress
 
-from harness.atomic import folder_damage, publish_dir, write_json, write_manifest
 from harness.data.errors import ConfigError, DataError, require_columns, require_nonempty
+from harness.util.atomic import folder_damage, publish_dir, write_json, write_manifest
 
 log = logging.getLogger(__name__)
 

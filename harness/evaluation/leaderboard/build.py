@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.atomic import write_bytes, write_text
 from harness.evaluation.leaderboard.comparisons import information_effect, paired_comparisons
 from harness.evaluation.leaderboard.diagnostics import comparison_warnings, table_platforms
 from harness.evaluation.leaderboard.kernels import check_on, kernels_name
@@ -26,6 +25,7 @@ from harness.evaluation.leaderboard.table import build_table, group_names, selec
 from harness.evaluation.plots import plot_reward_kl, plot_training_curves
 from harness.evaluation.records import load_records
 from harness.evaluation.seed_figures import plot_overoptimisation, plot_seed_strips
+from harness.util.atomic import write_bytes, write_text
 
 SCREENSHOT_WIDTH = 1400
 

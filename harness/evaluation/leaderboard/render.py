@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.atomic import write_text
 from harness.evaluation.leaderboard.columns import KEY_COLUMNS, columns
 from harness.evaluation.leaderboard.sections import Section, Table, page_title, sections
+from harness.util.atomic import write_text
 
 
 # --------------------------------------------------------------------------- Markdown

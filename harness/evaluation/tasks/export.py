@@ -40,13 +40,13 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from harness.atomic import write_text
 from harness.evaluation.tasks.functions import (
     CACHE_DIR_FIELD,
     RAW_PROMPT_FIELD,
     TASK_CLASS_FIELD,
     TASK_CONFIG_FIELD,
 )
+from harness.util.atomic import write_text
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import torch
 
-from harness.distributed import world_size
 from harness.methods.config import planned_budget
 from harness.methods.losses import (
     adaptive_kl_coef,
@@ -38,6 +37,7 @@ from harness.methods.rl_base import OnPolicyModule, OnPolicyStage
 from harness.methods.rollout import minibatches, response_logprobs
 from harness.models.llama import CausalLM, ScalarHead
 from harness.stage import Fit, policy_from, scalar_head
+from harness.util.distributed import world_size
 
 
 def critic_values(critic: ScalarHead, ro_input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -255,7 +255,7 @@ def finish_reward_model(rm: ScalarHead, sft: Any, ctx, cfg: RMConfig) -> dict[st
     stream), and the SFT policy's own likelihood pair accuracy on the validation pairs the reward
     model was validated on. Returns their metrics."""
     from harness.methods.dpo.stage import pair_logps_table, prefers_chosen
-    from harness.seeding import generator
+    from harness.util.seeding import generator
 
     device = next(rm.parameters()).device
     home = next(sft.parameters()).device

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from harness.distributed import all_reduce_sum, world_size
 from harness.methods.base import AlignmentModule
 from harness.methods.losses import masked_mean, token_logprobs
 from harness.methods.sft import METHOD, SFTConfig
 from harness.models.llama import CausalLM
 from harness.stage import Budget, Fit, Stage
+from harness.util.distributed import all_reduce_sum, world_size
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+#: the ``harness`` package folder (this module is ``harness/util/conf_path.py``)
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def config_dir() -> Path:

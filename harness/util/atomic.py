@@ -125,7 +125,7 @@ def check_writable(path: Path | str, field: str) -> None:
     mount, a full quota or a file in the way is found at the start of a run, not after training.
     Raises :class:`harness.models.architecture.ConfigError` (a config error: no record is written).
     """
-    from harness.errors import ConfigError
+    from harness.util.errors import ConfigError
 
     path = Path(path)
     try:
