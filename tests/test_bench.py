@@ -35,6 +35,15 @@ def test_sampler_and_step_timing_print_positive_figures(tmp_path, capsys):
     assert json.loads(out.read_text())["steps"][0]["method"] == "grpo"
 
 
+def test_online_dpo_steps_on_random_networks(tmp_path):
+    """A random policy's gold rewards all tie (online DPO would take no step); the bench times it
+    on the random reward model's scores, which rank every group."""
+    result = bench.main([*TINY, "--sections", "steps", "--methods", "online_dpo",
+                         "--cache-dir", str(tmp_path / "cache")])
+    (g,) = result["steps"]
+    assert g["method"] == "online_dpo" and g["opt_steps_per_batch"] >= 1
+
+
 def test_grpo_layout_keeps_the_sequence_count():
     assert group_layout(64, 8) == (8, 8)
     assert group_layout(4, 8) == (1, 4)

@@ -70,6 +70,10 @@ class Setup(Fit):
     shape: Shape
 
 
+#: on-policy methods that step only on strictly ranked pairs: timed on the reward model's scores
+LEARNS_FROM_RANKED_PAIRS = ("online_dpo",)
+
+
 def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch: int,
                  n_batches: int, seed: int = 0, device: torch.device | None = None,
                  minibatch: int | None = None,
@@ -91,6 +95,11 @@ def build_method(method: str, model_cfg: ModelConfig, task: Any, tok: Any, batch
     from harness.stage import Built, StageContext
 
     device = device or resolve_device()
+    if method in LEARNS_FROM_RANKED_PAIRS and not any(
+            o.split("=", 1)[0].lstrip("+") in ("track", "method.reward_source") for o in overrides):
+        # a random-init policy earns gold reward 0 on every response: only ties, no pair, no
+        # step to time; the random reward model ranks every group
+        overrides = [*overrides, "track=preferences"]
     settings = validate(compose_config([f"method={method}", *overrides]))
     stage = get_stage(method)
     cfg = sized(stage, settings.stage_config(method), batch, n_batches)
