@@ -19,4 +19,5 @@ for track in ${TRACKS:-oracle preferences}; do
     python -m harness -m +launch=parallel "+sweep=tune_$method" track="$track" "$@"
   done
 done
-python -m harness.tuning
+# the records are where the jobs wrote them (results_dir: $HARNESS_RESULTS_DIR, else results/)
+python -m harness.tuning --runs "${HARNESS_RESULTS_DIR:-results}/runs"
