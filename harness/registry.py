@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from harness.methods.declaration import Method
 
@@ -93,6 +93,21 @@ def stage_config(name: str) -> type:
 
 def stage_names() -> tuple[str, ...]:
     return tuple(stages().entries)
+
+
+def stage_chain(name: str, config_of: Callable[[str], Any]) -> tuple[str, ...]:
+    """``name`` and every stage it builds on, transitively, in the order first reached: each
+    stage's :meth:`~harness.stage.Stage.needs` for its config ``config_of(stage)`` (imports the
+    stages). E.g. ``("grpo", "sft")`` for GRPO on the gold reward, ``("grpo", "sft", "rm")`` on
+    the reward model."""
+    chain: list[str] = []
+    todo = [name]
+    while todo:
+        n = todo.pop(0)
+        if n not in chain:
+            chain.append(n)
+            todo += get_stage(n).needs(config_of(n))
+    return tuple(chain)
 
 
 def base_stages() -> tuple[str, ...]:

@@ -252,6 +252,45 @@ def test_the_config_hash_ignores_where_a_run_writes_and_nothing_else() -> None:
         assert config_hash({**cfg, **changed}) != config_hash(cfg)
 
 
+def test_the_config_hash_leaves_out_the_base_stages_a_run_does_not_build_on() -> None:
+    """GRPO on the gold reward never reads the reward model: a new reward-model recipe keeps its
+    hash (and its finished records); on the reward model, or in the reward model's own run, it
+    does not. The SFT base is part of every one."""
+    from omegaconf import OmegaConf
+
+    from harness.bench.common import compose_config
+    from harness.settings import validate
+
+    def hashes(*overrides: str) -> tuple[str, str, str]:
+        composed = compose_config(list(overrides))
+        validate(composed)  # puts the method on its track, as a run does before its record
+        cfg = OmegaConf.to_container(composed, resolve=True)
+        rm_changed = {**cfg, "rm": {**cfg["rm"], "max_steps": cfg["rm"]["max_steps"] + 1}}
+        sft_changed = {**cfg, "sft": {**cfg["sft"], "max_steps": cfg["sft"]["max_steps"] + 1}}
+        return config_hash(cfg), config_hash(rm_changed), config_hash(sft_changed)
+
+    base, rm, sft = hashes("method=grpo", "track=oracle")
+    assert base == rm and base != sft
+    for overrides in (("method=grpo", "track=preferences"), ("method=ppo", "track=preferences"),
+                      ("method=rm",)):
+        base, rm, sft = hashes(*overrides)
+        assert base != rm and base != sft, overrides
+    base, rm, sft = hashes("method=dpo")
+    assert base == rm and base != sft
+
+
+def test_a_finished_record_is_found_whatever_hash_it_stored(tmp_path: Path) -> None:
+    """A record is matched by its config's hash computed now, not the one it stored: a record
+    written before the hash's definition changed is still found."""
+    cfg = {"seed": 0, "method": {"name": "grpo"}}
+    rec = new_record(run_id="old", method="grpo", model="m", dataset="d", seed=0, status="ok",
+                     config=cfg, platform=None)
+    rec["config_hash"] = "0" * 64  # what an older definition stored
+    done = write_record(rec, tmp_path)
+    assert finished_record(tmp_path, cfg, None) == done
+    assert finished_record(tmp_path, {**cfg, "seed": 1}, None) is None
+
+
 def test_a_finished_record_is_found_by_config_and_platform(tmp_path: Path) -> None:
     cpu = {"torch": "2.13.0+cpu", "device": "cpu", "cpu_capability": "AVX512", "threads": 1,
            "gpu": None, "env": {}}

@@ -289,7 +289,9 @@ def finished_record(runs_dir: Path | str, config: Mapping[str, Any],
                     platform: Mapping[str, Any] | None) -> Path | None:
     """The record in ``runs_dir`` of an ``ok`` run of ``config`` (the same :func:`config_hash`)
     on the same platform (:func:`~harness.evaluation.stats.platform_identity`), if there is one:
-    that run need not run again. Unreadable files are passed over."""
+    that run need not run again. Each record's hash is computed again from its config (the
+    definition of the hash may have changed since it was written). Unreadable files are passed
+    over."""
     from harness.evaluation.stats import platform_identity
 
     want, where = config_hash(config), platform_identity(platform)
@@ -299,7 +301,8 @@ def finished_record(runs_dir: Path | str, config: Mapping[str, Any],
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
         if (isinstance(record, dict) and record.get("status") == "ok"
-                and record.get("config_hash") == want
+                and isinstance(record.get("config"), Mapping)
+                and config_hash(record["config"]) == want
                 and platform_identity(record.get("platform")) == where):
             return path
     return None
@@ -307,12 +310,41 @@ def finished_record(runs_dir: Path | str, config: Mapping[str, Any],
 
 def config_hash(config: Mapping[str, Any]) -> str:
     """sha256 of a run's resolved config as canonical JSON (sorted keys), without the fields of
-    :data:`CONFIG_HASH_IGNORES` and without a stage field added later at its default
+    :data:`CONFIG_HASH_IGNORES`, without the sections of base stages the run does not build on
+    (:func:`without_unused_stages`) and without a stage field added later at its default
     (:func:`without_later_defaults`): two runs with one hash computed the same thing (on one
-    platform), and a field that a new version adds does not orphan the records made before it."""
-    kept = {k: v for k, v in without_later_defaults(config).items() if k not in CONFIG_HASH_IGNORES}
+    platform); a field that a new version adds, or a new recipe of a stage a run never used (the
+    reward model, for a run on the gold reward), does not orphan the records made before it."""
+    used = without_unused_stages(config)
+    kept = {k: v for k, v in without_later_defaults(used).items() if k not in CONFIG_HASH_IGNORES}
     text = json.dumps(kept, sort_keys=True, default=_json_default, allow_nan=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def without_unused_stages(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` without the sections of the base stages (``sft``, ``rm``) that its run does not
+    build on (:func:`harness.registry.stage_chain` from the method's stage): e.g. ``rm`` for a
+    method on the gold reward, which never trains or reads a reward model. A config whose method
+    is not registered, or whose sections no longer fit their schemas (a record of another
+    version), is returned whole."""
+    from harness.config import ConfigError, to_dataclass
+    from harness.registry import base_stages, stage_chain, stage_config, stage_names
+
+    out = dict(config)
+    method = out.get("method")
+    name = method.get("name") if isinstance(method, Mapping) else None
+    if name not in stage_names():
+        return out
+    bases = base_stages()
+
+    def config_of(stage: str) -> Any:  # a base stage is configured in its own section
+        return to_dataclass(stage_config(stage), out[stage if stage in bases else "method"])
+
+    try:
+        used = stage_chain(name, config_of)
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return out
+    return {k: v for k, v in out.items() if k not in bases or k in used}
 
 
 def without_later_defaults(config: Mapping[str, Any]) -> dict[str, Any]:

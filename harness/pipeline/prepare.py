@@ -14,7 +14,7 @@ from harness.config import ConfigError
 from harness.data.prompt_format import FormattedTask, effective_format
 from harness.data.tasks import build_task
 from harness.data.tokenizer import load_or_build_tokenizer
-from harness.registry import get_stage
+from harness.registry import get_stage, stage_chain
 from harness.settings import Settings
 from harness.stage import StageContext
 
@@ -61,14 +61,8 @@ def check_data(ctx: StageContext, settings: Settings, name: str) -> None:
     """Read the training data of stage ``name`` and every stage it builds on, so bad data (a
     :class:`~harness.data.errors.DataError` naming file, row and column) stops the run before
     any stage trains."""
-    todo, seen = [name], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
+    for n in stage_chain(name, settings.stage_config):
         stage = get_stage(n)
-        todo += stage.needs(settings.stage_config(n))
         if stage.data == "pairs":
             ctx.task.preference_dataset("train")
         elif stage.data == "sft":
