@@ -4,7 +4,10 @@
 
 For every (method, model, dataset, track) of the group's ok records evaluated on the validation
 split, the (KL coefficient, learning rate) with the highest mean held-out gold reward over
-distinct seeds wins; ties go to the smaller KL (the closer policy). A method is tuned on each
+distinct seeds wins; ties go to the smaller KL (the closer policy). Only the records of one grid
+count: those whose config differs from the newest record's in the KL coefficient, the learning
+rate and the seed alone (:func:`grid_family`), so a tuning run under an older budget, task or
+reward model never competes with the current grid. A method is tuned on each
 track apart (what it learns from changes what suits it: the preferences track's reward model is
 exploitable, the oracle's gold reward is not). Prints one line per method and track with the
 overrides that select it, so the comparison sweep can run each method at its best; the test split
@@ -20,23 +23,51 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.evaluation.records import load_records, track_of
+from harness.evaluation.records import config_hash, load_records, track_of
 from harness.evaluation.stats import distinct_seeds, kl_coefficient, learning_rate
+
+
+def grid_family(record: Mapping[str, Any]) -> str:
+    """The hash (:func:`~harness.evaluation.records.config_hash`) of a record's config without
+    what a tuning grid varies: ``seed`` (and ``dataset.seed`` where it follows it), ``method.beta``
+    (``kl_coef`` in older PPO records) and ``method.optim.lr``. Two records of one grid have one
+    family."""
+    config = dict(record.get("config") or {})
+    seed = config.pop("seed", None)
+    dataset = config.get("dataset")
+    if isinstance(dataset, Mapping) and dataset.get("seed") == seed:
+        config["dataset"] = {k: v for k, v in dataset.items() if k != "seed"}
+    method = {k: v for k, v in dict(config.get("method") or {}).items()
+              if k not in ("beta", "kl_coef")}
+    optim = method.get("optim")
+    if isinstance(optim, Mapping):
+        method["optim"] = {k: v for k, v in optim.items() if k != "lr"}
+    config["method"] = method
+    return config_hash(config)
 
 
 def best_settings(records: Iterable[Mapping[str, Any]], group: str = "tune"
                   ) -> dict[tuple[str, str, str, str], dict[str, Any]]:
-    """``{(method, model, dataset, track): {"kl", "lr", "gold", "n_seeds", "overrides"}}``; the
-    track is the records' (:func:`~harness.evaluation.records.track_of`; ``""`` for a record on
-    none), and the overrides name it (``track=oracle``) when there is one."""
-    cells: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    """``{(method, model, dataset, track): {"kl", "lr", "gold", "n_seeds", "overrides",
+    "left_out"}}``; the track is the records' (:func:`~harness.evaluation.records.track_of`;
+    ``""`` for a record on none), and the overrides name it (``track=oracle``) when there is one.
+    Per (method, model, dataset, track) only the grid of the newest record counts
+    (:func:`grid_family`); ``left_out`` counts the records of older grids."""
+    runs: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
     for rec in records:
         pp = rec.get("per_prompt") or {}
         if rec.get("group") != group or rec.get("status") != "ok" or pp.get("split") != "validation":
             continue
-        key = (rec["method"], rec["model"], rec["dataset"], track_of(rec), kl_coefficient(rec),
-               learning_rate(rec))
-        cells[key].append(rec)
+        runs[(rec["method"], rec["model"], rec["dataset"], track_of(rec))].append(rec)
+    cells: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    left_out: dict[tuple, int] = {}
+    for key, recs in runs.items():
+        newest = max(recs, key=lambda r: (str(r.get("created", "")), str(r.get("run_id", ""))))
+        family = grid_family(newest)
+        grid = [r for r in recs if grid_family(r) == family]
+        left_out[key] = len(recs) - len(grid)
+        for rec in grid:
+            cells[(*key, kl_coefficient(rec), learning_rate(rec))].append(rec)
     best: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for (method, model, dataset, track, kl, lr), recs in cells.items():
         kept, _ = distinct_seeds(recs)
@@ -49,6 +80,7 @@ def best_settings(records: Iterable[Mapping[str, Any]], group: str = "tune"
             on = f" track={track}" if track else ""
             best[(method, model, dataset, track)] = {
                 "kl": kl, "lr": lr, "gold": gold, "n_seeds": len(golds),
+                "left_out": left_out[(method, model, dataset, track)],
                 "overrides": f"method={method}{on} method.beta={kl} method.optim.lr={lr}"}
     return best
 
@@ -63,8 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no ok validation-split records of group {args.group!r} in {args.runs}", file=sys.stderr)
         return 1
     for (method, model, dataset, track), b in sorted(best.items()):
+        older = f", {b['left_out']} of older grids left out" if b["left_out"] else ""
         print(f"{method:<10} {model:<12} {dataset:<10} {track or '-':<11} validation gold "
-              f"{b['gold']:.3f} ({b['n_seeds']} seeds): {b['overrides']}")
+              f"{b['gold']:.3f} ({b['n_seeds']} seeds{older}): {b['overrides']}")
     return 0
 
 

@@ -211,12 +211,14 @@ def test_validation_prompts_never_overlap_the_test_prompts(tmp_path):
 
 # ------------------------------------------------------------------------------------- tuning
 def _tune_record(method: str, seed: int, kl: float, lr: float, gold: float, split="validation",
-                 created="2026-12-01T00:00:00+00:00", track: str | None = None) -> dict:
+                 created="2026-12-01T00:00:00+00:00", track: str | None = None,
+                 iterations: int = 300) -> dict:
     field = "beta"
     out = {"run_id": f"{method}-{seed}-{kl}-{lr}-{created}-{track}", "status": "ok",
            "method": method, "model": "m", "dataset": "d", "seed": seed, "group": "tune",
            "created": created, "metrics": {"eval/gold_reward": gold}, "per_prompt": {"split": split},
-           "config": {"method": {field: kl, "optim": {"lr": lr}}}}
+           "config": {"seed": seed, "dataset": {"name": "d", "seed": seed},
+                      "method": {field: kl, "n_iterations": iterations, "optim": {"lr": lr}}}}
     if track is not None:
         out["track"] = track
     return out
@@ -255,6 +257,22 @@ def test_tuning_picks_a_setting_per_track():
     assert best[("grpo", "m", "d", "preferences")]["kl"] == 0.1
     assert best[("grpo", "m", "d", "preferences")]["overrides"] == \
         "method=grpo track=preferences method.beta=0.1 method.optim.lr=0.0003"
+
+
+def test_tuning_compares_the_newest_grid_only():
+    """A grid run under an older budget never competes with the current one, however well it
+    scored; its records are counted as left out. The seeds of one grid are one family."""
+    from harness.tuning import best_settings, grid_family
+
+    new = "2026-12-07T00:00:00+00:00"
+    recs = [_tune_record("grpo", s, kl, 3e-4, gold, created=new, track="oracle")
+            for s in (0, 1) for kl, gold in ((0.04, 0.7), (0.1, 0.6))]
+    recs += [_tune_record("grpo", s, 0.0, 1e-3, 0.99, track="oracle", iterations=100)
+             for s in (0, 1)]  # an older grid at another budget
+    assert len({grid_family(r) for r in recs[:4]}) == 1
+    best = best_settings(recs)[("grpo", "m", "d", "oracle")]
+    assert (best["kl"], best["lr"], best["n_seeds"], best["left_out"]) == (0.04, 3e-4, 2, 2)
+    assert best["gold"] == pytest.approx(0.7)
 
 
 TUNED = ("dpo", "grpo", "online_dpo", "ppo", "rloo")
