@@ -26,7 +26,8 @@ class RMConfig:
     the SFT policy's responses score 0 +- 1 in every seed (Huang et al. 2024; 0 = raw scores).
     ``max_steps`` 3000 (48 epochs of the 4,000 arith pairs at batch 64): at 1000 the held-out pair
     accuracy was still rising in 6 of 9 seeds and below the SFT policy's likelihood accuracy in 7;
-    at 3000 it beats it in all 7 seeds measured (results/FINDINGS.md, "The reward-model recipe").
+    at 3000 it beats it in 8 of 9 (model, seed) cells measured (results/FINDINGS.md, "The
+    reward-model recipe").
     """
 
     name: str = "rm"
