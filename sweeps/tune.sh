@@ -13,10 +13,15 @@ for track in ${TRACKS:-oracle preferences}; do
   for sweep in conf/sweep/tune_*.yaml; do
     method=$(basename "$sweep" .yaml)
     method=${method#tune_}
+    case $method in *_preferences) continue ;; esac  # a track's own grid, picked below
     if [ "$track" = oracle ] && [ "$method" = dpo ]; then
       continue  # offline DPO learns from the pairs: the preferences track only
     fi
-    python -m harness -m +launch=parallel "+sweep=tune_$method" track="$track" "$@"
+    grid="tune_$method"
+    if [ -f "conf/sweep/tune_${method}_$track.yaml" ]; then
+      grid="tune_${method}_$track"  # the method's grid on this track (larger KL on the reward model)
+    fi
+    python -m harness -m +launch=parallel "+sweep=$grid" track="$track" "$@"
   done
 done
 # the records are where the jobs wrote them (results_dir: $HARNESS_RESULTS_DIR, else results/)

@@ -287,14 +287,16 @@ def test_every_aligning_method_has_a_tuning_grid_of_one_size():
     methods = {m for m in methods if not m.startswith("base_")}
     assert methods == set(TUNED)
     sizes = {}
-    for m in TUNED:
-        params = yaml.safe_load((ROOT / "conf" / "sweep" / f"tune_{m}.yaml").read_text())[
-            "hydra"]["sweeper"]["params"]
-        sizes[m] = tuple(len(str(params[k]).split(",")) for k in ("method.beta", "method.optim.lr", "seed"))
+    for path in (ROOT / "conf" / "sweep").glob("tune_*.yaml"):  # a track's own grids too
+        params = yaml.safe_load(path.read_text())["hydra"]["sweeper"]["params"]
+        params = {"seed": "0,1", **params}  # a track's grid keeps its base grid's seeds
+        sizes[path.stem] = tuple(len(str(params[k]).split(","))
+                                 for k in ("method.beta", "method.optim.lr", "seed"))
+    assert {f"tune_{m}" for m in TUNED} <= set(sizes)
     assert set(sizes.values()) == {(3, 3, 2)}, sizes
 
 
-@pytest.mark.parametrize("method", TUNED)
+@pytest.mark.parametrize("method", [*TUNED, *(f"{m}_preferences" for m in TUNED if m != "dpo")])
 def test_tuning_sweeps_evaluate_on_the_validation_split(method):
     from hydra import compose, initialize_config_dir
 
@@ -304,8 +306,9 @@ def test_tuning_sweeps_evaluate_on_the_validation_split(method):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"+sweep=tune_{method}"],
                       return_hydra_config=True)
-    assert cfg.method.name == method and cfg.eval.split == "validation"
-    assert cfg.group == "tune"
+    assert cfg.method.name == method.removesuffix("_preferences")
+    assert cfg.eval.split == "validation" and cfg.group == "tune"
+    assert cfg.track == ("preferences" if method.endswith("_preferences") else None)
     params = cfg.hydra.sweeper.params
     assert "method.optim.lr" in params and len(str(params["seed"]).split(",")) >= 2
 
