@@ -7,8 +7,10 @@
 # finished jobs are skipped. Extra Hydra overrides pass through, e.g.
 #   bash sweeps/tune.sh model=llama_small
 #   TRACKS=oracle bash sweeps/tune.sh model=moe_small
+# DRY_RUN=1 prints the multirun commands instead of running them (then no tuning report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+py=${PYTHON:-python}
 for track in ${TRACKS:-oracle preferences}; do
   for sweep in conf/sweep/tune_*.yaml; do
     method=$(basename "$sweep" .yaml)
@@ -21,8 +23,13 @@ for track in ${TRACKS:-oracle preferences}; do
     if [ -f "conf/sweep/tune_${method}_$track.yaml" ]; then
       grid="tune_${method}_$track"  # the method's grid on this track (larger KL on the reward model)
     fi
-    python -m harness -m +launch=parallel "+sweep=$grid" track="$track" "$@"
+    if [ -n "${DRY_RUN:-}" ]; then
+      echo "$py -m harness -m +launch=parallel +sweep=$grid track=$track $*"
+    else
+      "$py" -m harness -m +launch=parallel "+sweep=$grid" track="$track" "$@"
+    fi
   done
 done
+[ -n "${DRY_RUN:-}" ] && exit 0
 # the records are where the jobs wrote them (results_dir: $HARNESS_RESULTS_DIR, else results/)
-python -m harness.tuning --runs "${HARNESS_RESULTS_DIR:-results}/runs"
+"$py" -m harness.tuning --runs "${HARNESS_RESULTS_DIR:-results}/runs"
