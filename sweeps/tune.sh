@@ -11,6 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python}
+launch() {
+  if [ -n "${DRY_RUN:-}" ]; then echo "$py -m harness $*"; else "$py" -m harness "$@"; fi
+}
 for track in ${TRACKS:-oracle preferences}; do
   for sweep in conf/sweep/tune_*.yaml; do
     method=$(basename "$sweep" .yaml)
@@ -23,11 +26,7 @@ for track in ${TRACKS:-oracle preferences}; do
     if [ -f "conf/sweep/tune_${method}_$track.yaml" ]; then
       grid="tune_${method}_$track"  # the method's grid on this track (larger KL on the reward model)
     fi
-    if [ -n "${DRY_RUN:-}" ]; then
-      echo "$py -m harness -m +launch=parallel +sweep=$grid track=$track $*"
-    else
-      "$py" -m harness -m +launch=parallel "+sweep=$grid" track="$track" "$@"
-    fi
+    launch -m +launch=parallel "+sweep=$grid" track="$track" "$@"
   done
 done
 [ -n "${DRY_RUN:-}" ] && exit 0
