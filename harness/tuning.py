@@ -4,7 +4,9 @@
 
 For every (method, model, dataset, track) of the group's ok records evaluated on the validation
 split, the (KL coefficient, learning rate) with the highest mean held-out gold reward over
-distinct seeds wins; ties go to the smaller KL (the closer policy). Only the records of one grid
+distinct seeds wins; ties go to the smaller KL (the closer policy). A winner at an edge of its grid
+is named (:func:`grid_edges`): the grid should be extended there before the setting is trusted (a
+KL coefficient of 0 is a floor, not an edge). Only the records of one grid
 count: those whose config differs from the newest record's in the KL coefficient, the learning
 rate and the seed alone (:func:`grid_family`), so a tuning run under an older budget, task or
 reward model never competes with the current grid. A method is tuned on each
@@ -46,13 +48,32 @@ def grid_family(record: Mapping[str, Any]) -> str:
     return config_hash(config)
 
 
+def grid_edges(kl: float | None, lr: float | None, kls: Iterable[float | None],
+               lrs: Iterable[float | None]) -> list[str]:
+    """Where the cell (``kl``, ``lr``) sits on the edge of a grid whose cells have the KL
+    coefficients ``kls`` and learning rates ``lrs``: ``["largest β", "smallest lr"]`` and the like,
+    ``[]`` for an interior cell. An axis with one value has no edge to extend, and a KL coefficient
+    of 0 is the axis' floor, not an edge (a negative one means nothing)."""
+    out = []
+    for name, value, values in (("β", kl, kls), ("lr", lr, lrs)):
+        present = sorted({v for v in values if v is not None})
+        if value is None or len(present) < 2:
+            continue
+        if value == present[-1]:
+            out.append(f"largest {name}")
+        elif value == present[0] and not (name == "β" and value == 0):
+            out.append(f"smallest {name}")
+    return out
+
+
 def best_settings(records: Iterable[Mapping[str, Any]], group: str = "tune"
                   ) -> dict[tuple[str, str, str, str], dict[str, Any]]:
     """``{(method, model, dataset, track): {"kl", "lr", "gold", "n_seeds", "overrides",
-    "left_out"}}``; the track is the records' (:func:`~harness.evaluation.records.track_of`;
+    "left_out", "edges"}}``; the track is the records' (:func:`~harness.evaluation.records.track_of`;
     ``""`` for a record on none), and the overrides name it (``track=oracle``) when there is one.
     Per (method, model, dataset, track) only the grid of the newest record counts
-    (:func:`grid_family`); ``left_out`` counts the records of older grids."""
+    (:func:`grid_family`); ``left_out`` counts the records of older grids; ``edges`` says where the
+    winner sits on its grid's edge (:func:`grid_edges`; ``[]`` inside it)."""
     runs: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
     for rec in records:
         pp = rec.get("per_prompt") or {}
@@ -82,6 +103,9 @@ def best_settings(records: Iterable[Mapping[str, Any]], group: str = "tune"
                 "kl": kl, "lr": lr, "gold": gold, "n_seeds": len(golds),
                 "left_out": left_out[(method, model, dataset, track)],
                 "overrides": f"method={method}{on} method.beta={kl} method.optim.lr={lr}"}
+    for key, b in best.items():
+        grid = [(kl, lr) for (*k, kl, lr) in cells if tuple(k) == key]
+        b["edges"] = grid_edges(b["kl"], b["lr"], [kl for kl, _ in grid], [lr for _, lr in grid])
     return best
 
 
@@ -96,8 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for (method, model, dataset, track), b in sorted(best.items()):
         older = f", {b['left_out']} of older grids left out" if b["left_out"] else ""
+        # no ": " inside the brackets: sweeps/tuned.sh reads the overrides after the last one
+        edge = f", at the grid's {' and '.join(b['edges'])}" if b["edges"] else ""
         print(f"{method:<10} {model:<12} {dataset:<10} {track or '-':<11} validation gold "
-              f"{b['gold']:.3f} ({b['n_seeds']} seeds{older}): {b['overrides']}")
+              f"{b['gold']:.3f} ({b['n_seeds']} seeds{older}{edge}): {b['overrides']}")
     return 0
 
 

@@ -275,6 +275,35 @@ def test_tuning_compares_the_newest_grid_only():
     assert best["gold"] == pytest.approx(0.7)
 
 
+def test_tuning_names_a_winner_at_its_grids_edge(monkeypatch, capsys):
+    """A winner on the edge of its grid is named (extend the grid there before trusting it); an
+    interior winner, or one at a KL coefficient of 0 (the floor), is not. The printed line keeps
+    the overrides after its last ': ' (sweeps/tuned.sh reads them there)."""
+    from harness.tuning import best_settings, grid_edges, main
+
+    assert grid_edges(0.1, 3e-4, [0.05, 0.1, 0.2], [1e-4, 3e-4, 1e-3]) == []
+    assert grid_edges(0.2, 1e-4, [0.05, 0.1, 0.2], [1e-4, 3e-4, 1e-3]) == ["largest β", "smallest lr"]
+    assert grid_edges(0.05, 1e-3, [0.05, 0.1, 0.2], [1e-4, 3e-4, 1e-3]) == ["smallest β", "largest lr"]
+    assert grid_edges(0.0, 3e-4, [0.0, 0.04, 0.1], [1e-4, 3e-4, 1e-3]) == []  # β 0 is the floor
+    assert grid_edges(0.1, 3e-4, [0.1], [3e-4]) == []  # one value: no axis to extend
+
+    recs = [_tune_record("rloo", s, kl, lr, gold, track="oracle")
+            for s in (0, 1) for kl, lr, gold in ((0.01, 3e-4, 0.8), (0.05, 3e-4, 0.7),
+                                                 (0.05, 1e-4, 0.6), (0.05, 1e-3, 0.5))]
+    best = best_settings(recs)[("rloo", "m", "d", "oracle")]
+    assert (best["kl"], best["edges"]) == (0.01, ["smallest β"])
+    recs += [_tune_record("rloo", s, 0.005, 3e-4, 0.75, track="oracle") for s in (0, 1)]
+    assert best_settings(recs)[("rloo", "m", "d", "oracle")]["edges"] == []  # extended: interior
+
+    import harness.tuning
+
+    monkeypatch.setattr(harness.tuning, "load_records", lambda runs: recs[:8])  # before extending
+    assert main([]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "at the grid's smallest β)" in line
+    assert line.rsplit(": ", 1)[1] == "method=rloo track=oracle method.beta=0.01 method.optim.lr=0.0003"
+
+
 TUNED = ("dpo", "grpo", "online_dpo", "ppo", "rloo")
 
 
