@@ -65,18 +65,29 @@ def default_choice(group: str) -> str:
 
 def method_of(argv: list[str]) -> str:
     """The method a command selects: ``method=``, else a ``+sweep=`` or ``experiment=`` config's
-    ``override /method``, else ``conf/config.yaml``'s default."""
+    ``override /method`` (followed through the configs of the same group it extends, as
+    ``tune_grpo_preferences`` extends ``tune_grpo``), else ``conf/config.yaml``'s default."""
     chosen = default_choice("method")
     for arg in argv:
         key, _, value = arg.partition("=")
         group = key.lstrip("+")
         if group in ("sweep", "experiment") and value:
-            path = config_dir() / group / f"{value.split(',')[0]}.yaml"
-            data = yaml.safe_load(path.read_text()) if path.is_file() else None
-            for entry_ in (data or {}).get("defaults") or []:
-                if isinstance(entry_, dict) and "override /method" in entry_:
-                    chosen = entry_["override /method"]
+            chosen = config_method(group, value.split(",")[0]) or chosen
     return chosen
+
+
+def config_method(group: str, name: str, seen: frozenset[str] = frozenset()) -> str | None:
+    """The ``override /method`` of ``conf/<group>/<name>.yaml``, or of the first config of the same
+    group in its defaults list that has one (the config's own entry wins); None when none has."""
+    path = config_dir() / group / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text()) if path.is_file() and name not in seen else None
+    defaults = (data or {}).get("defaults") or []
+    for entry_ in defaults:
+        if isinstance(entry_, dict) and "override /method" in entry_:
+            return entry_["override /method"]
+    parents = [e for e in defaults if isinstance(e, str) and e != "_self_" and not e.startswith("/")]
+    return next((m for p in parents if (m := config_method(group, p, seen | {name})) is not None),
+                None)
 
 
 def entry() -> None:

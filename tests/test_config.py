@@ -289,6 +289,20 @@ def test_a_sweep_config_that_selects_the_method_counts_as_choosing_it():
         ["+sweep=tune_dpo", "method.beta=1.0"]))  # accepted: the sweep's method has a beta
 
 
+@pytest.mark.parametrize("method", ["grpo", "rloo", "online_dpo", "ppo"])
+def test_a_sweep_that_extends_another_selects_the_method_it_inherits(method):
+    """tune_<m>_preferences extends tune_<m> (its defaults list), which selects the method: the
+    extended grid's method counts, so extending the grid from the command line (``method.beta=``)
+    is accepted, as it is for the grid it extends."""
+    from harness.__main__ import config_method, method_of
+
+    argv = [f"+sweep=tune_{method}_preferences", "method.beta=1.0,2.0"]
+    assert config_method("sweep", f"tune_{method}_preferences") == method
+    assert method_of(argv) == method
+    check_overrides(argv, default_method=method_of(argv))
+    assert config_method("sweep", "compare") is None and config_method("sweep", "nowhere") is None
+
+
 def test_base_stage_methods_are_configured_in_their_own_section():
     from harness.__main__ import default_choice
 
