@@ -1,7 +1,8 @@
 """Command line: build the leaderboard from the run records.
 
     python -m harness.leaderboard --runs results/runs --out results [--group G] [--note TEXT]
-        [--command "python -m ..."] [--check-runs DIR] [--n-boot 10000] [--seed 0] [--no-screenshot]
+        [--command "python -m ..."] [--check-runs DIR] [--tuned-by tune] [--n-boot 10000] [--seed 0]
+        [--no-screenshot]
 
 Writes ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv``, ``leaderboard.html``,
 ``reward_kl.png``, ``training_curves.png`` and (when Chromium is installed) ``leaderboard.png`` into
@@ -49,6 +50,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "results/avx2/runs): the answer section claims a difference only where "
                              "it holds there too (default: the one given last time, kept in "
                              "OUT/leaderboard_header.json; '' clears it)")
+    parser.add_argument("--tuned-by", default=None,
+                        help="a tuning group in --runs (e.g. tune): each tuned method's rows keep only "
+                             "the records at the setting that won its tuning (python -m harness.tuning), "
+                             "so runs at a winner a later grid extension replaced drop out (default: "
+                             "the one given last time, kept in OUT/leaderboard_header.json; '' clears it)")
     parser.add_argument("--n-boot", type=int, default=10_000,
                         help="bootstrap replicates of the paired comparisons (default: 10000)")
     parser.add_argument("--seed", type=int, default=0, help="the bootstrap's numpy seed (default: 0)")
@@ -95,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         paths = build_leaderboard(args.runs, args.out, command=args.command, group=args.group,
                                   note=args.note, screenshot=not args.no_screenshot, n_boot=args.n_boot,
-                                  seed=args.seed, check_runs=args.check_runs)
+                                  seed=args.seed, check_runs=args.check_runs, tuned_by=args.tuned_by)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

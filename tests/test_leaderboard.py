@@ -1014,3 +1014,51 @@ def test_the_seed_strips_and_the_overoptimisation_figure(tmp_path: Path) -> None
                             tmp_path / "s.png").read_bytes().startswith(PNG_MAGIC)
     for fn in (plot_seed_strips, lambda r, p: plot_overoptimisation(r, p)[0]):  # nothing to draw
         assert fn([], tmp_path / "empty.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_board_of_tuned_runs_keeps_each_method_at_its_tuning_winner(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid extension moved GRPO's winner from β 0.04 to β 0.1 after the tuned sweep ran at 0.04:
+    with ``tuned_by`` the table keeps GRPO at β 0.1 only (one row, not two), PPO at its winner, the
+    reward model (never tuned) as it is; the header counts what it left out, the rebuild command and
+    a later rebuild keep the choice, ``""`` clears it, and a group no record has is refused."""
+    from harness.evaluation.tuning import at_tuned_settings
+
+    def cfg(seed: int, beta: float, lr: float) -> dict:
+        return {"seed": seed, "method": {"beta": beta, "optim": {"lr": lr}}}
+
+    tune = [rec(m, s, {"eval/gold_reward": g}, group="tune", reward_source="gold",
+                per_prompt={"split": "validation"}, config=cfg(s, b, 3e-4), suffix=f"-tune-{b}")
+            for s in (0, 1) for m, b, g in (("grpo", 0.04, 0.6), ("grpo", 0.1, 0.7),
+                                            ("ppo", 0.05, 0.8), ("ppo", 0.2, 0.5))]
+    board = [rec(m, s, {"eval/gold_reward": 0.5 + 0.1 * s + b}, group="tracks_tuned",
+                 reward_source="gold", per_prompt=_per_prompt([1.0, 0.0, float(s % 2)]),
+                 config=cfg(s, b, 3e-4), suffix=f"-{b}")
+             for s in range(3) for m, b in (("grpo", 0.04), ("grpo", 0.1), ("ppo", 0.05))]
+    board += [rec("rm", s, {"eval/rm_pair_acc": 0.8}, group="tracks_tuned") for s in range(3)]
+    kept, left = at_tuned_settings(board, tune)
+    assert left == 3
+    assert sorted((r["method"], r["config"]["method"].get("beta")) for r in kept if r["method"] != "rm") \
+        == [("grpo", 0.1)] * 3 + [("ppo", 0.05)] * 3
+    assert sum(r["method"] == "rm" for r in kept) == 3
+
+    for r in tune + board:
+        write_record(r, tmp_path / "results" / "runs")
+    monkeypatch.chdir(tmp_path)
+
+    def grpo_rows() -> list[str]:
+        with open("results/leaderboard.csv", newline="") as f:
+            return [row["beta"] for row in csv.DictReader(f) if row["method"] == "grpo"]
+
+    md = build_leaderboard(Path("results/runs"), Path("results"), group="tracks_tuned",
+                           tuned_by="tune", screenshot=False, n_boot=200)["markdown"].read_text()
+    assert [float(b) for b in grpo_rows()] == [0.1]
+    assert "`python -m harness.tuning --group tune` over the same records; 3 records at a " \
+           "setting a later grid extension replaced left out" in md
+    assert "--group tracks_tuned --tuned-by tune`" in md
+    build_leaderboard(Path("results/runs"), Path("results"), screenshot=False, n_boot=200)  # kept
+    assert len(grpo_rows()) == 1
+    build_leaderboard(Path("results/runs"), Path("results"), tuned_by="", screenshot=False, n_boot=200)
+    assert len(grpo_rows()) == 2  # cleared: both of GRPO's settings, each a row
+    with pytest.raises(ValueError, match="tuned_by nope: no record"):
+        build_leaderboard(Path("results/runs"), Path("results"), tuned_by="nope", screenshot=False)

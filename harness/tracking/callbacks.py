@@ -51,7 +51,7 @@ def build_leaderboard_after(results: Path, command: str, sweep_group: str) -> di
     )
     from harness.evaluation.records import load_records
 
-    _, _, stored_group, _ = header_settings(results, None, None)
+    _, _, stored_group, _, _ = header_settings(results, None, None)
     _, shown = select_group(load_records(results / "runs"), stored_group)
     if shown is not None and sweep_group not in group_names(shown):
         log.info("leaderboard: sweep group %r is not in the table (groups %s); its header keeps "

@@ -25,6 +25,7 @@ from harness.evaluation.leaderboard.table import build_table, group_names, selec
 from harness.evaluation.plots import plot_reward_kl, plot_training_curves
 from harness.evaluation.records import load_records
 from harness.evaluation.seed_figures import plot_overoptimisation, plot_seed_strips
+from harness.evaluation.tuning import at_tuned_settings
 from harness.util.atomic import write_bytes, write_text
 
 SCREENSHOT_WIDTH = 1400
@@ -78,15 +79,16 @@ def _shown(path: Path) -> Path:
 
 
 HEADER_FILE = "leaderboard_header.json"
-HEADER_KEYS = ("command", "note", "group", "check_runs")
+HEADER_KEYS = ("command", "note", "group", "check_runs", "tuned_by")
 
 
 def header_settings(out_dir: Path, command: str | None, note: str | None,
                     group: str | None = None, check_runs: str | None = None,
-                    ) -> tuple[str | None, str | None, str | None, str | None]:
-    """The header's ``command``, ``note``, the tables' ``group`` and the ``check_runs`` folder
-    (records of the same sweep on other kernels), kept across rebuilds in
-    ``out_dir/leaderboard_header.json``.
+                    tuned_by: str | None = None,
+                    ) -> tuple[str | None, str | None, str | None, str | None, str | None]:
+    """The header's ``command``, ``note``, the tables' ``group``, the ``check_runs`` folder
+    (records of the same sweep on other kernels) and ``tuned_by`` (the tuning group whose winners
+    the rows keep), kept across rebuilds in ``out_dir/leaderboard_header.json``.
 
     A value given (even ``""``) replaces the stored one and is written back; a value not given
     (``None``) is read from the file, so ``python -m harness.leaderboard`` with no ``--note``
@@ -104,7 +106,7 @@ def header_settings(out_dir: Path, command: str | None, note: str | None,
             raise ValueError(f"{path}: expected a JSON object of strings "
                              '{"command": "...", "note": "..."}; delete it or fix it')
     given = {k: v for k, v in (("command", command), ("note", note), ("group", group),
-                               ("check_runs", check_runs)) if v is not None}
+                               ("check_runs", check_runs), ("tuned_by", tuned_by)) if v is not None}
     if given:
         merged = {**{k: v for k, v in stored.items() if k in HEADER_KEYS}, **given}
         if merged != stored:
@@ -112,13 +114,15 @@ def header_settings(out_dir: Path, command: str | None, note: str | None,
             write_text(path, json.dumps(merged, indent=1, ensure_ascii=False) + "\n")
         stored = merged
     return (stored.get("command") or None, stored.get("note") or None,
-            stored.get("group") or None, stored.get("check_runs") or None)
+            stored.get("group") or None, stored.get("check_runs") or None,
+            stored.get("tuned_by") or None)
 
 
 def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | None = None, *,
                       group: str | None = None, note: str | None = None, screenshot: bool = True,
                       n_boot: int = 10_000, seed: int = 0,
-                      check_runs: Path | str | None = None) -> dict[str, Path]:
+                      check_runs: Path | str | None = None,
+                      tuned_by: str | None = None) -> dict[str, Path]:
     """Read the records in ``runs_dir`` and write, atomically, into ``out_dir``:
     ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv``, ``leaderboard.html``,
     ``reward_kl.png``, ``seeds.png``, ``overoptimisation.png``, ``training_curves.png`` and, with
@@ -136,7 +140,10 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     folder of records of the same sweep run on other kernels (e.g. ``results/avx2/runs``), whose
     paired comparisons decide with the table's which differences the answer section claims
     (:mod:`~harness.evaluation.leaderboard.kernels`; kept relative to ``out_dir``; ``""`` clears
-    it; a kept folder that is gone is a ``ValueError``). ``n_boot`` and ``seed`` set the
+    it; a kept folder that is gone is a ``ValueError``). ``tuned_by`` (kept too; ``""`` clears it)
+    names a tuning group in ``runs_dir``: each tuned method's rows then keep only the records at the
+    setting that won its tuning (:func:`harness.tuning.at_tuned_settings`), so runs at a winner
+    that a later grid extension replaced drop out of the tables. ``n_boot`` and ``seed`` set the
     paired bootstrap. An empty or missing ``runs_dir`` is not an error: all files are written
     with an empty table and a note.
     """
@@ -147,11 +154,18 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     # the check folder is kept relative to out_dir, so a rebuild from any directory finds it
     given_check = None if check_runs is None else \
         os.path.relpath(Path(check_runs).resolve(), out_dir.resolve()) if str(check_runs) else ""
-    command, note, group, stored_check = header_settings(out_dir, command, note, group, given_check)
+    command, note, group, stored_check, tuned_by = header_settings(
+        out_dir, command, note, group, given_check, tuned_by)
     check = None if not stored_check else _shown((out_dir / stored_check).resolve())
     rejected: list[tuple[Path, str]] = []
     all_records = load_records(runs_dir, rejected)
     records, chosen = select_group(all_records, group)
+    superseded = 0
+    if tuned_by:
+        if not any(r.get("group") == tuned_by for r in all_records):
+            raise ValueError(f"tuned_by {tuned_by}: no record in {runs_dir} has that group "
+                             "(--tuned-by '' forgets it)")
+        records, superseded = at_tuned_settings(records, all_records, tuned_by)
     rows = build_table(records)
     paired = paired_comparisons(records, n_boot=n_boot, seed=seed)
     information = information_effect(records, n_boot=n_boot, seed=seed)
@@ -159,6 +173,8 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
         if not check.is_dir():
             raise ValueError(f"check_runs {check}: no such folder (--check-runs '' forgets it)")
         check_records, _ = select_group(load_records(check), chosen)
+        if tuned_by:  # the tuning of this runs folder decides the check folder's rows too
+            check_records, _ = at_tuned_settings(check_records, all_records, tuned_by)
         name = kernels_name(check_records)
         paired = check_on(paired, paired_comparisons(check_records, n_boot=n_boot, seed=seed), name)
         information = check_on(
@@ -175,7 +191,8 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     commits = sorted({str(r.get("git_commit"))[:12] for r in records if r.get("git_commit")})
     rebuild = f"python -m harness.leaderboard --runs {shlex.quote(str(runs_dir))} " \
               f"--out {shlex.quote(str(out_dir))}" + (f" --group {shlex.quote(group)}" if group else "") \
-              + (f" --check-runs {shlex.quote(str(check))}" if check else "")
+              + (f" --check-runs {shlex.quote(str(check))}" if check else "") \
+              + (f" --tuned-by {shlex.quote(tuned_by)}" if tuned_by else "")
     header = []
     if command:
         header.append(f"Reproduce the runs: `{command}`")
@@ -199,8 +216,15 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
             prov += f"; commits {', '.join(commits)}"
         header.append(prov + ".")
         where = f"the `{chosen}` sweep" if chosen and "," not in chosen else "their runs"
-        header.append(f"Methods are shown at the setting {where} ran (columns β and lr)"
-                      + (f": {note}" if note else "") + ".")
+        if tuned_by:
+            left = f"; {superseded} record{'s' if superseded != 1 else ''} at a setting a later " \
+                   "grid extension replaced left out" if superseded else ""
+            header.append(f"Methods are shown at the setting that won their tuning "
+                          f"(`python -m harness.tuning --group {tuned_by}` over the same records"
+                          f"{left}; columns β and lr)" + (f": {note}" if note else "") + ".")
+        else:
+            header.append(f"Methods are shown at the setting {where} ran (columns β and lr)"
+                          + (f": {note}" if note else "") + ".")
         platforms = table_platforms(records)
         header.append(("Platform: " if len(platforms) <= 1 else "Platforms: ")
                       + ("; ".join(platforms) if platforms else "— (not recorded)") + ".")
