@@ -4,11 +4,12 @@
 
 For every (method, model, dataset, track) of the group's ok records evaluated on the validation
 split, the (KL coefficient, learning rate) with the highest mean held-out gold reward over
-distinct seeds wins; ties go to the smaller KL (the closer policy). A winner at an edge of its grid
-is named (:func:`grid_edges`): the grid should be extended there before the setting is trusted (a
-KL coefficient of 0 is a floor, not an edge). Only the records of one grid
-count: those whose config differs from the newest record's in the KL coefficient, the learning
-rate and the seed alone (:func:`grid_family`), so a tuning run under an older budget, task or
+distinct seeds wins; ties go to the smaller KL (the closer policy). A winner at an edge of its
+grid is named (:func:`~harness.evaluation.tuning.grid_edges`): the grid should be extended there
+before the setting is trusted (a KL coefficient of 0 is a floor, not an edge). Only the records
+of one grid count: those whose config differs from the newest record's in the KL coefficient,
+the learning rate and the seed alone (:func:`~harness.evaluation.tuning.grid_family`), so a
+tuning run under an older budget, task or
 reward model never competes with the current grid. A method is tuned on each
 track apart (what it learns from changes what suits it: the preferences track's reward model is
 exploitable, the oracle's gold reward is not). Prints one line per method and track with the

@@ -142,7 +142,7 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     (:mod:`~harness.evaluation.leaderboard.kernels`; kept relative to ``out_dir``; ``""`` clears
     it; a kept folder that is gone is a ``ValueError``). ``tuned_by`` (kept too; ``""`` clears it)
     names a tuning group in ``runs_dir``: each tuned method's rows then keep only the records at the
-    setting that won its tuning (:func:`harness.tuning.at_tuned_settings`), so runs at a winner
+    setting that won its tuning (:func:`harness.evaluation.tuning.at_tuned_settings`), so runs at a winner
     that a later grid extension replaced drop out of the tables. ``n_boot`` and ``seed`` set the
     paired bootstrap. An empty or missing ``runs_dir`` is not an error: all files are written
     with an empty table and a note.
