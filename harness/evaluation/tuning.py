@@ -66,6 +66,7 @@ def best_settings(records: Iterable[Mapping[str, Any]], group: str = "tune"
             continue
         runs[(rec["method"], rec["model"], rec["dataset"], track_of(rec))].append(rec)
     cells: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    grid_cells: dict[tuple, set[tuple[float | None, float | None]]] = defaultdict(set)
     left_out: dict[tuple, int] = {}
     for key, recs in runs.items():
         newest = max(recs, key=lambda r: (str(r.get("created", "")), str(r.get("run_id", ""))))
@@ -73,7 +74,9 @@ def best_settings(records: Iterable[Mapping[str, Any]], group: str = "tune"
         grid = [r for r in recs if grid_family(r) == family]
         left_out[key] = len(recs) - len(grid)
         for rec in grid:
-            cells[(*key, kl_coefficient(rec), learning_rate(rec))].append(rec)
+            kl, lr = kl_coefficient(rec), learning_rate(rec)
+            cells[(*key, kl, lr)].append(rec)
+            grid_cells[key].add((kl, lr))
     best: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for (method, model, dataset, track, kl, lr), recs in cells.items():
         kept, _ = distinct_seeds(recs)
@@ -89,7 +92,7 @@ def best_settings(records: Iterable[Mapping[str, Any]], group: str = "tune"
                 "left_out": left_out[(method, model, dataset, track)],
                 "overrides": f"method={method}{on} method.beta={kl} method.optim.lr={lr}"}
     for key, b in best.items():
-        grid = [(kl, lr) for (*k, kl, lr) in cells if tuple(k) == key]
+        grid = grid_cells[key]
         b["edges"] = grid_edges(b["kl"], b["lr"], [kl for kl, _ in grid], [lr for _, lr in grid])
     return best
 
@@ -106,7 +109,14 @@ def at_tuned_settings(records: Sequence[Mapping[str, Any]], tuning: Iterable[Map
     the reward model) are kept. Returns the kept records and how many were left out. What a
     board of tuned runs needs when a grid extension moves a winner: the runs at the old winner stay
     on disk (records are never replaced) but no longer count."""
-    best = best_settings(tuning, group)
+    return keep_tuned(records, best_settings(tuning, group))
+
+
+def keep_tuned(records: Sequence[Mapping[str, Any]],
+               best: Mapping[tuple[str, str, str, str], Mapping[str, Any]]
+               ) -> tuple[list[Mapping[str, Any]], int]:
+    """:func:`at_tuned_settings` with the winners ``best`` (:func:`best_settings`) already picked,
+    for a caller that filters several record sets by one tuning."""
     kept: list[Mapping[str, Any]] = []
     for rec in records:
         b = best.get((rec.get("method"), rec.get("model"), rec.get("dataset"), track_of(rec)))

@@ -25,7 +25,7 @@ from harness.evaluation.leaderboard.table import build_table, group_names, selec
 from harness.evaluation.plots import plot_reward_kl, plot_training_curves
 from harness.evaluation.records import load_records
 from harness.evaluation.seed_figures import plot_overoptimisation, plot_seed_strips
-from harness.evaluation.tuning import at_tuned_settings
+from harness.evaluation.tuning import best_settings, keep_tuned
 from harness.util.atomic import write_bytes, write_text
 
 SCREENSHOT_WIDTH = 1400
@@ -160,12 +160,13 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
     rejected: list[tuple[Path, str]] = []
     all_records = load_records(runs_dir, rejected)
     records, chosen = select_group(all_records, group)
-    superseded = 0
+    superseded, tuned = 0, None
     if tuned_by:
         if not any(r.get("group") == tuned_by for r in all_records):
             raise ValueError(f"tuned_by {tuned_by}: no record in {runs_dir} has that group "
                              "(--tuned-by '' forgets it)")
-        records, superseded = at_tuned_settings(records, all_records, tuned_by)
+        tuned = best_settings(all_records, tuned_by)  # picked once, for the check folder too
+        records, superseded = keep_tuned(records, tuned)
     rows = build_table(records)
     paired = paired_comparisons(records, n_boot=n_boot, seed=seed)
     information = information_effect(records, n_boot=n_boot, seed=seed)
@@ -173,8 +174,8 @@ def build_leaderboard(runs_dir: Path | str, out_dir: Path | str, command: str | 
         if not check.is_dir():
             raise ValueError(f"check_runs {check}: no such folder (--check-runs '' forgets it)")
         check_records, _ = select_group(load_records(check), chosen)
-        if tuned_by:  # the tuning of this runs folder decides the check folder's rows too
-            check_records, _ = at_tuned_settings(check_records, all_records, tuned_by)
+        if tuned is not None:  # the tuning of this runs folder decides the check folder's rows too
+            check_records, _ = keep_tuned(check_records, tuned)
         name = kernels_name(check_records)
         paired = check_on(paired, paired_comparisons(check_records, n_boot=n_boot, seed=seed), name)
         information = check_on(
