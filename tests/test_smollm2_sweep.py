@@ -56,6 +56,8 @@ def test_every_method_is_tuned_at_one_matched_budget(tmp_path):
         assert "eval.split=validation" in command and "method.optim.lr=3e-5,1e-4,3e-4" in command
         settings = validate(compose_config(overrides(command)))
         assert settings.method.reward_source == "gold"
+        # the group methods pack a group's responses with their prompt (PPO samples one a prompt)
+        assert getattr(settings.method, "share_prompt", False) is (method != "ppo")
         budgets[method] = planned_budget(settings.method)
     assert set(map(str, budgets.values())) == {str({"responses": 30 * 32, "steps_per_batch": 1})}
 
