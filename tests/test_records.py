@@ -18,6 +18,7 @@ from harness.evaluation.records import (
     load_records,
     new_record,
     new_run_id,
+    record_text,
     validate_record,
     write_record,
 )
@@ -151,6 +152,25 @@ def test_write_record_roundtrip_and_never_replace(tmp_path: Path) -> None:
     (back,) = load_records(tmp_path)
     assert back["status"] == "ok" and back["error"] is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_a_record_file_keeps_each_list_of_numbers_on_one_line(tmp_path: Path) -> None:
+    rec = _record("run-2")
+    rec["history"] = {"train/loss": [[0, 0.5], [1, 0.25]], "eval/gold_reward": [[2, 0.75, 64, 1.5]]}
+    rec["per_prompt"] = {"split": "test", "gold_reward": [1.0, 0.0, 1.0]}
+    rec["metrics"]["eval/inf_metric"] = float("inf")
+    rec["config"]["nested"] = {"empty": {}, "none": [], "rows": [{"a": 1}, {"b": [1, 2]}]}
+    text = (write_record(rec, tmp_path)).read_text()
+    assert text == record_text(rec) and text.endswith("}\n")
+    lines = text.splitlines()
+    assert '    "train/loss": [[0, 0.5], [1, 0.25]],' in lines
+    assert '    "eval/gold_reward": [[2, 0.75, 64, 1.5]]' in lines
+    assert '    "gold_reward": [1.0, 0.0, 1.0]' in lines
+    assert '      "empty": {},' in lines and '      "none": [],' in lines
+    assert '        {"a": 1},' not in lines and '          "a": 1' in lines  # objects in a list: indented
+    # the same values as the plain indented JSON the records were written as before
+    plain = json.loads(json.dumps(rec, indent=2, default=str, allow_nan=True))
+    assert json.loads(text) == plain and lines[0] == "{" and lines[1].startswith('  "')
 
 
 @pytest.mark.parametrize("bad", [
