@@ -35,6 +35,24 @@ def test_without_a_gpu_the_script_says_so_and_runs_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+#: what one device call carries: the checkout's tracked and untracked-not-ignored files, plus the
+#: wheels of sweeps/gpu_wheels.sh (~1.3 MB), 64 MiB in all; the bound leaves them room
+CHECKOUT_LIMIT = 60 * 2**20
+
+
+def test_the_checkout_fits_in_one_device_call():
+    """The GPU script travels with the whole checkout; committed records grow with every sweep."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = [ROOT / name for name in listed.stdout.decode().split("\0") if name]
+    size = sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
+    assert size < CHECKOUT_LIMIT, (
+        f"the checkout is {size / 2**20:.1f} MiB, over {CHECKOUT_LIMIT / 2**20:.0f} MiB: a GPU "
+        "session's device call (sweeps/gpu.sh) would be refused; move old records out of the tree")
+
+
 def test_an_unknown_step_stops_the_script(tmp_path):
     done = gpu_sh(tmp_path, GPU_SH_FORCE="1", GPU_SH_STEPS="nonsense")
     assert done.returncode == 2 and "unknown step nonsense" in done.stdout
