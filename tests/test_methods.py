@@ -361,6 +361,27 @@ def test_an_moe_sft_base_trained_in_this_run_trains_dpo_as_the_cached_one_does(t
     assert fresh["metrics"]["eval/kl"] == cached["metrics"]["eval/kl"]
 
 
+def test_a_run_reads_the_references_responses_that_a_run_from_the_same_base_kept(tmp_path):
+    """GRPO then RLOO from one cached SFT base: RLOO's evaluation reads the reference's greedy
+    responses GRPO's kept (cost/eval/reference_cached 1) and scores what an RLOO run that decodes
+    them afresh scores, prompt by prompt."""
+    import shutil
+
+    common = [*TINY_SFT, "method.n_iterations=2", "method.group_size=4", "results_dir=null",
+              f"cache_dir={tmp_path}/cache"]
+    grpo = run(composed([*common, "method=grpo"]), tmp_path / "grpo")
+    rloo = run(composed([*common, "method=rloo"]), tmp_path / "rloo")
+    assert grpo["cost"]["cost/eval/reference_cached"] == 0.0
+    assert rloo["cost"]["cost/eval/reference_cached"] == 1.0
+    assert rloo["per_prompt"]["ref_gold_reward"] == grpo["per_prompt"]["ref_gold_reward"]
+    shutil.rmtree(tmp_path / "cache" / "ref_eval")
+    fresh = run(composed([*common, "method=rloo"]), tmp_path / "fresh")
+    assert fresh["cost"]["cost/eval/reference_cached"] == 0.0
+    assert fresh["per_prompt"] == rloo["per_prompt"]
+    for key in ("eval/gold_reward", "eval/ref_gold_reward", "eval/win_rate", "eval/kl"):
+        assert fresh["metrics"][key] == rloo["metrics"][key], key
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["rm", "dpo", "grpo", "ppo", "rloo", "online_dpo"])
 def test_each_method_runs_end_to_end_on_llama_tiny(method, tmp_path_factory):

@@ -76,3 +76,48 @@ def test_evaluation_needs_no_run_only_its_arguments(tmp_path):
     assert metrics["eval/gold_reward"] == metrics["eval/ref_gold_reward"]
     assert evaluate(policy, policy, *args)[0] == metrics
     assert samples and all(s["response"] == s["reference"] for s in samples)
+
+
+def test_the_reference_responses_are_kept_for_the_next_run_from_the_same_reference(tmp_path):
+    """A second evaluation with the same reference identity reads the reference's responses from
+    the cache (an untrained stand-in proves it: its own responses differ) and reports what the
+    first run decoded; another identity, prompt count or a damaged file decodes afresh."""
+    import torch
+
+    from harness.models.llama import CausalLM
+    from harness.pipeline.evaluation import ReferenceCache, evaluate
+    from harness.pipeline.prepare import prepare
+
+    settings, _ = _settings([*TINY, f"cache_dir={tmp_path}", "eval.limit=8"])
+    ctx = prepare(settings, tmp_path)
+    torch.manual_seed(0)
+    policy, reference = CausalLM(ctx.model_cfg).eval(), CausalLM(ctx.model_cfg).eval()
+    torch.manual_seed(1)
+    stand_in = CausalLM(ctx.model_cfg).eval()  # other weights: other greedy responses
+    args = (ctx.task, ctx.tokenizer, settings.eval, 0, settings.eval_max_len)
+    cache = ReferenceCache(tmp_path / "ref_eval", {"reference": "sft-x", "threads": 1})
+    fresh, samples, per_prompt = evaluate(policy, reference, *args, reference_cache=cache)
+    assert not cache.hit and len(list((tmp_path / "ref_eval").glob("ref_gold-*.json"))) == 1
+
+    again, again_samples, again_prompt = evaluate(policy, stand_in, *args, reference_cache=cache)
+    assert cache.hit
+    assert again_prompt["ref_gold_reward"] == per_prompt["ref_gold_reward"]
+    assert [s["reference"] for s in again_samples] == [s["reference"] for s in samples]
+    for key in ("eval/ref_gold_reward", "eval/ref_gold_accuracy", "eval/win_rate"):
+        assert again[key] == fresh[key]
+    # the KL is still measured against the reference given (it is sampled, never cached)
+    stand_in_responses = evaluate(policy, stand_in, *args)[1]
+    assert [s["reference"] for s in stand_in_responses] != [s["reference"] for s in samples]
+
+    other = ReferenceCache(tmp_path / "ref_eval", {"reference": "sft-y", "threads": 1})
+    evaluate(policy, stand_in, *args, reference_cache=other)
+    assert not other.hit
+    fewer = settings.eval.__class__(**{**vars(settings.eval), "limit": 4})
+    evaluate(policy, reference, ctx.task, ctx.tokenizer, fewer, 0, settings.eval_max_len,
+             reference_cache=cache)
+    assert not cache.hit
+    for path in (tmp_path / "ref_eval").glob("*.json"):
+        path.write_text("{not json")
+    evaluate(policy, reference, *args, reference_cache=cache)
+    assert not cache.hit
+    assert evaluate(policy, stand_in, *args, reference_cache=cache)[2] == per_prompt  # rewritten

@@ -30,7 +30,7 @@ from harness.cache import StageCache
 from harness.evaluation.cost import StageMeter
 from harness.evaluation.platform import platform_info
 from harness.evaluation.records import finished_record, new_run_id
-from harness.pipeline.evaluation import evaluate, lm_eval_stage
+from harness.pipeline.evaluation import ReferenceCache, evaluate, lm_eval_stage
 from harness.pipeline.outputs import RecordNotWritten, stage_costs, write_outputs
 from harness.pipeline.prepare import check_data, prepare
 from harness.pipeline.stages import StageRunner
@@ -119,15 +119,19 @@ def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dic
                 net.to(t.device())
         samples: list[dict] = []
         per_prompt = None
+        ref_cache: ReferenceCache | None = None
         with StageMeter() as eval_meter:
             if policy is not None:
                 t_eval = time.perf_counter()
                 e = settings.eval
                 log.info("evaluation: %s split%s", e.split,
                          ", then lm-eval" if e.lm_eval.enabled else "")
+                ref_cache = reference_cache(runner.cache.root, built[stage.reference], reference,
+                                            resolved, summary["platform"]) \
+                    if reference is not None else None
                 eval_metrics, samples, per_prompt = evaluate(
                     policy, reference, ctx.task, ctx.tokenizer, e, settings.seed,
-                    settings.eval_max_len)
+                    settings.eval_max_len, ref_cache)
                 metrics.update(eval_metrics)
                 if e.lm_eval.enabled:
                     lm_metrics, summary["lm_eval_command"] = lm_eval_stage(
@@ -138,6 +142,8 @@ def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dic
         summary["per_prompt"] = per_prompt
         costs = {**{n: b.cost for n, b in built.items()}, "eval": eval_meter.cost}
         cost = stage_costs(costs, name, time.perf_counter() - t0)
+        if ref_cache is not None:  # the evaluation's time is shorter when it read the reference's
+            cost["cost/eval/reference_cached"] = float(ref_cache.hit)
         summary.update(status="ok", metrics=metrics, cost=cost, samples=samples)
         runner.loggers.finish({**metrics, **cost, "status": "ok"}, samples, final.checkpoint)
     except Exception as exc:
@@ -152,6 +158,24 @@ def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dic
         raise
     write_outputs(summary, run_dir)
     return summary
+
+
+def reference_cache(cache_root: Path, ref: Built, reference: torch.nn.Module,
+                    resolved: dict[str, Any], platform: dict[str, Any]) -> ReferenceCache | None:
+    """Where this run's reference keeps its greedy held-out responses for the next run from it
+    (``<cache_dir>/ref_eval``; :class:`~harness.pipeline.evaluation.ReferenceCache`), or None for
+    a reference that is not a cached base stage (no key names it)."""
+    from harness.evaluation.stats import platform_identity
+
+    if not ref.record.key:
+        return None
+    dtype = next((str(p.dtype) for p in reference.parameters()), "")
+    identity = {"reference": ref.record.key, "trained_id": ref.record.trained_id,
+                "dataset": resolved.get("dataset"),
+                "precision": (resolved.get("trainer") or {}).get("precision"),
+                "platform": platform_identity(platform), "threads": torch.get_num_threads(),
+                "dtype": dtype}
+    return ReferenceCache(cache_root / "ref_eval", identity)
 
 
 def _in_multirun() -> bool:

@@ -3,6 +3,7 @@ the tokenizer, the ``eval`` config and the seed (no run state).
 
 - :func:`evaluate`: the gold reward on held-out prompts; with a reference also its gold reward,
   the win rate and the sequence KL (data without a gold reward: :func:`evaluate_preferences`).
+- :class:`ReferenceCache`: the reference's greedy responses kept between the runs that share it.
 - :func:`lm_eval_stage`: lm-evaluation-harness on the saved checkpoint.
 - :func:`eval_prompts` / :func:`held_out_curve`: which held-out prompts are read, and the gold
   curve a training stage records on validation prompts.
@@ -11,18 +12,86 @@ the tokenizer, the ``eval`` config and the seed (no run state).
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.cache import stage_key
 from harness.config import EvalConfig
 from harness.evaluation.curves import HeldOutGoldCurve
 from harness.evaluation.drift import sequence_kl
-from harness.evaluation.gold import gold_eval, win_rate
+from harness.evaluation.gold import Completions, gold_eval, win_rate
 from harness.models.llama import CausalLM
+from harness.util.atomic import write_json
 from harness.util.seeding import stream_seed
+
+log = logging.getLogger("harness")
 
 #: what an evaluation returns: (metrics, samples, per_prompt)
 Evaluation = tuple[dict[str, float], list[dict], dict[str, Any]]
+
+
+@dataclass
+class ReferenceCache:
+    """Where the reference's greedy held-out responses are kept, and what identifies them.
+
+    Every run that aligns from one base (a sweep's methods, settings and seeds) evaluates the
+    same frozen reference greedily on the same prompts: the same responses, a third of the
+    evaluation's time on a real model. ``identity`` names what decides them besides the prompts
+    and the decoding settings: the reference stage's cache key and training id, the dataset's
+    config (its gold reward), the platform (:func:`~harness.evaluation.stats.platform_identity`),
+    the CPU threads and the reference's dtype; the file is ``<folder>/<stage_key>.json`` of all
+    of them, so a reference retrained, another machine's kernels or another thread count never
+    read another's responses. ``hit`` says whether the last lookup found them.
+    """
+
+    folder: Path
+    identity: Mapping[str, Any]
+    hit: bool = field(default=False, init=False)
+
+    def file(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int, max_len: int,
+             cuda_graph: bool) -> Path:
+        decides = {**self.identity, "prompts_sha256": _prompts_sha(prompts),
+                   "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                   "max_len": max_len, "cuda_graph": cuda_graph}
+        return self.folder / f"{stage_key('ref_gold', decides)}.json"
+
+
+def _prompts_sha(prompts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+def reference_gold_eval(reference: CausalLM, tokenizer: Any, task: Any, prompts: Sequence[str],
+                        max_new_tokens: int, batch_size: int, max_len: int, cuda_graph: bool,
+                        cache: ReferenceCache | None) -> Completions:
+    """:func:`~harness.evaluation.gold.gold_eval` of the reference, its responses read from
+    ``cache`` when a run with the same reference, prompts and settings kept them (the gold rewards
+    are scored again), else decoded and kept there. A cache file that cannot be read, or whose
+    prompts differ, is decoded again and replaced."""
+    if cache is None:
+        return gold_eval(reference, tokenizer, task, prompts, max_new_tokens, batch_size, max_len,
+                         cuda_graph=cuda_graph)
+    path = cache.file(prompts, max_new_tokens, batch_size, max_len, cuda_graph)
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept["prompts"] == list(prompts) and len(kept["responses"]) == len(prompts):
+            cache.hit = True
+            log.info("evaluation: the reference's responses from %s", path)
+            responses = [str(r) for r in kept["responses"]]
+            return Completions(list(prompts), responses,
+                               list(task.rewards(list(prompts), responses)))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    cache.hit = False
+    res = gold_eval(reference, tokenizer, task, prompts, max_new_tokens, batch_size, max_len,
+                    cuda_graph=cuda_graph)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"prompts": res.prompts, "responses": res.responses,
+                      "identity": dict(cache.identity)})
+    return res
 
 
 def eval_prompts(task: Any, e: EvalConfig, split: str | None = None,
@@ -52,9 +121,11 @@ def held_out_curve(task: Any, tokenizer: Any, e: EvalConfig, steps: int,
 
 
 def evaluate(policy: CausalLM, reference: CausalLM | None, task: Any, tokenizer: Any,
-             e: EvalConfig, seed: int, max_len: int) -> Evaluation:
+             e: EvalConfig, seed: int, max_len: int,
+             reference_cache: ReferenceCache | None = None) -> Evaluation:
     """Gold reward on held-out prompts; with a reference also its gold reward, win rate and KL
-    (sampled with the seed's ``eval_kl`` stream).
+    (sampled with the seed's ``eval_kl`` stream). ``reference_cache``: where the reference's
+    greedy responses are kept between runs (:func:`reference_gold_eval`; None: decoded here).
 
     Returns (metrics, samples, per_prompt): ``per_prompt`` holds the split, a hash of the prompts
     and each prompt's gold reward (and the reference's), the unit of the leaderboard's paired test.
@@ -69,12 +140,12 @@ def evaluate(policy: CausalLM, reference: CausalLM | None, task: Any, tokenizer:
                "eval/gold_max": float(best), "eval/n_prompts": float(len(prompts))}
     per_prompt: dict[str, Any] = {
         "split": e.split,
-        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "prompts_sha256": _prompts_sha(prompts),
         "gold_reward": [float(r) for r in res.rewards]}
     samples = [{"prompt": p, "response": r, "reward": w} for p, r, w in
                zip(res.prompts, res.responses, res.rewards, strict=True)][: e.n_samples]
     if reference is not None:
-        ref = gold_eval(reference, tokenizer, task, *args, cuda_graph=e.cuda_graph)
+        ref = reference_gold_eval(reference, tokenizer, task, *args, e.cuda_graph, reference_cache)
         per_prompt["ref_gold_reward"] = [float(r) for r in ref.rewards]
         metrics["eval/ref_gold_reward"] = ref.mean_reward
         metrics["eval/ref_gold_accuracy"] = ref.accuracy(best)
