@@ -11,6 +11,8 @@
 #
 #   bash sweeps/smollm2_oracle.sh tune    # lr 3e-5,1e-4,3e-4 x seeds 0,1 per method, on the
 #                                         # validation split, no lm-eval (group smollm2_tune)
+#   LRS=1e-3 METHODS=grpo bash sweeps/smollm2_oracle.sh tune   # extends a grid whose winner sits
+#                                         # at its edge (python -m harness.tuning names those)
 #   bash sweeps/smollm2_oracle.sh seeds   # seeds 0-4 at each method's tuned setting, test split,
 #                                         # curves and lm-eval (group smollm2_oracle)
 #
@@ -52,7 +54,7 @@ for m in ${METHODS:-grpo rloo online_dpo ppo}; do
       # shellcheck disable=SC2086  # the budget is several overrides
       launch -m +launch=parallel "method=$m" track=oracle "${common[@]}" $sizes group=smollm2_tune \
         eval.split=validation eval.lm_eval.enabled=false eval.curve_points=0 \
-        method.optim.lr=3e-5,1e-4,3e-4 seed=0,1 "$@" ;;
+        "method.optim.lr=${LRS:-3e-5,1e-4,3e-4}" seed=0,1 "$@" ;;
     seeds)
       # the tuned setting: python -m harness.tuning prints "... : method=M track=oracle method.beta=B method.optim.lr=L"
       best=$("$py" -m harness.tuning --runs "$HARNESS_RESULTS_DIR/runs" --group smollm2_tune 2>/dev/null |

@@ -17,9 +17,9 @@ SCRIPT = ROOT / "sweeps" / "smollm2_oracle.sh"
 METHODS = ("grpo", "rloo", "online_dpo", "ppo")
 
 
-def dry_run(stage: str, results: Path) -> subprocess.CompletedProcess:
+def dry_run(stage: str, results: Path, **extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable,
-           "HARNESS_RESULTS_DIR": str(results)}
+           "HARNESS_RESULTS_DIR": str(results), **extra}
     return subprocess.run(["bash", str(SCRIPT), stage], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
 
@@ -60,6 +60,14 @@ def test_every_method_is_tuned_at_one_matched_budget(tmp_path):
         assert getattr(settings.method, "share_prompt", False) is (method != "ppo")
         budgets[method] = planned_budget(settings.method)
     assert set(map(str, budgets.values())) == {str({"responses": 30 * 32, "steps_per_batch": 1})}
+
+
+def test_a_grid_is_extended_by_naming_its_new_learning_rates(tmp_path):
+    done = dry_run("tune", tmp_path, LRS="1e-3", METHODS="grpo")
+    assert done.returncode == 0, done.stderr
+    (command,) = done.stdout.strip().splitlines()
+    assert "method=grpo" in command and "method.optim.lr=1e-3 seed=0,1" in command
+    assert "group=smollm2_tune" in command  # one tuning group: the winner is picked over both
 
 
 def test_the_seeds_stage_needs_the_tuning_and_runs_each_method_at_its_best(tmp_path):
