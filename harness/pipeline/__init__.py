@@ -142,7 +142,7 @@ def run(cfg: DictConfig, run_dir: Path, settings: Settings | None = None) -> dic
         summary["per_prompt"] = per_prompt
         costs = {**{n: b.cost for n, b in built.items()}, "eval": eval_meter.cost}
         cost = stage_costs(costs, name, time.perf_counter() - t0)
-        if ref_cache is not None:  # the evaluation's time is shorter when it read the reference's
+        if ref_cache is not None:  # an evaluation that read the reference's responses is shorter
             cost["cost/eval/reference_cached"] = float(ref_cache.hit)
         summary.update(status="ok", metrics=metrics, cost=cost, samples=samples)
         runner.loggers.finish({**metrics, **cost, "status": "ok"}, samples, final.checkpoint)
