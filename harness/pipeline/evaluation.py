@@ -179,7 +179,7 @@ def evaluate_preferences(policy: CausalLM, reference: CausalLM | None, task: Any
     prompts = list(ds["prompt"])
     metrics: dict[str, float] = {"eval/n_prompts": float(len(prompts))}
     per_prompt: dict[str, Any] = {
-        "split": e.split, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+        "split": e.split, "prompts_sha256": _prompts_sha(prompts)}
     if {"chosen", "rejected"} <= set(ds.column_names):
         pairs = (prompts, list(ds["chosen"]), list(ds["rejected"]), e.batch_size, max_len)
         table = pair_logps_table(policy, tokenizer, *pairs)
