@@ -53,20 +53,22 @@ def test_every_method_is_tuned_at_one_matched_budget(tmp_path):
     budgets = {}
     for command, method in zip(commands, METHODS, strict=True):
         assert f"method={method}" in command and "track=oracle" in command
-        assert "eval.split=validation" in command and "method.optim.lr=3e-5,1e-4,3e-4" in command
+        assert "eval.split=validation" in command and "method.optim.lr=3e-5,1e-4,3e-4,1e-3" in command
         settings = validate(compose_config(overrides(command)))
         assert settings.method.reward_source == "gold"
         # the group methods pack a group's responses with their prompt (PPO samples one a prompt)
         assert getattr(settings.method, "share_prompt", False) is (method != "ppo")
+        # PPO's unpacked rows through policy and critic: two jobs fit in memory only recomputed
+        assert settings.model.gradient_checkpointing is (method == "ppo")
         budgets[method] = planned_budget(settings.method)
     assert set(map(str, budgets.values())) == {str({"responses": 30 * 32, "steps_per_batch": 1})}
 
 
 def test_a_grid_is_extended_by_naming_its_new_learning_rates(tmp_path):
-    done = dry_run("tune", tmp_path, LRS="1e-3", METHODS="grpo")
+    done = dry_run("tune", tmp_path, LRS="3e-3", METHODS="grpo")
     assert done.returncode == 0, done.stderr
     (command,) = done.stdout.strip().splitlines()
-    assert "method=grpo" in command and "method.optim.lr=1e-3 seed=0,1" in command
+    assert "method=grpo" in command and "method.optim.lr=3e-3 seed=0,1" in command
     assert "group=smollm2_tune" in command  # one tuning group: the winner is picked over both
 
 
