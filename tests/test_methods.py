@@ -737,3 +737,25 @@ def test_without_an_entropy_bonus_the_entropy_needs_no_gradient(tiny_task):
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
     assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+def test_an_empty_minibatch_advances_the_schedule_without_torch_warning_of_the_order():
+    """A minibatch with nothing to learn from steps the schedule alone (``advance_schedules``):
+    the lr moves on as if a step had been taken, and torch's "scheduler before optimizer"
+    warning, which this intended order would raise on a run's first minibatch, is not shown."""
+    import warnings
+
+    from harness.config import OptimConfig
+    from harness.methods.rl_base import advance_schedules
+
+    w = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        advance_schedules((opt, sched, OptimConfig()))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+    with pytest.warns(UserWarning, match="before `optimizer.step"):  # what it silences
+        torch.optim.lr_scheduler.LambdaLR(opt2 := torch.optim.SGD([w], lr=1.0),
+                                          lambda step: 1.0).step()
+    assert opt2.param_groups[0]["lr"] == 1.0

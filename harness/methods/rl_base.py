@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -58,6 +59,19 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def advance_schedules(*updates: tuple[Any, Any, OptimConfig]) -> None:
+    """Step each ``(optimiser, scheduler, config)``'s scheduler without an optimiser step: a
+    minibatch with nothing to learn from (online DPO's groups of tied rewards) still spends its
+    step of the schedule, so the lr at step k does not depend on how many minibatches were empty.
+    torch warns "``lr_scheduler.step()`` before ``optimizer.step()``" when this comes first in a
+    run; here that order is intended, so that warning (and only it) is silenced."""
+    for _, sched, _ in updates:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",
+                                    category=UserWarning)
+            sched.step()
 
 
 class OnPolicyModule(AlignmentModule):
@@ -159,8 +173,7 @@ class OnPolicyModule(AlignmentModule):
                 with self.region("forward"):
                     out = minibatch_loss(idx)
                 if out is None:
-                    for _, sched, _ in updates:
-                        sched.step()
+                    advance_schedules(*updates)
                     continue
                 loss, stats = out
                 self.checked("train/loss", loss)
