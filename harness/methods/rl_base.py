@@ -67,10 +67,10 @@ def advance_schedules(*updates: tuple[Any, Any, OptimConfig]) -> None:
     step of the schedule, so the lr at step k does not depend on how many minibatches were empty.
     torch warns "``lr_scheduler.step()`` before ``optimizer.step()``" when this comes first in a
     run; here that order is intended, so that warning (and only it) is silenced."""
-    for _, sched, _ in updates:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",
-                                    category=UserWarning)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",
+                                category=UserWarning)
+        for _, sched, _ in updates:
             sched.step()
 
 
